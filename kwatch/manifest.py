@@ -1,0 +1,145 @@
+"""Feed the stores from a YAML/JSON manifest file or folder instead of an API server.
+
+Accepts what `kubectl apply -f` accepts for the kinds we watch: multi-document YAML, JSON, and
+`List` objects. The path is polled for changes (mtime/size of every file); a file that fails to
+read or parse keeps the whole last good state, because applying the other files alone would
+silently delete the broken file's objects. An individual invalid object is skipped as the
+reflector skips one (its last good version kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+from prometheus_client import Counter
+from pydantic import ValidationError
+
+from kwatch import metrics
+from kwatch.models import describe_error, object_key
+from kwatch.resources import BY_KIND, Resource
+from kwatch.store import Store
+
+log = structlog.get_logger("kwatch.manifest")
+
+RELOADS = Counter(
+    "kwatch_manifest_reloads_total", "Manifest (re)loads by result (ok / error)", ["result"]
+)
+
+SUFFIXES = (".yaml", ".yml", ".json")
+
+
+class ManifestError(Exception):
+    """The manifest path could not be read or parsed as a whole."""
+
+
+class ManifestSource:
+    def __init__(
+        self, path: Path, stores: dict[Resource, Store[Any]], poll_interval: float = 1.0
+    ) -> None:
+        self.path = path
+        self.stores = stores
+        self.poll_interval = poll_interval
+        self._signature: tuple[tuple[str, int, int], ...] | None = None
+
+    async def run(self) -> None:
+        """Load now, then reload whenever a file changes; never raises on bad input."""
+        while True:
+            signature = self._current_signature()
+            if signature != self._signature:
+                self._signature = signature
+                self.load()
+            await asyncio.sleep(self.poll_interval)
+
+    def load(self) -> bool:
+        """Read every file and replace the stores' contents; False if the manifest was rejected."""
+        try:
+            documents = list(self._documents())
+        except ManifestError as err:
+            RELOADS.labels("error").inc()
+            log.error("manifest_invalid", path=str(self.path), problem=str(err))
+            return False
+        per_resource: dict[Resource, dict[str, Any]] = {r: {} for r in self.stores}
+        for doc in _flatten(documents):
+            self._parse_into(doc, per_resource)
+        for resource, objects in per_resource.items():
+            store = self.stores[resource]
+            store.replace(objects)
+            metrics.OBJECTS.labels(resource.name).set(len(store))
+            if not store.synced:
+                store.mark_synced()
+                metrics.SYNCED.labels(resource.name).set(1)
+        RELOADS.labels("ok").inc()
+        log.info(
+            "manifest_loaded",
+            path=str(self.path),
+            **{r.name: len(objs) for r, objs in per_resource.items()},
+        )
+        return True
+
+    def _parse_into(self, doc: dict[str, Any], out: dict[Resource, dict[str, Any]]) -> None:
+        resource = BY_KIND.get(str(doc.get("kind", "")))
+        if resource is None or resource not in out:
+            return  # Deployments, ConfigMaps, ...: not ours to read
+        if resource.namespaced:
+            meta = doc.get("metadata")
+            if isinstance(meta, dict) and not meta.get("namespace"):
+                # kubectl apply puts namespace-less objects in "default"; so do we.
+                doc = {**doc, "metadata": {**meta, "namespace": "default"}}
+        key = object_key(doc)
+        try:
+            if key is None:
+                raise ValueError("metadata.name missing")
+            out[resource][key] = resource.parse(doc)
+        except (ValidationError, ValueError) as err:
+            problem = describe_error(err) if isinstance(err, ValidationError) else str(err)
+            metrics.SKIPPED.labels(resource.name, "invalid").inc()
+            log.warning("object_skipped", resource=resource.name, key=key or "?", problem=problem)
+            previous = self.stores[resource].get(key) if key else None
+            if previous is not None:
+                out[resource][key] = previous  # type: ignore[index]
+
+    def _files(self) -> list[Path]:
+        if self.path.is_dir():
+            return sorted(p for p in self.path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        return [self.path]
+
+    def _current_signature(self) -> tuple[tuple[str, int, int], ...]:
+        entries = []
+        try:
+            for file in self._files():
+                st = file.stat()
+                entries.append((str(file), st.st_mtime_ns, st.st_size))
+        except OSError:
+            return ()  # missing path: load() reports it
+        return tuple(entries)
+
+    def _documents(self) -> Iterator[Any]:
+        if not self.path.exists():
+            raise ManifestError(f"{self.path} does not exist")
+        for file in self._files():
+            try:
+                text = file.read_text()
+                yield from (d for d in yaml.safe_load_all(text) if d is not None)
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+                raise ManifestError(f"{file}: {_first_line(err)}") from err
+
+
+def _flatten(documents: list[Any]) -> Iterator[dict[str, Any]]:
+    """Yield objects, expanding `kind: List` (and `...List`) documents into their items."""
+    for doc in documents:
+        if not isinstance(doc, dict):
+            log.warning("manifest_document_skipped", problem="document is not a mapping")
+            continue
+        if str(doc.get("kind", "")).endswith("List") and isinstance(doc.get("items"), list):
+            yield from _flatten(doc["items"])
+        else:
+            yield doc
+
+
+def _first_line(err: Exception) -> str:
+    return " ".join(str(err).split())

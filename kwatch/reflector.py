@@ -1,0 +1,224 @@
+"""List-then-watch one resource into a Store, the way client-go's reflector does.
+
+- The first list is paginated (`limit`/`continue`); the watch then starts from the list's
+  resourceVersion with bookmarks on, so a quiet resource still advances its resourceVersion.
+- A watch that ends (server timeout, dropped connection) is reopened from the last seen
+  resourceVersion, without a relist.
+- 410 Expired (history compacted) forces a relist that *replaces* the store: objects deleted
+  during the gap are reported DELETED.
+- Errors back off exponentially with jitter; 429/5xx honour Retry-After.
+- An invalid object is skipped (its last good version kept), logged once and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from kwatch import metrics
+from kwatch.backoff import Backoff
+from kwatch.client import TRANSPORT_ERRORS, ApiClient, ApiError, Expired
+from kwatch.models import describe_error, object_key
+from kwatch.resources import Resource
+from kwatch.store import Store
+
+log = structlog.get_logger("kwatch.reflector")
+
+# A watch stream that ends this fast without delivering anything counts as a failure, so a
+# server that closes every watch at once cannot drive a hot reconnect loop.
+MIN_HEALTHY_WATCH_SECONDS = 1.0
+
+
+class Reflector:
+    def __init__(
+        self,
+        client: ApiClient,
+        resource: Resource,
+        store: Store[Any],
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        page_size: int = 500,
+        watch_timeout: tuple[float, float] = (300.0, 600.0),
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.client = client
+        self.resource = resource
+        self.store = store
+        self.selectors = {
+            k: v
+            for k, v in (("labelSelector", label_selector), ("fieldSelector", field_selector))
+            if v
+        }
+        self.page_size = page_size
+        self.watch_timeout = watch_timeout
+        self.backoff = backoff or Backoff()
+        self._failure: str | None = None  # the problem last logged, to log each one once
+        self._name = resource.name
+
+    async def run(self) -> None:
+        """List and watch until cancelled; never raises on API or network failures."""
+        resource_version = ""
+        relist_reason = ""
+        while True:
+            try:
+                if not resource_version:
+                    if relist_reason:
+                        metrics.RELISTS.labels(self._name, relist_reason).inc()
+                    resource_version = await self._list()
+                    self._recovered()
+                resource_version, healthy = await self._watch(resource_version)
+                if healthy:
+                    self._recovered()
+                    continue
+                metrics.WATCH_RESTARTS.labels(self._name, "closed_early").inc()
+                await asyncio.sleep(self.backoff.next())
+            except Expired as err:
+                log.info(
+                    "watch_expired", resource=self._name, rv=resource_version, message=err.message
+                )
+                metrics.WATCH_RESTARTS.labels(self._name, "expired").inc()
+                resource_version, relist_reason = "", "expired"
+                if self.backoff.failing:
+                    await asyncio.sleep(self.backoff.next())
+            except ApiError as err:
+                metrics.API_ERRORS.labels(self._name, str(err.code)).inc()
+                delay = self.backoff.next()
+                if err.retry_after is not None:
+                    delay = max(delay, err.retry_after)
+                self._failed(f"{err.code} {err.reason}: {err.message}", delay)
+                await asyncio.sleep(delay)
+            except TRANSPORT_ERRORS as err:
+                metrics.API_ERRORS.labels(self._name, "0").inc()
+                delay = self.backoff.next()
+                self._failed(f"{type(err).__name__}: {err}".strip(), delay)
+                await asyncio.sleep(delay)
+
+    # --- list ------------------------------------------------------------------------------
+
+    async def _list(self) -> str:
+        objects: dict[str, Any] = {}
+        continue_token = ""
+        while True:
+            params = {"limit": str(self.page_size), **self.selectors}
+            if continue_token:
+                params["continue"] = continue_token
+            metrics.LIST_REQUESTS.labels(self._name).inc()
+            page = await self.client.list_page(self.resource, params)
+            for raw in page.items:
+                self._parse_into(raw, objects)
+            if not page.continue_token:
+                break
+            continue_token = page.continue_token
+        changed = self.store.replace(objects, page.resource_version)
+        metrics.OBJECTS.labels(self._name).set(len(self.store))
+        if not self.store.synced:
+            self.store.mark_synced()
+            metrics.SYNCED.labels(self._name).set(1)
+            log.info("synced", resource=self._name, objects=len(objects), rv=page.resource_version)
+        else:
+            log.info("relisted", resource=self._name, objects=len(objects), changes=changed)
+        return page.resource_version
+
+    def _parse_into(self, raw: dict[str, Any], objects: dict[str, Any]) -> None:
+        key = object_key(raw)
+        if key is None:
+            self._skip(raw, "no metadata.name")
+            return
+        try:
+            objects[key] = self.resource.parse(raw)
+        except ValidationError as err:
+            self._skip(raw, describe_error(err))
+            previous = self.store.get(key)
+            if previous is not None:
+                objects[key] = previous
+
+    # --- watch -----------------------------------------------------------------------------
+
+    async def _watch(self, resource_version: str) -> tuple[str, bool]:
+        """Follow one watch stream; returns the last resourceVersion and whether it was healthy."""
+        timeout = random.uniform(*self.watch_timeout)
+        params = {
+            "watch": "1",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(int(timeout)),
+            **self.selectors,
+        }
+        metrics.WATCH_REQUESTS.labels(self._name).inc()
+        started = time.monotonic()
+        received = 0
+        stream = self.client.watch(self.resource, params, read_timeout=timeout + 30)
+        async with contextlib.aclosing(stream) as events:
+            async for event in events:
+                if received == 0:
+                    self._recovered()
+                received += 1
+                resource_version = self._apply(event, resource_version)
+        metrics.WATCH_RESTARTS.labels(self._name, "ended").inc()
+        healthy = received > 0 or time.monotonic() - started >= MIN_HEALTHY_WATCH_SECONDS
+        return resource_version, healthy
+
+    def _apply(self, event: dict[str, Any], resource_version: str) -> str:
+        kind = event.get("type")
+        raw = event.get("object")
+        if not isinstance(raw, dict):
+            raise ApiError(0, "BadEvent", f"watch event without object: {kind}")
+        if kind == "ERROR":
+            code = int(raw.get("code") or 500)
+            message = str(raw.get("message", ""))
+            if code == 410:
+                raise Expired(410, str(raw.get("reason", "Expired")), message)
+            raise ApiError(code, str(raw.get("reason", "")), message)
+        new_rv = str((raw.get("metadata") or {}).get("resourceVersion") or resource_version)
+        if kind == "BOOKMARK":
+            self.store.resource_version = new_rv
+            return new_rv
+        key = object_key(raw)
+        if key is None or kind not in ("ADDED", "MODIFIED", "DELETED"):
+            self._skip(raw, f"unusable {kind} event")
+            return new_rv
+        metrics.EVENTS.labels(self._name, kind).inc()
+        if kind == "DELETED":
+            self.store.delete(key)
+        else:
+            try:
+                self.store.upsert(key, self.resource.parse(raw))
+            except ValidationError as err:
+                self._skip(raw, describe_error(err))
+        self.store.resource_version = new_rv
+        metrics.OBJECTS.labels(self._name).set(len(self.store))
+        return new_rv
+
+    # --- reporting -------------------------------------------------------------------------
+
+    def _skip(self, raw: dict[str, Any], problem: str) -> None:
+        metrics.SKIPPED.labels(self._name, "invalid").inc()
+        log.warning(
+            "object_skipped", resource=self._name, key=object_key(raw) or "?", problem=problem
+        )
+
+    def _failed(self, problem: str, retry_in: float) -> None:
+        # One line per distinct problem, not one per retry: a down API server must not flood
+        # the log of every node.
+        if problem != self._failure:
+            log.error(
+                "api_unavailable",
+                resource=self._name,
+                server=self.client.access.server,
+                problem=problem,
+                retry_in=round(retry_in, 2),
+            )
+            self._failure = problem
+
+    def _recovered(self) -> None:
+        self.backoff.reset()
+        if self._failure is not None:
+            log.info("api_recovered", resource=self._name, server=self.client.access.server)
+            self._failure = None

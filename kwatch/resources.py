@@ -1,0 +1,58 @@
+"""The API resources the daemons watch: where they live on the API server and how they parse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from kwatch.models import EndpointSlice, Namespace, Node, Pod, Service
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One watchable resource type (e.g. services in core/v1)."""
+
+    name: str  # plural, as in the URL and RBAC rules: "services"
+    kind: str  # "Service"
+    group_version: str  # "v1" or "discovery.k8s.io/v1"
+    namespaced: bool
+    model: type[Any]
+    adapter: TypeAdapter[Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapter", TypeAdapter(self.model))
+
+    @property
+    def group(self) -> str:
+        return self.group_version.split("/")[0] if "/" in self.group_version else ""
+
+    @property
+    def base_path(self) -> str:
+        if self.group:
+            return f"/apis/{self.group_version}"
+        return f"/api/{self.group_version}"
+
+    def collection_path(self, namespace: str | None = None) -> str:
+        """URL path of the collection, across namespaces unless one is given."""
+        if namespace and self.namespaced:
+            return f"{self.base_path}/namespaces/{namespace}/{self.name}"
+        return f"{self.base_path}/{self.name}"
+
+    def parse(self, raw: dict[str, Any]) -> Any:
+        """Validate one raw API object; raises pydantic.ValidationError when invalid."""
+        return self.adapter.validate_python(raw)
+
+
+SERVICES = Resource("services", "Service", "v1", True, Service)
+ENDPOINTSLICES = Resource(
+    "endpointslices", "EndpointSlice", "discovery.k8s.io/v1", True, EndpointSlice
+)
+PODS = Resource("pods", "Pod", "v1", True, Pod)
+NAMESPACES = Resource("namespaces", "Namespace", "v1", False, Namespace)
+NODES = Resource("nodes", "Node", "v1", False, Node)
+
+ALL_RESOURCES = (SERVICES, ENDPOINTSLICES, PODS, NAMESPACES, NODES)
+BY_KIND = {r.kind: r for r in ALL_RESOURCES}
+BY_NAME = {r.name: r for r in ALL_RESOURCES}

@@ -1,0 +1,172 @@
+"""Daemon settings: one pydantic model per daemon, filled from flags, environment and YAML.
+
+Precedence, highest first: command-line flags, environment (`<PREFIX>_<FIELD>`, lists comma
+separated), the YAML file given by `--config`, the model's defaults. Flags are generated from the
+model's fields (`token_file` -> `--token-file`; list fields repeat; booleans get `--no-x`), so
+the model is the single place that documents an option. Every invalid value is reported by its
+flag name and where it came from, then the process exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class SettingsError(Exception):
+    """Settings could not be loaded; the message lists every problem, one per line."""
+
+
+class AccessSettings(BaseModel):
+    """Where the Kubernetes objects come from (shared by dnsd and kpx)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kubeconfig: str | None = Field(
+        None, description="kubeconfig file to reach the API server (default: in-cluster)"
+    )
+    context: str | None = Field(None, description="kubeconfig context (default: current)")
+    apiserver: str | None = Field(None, description="API server URL, used with --token-file")
+    token_file: str | None = Field(None, description="bearer token file for --apiserver")
+    ca_file: str | None = Field(None, description="CA bundle for --apiserver")
+    manifests: Path | None = Field(
+        None, description="YAML/JSON file or folder of manifests to serve instead of an API server"
+    )
+    api_timeout: float = Field(
+        30.0, gt=0, description="seconds allowed for one list request to the API server"
+    )
+    log_format: typing.Literal["auto", "json", "console"] = Field(
+        "auto", description="log format: json, console, or auto (console on a TTY)"
+    )
+    log_level: typing.Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="lowest log level written"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AccessSettings:
+        chosen = [n for n in ("kubeconfig", "apiserver", "manifests") if getattr(self, n)]
+        if len(chosen) > 1:
+            raise ValueError(f"choose one of --kubeconfig, --apiserver, --manifests (got {chosen})")
+        return self
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_list(annotation: Any) -> bool:
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(candidate) in (list, tuple, set):
+            return True
+    return False
+
+
+def _is_bool(annotation: Any) -> bool:
+    if annotation is bool:
+        return True
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return bool in typing.get_args(annotation)
+    return False
+
+
+def build_parser(model: type[BaseModel], prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="YAML file with settings (flags and environment win)")
+    for name, field in model.model_fields.items():
+        default = field.default if field.default_factory is None else field.default_factory()  # type: ignore[call-arg]
+        help_text = f"{field.description or ''} (default: {default!r})"
+        if _is_bool(field.annotation):
+            parser.add_argument(
+                _flag(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        elif _is_list(field.annotation):
+            parser.add_argument(
+                _flag(name),
+                dest=name,
+                action="append",
+                default=argparse.SUPPRESS,
+                help=help_text + "; repeatable",
+            )
+        else:
+            parser.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, help=help_text)
+    return parser
+
+
+def load_settings(
+    model: type[M],
+    argv: Sequence[str] | None = None,
+    *,
+    env_prefix: str,
+    prog: str,
+    description: str = "",
+    environ: dict[str, str] | None = None,
+) -> M:
+    """Parse flags, environment and --config YAML into `model`; raises SettingsError."""
+    parser = build_parser(model, prog, description)
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config", None)
+    origin: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    if config_path:
+        for key, value in _read_yaml(config_path).items():
+            name = key.replace("-", "_")
+            values[name] = value
+            origin[name] = f"config {config_path}"
+    env = os.environ if environ is None else environ
+    for name, field in model.model_fields.items():
+        raw = env.get(f"{env_prefix}_{name.upper()}")
+        if raw is not None:
+            values[name] = [v for v in raw.split(",") if v] if _is_list(field.annotation) else raw
+            origin[name] = f"environment {env_prefix}_{name.upper()}"
+    for name, value in args.items():
+        values[name] = value
+        origin[name] = "flag"
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        raise SettingsError(_explain(err, origin)) from None
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise SettingsError(f"--config {path}: {' '.join(str(err).split())}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"--config {path}: expected a mapping of settings")
+    return data
+
+
+def _explain(err: ValidationError, origin: dict[str, str]) -> str:
+    lines = []
+    for problem in err.errors():
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        where = origin.get(field, "default")
+        label = f"{_flag(field)} ({where})" if field else "settings"
+        lines.append(f"invalid setting {label}: {problem['msg']}")
+    return "\n".join(lines)
+
+
+def settings_or_exit(
+    model: type[M], argv: Sequence[str] | None, *, env_prefix: str, prog: str, description: str
+) -> M:
+    try:
+        return load_settings(model, argv, env_prefix=env_prefix, prog=prog, description=description)
+    except SettingsError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,122 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from kwatch.models import describe_error, object_key
+from kwatch.resources import ENDPOINTSLICES, PODS, SERVICES
+
+
+def svc(**spec):
+    return {"metadata": {"name": "web", "namespace": "shop"}, "spec": spec}
+
+
+def test_service_fields_parse_from_api_json_names():
+    s = SERVICES.parse(
+        svc(
+            clusterIP="10.96.0.10",
+            clusterIPs=["10.96.0.10", "fd00:0:0::a"],
+            ports=[{"name": "http", "port": 80, "targetPort": "web", "nodePort": 30080}],
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}},
+            externalTrafficPolicy="Local",
+        )
+    )
+    assert s.key == "shop/web"
+    assert s.cluster_ips == ["10.96.0.10", "fd00::a"]  # IPv6 canonicalised
+    assert s.spec.ports[0].target_port == "web"
+    assert s.spec.session_affinity_config.client_ip.timeout_seconds == 60
+    assert s.spec.external_traffic_policy == "Local"
+
+
+def test_headless_and_external_name_services():
+    assert SERVICES.parse(svc(clusterIP="None")).is_headless
+    ext = SERVICES.parse(svc(type="ExternalName", externalName="db.example.com"))
+    assert ext.is_external_name and ext.cluster_ips == []
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"clusterIP": "10.0.0.256"},
+        {"clusterIP": "010.0.0.1"},
+        {"externalIPs": ["not-an-ip"]},
+        {"ports": [{"port": 70000}]},
+        {"ports": [{"port": 80, "protocol": "ICMP"}]},
+    ],
+)
+def test_invalid_service_values_are_rejected_with_the_field_named(spec):
+    with pytest.raises(ValidationError) as err:
+        SERVICES.parse(svc(**spec))
+    assert describe_error(err.value).split(":")[0].startswith("spec.")
+
+
+def test_unknown_fields_and_annotations_are_dropped():
+    s = SERVICES.parse(
+        {
+            "metadata": {
+                "name": "a",
+                "namespace": "b",
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "x" * 5000},
+                "managedFields": [{"manager": "kubectl"}],
+            },
+            "spec": {"clusterIP": "10.0.0.1", "futureField": 1},
+        }
+    )
+    assert s.metadata.annotations == {}
+
+
+def test_endpointslice_conditions_default_to_ready_and_serving():
+    es = ENDPOINTSLICES.parse(
+        {
+            "metadata": {
+                "name": "web-abc",
+                "namespace": "shop",
+                "labels": {"kubernetes.io/service-name": "web"},
+            },
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.1.0.1"]},
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": False, "terminating": True}},
+                {"addresses": ["10.1.0.3"], "conditions": {"ready": False, "serving": True}},
+            ],
+            "ports": [{"name": None, "port": 8080}],
+        }
+    )
+    assert es.service_name == "web"
+    assert [e.is_ready for e in es.endpoints] == [True, False, False]
+    assert [e.is_serving for e in es.endpoints] == [True, False, True]
+    assert [e.is_terminating for e in es.endpoints] == [False, True, False]
+    assert es.ports[0].name == ""
+
+
+def test_fqdn_endpointslices_parse_as_empty():
+    es = ENDPOINTSLICES.parse(
+        {
+            "metadata": {"name": "x", "namespace": "y"},
+            "addressType": "FQDN",
+            "endpoints": [{"addresses": ["db.example.com"]}],
+        }
+    )
+    assert es.endpoints == []
+
+
+def test_pod_ips_fall_back_to_pod_ip():
+    pod = PODS.parse({"metadata": {"name": "p", "namespace": "n"}, "status": {"podIP": "10.2.0.5"}})
+    assert pod.ips == ["10.2.0.5"]
+
+
+def test_object_key_without_validation():
+    assert object_key({"metadata": {"name": "a", "namespace": "b"}}) == "b/a"
+    assert object_key({"metadata": {"name": "node1"}}) == "node1"
+    assert object_key({"metadata": {}}) is None
+    assert object_key({}) is None
+
+
+@given(st.text(max_size=40))
+def test_ip_validation_never_crashes_on_arbitrary_text(text):
+    try:
+        s = SERVICES.parse(svc(clusterIP=text))
+    except ValidationError:
+        return
+    assert text in ("", "None") or s.cluster_ips
