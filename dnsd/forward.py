@@ -1,0 +1,564 @@
+"""Forwarding of names outside the cluster zones, as CoreDNS's `forward` + `cache` plugins do it.
+
+- Routing: the stub domain with the longest matching suffix (kube-dns `stubDomains`, a CoreDNS
+  server block per zone), else the default upstreams (`/etc/resolv.conf` by default).
+- Upstream choice (CoreDNS `policy`): `random` (default), `round_robin` or `sequential`; upstreams
+  marked unhealthy go last, so when every one is down a query still tries them all.
+- Each attempt: UDP from a fresh socket (a kernel-chosen random source port) with a random query
+  ID; a reply is accepted only with that ID, QR set and our question (case-insensitive), anything
+  else is ignored (RFC 5452 section 9.1). A truncated reply is asked again over TCP.
+- Timeout, network error, REFUSED or SERVFAIL from one upstream -> the next upstream; the client
+  gets SERVFAIL only when every upstream failed (cached for `servfail_ttl`). Attempts stop after
+  `FORWARD_DEADLINE` seconds in total (CoreDNS's 5 s), leaving at least one attempt.
+- Health (CoreDNS `max_fails 2`, health check every 0.5 s): two transport failures in a row mark
+  an upstream unhealthy and start a probe (`. IN NS`) until it answers. One log line per
+  transition, never one per query.
+- At most `max_inflight` client queries wait for upstreams; above that REFUSED (CoreDNS
+  `max_concurrent`). Identical concurrent questions share one upstream exchange.
+- EDNS: the client's OPT record is forwarded upstream as is. The answer carries an OPT exactly
+  when the query did, and it is ours (payload size, DO echoed, the upstream's extended rcode),
+  never the upstream's: that one's options (COOKIE, padding, ECS) belong to the exchange that
+  filled the cache, and a client discards an answer echoing someone else's cookie (RFC 7873
+  section 5.3). CoreDNS's cache does the same.
+- Answer size: `forward()` returns the whole answer, whatever its size. Fitting it into the
+  client's UDP payload size (TC=1 and a trimmed answer) is the server's job, which also owns
+  the transport the query came on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import random
+import secrets
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import dnslib
+import structlog
+from prometheus_client import Counter, Gauge, Histogram
+
+from dnsd.cache import RCODE_NOERROR, RCODE_SERVFAIL, CacheKey, DnsCache, ResponseLayout, skip_name
+
+log = structlog.get_logger("dnsd.forward")
+
+RCODE_FORMERR = 1
+RCODE_NOTIMP = 4
+RCODE_REFUSED = 5
+RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+# Failures from one upstream that make the next upstream worth asking.
+RETRY_RCODES = frozenset({RCODE_SERVFAIL, RCODE_REFUSED})
+# CoreDNS forward: whole-query deadline, failures before "unhealthy", health-check interval.
+FORWARD_DEADLINE = 5.0
+MAX_FAILS = 2
+HEALTH_CHECK_INTERVAL = 0.5
+# Our advertised UDP payload size in an OPT we add ourselves (DNS flag day 2020).
+EDNS_PAYLOAD = 1232
+MAX_MESSAGE = 65535
+# Root NS query used as the health probe (ID patched per probe), RD=1.
+HEALTH_PROBE = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 0) + b"\x00" + struct.pack("!HH", 2, 1)
+
+Policy = Literal["random", "round_robin", "sequential"]
+
+FORWARD_REQUESTS = Counter(
+    "dnsd_forward_requests_total", "Queries sent to an upstream (UDP and TCP retries)", ["to"]
+)
+FORWARD_RESPONSES = Counter(
+    "dnsd_forward_responses_total", "Accepted upstream responses by rcode", ["to", "rcode"]
+)
+FORWARD_ERRORS = Counter(
+    "dnsd_forward_errors_total",
+    "Failed upstream attempts by reason (timeout, refused, network, tcp)",
+    ["to", "reason"],
+)
+FORWARD_DURATION = Histogram(
+    "dnsd_forward_request_duration_seconds",
+    "Time from sending a query to an upstream to its accepted response",
+    ["to", "rcode"],
+    buckets=tuple(0.00025 * 2**i for i in range(16)),  # 0.25 ms .. 8.192 s, as CoreDNS
+)
+FORWARD_TRUNCATED = Counter(
+    "dnsd_forward_tcp_retries_total", "Truncated UDP answers asked again over TCP", ["to"]
+)
+FORWARD_MISMATCHED = Counter(
+    "dnsd_forward_mismatched_responses_total",
+    "Datagrams ignored because ID or question did not match (spoofing or stale)",
+    ["to"],
+)
+FORWARD_SERVFAILS = Counter(
+    "dnsd_forward_servfail_total", "Questions answered SERVFAIL because every upstream failed"
+)
+FORWARD_REJECTS = Counter(
+    "dnsd_forward_max_concurrent_rejects_total", "Queries refused above max_inflight"
+)
+FORWARD_COALESCED = Counter(
+    "dnsd_forward_coalesced_total", "Queries that joined an identical question already upstream"
+)
+FORWARD_INFLIGHT = Gauge("dnsd_forward_inflight", "Client queries waiting for an upstream")
+HEALTHCHECK_FAILURES = Counter(
+    "dnsd_forward_healthcheck_failures_total", "Failed health probes of unhealthy upstreams", ["to"]
+)
+HEALTHCHECK_BROKEN = Counter(
+    "dnsd_forward_healthcheck_broken_total", "Queries sent while every upstream was unhealthy"
+)
+UPSTREAM_HEALTHY = Gauge("dnsd_forward_upstream_healthy", "1 if the upstream is healthy", ["to"])
+
+
+class UpstreamFailed(Exception):
+    """One attempt at one upstream failed; `reason` is the metric label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def read_resolv_conf(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """The `nameserver` addresses of a resolv.conf (IPv4/IPv6, port 53), in order; [] if none."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            lines = file.readlines()
+    except OSError:
+        return []
+    servers: list[tuple[str, int]] = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 2 or fields[0] != "nameserver":
+            continue
+        try:
+            ipaddress.ip_address(fields[1])
+        except ValueError:
+            continue
+        if (fields[1], 53) not in servers:
+            servers.append((fields[1], 53))
+    return servers
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedQuery:
+    """The parts of a client query the forwarder needs, found without decoding names."""
+
+    id: int
+    flags: int  # header bytes 2-3
+    question: bytes  # qname + qtype + qclass exactly as the client sent them
+    labels: tuple[bytes, ...]  # lower-case qname labels, for stub-domain routing
+    opt: bytes | None  # the client's OPT record, verbatim
+    key: CacheKey
+
+    @property
+    def opcode(self) -> int:
+        return (self.flags >> 11) & 0x0F
+
+
+def parse_query(wire: bytes) -> ParsedQuery | None:
+    """Split a client query; None if it cannot be answered at all (drop it)."""
+    wire = bytes(wire)  # a bytearray or memoryview would make unhashable keys
+    if len(wire) < 12:
+        return None
+    qid, flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!HHHHHH", wire)
+    if flags & 0x8000 or qdcount != 1:
+        return None  # a response, or no single question to echo
+    labels: list[bytes] = []
+    pos = 12
+    while True:  # the first name in a message cannot be compressed
+        if pos >= len(wire):
+            return None
+        length = wire[pos]
+        if length == 0:
+            break
+        if length > 63 or pos + 1 + length > len(wire):
+            return None
+        labels.append(wire[pos + 1 : pos + 1 + length].lower())
+        pos += 1 + length
+    name_end = pos + 1
+    if name_end - 12 > 255 or name_end + 4 > len(wire):
+        return None
+    qtype, qclass = struct.unpack_from("!HH", wire, name_end)
+    question = wire[12 : name_end + 4]
+    opt = None
+    do = False
+    pos = name_end + 4
+    try:
+        for index in range(ancount + nscount + arcount):
+            start = pos
+            pos = skip_name(wire, pos)
+            if pos + 10 > len(wire):
+                return None
+            rtype, _, ttl, rdlength = struct.unpack_from("!HHIH", wire, pos)
+            pos += 10 + rdlength
+            if pos > len(wire):
+                return None
+            if rtype == 41 and index >= ancount + nscount and opt is None:
+                opt = wire[start:pos]
+                do = bool(ttl & 0x8000)
+    except ValueError:
+        return None
+    key = CacheKey(question[:-4].lower(), qtype, qclass, do, bool(flags & 0x0010))
+    return ParsedQuery(qid, flags, question, tuple(labels), opt, key)
+
+
+def minimal_opt(do: bool, extended_rcode: int = 0) -> bytes:
+    """An OPT record with our payload size, version 0 and the DO bit echoed (RFC 3225)."""
+    ttl = (extended_rcode << 24) | (0x8000 if do else 0)
+    return b"\x00" + struct.pack("!HHIH", 41, EDNS_PAYLOAD, ttl, 0)
+
+
+def error_answer(query: ParsedQuery, rcode: int) -> bytes:
+    """An answer with no records: the client's ID, opcode, RD, CD and question, this rcode."""
+    flags = 0x8000 | (query.flags & 0x7910) | 0x0080 | rcode
+    opt = b"" if query.opt is None else minimal_opt(query.key.do)
+    header = struct.pack("!HHHHHH", query.id, flags, 1, 0, 0, 1 if opt else 0)
+    return header + query.question + opt
+
+
+def build_answer(query: ParsedQuery, response: bytes) -> bytes:
+    """The upstream (or cached) response re-addressed to this client.
+
+    The client's ID, opcode, RD and CD and its question bytes (0x20 case) replace the upstream's;
+    AA, RA, AD and the rcode come from the upstream; TC is clear (a truncated UDP answer was
+    retried over TCP). The records are copied byte for byte: the question has the same length as
+    the upstream's, so compression pointers into it stay valid and show the client's case. The
+    upstream's OPT (always last in practice) is replaced by ours, or dropped for a plain query.
+    """
+    layout = ResponseLayout.parse(response)
+    body = response[layout.question_end : layout.end]
+    ancount, nscount, arcount = layout.counts
+    extended_rcode = 0
+    has_opt = layout.opt is not None
+    if layout.opt is not None and layout.opt[1] == layout.end:
+        opt_start = layout.opt[0]
+        extended_rcode = response[skip_name(response, opt_start) + 4]
+        body = body[: opt_start - layout.question_end]
+        arcount -= 1
+        has_opt = False
+    if query.opt is not None and not has_opt:
+        body += minimal_opt(query.key.do, extended_rcode)
+        arcount += 1
+    upstream = struct.unpack_from("!H", response, 2)[0]
+    flags = 0x8000 | (query.flags & 0x7910) | (upstream & 0x04AF)
+    header = struct.pack("!HHHHHH", query.id, flags, 1, ancount, nscount, arcount)
+    return header + query.question + body
+
+
+@dataclass(eq=False)
+class Upstream:
+    """One upstream server and what we know of its health."""
+
+    host: str
+    port: int
+    label: str = ""  # "host:port", the `to` label of the metrics
+    fails: int = 0  # consecutive transport failures
+    healthy: bool = True
+    probe: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.label = (
+            f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        )
+        self.family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        UPSTREAM_HEALTHY.labels(self.label).set(1)
+
+
+def check_response(response: bytes, qid: int, question: bytes) -> bool:
+    """True if `response` answers our query: same ID, QR set, one question equal to ours, and
+    records that can be walked (a malformed reply is ignored like a spoofed one)."""
+    end = 12 + len(question)
+    if len(response) < end or struct.unpack_from("!HH", response, 4)[0] != 1:
+        return False
+    if struct.unpack_from("!H", response)[0] != qid or not response[2] & 0x80:
+        return False
+    # Only the name is compared case-insensitively: bytes.lower() would fold qtype 65 into 97.
+    if (
+        response[12 : end - 4].lower() != question[:-4].lower()
+        or response[end - 4 : end] != question[-4:]
+    ):
+        return False
+    try:
+        ResponseLayout.parse(response)
+    except ValueError:
+        return False
+    return True
+
+
+class Forwarder:
+    """Answers client queries from the cache or the upstreams; see the module docstring."""
+
+    def __init__(
+        self,
+        upstreams: Sequence[tuple[str, int]],
+        *,
+        stub_domains: dict[str, list[tuple[str, int]]] | None = None,
+        cache: DnsCache | None = None,
+        timeout: float = 2.0,
+        max_inflight: int = 1000,
+        policy: Policy = "random",
+    ) -> None:
+        self.cache = cache
+        self.timeout = timeout
+        self.max_inflight = max_inflight
+        self.policy = policy
+        self._by_address: dict[tuple[str, int], Upstream] = {}
+        self.upstreams = self._upstreams(upstreams)
+        # Longest suffix first, so the first match is the most specific stub domain.
+        self.stub_domains = sorted(
+            (
+                (_domain_labels(domain), self._upstreams(servers))
+                for domain, servers in (stub_domains or {}).items()
+            ),
+            key=lambda item: -len(item[0]),
+        )
+        self._pending: dict[CacheKey, asyncio.Task[bytes]] = {}
+        self._inflight = 0
+        self._next = 0  # round_robin position
+        self._closed = False
+        if not self.upstreams:
+            log.warning("no_upstreams", hint="every forwarded query will be SERVFAIL")
+
+    async def forward(self, query: bytes) -> bytes | None:
+        """The whole answer to a client's raw query; None = drop it (unparseable).
+
+        Echoes the client's ID, RD and question bytes; SERVFAIL only when every upstream
+        failed; REFUSED above `max_inflight`. Never truncated to the client's UDP size: the
+        server sets TC when the answer does not fit.
+        """
+        parsed = parse_query(query)
+        if parsed is None:
+            return None
+        if parsed.opcode != 0:
+            return error_answer(parsed, RCODE_NOTIMP)
+        if self.cache is not None:
+            cached = self.cache.get(parsed.key)
+            if cached is not None:
+                return build_answer(parsed, cached)
+        if self._inflight >= self.max_inflight:
+            FORWARD_REJECTS.inc()
+            return error_answer(parsed, RCODE_REFUSED)
+        self._inflight += 1
+        FORWARD_INFLIGHT.inc()
+        try:
+            response = await self._shared_exchange(parsed)
+        finally:
+            self._inflight -= 1
+            FORWARD_INFLIGHT.dec()
+        return build_answer(parsed, response)
+
+    async def resolve(self, qname: str, qtype: int) -> list[dnslib.RR]:
+        """Answer records for `qname`/`qtype` (chasing an ExternalName target); [] on failure.
+
+        Goes through the cache, coalescing and `max_inflight` like a client query.
+        """
+        try:
+            question = dnslib.DNSQuestion(qname, qtype)
+        except Exception:  # dnslib raises its own error types for bad labels
+            return []
+        query = dnslib.DNSRecord(dnslib.DNSHeader(id=secrets.randbits(16), rd=1), q=question)
+        answer = await self.forward(query.pack())
+        if answer is None:
+            return []
+        try:
+            record = dnslib.DNSRecord.parse(answer)
+        except Exception:  # dnslib.DNSError and struct errors on a mangled answer
+            return []
+        if record.header.rcode != RCODE_NOERROR:
+            return []
+        return list(record.rr)
+
+    async def close(self) -> None:
+        """Stop health probes and abandon exchanges still waiting for upstreams."""
+        self._closed = True
+        tasks: list[asyncio.Task[Any]] = list(self._pending.values())
+        tasks += [up.probe for up in self._by_address.values() if up.probe is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._pending.clear()
+
+    def route(self, labels: Sequence[bytes]) -> list[Upstream]:
+        """The upstreams for a qname (lower-case labels): longest stub domain, else default."""
+        for domain, servers in self.stub_domains:
+            if len(domain) <= len(labels) and tuple(labels[len(labels) - len(domain) :]) == domain:
+                return servers
+        return self.upstreams
+
+    def _upstreams(self, addresses: Sequence[tuple[str, int]]) -> list[Upstream]:
+        # One Upstream per address, shared between routes, so health is tracked once.
+        servers: list[Upstream] = []
+        for host, port in addresses:
+            upstream = self._by_address.get((host, port))
+            if upstream is None:
+                upstream = self._by_address[(host, port)] = Upstream(host, port)
+            if upstream not in servers:
+                servers.append(upstream)
+        return servers
+
+    async def _shared_exchange(self, query: ParsedQuery) -> bytes:
+        task = self._pending.get(query.key)
+        if task is None:
+            task = asyncio.ensure_future(self._exchange(query))
+            self._pending[query.key] = task
+            task.add_done_callback(lambda done: self._forget(query.key, done))
+        else:
+            FORWARD_COALESCED.inc()
+        # Shielded: a client that goes away must not cancel the answer others wait for.
+        return await asyncio.shield(task)
+
+    def _forget(self, key: CacheKey, task: asyncio.Task[bytes]) -> None:
+        if self._pending.get(key) is task:
+            del self._pending[key]
+
+    async def _exchange(self, query: ParsedQuery) -> bytes:
+        """Ask the upstreams in turn; the response to cache and answer with, SERVFAIL if none."""
+        try:
+            response = await self._ask_upstreams(query)
+        except Exception:
+            log.exception("forward_failed")
+            response = None
+        if response is None:
+            FORWARD_SERVFAILS.inc()
+            header = struct.pack("!HHHHHH", 0, 0x8180 | RCODE_SERVFAIL, 1, 0, 0, 0)
+            response = header + query.question
+        if self.cache is not None and not self._closed:
+            self.cache.put(query.key, response)
+        return response
+
+    async def _ask_upstreams(self, query: ParsedQuery) -> bytes | None:
+        # RD=1 (we are a stub asking a recursor), CD as the client asked: both fixed per key.
+        flags = 0x0100 | (0x0010 if query.key.cd else 0)
+        additional = 1 if query.opt is not None else 0
+        template = struct.pack("!HHHHHH", 0, flags, 1, 0, 0, additional)
+        template += query.question + (query.opt or b"")
+        deadline = time.monotonic() + max(FORWARD_DEADLINE, self.timeout)
+        for attempt, upstream in enumerate(self._order(self.route(query.labels))):
+            remaining = deadline - time.monotonic()
+            if attempt > 0 and remaining <= 0:
+                break
+            budget = min(self.timeout, max(remaining, 0.001))
+            try:
+                response = await self._attempt(upstream, template, query.question, budget)
+            except UpstreamFailed as failure:
+                FORWARD_ERRORS.labels(upstream.label, failure.reason).inc()
+                self._failed(upstream, failure.reason)
+                continue
+            self._succeeded(upstream)
+            if response[3] & 0x0F not in RETRY_RCODES:
+                return response
+        return None
+
+    def _order(self, servers: list[Upstream]) -> list[Upstream]:
+        if self.policy == "random":
+            servers = random.sample(servers, len(servers))
+        elif self.policy == "round_robin" and servers:
+            start = self._next % len(servers)
+            self._next += 1
+            servers = servers[start:] + servers[:start]
+        healthy = [up for up in servers if up.healthy]
+        if servers and not healthy:
+            HEALTHCHECK_BROKEN.inc()
+        return healthy + [up for up in servers if not up.healthy]
+
+    async def _attempt(
+        self, upstream: Upstream, template: bytes, question: bytes, budget: float
+    ) -> bytes:
+        """One question to one upstream: UDP, then TCP if truncated; raises UpstreamFailed."""
+        started = time.monotonic()
+        response = await self._udp_exchange(upstream, template, question, budget)
+        if response[2] & 0x02:
+            FORWARD_TRUNCATED.labels(upstream.label).inc()
+            response = await self._tcp_exchange(upstream, template, question, budget)
+        rcode = RCODE_NAMES.get(response[3] & 0x0F, str(response[3] & 0x0F))
+        FORWARD_RESPONSES.labels(upstream.label, rcode).inc()
+        FORWARD_DURATION.labels(upstream.label, rcode).observe(time.monotonic() - started)
+        return response
+
+    async def _udp_exchange(
+        self, upstream: Upstream, template: bytes, question: bytes, budget: float
+    ) -> bytes:
+        qid = secrets.randbits(16)
+        loop = asyncio.get_running_loop()
+        FORWARD_REQUESTS.labels(upstream.label).inc()
+        # A new socket per query: the kernel picks a random ephemeral source port, and
+        # connect() makes it drop datagrams from any other address.
+        with socket.socket(upstream.family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            try:
+                sock.connect((upstream.host, upstream.port))
+                async with asyncio.timeout(budget):
+                    await loop.sock_sendall(sock, struct.pack("!H", qid) + template[2:])
+                    while True:
+                        response = await loop.sock_recv(sock, MAX_MESSAGE)
+                        if check_response(response, qid, question):
+                            return response
+                        FORWARD_MISMATCHED.labels(upstream.label).inc()
+            except TimeoutError:
+                raise UpstreamFailed("timeout") from None
+            except ConnectionRefusedError:  # ICMP port unreachable
+                raise UpstreamFailed("refused") from None
+            except OSError:
+                raise UpstreamFailed("network") from None
+
+    async def _tcp_exchange(
+        self, upstream: Upstream, template: bytes, question: bytes, budget: float
+    ) -> bytes:
+        qid = secrets.randbits(16)
+        message = struct.pack("!H", qid) + template[2:]
+        FORWARD_REQUESTS.labels(upstream.label).inc()
+        writer = None
+        try:
+            async with asyncio.timeout(budget):
+                reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
+                writer.write(struct.pack("!H", len(message)) + message)
+                await writer.drain()
+                (length,) = struct.unpack("!H", await reader.readexactly(2))
+                response = await reader.readexactly(length)
+        except TimeoutError:
+            raise UpstreamFailed("timeout") from None
+        except (OSError, asyncio.IncompleteReadError):
+            raise UpstreamFailed("tcp") from None
+        finally:
+            if writer is not None:
+                writer.close()
+        if not check_response(response, qid, question):
+            FORWARD_MISMATCHED.labels(upstream.label).inc()
+            raise UpstreamFailed("tcp")
+        return response
+
+    def _failed(self, upstream: Upstream, reason: str) -> None:
+        upstream.fails += 1
+        if upstream.healthy and upstream.fails >= MAX_FAILS:
+            upstream.healthy = False
+            UPSTREAM_HEALTHY.labels(upstream.label).set(0)
+            log.warning("upstream_unhealthy", upstream=upstream.label, reason=reason)
+            if not self._closed and (upstream.probe is None or upstream.probe.done()):
+                upstream.probe = asyncio.ensure_future(self._probe(upstream))
+
+    def _succeeded(self, upstream: Upstream) -> None:
+        upstream.fails = 0
+        if not upstream.healthy:
+            upstream.healthy = True
+            UPSTREAM_HEALTHY.labels(upstream.label).set(1)
+            log.info("upstream_healthy", upstream=upstream.label)
+            probe = upstream.probe
+            if probe is not None and probe is not asyncio.current_task():
+                probe.cancel()
+
+    async def _probe(self, upstream: Upstream) -> None:
+        """Ask an unhealthy upstream `. IN NS` every HEALTH_CHECK_INTERVAL until it answers."""
+        question = HEALTH_PROBE[12:]
+        while not upstream.healthy:
+            await asyncio.sleep(HEALTH_CHECK_INTERVAL)
+            try:
+                await self._udp_exchange(upstream, HEALTH_PROBE, question, self.timeout)
+            except UpstreamFailed:
+                HEALTHCHECK_FAILURES.labels(upstream.label).inc()
+                continue
+            self._succeeded(upstream)
+
+
+def _domain_labels(domain: str) -> tuple[bytes, ...]:
+    return tuple(label.lower().encode() for label in domain.strip(".").split(".") if label)

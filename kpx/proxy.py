@@ -1,0 +1,613 @@
+"""kpx's data path: accept, find the frontend, connect to a backend (retrying), relay with splice.
+
+Two ways in:
+- `serve_redirect(host, port)`: the nftables mode. One listener; nftables `redirect`s every
+  frontend's traffic to it and each connection's original destination (SO_ORIGINAL_DST) names the
+  frontend.
+- `serve_port(listen_host, listen_port, frontend_ip, frontend_port)`: the no-root `ports` mode, one
+  listener per frontend.
+
+Per connection everything runs as readiness callbacks on the event loop (no task, no coroutine):
+accept -> `FrontendMap.lookup` -> `Picker.candidates` -> non-blocking connect with a timeout
+ladder over the candidates -> `Relay` (kpx/splice.py). A client whose frontend has no backend, or
+whose every candidate failed, is reset at once (SO_LINGER 0), never left hanging.
+
+Drain: when the control path removes an endpoint it stops offering it; `close_backend` then
+(optionally, with `drain_timeout`) resets the connections still open to it after the timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import resource
+import socket
+import time
+from collections.abc import Sequence
+
+import structlog
+
+from kpx.backends import Backend, FrontendMap, Picker
+from kpx.origdst import original_dst, unmap_ipv4
+from kpx.splice import DEFAULT_PIPE_SIZE, PipePool, Relay, RelayCounters, reset_socket
+
+log = structlog.get_logger("kpx.proxy")
+
+DEFAULT_CONNECT_LADDER: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+# Connections accepted per readiness callback before yielding to the other callbacks.
+_ACCEPT_BATCH = 64
+# After EMFILE/ENFILE on accept the listener rests this long instead of spinning.
+_ACCEPT_PAUSE_SECONDS = 0.1
+# At most one `connection_limit_reached` line per this many seconds (it can fire per accept).
+_LIMIT_LOG_INTERVAL = 1.0
+# fds per connection at worst: two sockets plus one pipe (two fds) per direction in flight.
+_FDS_PER_CONNECTION = 3
+_FDS_RESERVED = 256
+
+BackendKey = tuple[str, int]
+
+
+def default_max_connections() -> int:
+    """As many connections as the open-file limit allows, keeping room for everything else."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, (soft - _FDS_RESERVED) // _FDS_PER_CONNECTION)
+
+
+class ProxyStats(RelayCounters):
+    """Counters for /metrics. Bytes are counted as delivered to the receiving socket."""
+
+    __slots__ = (
+        "accept_errors",
+        "backend_failures",
+        "backend_retries",
+        "backends_exhausted",
+        "connections_active",
+        "connections_total",
+        "drain_resets",
+        "idle_closes",
+        "limit_hits",
+        "refused_no_endpoints",
+        "unknown_frontend",
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Accepted connections not yet closed (connecting or relaying).
+        self.connections_active = 0
+        # Accepted connections ever (including refused ones).
+        self.connections_total = 0
+        # Connect attempts to a backend that were refused, failed or timed out.
+        self.backend_failures = 0
+        # Connect attempts after the first for one client connection.
+        self.backend_retries = 0
+        # Client connections reset because every candidate failed.
+        self.backends_exhausted = 0
+        # Client connections reset because their frontend had no candidate at all.
+        self.refused_no_endpoints = 0
+        # Client connections reset because kpx does not serve their original destination.
+        self.unknown_frontend = 0
+        # Client connections reset because `max_connections` were open.
+        self.limit_hits = 0
+        # Connections to a removed backend reset when its drain timeout expired.
+        self.drain_resets = 0
+        # Connections closed by kpx because no byte moved for `idle_timeout`.
+        self.idle_closes = 0
+        # accept() failures other than "nothing to accept" (EMFILE, ENFILE, ...).
+        self.accept_errors = 0
+
+
+class Listener:
+    """One listening socket; `frontend` is fixed in ports mode, None in redirect mode."""
+
+    __slots__ = ("_paused", "_proxy", "fd", "frontend", "sock")
+
+    def __init__(self, proxy: Proxy, sock: socket.socket, frontend: BackendKey | None) -> None:
+        self._proxy = proxy
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.frontend = frontend
+        self._paused = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return host, port
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    def close(self) -> None:
+        """Stop accepting; established connections are not affected."""
+        self._proxy._close_listener(self)
+
+
+class _Dial:
+    """The connect phase of one client connection: walk the candidates with the timeout ladder."""
+
+    __slots__ = (
+        "attempt",
+        "backend",
+        "candidates",
+        "client",
+        "client_ip",
+        "draining",
+        "picker",
+        "proxy",
+        "sock",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        client: socket.socket,
+        client_ip: str,
+        picker: Picker,
+        candidates: list[Backend],
+    ) -> None:
+        self.proxy = proxy
+        self.client = client
+        self.client_ip = client_ip
+        self.picker = picker
+        self.candidates = candidates
+        self.attempt = 0
+        self.backend: Backend | None = None
+        self.sock: socket.socket | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        # The backend was closed (`close_backend`) while this connect was under way.
+        self.draining = False
+
+    def next_attempt(self) -> None:
+        proxy = self.proxy
+        ladder = proxy.connect_ladder
+        while self.attempt < len(self.candidates) and self.attempt < len(ladder):
+            backend = self.candidates[self.attempt]
+            timeout = ladder[self.attempt]
+            if self.attempt:
+                proxy.stats.backend_retries += 1
+            self.attempt += 1
+            self.backend = backend
+            family = socket.AF_INET6 if ":" in backend.ip else socket.AF_INET
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            except OSError as exc:  # EMFILE: nothing else will work either
+                log.error("backend_socket_failed", error=exc.strerror)
+                proxy._end_dial(self, None)
+                return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex((backend.ip, backend.port))
+            if err == errno.EINPROGRESS:
+                self.sock = sock
+                proxy.loop.add_writer(sock.fileno(), self.on_connect_ready)
+                self.timer = proxy.loop.call_later(timeout, self.on_connect_timeout)
+                return
+            if err == 0:  # loopback may connect at once
+                proxy._end_dial(self, sock)
+                return
+            sock.close()
+            self.failed(errno.errorcode.get(err, str(err)))
+        self.all_failed()
+
+    def on_connect_ready(self) -> None:
+        sock = self.sock
+        assert sock is not None and self.timer is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == 0:
+            try:
+                sock.getpeername()
+            except OSError:
+                # ENOTCONN: a stale readiness event for an earlier socket that had this fd
+                # number (closed in the same loop iteration); the handshake is still running.
+                return
+        self.proxy.loop.remove_writer(sock.fileno())
+        self.timer.cancel()
+        self.timer = None
+        self.sock = None
+        if err == 0:
+            self.proxy._end_dial(self, sock)
+            return
+        sock.close()
+        self.failed(errno.errorcode.get(err, str(err)))
+        self.next_attempt()
+
+    def on_connect_timeout(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        self.proxy.loop.remove_writer(sock.fileno())
+        self.timer = None
+        self.sock = None
+        sock.close()
+        self.failed("timeout")
+        self.next_attempt()
+
+    def failed(self, reason: str) -> None:
+        backend = self.backend
+        assert backend is not None
+        stats = self.proxy.stats
+        stats.backend_failures += 1
+        log.info(
+            "backend_connect_failed",
+            backend_ip=backend.ip,
+            backend_port=backend.port,
+            reason=reason,
+            attempt=self.attempt,
+            client=self.client_ip,
+        )
+        try:
+            self.picker.report_failure(backend)
+        except Exception:
+            log.exception("picker_report_failure_crashed")
+
+    def all_failed(self) -> None:
+        self.proxy.stats.backends_exhausted += 1
+        log.warning("backend_connect_exhausted", client=self.client_ip, attempts=self.attempt)
+        self.proxy._end_dial(self, None)
+
+    def cancel(self) -> None:
+        """Give up now (proxy stop deadline): close the half-made backend socket."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        sock = self.sock
+        if sock is not None:
+            self.proxy.loop.remove_writer(sock.fileno())
+            sock.close()
+            self.sock = None
+
+
+class Proxy:
+    """The userspace TCP proxy. Create it, call `serve_redirect` or `serve_port`, and `stop`."""
+
+    def __init__(
+        self,
+        frontends: FrontendMap,
+        *,
+        connect_ladder: Sequence[float] = DEFAULT_CONNECT_LADDER,
+        max_connections: int | None = None,
+        drain_timeout: float | None = None,
+        idle_timeout: float | None = None,
+        pipe_size: int = DEFAULT_PIPE_SIZE,
+    ) -> None:
+        if not connect_ladder:
+            raise ValueError("connect_ladder needs at least one timeout")
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError("idle_timeout must be positive (None: no idle timeout)")
+        self.frontends = frontends
+        # Connect timeout per attempt; its length is also the number of attempts (kube-proxy's
+        # userspace mode: 250 ms, 500 ms, 1 s, 2 s).
+        self.connect_ladder = tuple(connect_ladder)
+        self.max_connections = (
+            default_max_connections() if max_connections is None else max_connections
+        )
+        # Seconds a removed backend's connections may live on; None: until they end.
+        self.drain_timeout = drain_timeout
+        # Seconds without a byte moving after which kpx closes a connection; None (kube-proxy's
+        # behaviour for TCP) never does. Enforced by a sweep every idle_timeout / 2, so a
+        # connection goes between 1x and 1.5x the timeout after its last byte.
+        self.idle_timeout = idle_timeout
+        self._idle_sweeper: asyncio.TimerHandle | None = None
+        self.stats = ProxyStats()
+        self.pool = PipePool(pipe_size)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: set[Listener] = set()
+        self._dials: set[_Dial] = set()
+        self._relays: set[Relay] = set()
+        self._by_backend: dict[BackendKey, set[Relay]] = {}
+        # Backends closed with a drain timeout: the relays to reset when it fires.
+        self._draining: dict[BackendKey, set[Relay]] = {}
+        self._drain_timers: dict[BackendKey, asyncio.TimerHandle] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._limit_logged_at = 0.0
+        self._limit_hits_unlogged = 0
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    # -- listeners -------------------------------------------------------------------------
+
+    async def serve_redirect(self, host: str, port: int, backlog: int = 4096) -> Listener:
+        """Listen for nftables-redirected connections; the frontend is each one's original
+        destination. Returns once listening (port 0 picks a free port: see `Listener.port`).
+        An IPv6 host listens for IPv6 only: call once per family ("0.0.0.0" and "::")."""
+        return self._listen(host, port, backlog, frontend=None)
+
+    async def serve_port(
+        self,
+        listen_host: str,
+        listen_port: int,
+        frontend_ip: str,
+        frontend_port: int,
+        backlog: int = 4096,
+    ) -> Listener:
+        """Listen on listen_host:listen_port for the one frontend frontend_ip:frontend_port."""
+        return self._listen(
+            listen_host, listen_port, backlog, frontend=(frontend_ip, frontend_port)
+        )
+
+    def _listen(self, host: str, port: int, backlog: int, frontend: BackendKey | None) -> Listener:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # One listener per family: "::" and "0.0.0.0" can then share a port, so both
+                # families' redirect rules can point at the same `redirect to :PORT`.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        listener = Listener(self, sock, frontend)
+        self._listeners.add(listener)
+        if self.idle_timeout is not None and self._idle_sweeper is None:
+            self._idle_sweeper = self.loop.call_later(self.idle_timeout / 2, self._sweep_idle)
+        self.loop.add_reader(listener.fd, self._on_acceptable, listener)
+        log.info(
+            "proxy_listening",
+            address=listener.address[0],
+            port=listener.port,
+            mode="redirect" if frontend is None else "port",
+            frontend=None if frontend is None else f"{frontend[0]}:{frontend[1]}",
+        )
+        return listener
+
+    def _close_listener(self, listener: Listener) -> None:
+        if listener not in self._listeners:
+            return
+        self._listeners.discard(listener)
+        if not listener._paused:
+            self.loop.remove_reader(listener.fd)
+        listener.sock.close()
+
+    def _pause_listener(self, listener: Listener) -> None:
+        listener._paused = True
+        self.loop.remove_reader(listener.fd)
+        self.loop.call_later(_ACCEPT_PAUSE_SECONDS, self._resume_listener, listener)
+
+    def _resume_listener(self, listener: Listener) -> None:
+        if listener in self._listeners and listener._paused:
+            listener._paused = False
+            self.loop.add_reader(listener.fd, self._on_acceptable, listener)
+
+    # -- accept ----------------------------------------------------------------------------
+
+    def _on_acceptable(self, listener: Listener) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                client, peer = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.stats.accept_errors += 1
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept_failed", error=exc.strerror, port=listener.port)
+                    self._pause_listener(listener)
+                    return
+                continue  # ECONNABORTED and friends concern one client only
+            self.stats.connections_total += 1
+            try:
+                dial = self._route(listener, client, peer[0])
+            except Exception:  # a crashing picker must not kill the listener
+                log.exception("connection_routing_crashed")
+                reset_socket(client)
+                continue
+            if dial is not None:
+                self._dials.add(dial)
+                self.stats.connections_active += 1
+                self._idle.clear()
+                dial.next_attempt()
+
+    def _route(self, listener: Listener, client: socket.socket, peer_ip: str) -> _Dial | None:
+        """Find the frontend and its candidates; None when the client was refused (reset)."""
+        stats = self.stats
+        if stats.connections_active >= self.max_connections:
+            self._refuse_over_limit(client)
+            return None
+        client.setblocking(False)
+        frontend = listener.frontend
+        if frontend is None:
+            try:
+                frontend = original_dst(client, peer_ip)
+            except OSError as exc:
+                stats.unknown_frontend += 1
+                log.warning("original_dst_unavailable", client=peer_ip, error=exc.strerror)
+                reset_socket(client)
+                return None
+        client_ip = unmap_ipv4(peer_ip)
+        frontend_ip = unmap_ipv4(frontend[0])
+        picker = self.frontends.lookup(frontend_ip, frontend[1])
+        if picker is None:
+            stats.unknown_frontend += 1
+            log.info("frontend_unknown", frontend_ip=frontend_ip, frontend_port=frontend[1])
+            reset_socket(client)
+            return None
+        candidates = picker.candidates(client_ip)
+        if not candidates:
+            stats.refused_no_endpoints += 1
+            log.debug("frontend_without_endpoints", frontend_ip=frontend_ip, port=frontend[1])
+            reset_socket(client)
+            return None
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _Dial(self, client, client_ip, picker, candidates)
+
+    def _refuse_over_limit(self, client: socket.socket) -> None:
+        self.stats.limit_hits += 1
+        self._limit_hits_unlogged += 1
+        reset_socket(client)
+        now = time.monotonic()
+        if now - self._limit_logged_at >= _LIMIT_LOG_INTERVAL:
+            log.warning(
+                "connection_limit_reached",
+                limit=self.max_connections,
+                active=self.stats.connections_active,
+                refused=self._limit_hits_unlogged,
+            )
+            self._limit_logged_at = now
+            self._limit_hits_unlogged = 0
+
+    def _end_dial(self, dial: _Dial, backend_sock: socket.socket | None) -> None:
+        """The connect phase is over: relay on success, reset the client otherwise."""
+        self._dials.discard(dial)
+        if backend_sock is None:
+            reset_socket(dial.client)
+            self._connection_closed()
+            return
+        backend = dial.backend
+        assert backend is not None
+        try:
+            dial.picker.report_success(backend, dial.client_ip)
+        except Exception:
+            log.exception("picker_report_success_crashed")
+        key = (backend.ip, backend.port)
+        if dial.draining and key not in self._draining:
+            # The backend was removed while this connect ran and its drain deadline has passed
+            # since: the connection would outlive the deadline, so it ends like the others.
+            self.stats.drain_resets += 1
+            reset_socket(backend_sock)
+            reset_socket(dial.client)
+            self._connection_closed()
+            return
+        relay = Relay(
+            self.loop, dial.client, backend_sock, self.pool, self.stats, self._on_relay_closed, key
+        )
+        self._relays.add(relay)
+        group = self._by_backend.get(key)
+        if group is None:
+            group = self._by_backend[key] = set()
+        group.add(relay)
+        if dial.draining:
+            draining = self._draining.get(key)
+            if draining is not None:
+                draining.add(relay)
+        relay.start()
+
+    def _on_relay_closed(self, relay: Relay) -> None:
+        self._relays.discard(relay)
+        key: BackendKey = relay.tag  # type: ignore[assignment]
+        group = self._by_backend.get(key)
+        if group is not None:
+            group.discard(relay)
+            if not group:
+                del self._by_backend[key]
+        draining = self._draining.get(key)
+        if draining is not None:
+            draining.discard(relay)
+        self._connection_closed()
+
+    def _connection_closed(self) -> None:
+        self.stats.connections_active -= 1
+        if self.stats.connections_active == 0:
+            self._idle.set()
+
+    # -- drain -----------------------------------------------------------------------------
+
+    def connections_to(self, backend: Backend) -> int:
+        """Relayed connections currently open to `backend` (ip and port)."""
+        return len(self._by_backend.get((backend.ip, backend.port), ()))
+
+    def close_backend(self, backend: Backend) -> int:
+        """`backend` left its EndpointSlice. The picker no longer offers it, so no new connection
+        goes there; its open connections continue until they end, or, with a `drain_timeout`,
+        are reset when it expires. Returns the number of connections left draining."""
+        key = (backend.ip, backend.port)
+        open_relays = set(self._by_backend.get(key, ()))
+        dialing = [
+            d
+            for d in self._dials
+            if d.sock is not None
+            and d.backend is not None
+            and (d.backend.ip, d.backend.port) == key
+        ]
+        log.info(
+            "backend_draining",
+            backend_ip=backend.ip,
+            backend_port=backend.port,
+            connections=len(open_relays),
+            connecting=len(dialing),
+            timeout=self.drain_timeout,
+        )
+        if self.drain_timeout is None:
+            return len(open_relays)
+        draining = self._draining.setdefault(key, set())
+        draining.update(open_relays)
+        for dial in dialing:
+            dial.draining = True
+        # A repeated close of a backend already draining keeps the first deadline.
+        if key not in self._drain_timers:
+            self._drain_timers[key] = self.loop.call_later(
+                self.drain_timeout, self._drain_expired, key
+            )
+        return len(open_relays)
+
+    def _drain_expired(self, key: BackendKey) -> None:
+        del self._drain_timers[key]
+        draining = self._draining.pop(key, set())
+        if draining:
+            log.info(
+                "backend_drain_expired", backend_ip=key[0], backend_port=key[1], reset=len(draining)
+            )
+        for relay in list(draining):
+            self.stats.drain_resets += 1
+            relay.abort()
+
+    # -- idle timeout ----------------------------------------------------------------------
+
+    def _sweep_idle(self) -> None:
+        """Every relay counts sweeps since its last splice; the third in a row means at least
+        `idle_timeout` (two sweep intervals) passed without a byte: close it. One counter
+        store per splice keeps the hot path free of clocks and per-connection timers."""
+        assert self.idle_timeout is not None
+        self._idle_sweeper = self.loop.call_later(self.idle_timeout / 2, self._sweep_idle)
+        idle: list[Relay] = []
+        for relay in self._relays:
+            relay.idle_sweeps += 1
+            if relay.idle_sweeps >= 3:
+                idle.append(relay)
+        if idle:
+            log.info("idle_connections_closed", count=len(idle), timeout=self.idle_timeout)
+            self.stats.idle_closes += len(idle)
+            for relay in idle:
+                relay.close()
+
+    # -- stop ------------------------------------------------------------------------------
+
+    async def stop(self, drain_seconds: float = 0.0) -> int:
+        """Stop accepting, let open connections finish for up to `drain_seconds`, then reset
+        the rest and release every fd. Returns the number of connections reset."""
+        for listener in list(self._listeners):
+            self._close_listener(listener)
+        if self.stats.connections_active and drain_seconds > 0:
+            log.info(
+                "proxy_draining", connections=self.stats.connections_active, seconds=drain_seconds
+            )
+            try:
+                await asyncio.wait_for(self._idle.wait(), drain_seconds)
+            except TimeoutError:
+                pass
+        reset = 0
+        for dial in list(self._dials):
+            dial.cancel()
+            self._end_dial(dial, None)
+            reset += 1
+        for relay in list(self._relays):
+            relay.abort()
+            reset += 1
+        for timer in self._drain_timers.values():
+            timer.cancel()
+        if self._idle_sweeper is not None:
+            self._idle_sweeper.cancel()
+            self._idle_sweeper = None
+        self._drain_timers.clear()
+        self._draining.clear()
+        self.pool.close()
+        log.info("proxy_stopped", reset=reset)
+        return reset
