@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -41,11 +42,13 @@ class ClusterState:
         self,
         resources: list[Resource],
         selectors: dict[Resource, tuple[str | None, str | None]] | None = None,
+        backoff: Callable[[], Backoff] = Backoff,
     ) -> None:
         self.stores: dict[Resource, Store[Any]] = {
             r: Store(r.name, DEFAULT_INDEXERS.get(r)) for r in resources
         }
         self.selectors = selectors or {}
+        self.backoff = backoff  # a fresh Backoff per reflector; tests pass a fast one
         self.client: ApiClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._synced = asyncio.Event()
@@ -90,7 +93,7 @@ class ClusterState:
             await self.client.close()
 
     async def _connect_and_watch(self, settings: AccessSettings, user_agent: str) -> None:
-        backoff = Backoff()
+        backoff = self.backoff()
         last_problem = ""
         while True:
             try:
@@ -107,7 +110,12 @@ class ClusterState:
         for resource, store in self.stores.items():
             label, field = self.selectors.get(resource, (None, None))
             reflector = Reflector(
-                self.client, resource, store, label_selector=label, field_selector=field
+                self.client,
+                resource,
+                store,
+                label_selector=label,
+                field_selector=field,
+                backoff=self.backoff(),
             )
             self._spawn(reflector.run(), resource.name)
 

@@ -44,6 +44,7 @@ class ManifestSource:
         self.path = path
         self.stores = stores
         self.poll_interval = poll_interval
+        self.settle_seconds = min(0.2, poll_interval / 2)
         self._signature: tuple[tuple[str, int, int], ...] | None = None
 
     async def run(self) -> None:
@@ -51,9 +52,22 @@ class ManifestSource:
         while True:
             signature = self._current_signature()
             if signature != self._signature:
+                signature = await self._settled(signature)
                 self._signature = signature
                 self.load()
             await asyncio.sleep(self.poll_interval)
+
+    async def _settled(self, signature: tuple[tuple[str, int, int], ...]) -> Any:
+        """Wait until the files stop changing: an editor or `cp` writing in place leaves a
+        truncated file for a moment, and a truncated manifest is often still valid YAML with
+        fewer objects, which would briefly delete Services."""
+        for _ in range(20):  # bounded: a file rewritten forever is loaded as it stands
+            await asyncio.sleep(self.settle_seconds)
+            again = self._current_signature()
+            if again == signature:
+                break
+            signature = again
+        return signature
 
     def load(self) -> bool:
         """Read every file and replace the stores' contents; False if the manifest was rejected."""

@@ -238,10 +238,8 @@ class Endpoint:
 
     @property
     def is_serving(self) -> bool:
-        # serving was added after ready; when absent it mirrors ready.
-        if self.conditions.serving is None:
-            return self.is_ready
-        return self.conditions.serving
+        # Absent means serving, as kube-proxy's endpointslicecache reads it (nil -> true).
+        return self.conditions.serving is not False
 
     @property
     def is_terminating(self) -> bool:

@@ -85,7 +85,7 @@ def test_endpointslice_conditions_default_to_ready_and_serving():
     )
     assert es.service_name == "web"
     assert [e.is_ready for e in es.endpoints] == [True, False, False]
-    assert [e.is_serving for e in es.endpoints] == [True, False, True]
+    assert [e.is_serving for e in es.endpoints] == [True, True, True]
     assert [e.is_terminating for e in es.endpoints] == [False, True, False]
     assert es.ports[0].name == ""
 

@@ -1,0 +1,201 @@
+"""kube-proxy's health surfaces: the proxier `/healthz` and per-Service healthCheckNodePorts.
+
+- `/healthz` and `/livez` on `--healthz-bind-address` (pkg/proxy/healthcheck/proxy_health.go):
+  200 with `{"lastUpdated", "currentTime", "nodeEligible"}`, 503 when a change was queued and
+  not applied within the health timeout. Starting up counts as healthy.
+- One HTTP server per `healthCheckNodePort` of a LoadBalancer Service with
+  externalTrafficPolicy Local (service_health.go): any path answers 200 when this node has a
+  ready endpoint of the Service and the proxy is healthy, else 503, with a JSON body and the
+  `X-Load-Balancing-Endpoint-Weight` header, so cloud load balancers only send to nodes that
+  can serve locally.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import structlog
+from aiohttp import web
+from prometheus_client import Counter
+
+from kwatch.health import parse_listen
+
+log = structlog.get_logger("kpx.health")
+
+HEALTHZ = Counter("kubeproxy_proxy_healthz_total", "Cumulative proxy healthz HTTP status", ["code"])
+LIVEZ = Counter("kubeproxy_proxy_livez_total", "Cumulative proxy livez HTTP status", ["code"])
+
+
+def _rfc3339(epoch: float) -> str:
+    if epoch == 0:
+        return "0001-01-01T00:00:00Z"  # Go's zero time, what kube-proxy prints before a sync
+    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+class ProxierHealth:
+    """Tracks queued vs applied changes; unhealthy when one waits longer than `timeout`."""
+
+    def __init__(self, timeout: float, clock: Callable[[], float] = time.time) -> None:
+        self.timeout = timeout
+        self._clock = clock
+        self.last_updated = 0.0
+        self._oldest_pending: float | None = None
+
+    def queued(self) -> None:
+        """A change is waiting to be applied (keeps the oldest such time)."""
+        if self._oldest_pending is None:
+            self._oldest_pending = self._clock()
+
+    def updated(self) -> None:
+        """Everything queued so far has been applied."""
+        self.last_updated = self._clock()
+        self._oldest_pending = None
+
+    def healthy(self) -> bool:
+        pending = self._oldest_pending
+        return pending is None or self._clock() - pending < self.timeout
+
+    def body(self, node_eligible: bool) -> str:
+        return json.dumps(
+            {
+                "lastUpdated": _rfc3339(self.last_updated),
+                "currentTime": _rfc3339(self._clock()),
+                "nodeEligible": node_eligible,
+            }
+        )
+
+
+class ProxierHealthServer:
+    """`/healthz` (health and node eligibility) and `/livez` (health only)."""
+
+    def __init__(
+        self,
+        address: str,
+        health: ProxierHealth,
+        node_eligible: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.host, self.port = parse_listen(address)
+        self.health = health
+        self._node_eligible = node_eligible
+        app = web.Application()
+        app.add_routes([web.get("/healthz", self._healthz), web.get("/livez", self._livez)])
+        self._runner = web.AppRunner(app, access_log=None)
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        if self.port == 0:
+            self.port = _bound_port(site)
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    def _respond(self, ok: bool, eligible: bool, counter: Counter) -> web.Response:
+        status = 200 if ok else 503
+        counter.labels(str(status)).inc()
+        return web.Response(
+            status=status,
+            text=self.health.body(eligible),
+            content_type="application/json",
+            headers={"X-Content-Type-Options": "nosniff"},
+        )
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        eligible = self._node_eligible()
+        return self._respond(self.health.healthy() and eligible, eligible, HEALTHZ)
+
+    async def _livez(self, _request: web.Request) -> web.Response:
+        return self._respond(self.health.healthy(), self._node_eligible(), LIVEZ)
+
+
+def service_health_body(service_key: str, local_endpoints: int, proxy_healthy: bool) -> str:
+    namespace, _, name = service_key.partition("/")
+    return json.dumps(
+        {
+            "service": {"namespace": namespace, "name": name},
+            "localEndpoints": local_endpoints,
+            "serviceProxyHealthy": proxy_healthy,
+        }
+    )
+
+
+class ServiceHealthServers:
+    """One listener per healthCheckNodePort, reconciled with `sync()` after each table sync."""
+
+    def __init__(self, proxy_healthy: Callable[[], bool], hosts: list[str] | None = None) -> None:
+        # hosts None = every address (kube-proxy: the nodePortAddresses, default all); an
+        # empty list (no local address in --nodeport-addresses) serves nothing.
+        self._hosts: list[str | None] = [None] if hosts is None else list(hosts)
+        self._proxy_healthy = proxy_healthy
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._serve)
+        self._runner = web.AppRunner(app, access_log=None)
+        self._started = False
+        self._sites: dict[int, list[web.TCPSite]] = {}
+        self._services: dict[int, tuple[str, int]] = {}  # port -> (service key, local count)
+
+    @property
+    def ports(self) -> dict[int, tuple[str, int]]:
+        return dict(self._services)
+
+    async def sync(self, checks: dict[str, tuple[int, int]]) -> None:
+        """`checks`: service key -> (healthCheckNodePort, local ready endpoints)."""
+        if not self._started:
+            await self._runner.setup()
+            self._started = True
+        wanted = {port: (key, count) for key, (port, count) in sorted(checks.items())}
+        for port in [p for p in self._sites if p not in wanted]:
+            for site in self._sites.pop(port):
+                await site.stop()
+            self._services.pop(port, None)
+        for port, entry in wanted.items():
+            self._services[port] = entry
+            if port in self._sites:
+                continue
+            sites = []
+            for host in self._hosts:
+                site = web.TCPSite(self._runner, host, port, reuse_address=True)
+                try:
+                    await site.start()
+                except OSError as err:
+                    log.error(
+                        "health_check_port_failed", service=entry[0], port=port, problem=str(err)
+                    )
+                    continue
+                sites.append(site)
+            self._sites[port] = sites
+            log.info("health_check_port_opened", service=entry[0], port=port)
+
+    async def stop(self) -> None:
+        if self._started:
+            await self._runner.cleanup()
+        self._sites.clear()
+        self._services.clear()
+
+    async def _serve(self, request: web.Request) -> web.Response:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        port = sockname[1] if sockname else 0
+        entry = self._services.get(port)
+        if entry is None:
+            return web.Response(status=404)
+        key, count = entry
+        healthy = self._proxy_healthy()
+        return web.Response(
+            status=200 if count > 0 and healthy else 503,
+            text=service_health_body(key, count, healthy),
+            content_type="application/json",
+            headers={
+                "X-Content-Type-Options": "nosniff",
+                "X-Load-Balancing-Endpoint-Weight": str(count),
+            },
+        )
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else 0

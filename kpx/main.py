@@ -1,0 +1,219 @@
+"""kpx entry point: watch Services/EndpointSlices/this Node, program steering, proxy TCP.
+
+Start-up order follows kube-proxy: health and metrics servers first (starting up counts as
+healthy), the proxy listener, then the watches; no rule is programmed before every store holds
+its first complete list (a half-listed cluster would reject Services whose slices were not
+listed yet). SIGTERM: stop accepting, remove the rules, drain, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+from collections.abc import Sequence
+
+import structlog
+from aiohttp import web
+from prometheus_client import REGISTRY
+
+from kpx import settings as kpx_settings
+from kpx.balancer import Balancer
+from kpx.health import ProxierHealth, ProxierHealthServer, ServiceHealthServers
+from kpx.local import LocalClients, addresses_in, local_addresses
+from kpx.metrics import register_proxy_stats
+from kpx.nft import NftWriter
+from kpx.ports import PortsWriter
+from kpx.proxy import Proxy
+from kpx.settings import KpxSettings
+from kpx.sync import RuleSyncer, SteeringWriter
+from kpx.table import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, ServiceTable
+from kwatch.cluster import ClusterState
+from kwatch.health import HealthServer
+from kwatch.logs import configure_logging
+from kwatch.resources import ENDPOINTSLICES, NODES, SERVICES
+from kwatch.runtime import run, stop_event
+
+log = structlog.get_logger("kpx.main")
+
+USER_AGENT = "kpx/0.1"
+# kube-proxy's informer selector (cmd/kube-proxy/app/server.go); the table filters too, for
+# manifest mode, which does not apply selectors.
+LABEL_SELECTOR = f"!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
+# Seconds open connections may finish on SIGTERM when --drain-timeout is not set.
+DEFAULT_STOP_DRAIN = 30.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = kpx_settings.load(argv)
+    configure_logging(settings.log_format, settings.log_level, daemon="kpx")
+    return run(serve(settings))
+
+
+def _redirect_listen_hosts() -> list[str]:
+    """One redirect listener per family the host has (the proxy's listeners are v6-only)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+        return ["0.0.0.0", "::"]
+    except OSError:
+        return ["0.0.0.0"]
+
+
+async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int:
+    stop = stop or stop_event()
+    state = ClusterState(
+        [SERVICES, ENDPOINTSLICES, NODES],
+        selectors={
+            SERVICES: (LABEL_SELECTOR, None),
+            ENDPOINTSLICES: (LABEL_SELECTOR, None),
+            # Only our own Node: its zone label drives topology hints.
+            NODES: (None, f"metadata.name={settings.node_name}"),
+        },
+    )
+    balancer = Balancer(
+        max_candidates=len(settings.connect_timeouts),
+        cooldown_base=settings.cooldown_base,
+        cooldown_cap=settings.cooldown_max,
+    )
+    addresses = local_addresses()
+    local_clients = LocalClients(settings.cluster_cidrs, addresses)
+    table = ServiceTable(
+        state.store(SERVICES),
+        state.store(ENDPOINTSLICES),
+        state.store(NODES),
+        settings.node_name,
+        balancer,
+        local_client=local_clients,
+    )
+    proxy = Proxy(
+        table,
+        connect_ladder=settings.connect_timeouts,
+        max_connections=settings.max_connections,
+        drain_timeout=settings.drain_timeout,
+    )
+    collector = register_proxy_stats(proxy.stats)
+    health = ProxierHealth(settings.health_timeout)
+    writer: SteeringWriter
+    ports_writer: PortsWriter | None = None
+    if settings.mode == "nftables":
+        writer = NftWriter(
+            settings.proxy_port,
+            settings.nodeport_addresses,
+            cluster_cidrs=settings.cluster_cidrs,
+        )
+    else:
+        writer = ports_writer = PortsWriter(proxy, settings.ports_bind_address)
+    service_health = ServiceHealthServers(
+        health.healthy, hosts=addresses_in(settings.nodeport_addresses, addresses)
+    )
+    syncer = RuleSyncer(
+        table,
+        writer,
+        health,
+        service_health,
+        on_backend_removed=proxy.close_backend,
+        min_sync_period=settings.min_sync_period,
+    )
+
+    async def proxy_mode(_request: web.Request) -> web.Response:
+        return web.Response(text=settings.mode)
+
+    async def debug_services(_request: web.Request) -> web.Response:
+        rows = ports_writer.assignments() if ports_writer is not None else []
+        return web.Response(text=json.dumps(rows, indent=1) + "\n", content_type="application/json")
+
+    def ready() -> tuple[bool, str]:
+        ok, text = state.readiness()
+        if ok and syncer.syncs == 0:
+            return False, "waiting for the first rule sync"
+        return ok, text
+
+    metrics_server = HealthServer(
+        settings.metrics_bind_address,
+        ready=ready,
+        extra_routes=[
+            web.get("/proxyMode", proxy_mode),
+            web.get("/debug/services", debug_services),
+        ],
+    )
+    healthz = ProxierHealthServer(settings.healthz_bind_address, health)
+    tasks: list[asyncio.Task[None]] = []
+    status = 0
+    try:
+        await healthz.start()
+        await metrics_server.start()
+        await state.start(settings, USER_AGENT)
+        log.info(
+            "kpx_started",
+            mode=settings.mode,
+            node=settings.node_name,
+            proxy_port=settings.proxy_port,
+        )
+        synced = asyncio.create_task(state.wait_synced())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({synced, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            log.info(
+                "stores_synced",
+                services=len(state.store(SERVICES)),
+                endpointslices=len(state.store(ENDPOINTSLICES)),
+            )
+            try:
+                await syncer.sync_once()
+            except Exception as err:  # run() below retries
+                log.error("sync_failed", problem=str(err) or type(err).__name__)
+            if settings.mode == "nftables":
+                # Listen only once the table is filled: until then a redirected client is
+                # refused by the kernel rather than accepted and reset for an unknown frontend.
+                for host in _redirect_listen_hosts():
+                    await proxy.serve_redirect(host, settings.proxy_port)
+            tasks.append(asyncio.create_task(syncer.run(), name="kpx-sync"))
+            tasks.append(
+                asyncio.create_task(_housekeeping(balancer, local_clients, settings.sync_period))
+            )
+            if ports_writer is not None:
+                tasks.append(asyncio.create_task(_print_assignments(syncer, ports_writer)))
+        await stopped
+        synced.cancel()
+    except OSError as err:
+        log.error("kpx_start_failed", problem=str(err))
+        status = 1
+    finally:
+        log.info("kpx_stopping")
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await state.stop()
+        # Stop accepting and drain while the rules stay: new connections are steered to a
+        # closed port and reset at once instead of hanging; then the table goes.
+        drain = settings.drain_timeout
+        if drain is None:
+            drain = DEFAULT_STOP_DRAIN
+        await proxy.stop(drain if status == 0 else 0.0)
+        await writer.remove()
+        await service_health.stop()
+        await metrics_server.stop()
+        await healthz.stop()
+        REGISTRY.unregister(collector)
+        log.info("kpx_stopped")
+    return status
+
+
+async def _housekeeping(balancer: Balancer, local_clients: LocalClients, period: float) -> None:
+    while True:
+        await asyncio.sleep(period)
+        balancer.sweep()
+        local_clients.refresh()  # addresses come and go (DHCP, LB IPs bound on the node)
+
+
+async def _print_assignments(syncer: RuleSyncer, writer: PortsWriter) -> None:
+    """--mode ports: print the frontend -> local port table whenever it changes."""
+    last: list[dict[str, object]] = []
+    while True:
+        await asyncio.sleep(0.5)
+        rows = writer.assignments()
+        if rows != last and syncer.syncs:
+            last = rows
+            print(json.dumps({"services": rows}), file=sys.stdout, flush=True)

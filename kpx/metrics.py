@@ -1,0 +1,148 @@
+"""kpx's Prometheus metrics: kube-proxy's names for the control path, `kpx_` for the proxy.
+
+kube-proxy (pkg/proxy/metrics/metrics.go) semantics:
+- `kubeproxy_sync_proxy_rules_duration_seconds`: one sync (table recompute + kernel update);
+  the full/partial variants split startup rewrites from element updates;
+- `kubeproxy_network_programming_duration_seconds`: now minus the EndpointSlice's
+  `endpoints.kubernetes.io/last-change-trigger-time`, observed once the change is applied.
+  kube-proxy's buckets start at 0.25 s; kpx programs in milliseconds, so finer buckets are
+  prepended (a superset: kube-proxy dashboards and quantile queries keep working).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import REGISTRY, Collector
+
+SYNC_BUCKETS = tuple(0.001 * 2**k for k in range(15))
+PROGRAMMING_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    *(float(s) for s in range(1, 60)),
+    *(float(s) for s in range(60, 120, 5)),
+    *(float(s) for s in range(120, 301, 30)),
+)
+
+SYNC_DURATION = Histogram(
+    "kubeproxy_sync_proxy_rules_duration_seconds",
+    "SyncProxyRules latency in seconds",
+    buckets=SYNC_BUCKETS,
+)
+SYNC_FULL_DURATION = Histogram(
+    "kubeproxy_sync_full_proxy_rules_duration_seconds",
+    "SyncProxyRules latency in seconds for full resyncs",
+    buckets=SYNC_BUCKETS,
+)
+SYNC_PARTIAL_DURATION = Histogram(
+    "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+    "SyncProxyRules latency in seconds for partial resyncs",
+    buckets=SYNC_BUCKETS,
+)
+NETWORK_PROGRAMMING = Histogram(
+    "kubeproxy_network_programming_duration_seconds",
+    "In Cluster Network Programming Latency in seconds",
+    buckets=PROGRAMMING_BUCKETS,
+)
+LAST_SYNC = Gauge(
+    "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+    "The last time proxy rules were successfully synced",
+)
+LAST_QUEUED = Gauge(
+    "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+    "The last time a sync of proxy rules was queued",
+)
+SERVICE_CHANGES = Counter(
+    "kubeproxy_sync_proxy_rules_service_changes_total", "Cumulative proxy rules Service changes"
+)
+ENDPOINT_CHANGES = Counter(
+    "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+    "Cumulative proxy rules EndpointSlice changes",
+)
+NO_LOCAL_ENDPOINTS = Gauge(
+    "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+    "Number of services with a Local traffic policy and no endpoints",
+    ["traffic_policy"],
+)
+FRONTENDS = Gauge(
+    "kpx_frontends",
+    "TCP frontends steered by kpx, by state (serve, local: node/pod clients only, reject)",
+    ["state"],
+)
+
+
+class ProxyStatsCollector(Collector):
+    """Exports the data path's plain counters (kpx.proxy.ProxyStats) at scrape time, so the
+    hot path only increments integers."""
+
+    # attribute -> (metric name, help, kind)
+    FIELDS = {
+        "connections_active": ("kpx_connections_active", "Proxied connections open", "gauge"),
+        "connections_total": ("kpx_connections_total", "Client connections accepted", "counter"),
+        "backend_failures": (
+            "kpx_backend_failures_total",
+            "Backend connects refused, failed or timed out",
+            "counter",
+        ),
+        "backend_retries": (
+            "kpx_backend_retries_total",
+            "Connect attempts after the first",
+            "counter",
+        ),
+        "backends_exhausted": (
+            "kpx_backends_exhausted_total",
+            "Clients reset because every candidate failed",
+            "counter",
+        ),
+        "refused_no_endpoints": (
+            "kpx_refused_no_endpoints_total",
+            "Clients reset: frontend without endpoints",
+            "counter",
+        ),
+        "unknown_frontend": (
+            "kpx_unknown_frontend_total",
+            "Clients reset: destination not a frontend",
+            "counter",
+        ),
+        "limit_hits": (
+            "kpx_connection_limit_hits_total",
+            "Clients reset at --max-connections",
+            "counter",
+        ),
+        "drain_resets": (
+            "kpx_drain_resets_total",
+            "Connections reset when a drain timeout expired",
+            "counter",
+        ),
+        "accept_errors": ("kpx_accept_errors_total", "accept() failures", "counter"),
+    }
+
+    def __init__(self, stats: object) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        for attr, (name, doc, kind) in self.FIELDS.items():
+            value = float(getattr(self.stats, attr, 0))
+            if kind == "gauge":
+                yield GaugeMetricFamily(name, doc, value=value)
+            else:
+                yield CounterMetricFamily(name.removesuffix("_total"), doc, value=value)
+        bytes_family = CounterMetricFamily(
+            "kpx_bytes", "Payload bytes relayed", labels=["direction"]
+        )
+        bytes_family.add_metric(["to_backend"], float(getattr(self.stats, "bytes_to_backend", 0)))
+        bytes_family.add_metric(["to_client"], float(getattr(self.stats, "bytes_to_client", 0)))
+        yield bytes_family
+
+
+def register_proxy_stats(stats: object) -> ProxyStatsCollector:
+    collector = ProxyStatsCollector(stats)
+    REGISTRY.register(collector)
+    return collector

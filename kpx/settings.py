@@ -1,0 +1,203 @@
+"""kpx's settings: flags, `KPX_*` environment and `--config` YAML, defaults as kube-proxy's.
+
+`--config` takes either kpx's own keys (`proxy_port: 10262` or `proxy-port: 10262`) or a
+KubeProxyConfiguration (`kubeproxy.config.k8s.io/v1alpha1`): its camelCase fields that mean
+the same thing here (mode, healthzBindAddress, metricsBindAddress, nodePortAddresses,
+minSyncPeriod, syncPeriod, hostnameOverride) are mapped, Go durations ("1s", "250ms") parsed,
+and every other field ignored with the file still accepted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from kwatch.health import parse_listen
+from kwatch.settings import AccessSettings, settings_or_exit
+
+DESCRIPTION = "kpx: userspace kube-proxy for TCP Services, steered by nftables"
+
+# KubeProxyConfiguration field -> kpx field.
+KUBE_PROXY_FIELDS = {
+    "mode": "mode",
+    "healthzBindAddress": "healthz_bind_address",
+    "metricsBindAddress": "metrics_bind_address",
+    "nodePortAddresses": "nodeport_addresses",
+    "minSyncPeriod": "min_sync_period",
+    "syncPeriod": "sync_period",
+    "hostnameOverride": "node_name",
+    "clusterCIDR": "cluster_cidrs",
+}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(value: Any) -> Any:
+    """Go duration text ("1m30s", "250ms") -> seconds; numbers and other values unchanged."""
+    if not isinstance(value, str) or not value or not value[0].isdigit():
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        return value  # let validation report it
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+def _from_kube_proxy_configuration(data: dict[str, Any], fields: set[str]) -> dict[str, Any]:
+    if str(data.get("kind", "")) != "KubeProxyConfiguration":
+        return data
+    # kpx's own names (flags, environment) win over the mapped ones; the rest is ignored.
+    out = {k: v for k, v in data.items() if k in fields and k not in KUBE_PROXY_FIELDS}
+    for key, value in data.items():
+        name = KUBE_PROXY_FIELDS.get(key)
+        if name is None or name in out:
+            continue
+        if name == "mode" and value in ("", "iptables", "nftables", "ipvs"):
+            value = "nftables"  # every kernel mode means "kpx with nftables steering"
+        if name == "nodeport_addresses" and value == ["primary"]:
+            continue  # kube-proxy's nftables default; kpx's default is all local addresses
+        if value in ("", None):
+            continue
+        if name == "cluster_cidrs" and isinstance(value, str):
+            value = [value]  # clusterCIDR is one comma-separated string
+        out[name] = value
+    return out
+
+
+class KpxSettings(AccessSettings):
+    """Every kpx option; the field description is the flag's help text."""
+
+    mode: Literal["nftables", "ports"] = Field(
+        "nftables",
+        description="nftables: steer Service traffic to the proxy with nftables (root); "
+        "ports: bind every frontend on a local port instead (no root, development)",
+    )
+    node_name: str = Field(
+        default_factory=socket.gethostname,
+        description="this node's name as in EndpointSlice nodeName (the hostname if unset)",
+    )
+    nodeport_addresses: list[str] = Field(
+        default_factory=list,
+        description="CIDRs of the local addresses that accept NodePorts; none means all",
+    )
+    cluster_cidrs: list[str] = Field(
+        default_factory=list,
+        description="pod CIDRs (kube-proxy's clusterCIDR): pods there reaching an "
+        "externalTrafficPolicy: Local frontend get the Service's cluster-wide endpoints",
+    )
+    healthz_bind_address: str = Field(
+        "0.0.0.0:10256", description="HOST:PORT of /healthz and /livez (kube-proxy's)"
+    )
+    metrics_bind_address: str = Field(
+        "127.0.0.1:10249", description="HOST:PORT of /metrics, /readyz and /proxyMode"
+    )
+    proxy_port: int = Field(
+        10262, ge=1, le=65535, description="port the nftables rules redirect Service traffic to"
+    )
+    ports_bind_address: str = Field(
+        "127.0.0.1", description="address the frontends are bound on in --mode ports"
+    )
+    min_sync_period: float = Field(
+        0.05, ge=0, description="seconds between two rule updates (bursts are coalesced)"
+    )
+    sync_period: float = Field(
+        30.0,
+        gt=0,
+        description="seconds between housekeeping passes; /healthz fails after 2x this "
+        "without applying a queued change (kube-proxy's healthTimeout)",
+    )
+    connect_timeouts: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 1.0, 2.0],
+        min_length=1,
+        description="connect timeout per attempt; one attempt per entry, each to the next "
+        "backend (kube-proxy userspace's ladder)",
+    )
+    drain_timeout: float | None = Field(
+        None,
+        ge=0,
+        description="seconds a removed endpoint's open connections may continue, and the "
+        "drain allowed on SIGTERM; unset: until they end (30 s on SIGTERM)",
+    )
+    max_connections: int | None = Field(
+        None, ge=1, description="open proxied connections at most; unset: from RLIMIT_NOFILE"
+    )
+    cooldown_base: float = Field(
+        1.0, gt=0, description="seconds a backend is skipped after a failed connect"
+    )
+    cooldown_max: float = Field(
+        30.0, gt=0, description="longest skip of a backend that keeps failing (doubling)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kube_proxy_config(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return _from_kube_proxy_configuration(data, set(cls.model_fields))
+
+    @field_validator("min_sync_period", "sync_period", "drain_timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value)
+
+    @field_validator("connect_timeouts", mode="before")
+    @classmethod
+    def _durations(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if isinstance(value, list):
+            return [parse_duration(v) for v in value]
+        return value
+
+    @field_validator("connect_timeouts")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(v <= 0 for v in value):
+            raise ValueError("every connect timeout must be > 0")
+        return value
+
+    @field_validator("nodeport_addresses", "cluster_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        out = []
+        for item in value:
+            for cidr in (c.strip() for c in item.split(",") if c.strip()):
+                try:
+                    out.append(str(ipaddress.ip_network(cidr, strict=False)))
+                except ValueError:
+                    raise ValueError(f"{cidr!r} is not a CIDR") from None
+        return out
+
+    @field_validator("healthz_bind_address", "metrics_bind_address")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @field_validator("node_name")
+    @classmethod
+    def _node_name(cls, value: str) -> str:
+        # kube-proxy lowercases and trims the hostname it uses as node name.
+        value = value.strip().lower()
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @property
+    def health_timeout(self) -> float:
+        return 2 * self.sync_period
+
+
+def load(argv: Sequence[str] | None = None) -> KpxSettings:
+    """Settings from argv/environment/--config, or exit 2 with the problem on stderr."""
+    return settings_or_exit(
+        KpxSettings, argv, env_prefix="KPX", prog="kpx", description=DESCRIPTION
+    )

@@ -1,0 +1,120 @@
+"""The coalescing sync loop: store changes -> table recompute -> kernel (or ports) update.
+
+kube-proxy separates change tracking from applying and runs one sync at a time behind a
+rate limiter (BoundedFrequencyRunner, minSyncPeriod). Here store events only mark Services
+dirty and wake this loop; a sync runs at most once per `min_sync_period`, so a burst of
+EndpointSlice writes costs one recompute of the Services involved and at most one `nft`
+transaction. Nothing is programmed before every store holds its first complete list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
+
+import structlog
+
+from kpx import metrics
+from kpx.backends import Backend
+from kpx.health import ProxierHealth, ServiceHealthServers
+from kpx.table import ServiceTable, Steer, SteerKey
+
+log = structlog.get_logger("kpx.sync")
+
+RETRY_AFTER_FAILURE = 1.0  # seconds before a failed kernel update is retried (as a full one)
+
+
+class SteeringWriter(Protocol):
+    """Turns the table's steering state into something clients reach (nftables or ports)."""
+
+    async def sync(
+        self, steering: Mapping[SteerKey, Steer], changed: Iterable[SteerKey] = ()
+    ) -> bool: ...
+
+    async def remove(self) -> None: ...
+
+
+class RuleSyncer:
+    def __init__(
+        self,
+        table: ServiceTable,
+        writer: SteeringWriter,
+        health: ProxierHealth,
+        service_health: ServiceHealthServers | None = None,
+        on_backend_removed: Callable[[Backend], object] | None = None,
+        min_sync_period: float = 0.05,
+    ) -> None:
+        self.table = table
+        self.writer = writer
+        self.health = health
+        self.service_health = service_health
+        self.on_backend_removed = on_backend_removed
+        self.min_sync_period = min_sync_period
+        self.syncs = 0
+        self._wake = asyncio.Event()
+        self._last_sync = 0.0
+        table.on_change = self.notify
+
+    def notify(self) -> None:
+        """A store changed (called synchronously from store subscribers)."""
+        if not self._wake.is_set():
+            self.health.queued()
+            metrics.LAST_QUEUED.set(time.time())
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Sync now, then whenever woken, at most once per `min_sync_period`."""
+        self._wake.set()
+        while True:
+            await self._wake.wait()
+            delay = self._last_sync + self.min_sync_period - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)  # more changes may pile up meanwhile: coalesced
+            self._wake.clear()
+            try:
+                await self.sync_once()
+            except Exception as err:
+                log.error("sync_failed", problem=str(err) or type(err).__name__)
+                await asyncio.sleep(RETRY_AFTER_FAILURE)
+                self._wake.set()
+
+    async def sync_once(self) -> None:
+        started = time.monotonic()
+        self._last_sync = started
+        result = self.table.sync()
+        # A writer that must rewrite everything (startup, after a failure) makes a full sync.
+        full = result.full or bool(getattr(self.writer, "needs_full", False))
+        touched = await self.writer.sync(self.table.steering, result.steering.keys())
+        duration = time.monotonic() - started
+        metrics.SYNC_DURATION.observe(duration)
+        (metrics.SYNC_FULL_DURATION if full else metrics.SYNC_PARTIAL_DURATION).observe(duration)
+        now = time.time()
+        metrics.LAST_SYNC.set(now)
+        for trigger in result.trigger_times:
+            metrics.NETWORK_PROGRAMMING.observe(max(0.0, now - trigger))
+        self.health.updated()
+        if self.table.pending:  # changes that arrived while the kernel was being updated
+            self.health.queued()
+        for policy, count in self.table.no_local_endpoints.items():
+            metrics.NO_LOCAL_ENDPOINTS.labels(policy).set(count)
+        if result.steering or full:  # O(frontends): only when steering changed
+            counts = Counter(self.table.steering.values())
+            for state in ("serve", "local", "reject"):
+                metrics.FRONTENDS.labels(state).set(counts.get(state, 0))
+        if self.on_backend_removed is not None:
+            for backend in result.removed_backends:
+                self.on_backend_removed(backend)
+        if self.service_health is not None:
+            await self.service_health.sync(self.table.health_checks())
+        self.syncs += 1
+        if result.services:
+            log.debug(
+                "synced",
+                services=result.services,
+                steering_changes=len(result.steering),
+                kernel=touched,
+                seconds=round(duration, 4),
+            )

@@ -1,0 +1,579 @@
+"""The service table: every TCP frontend this node serves and the backends it may use.
+
+`compute_service` is a pure function of one Service, its EndpointSlices and this node; it
+follows kube-proxy's pkg/proxy:
+- servicechangetracker.go / util.ShouldSkipService: headless, ExternalName and
+  `service.kubernetes.io/service-proxy-name`-labelled Services have no frontend; a family is
+  served only when the Service has a ClusterIP of that family; externalIPs and LB ingress IPs
+  of other families are dropped;
+- endpointslicecache.go: slices are joined to a Service port by port *name and protocol*, per
+  slice (a named targetPort may resolve to different numbers in different slices); only the
+  first address of an endpoint is used; `ready`/`serving` absent mean true, `terminating`
+  absent means false; endpoints are deduplicated on ip:port, a local copy winning; null ports
+  and FQDN slices are ignored;
+- topology.go (CategorizeEndpoints): ready endpoints, else serving+terminating ones
+  (cluster-wide for Cluster policy, per node for Local); zone hints are used only when every
+  ready endpoint has one and one of them names this node's zone.
+
+`ServiceTable` keeps one result per Service, recomputes only Services whose objects changed
+(store events mark them dirty; `sync()` does the work), and serves `lookup(ip, port)` to the
+proxy as the `FrontendMap`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import structlog
+
+from kpx.backends import Backend, Picker
+from kpx.balancer import Balancer, ListKey, LocalTrafficPicker, RoundRobinPicker
+from kwatch.models import EndpointSlice, Node, Service
+from kwatch.store import EventType, Store, StoreEvent
+
+log = structlog.get_logger("kpx.table")
+
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds; the API server's default for ClientIP affinity
+
+FrontendKind = Literal["cluster_ip", "node_port", "external_ip", "load_balancer"]
+Scope = Literal["internal", "external"]
+# (family, ip, port) as steered by nftables; ip is "" for a NodePort (any node address).
+SteerKey = tuple[int, str, int]
+# What the kernel does with a frontend's new connections: "serve" redirects them to kpx,
+# "reject" resets them; "local" (externalTrafficPolicy Local, no endpoint on this node)
+# redirects those from this node and the cluster CIDRs (kube-proxy's short-circuit) and
+# resets the rest.
+Steer = Literal["serve", "local", "reject"]
+
+
+def family_of(ip: str) -> int:
+    return 6 if ":" in ip else 4
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What the table needs to know about the node kpx runs on."""
+
+    name: str
+    zone: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Frontend:
+    kind: FrontendKind
+    family: int
+    ip: str  # "" for node_port
+    port: int
+
+    @property
+    def scope(self) -> Scope:
+        # ClusterIP traffic follows internalTrafficPolicy; NodePort, externalIPs and LB IPs
+        # follow externalTrafficPolicy (kube-proxy's "internal" vs "external" destinations).
+        return "internal" if self.kind == "cluster_ip" else "external"
+
+    @property
+    def steer_key(self) -> SteerKey:
+        return (self.family, self.ip, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class PortRules:
+    """One TCP Service port: its frontends and the backend list per (scope, family)."""
+
+    port_id: str  # "namespace/name:portname"
+    frontends: tuple[Frontend, ...]
+    backends: Mapping[ListKey, tuple[Backend, ...]]
+    affinity_timeout: float | None  # seconds; None without ClientIP affinity
+    external_local: bool = False  # externalTrafficPolicy Local applies to external frontends
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRules:
+    key: str
+    ports: tuple[PortRules, ...]
+    # Set for LoadBalancer Services with externalTrafficPolicy Local (kube-proxy's
+    # NeedsHealthCheck); the count is unique local ready endpoint IPs (LocalReadyEndpoints).
+    health_check_node_port: int | None = None
+    local_ready_endpoints: int = 0
+    # Ports (per family) whose Local policy finds no endpoint on this node although the
+    # Service has usable ones elsewhere: kube-proxy's
+    # sync_proxy_rules_no_local_endpoints_total{traffic_policy="internal"|"external"}.
+    no_local_internal: int = 0
+    no_local_external: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _EndpointInfo:
+    ip: str
+    port: int
+    ready: bool
+    serving: bool
+    terminating: bool
+    local: bool
+    zone_hints: frozenset[str]
+    node_name: str | None
+    zone: str | None
+
+    def backend(self) -> Backend:
+        return Backend(self.ip, self.port, self.node_name, self.zone)
+
+
+# --- pure computation ---------------------------------------------------------------------------
+
+
+def should_skip_service(svc: Service) -> bool:
+    """kube-proxy's ShouldSkipService plus the informer's service-proxy-name label filter."""
+    if SERVICE_PROXY_NAME_LABEL in svc.metadata.labels:
+        return True
+    if svc.is_external_name or svc.is_headless:
+        return True
+    return not svc.cluster_ips
+
+
+def external_policy_local(svc: Service) -> bool:
+    """apiservice.ExternalPolicyLocal: only meaningful for types with external frontends."""
+    if svc.spec.type not in ("LoadBalancer", "NodePort") and not svc.spec.external_ips:
+        return False
+    return svc.spec.external_traffic_policy == "Local"
+
+
+def needs_health_check(svc: Service) -> bool:
+    return svc.spec.type == "LoadBalancer" and external_policy_local(svc)
+
+
+def _slice_usable(sl: EndpointSlice) -> bool:
+    labels = sl.metadata.labels
+    if SERVICE_PROXY_NAME_LABEL in labels or HEADLESS_LABEL in labels:
+        return False  # kube-proxy's informer never sees these
+    return sl.address_type in ("IPv4", "IPv6") and sl.service_name is not None
+
+
+def _endpoints_for_port(
+    slices: Iterable[EndpointSlice], port_name: str, node_name: str
+) -> dict[int, list[_EndpointInfo]]:
+    """Endpoints per family for Service port `port_name` (TCP), deduplicated on ip:port."""
+    found: dict[tuple[str, int], _EndpointInfo] = {}
+    for sl in slices:
+        if not _slice_usable(sl):
+            continue
+        slice_family = 4 if sl.address_type == "IPv4" else 6
+        for sp in sl.ports:
+            if sp.name != port_name or sp.protocol != "TCP" or sp.port is None:
+                continue
+            for ep in sl.endpoints:
+                ip = ep.addresses[0]
+                if family_of(ip) != slice_family:
+                    continue
+                cond = ep.conditions
+                local = ep.node_name is not None and ep.node_name == node_name
+                hints = ep.hints.for_zones if ep.hints is not None else []
+                info = _EndpointInfo(
+                    ip=ip,
+                    port=sp.port,
+                    ready=cond.ready is not False,
+                    # kube-proxy reads an absent `serving` as true (endpointslicecache.go),
+                    # not as "same as ready".
+                    serving=cond.serving is not False,
+                    terminating=cond.terminating is True,
+                    local=local,
+                    zone_hints=frozenset(z.name for z in hints),
+                    node_name=ep.node_name,
+                    zone=ep.zone,
+                )
+                if (ip, sp.port) not in found or local:
+                    found[(ip, sp.port)] = info
+    per_family: dict[int, list[_EndpointInfo]] = {4: [], 6: []}
+    for info in found.values():
+        per_family[family_of(info.ip)].append(info)
+    return per_family
+
+
+def _use_zone_hints(endpoints: list[_EndpointInfo], zone: str | None) -> bool:
+    """topology.go topologyModeFromHints, zone part (kwatch does not model forNodes hints)."""
+    if not zone:
+        return False
+    has_zone = False
+    for ep in endpoints:
+        if not ep.ready:
+            continue
+        if not ep.zone_hints:
+            return False
+        if zone in ep.zone_hints:
+            has_zone = True
+    return has_zone
+
+
+def categorize_endpoints(
+    endpoints: list[_EndpointInfo], node: NodeInfo, uses_cluster: bool, uses_local: bool
+) -> tuple[list[_EndpointInfo], list[_EndpointInfo]]:
+    """(cluster endpoints, local endpoints) as topology.go CategorizeEndpoints computes them."""
+    cluster: list[_EndpointInfo] = []
+    if uses_cluster:
+        zonal = _use_zone_hints(endpoints, node.zone)
+        cluster = [ep for ep in endpoints if ep.ready and (not zonal or node.zone in ep.zone_hints)]
+        if not cluster:
+            # No ready endpoint anywhere (a topology filter never empties the list: hints
+            # are only used when one matches this zone), so fall back to terminating ones.
+            cluster = [ep for ep in endpoints if ep.serving and ep.terminating]
+    local: list[_EndpointInfo] = []
+    if uses_local:
+        local = [ep for ep in endpoints if ep.local and ep.ready]
+        if not local:
+            local = [ep for ep in endpoints if ep.local and ep.serving and ep.terminating]
+    return cluster, local
+
+
+def _frontends(svc: Service, port: int, node_port: int | None) -> tuple[Frontend, ...]:
+    families = {family_of(ip) for ip in svc.cluster_ips}
+    out: dict[Frontend, None] = {}
+    for ip in svc.cluster_ips:
+        out[Frontend("cluster_ip", family_of(ip), ip, port)] = None
+    if node_port:
+        for fam in sorted(families):
+            out[Frontend("node_port", fam, "", node_port)] = None
+    for ip in svc.spec.external_ips:
+        if family_of(ip) in families:
+            out[Frontend("external_ip", family_of(ip), ip, port)] = None
+    # kube-proxy skips ingress IPs with ipMode Proxy; kwatch does not model ipMode yet.
+    for ingress in svc.status.load_balancer.ingress:
+        if ingress.ip and family_of(ingress.ip) in families:
+            out[Frontend("load_balancer", family_of(ingress.ip), ingress.ip, port)] = None
+    return tuple(out)
+
+
+def _affinity_timeout(svc: Service) -> float | None:
+    if svc.spec.session_affinity != "ClientIP":
+        return None
+    config = svc.spec.session_affinity_config
+    if config is not None and config.client_ip is not None:
+        return float(config.client_ip.timeout_seconds)
+    return float(DEFAULT_AFFINITY_TIMEOUT)
+
+
+def _local_ready_endpoint_ips(slices: Iterable[EndpointSlice], node_name: str) -> int:
+    ips: set[str] = set()
+    for sl in slices:
+        if not _slice_usable(sl) or not any(p.port is not None for p in sl.ports):
+            continue
+        for ep in sl.endpoints:
+            if ep.node_name == node_name and ep.conditions.ready is not False:
+                ips.add(ep.addresses[0])
+    return len(ips)
+
+
+def compute_service(
+    svc: Service, slices: Iterable[EndpointSlice], node: NodeInfo
+) -> ServiceRules | None:
+    """The rules for one Service on `node`; None when kpx leaves the Service alone."""
+    if should_skip_service(svc):
+        return None
+    slices = list(slices)
+    internal_local = svc.spec.internal_traffic_policy == "Local"
+    external_local = external_policy_local(svc)
+    uses_cluster = not internal_local or not external_local
+    uses_local = internal_local or external_local
+    affinity = _affinity_timeout(svc)
+    ports: list[PortRules] = []
+    no_local = {"internal": 0, "external": 0}
+    for sp in svc.spec.ports:
+        if sp.protocol != "TCP":
+            continue  # UDP and SCTP are left alone for now
+        frontends = _frontends(svc, sp.port, sp.node_port)
+        per_family = _endpoints_for_port(slices, sp.name, node.name)
+        lists: dict[ListKey, tuple[Backend, ...]] = {}
+        for fam in sorted({f.family for f in frontends}):
+            cluster, local = categorize_endpoints(per_family[fam], node, uses_cluster, uses_local)
+            internal = local if internal_local else cluster
+            external = local if external_local else cluster
+            lists[("internal", fam)] = tuple(ep.backend() for ep in internal)
+            has_external = any(f.scope == "external" and f.family == fam for f in frontends)
+            if has_external:
+                lists[("external", fam)] = tuple(ep.backend() for ep in external)
+            if uses_local and not local and _any_usable(per_family[fam]):
+                no_local["internal"] += internal_local
+                no_local["external"] += external_local and has_external
+        port_id = f"{svc.key}:{sp.name}"
+        ports.append(PortRules(port_id, frontends, lists, affinity, external_local))
+    hc_port = svc.spec.health_check_node_port if needs_health_check(svc) else None
+    return ServiceRules(
+        key=svc.key,
+        ports=tuple(ports),
+        health_check_node_port=hc_port or None,
+        local_ready_endpoints=_local_ready_endpoint_ips(slices, node.name) if hc_port else 0,
+        no_local_internal=no_local["internal"],
+        no_local_external=no_local["external"],
+    )
+
+
+def _any_usable(endpoints: list[_EndpointInfo]) -> bool:
+    return any(ep.ready or (ep.serving and ep.terminating) for ep in endpoints)
+
+
+def parse_trigger_time(value: str | None) -> float | None:
+    """`endpoints.kubernetes.io/last-change-trigger-time` (RFC 3339) as epoch seconds."""
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _unique_backends(rules: ServiceRules | None) -> set[Backend]:
+    """Every backend of a Service (any port, any list), once, without node/zone."""
+    if rules is None:
+        return set()
+    out: set[Backend] = set()
+    for port in rules.ports:
+        out.update(Backend(b.ip, b.port, None, None) for lst in port.backends.values() for b in lst)
+    return out
+
+
+FrontendPicker = RoundRobinPicker | LocalTrafficPicker
+
+
+def steer_of(picker: FrontendPicker) -> Steer:
+    if isinstance(picker, LocalTrafficPicker):
+        if picker.external.has_backends:
+            return "serve"
+        return "local" if picker.internal.has_backends else "reject"
+    return "serve" if picker.has_backends else "reject"
+
+
+# --- the incremental table ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SyncResult:
+    """What one `ServiceTable.sync()` changed."""
+
+    services: int = 0  # Services recomputed
+    # Steering changes (None = no longer a frontend). Endpoint changes that keep a
+    # frontend's steering as it was are absent: they never reach the kernel.
+    steering: dict[SteerKey, Steer | None] = field(default_factory=dict)
+    # Trigger times (epoch seconds) of the EndpointSlice changes this sync applied.
+    trigger_times: list[float] = field(default_factory=list)
+    # Backends no frontend offers any more: the proxy drains their open connections.
+    removed_backends: list[Backend] = field(default_factory=list)
+    full: bool = False
+
+
+class ServiceTable:
+    """Per-Service rules kept current from the stores; the proxy's `FrontendMap`."""
+
+    def __init__(
+        self,
+        services: Store[Any],
+        slices: Store[Any],
+        nodes: Store[Any] | None,
+        node_name: str,
+        balancer: Balancer,
+        on_change: Callable[[], None] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        local_client: Callable[[str], bool] | None = None,
+    ) -> None:
+        self._services = services
+        self._slices = slices
+        self._nodes = nodes
+        self.node_name = node_name
+        self.balancer = balancer
+        self.on_change = on_change
+        # Whether a client IP is on this node or in the cluster CIDRs; None disables the
+        # externalTrafficPolicy Local short-circuit (external frontends: local endpoints only).
+        self._local_client = local_client
+        self._started = wall_clock()
+        self._results: dict[str, ServiceRules] = {}
+        self._owners: dict[SteerKey, dict[str, FrontendPicker]] = {}
+        self._by_address: dict[tuple[str, int], Picker] = {}
+        self._by_node_port: dict[tuple[int, int], Picker] = {}
+        self.steering: dict[SteerKey, Steer] = {}
+        self._dirty: set[str] = set()
+        self._all_dirty = True
+        self._triggers: dict[str, list[float]] = {}
+        self._zone: str | None = None
+        # How many Services offer each backend (ip, port); absent means it left everywhere.
+        self._backend_refs: dict[tuple[str, int], int] = {}
+        # Sums of ServiceRules.no_local_internal / no_local_external over all Services.
+        self.no_local_endpoints = {"internal": 0, "external": 0}
+        # Kept incrementally so a sync costs O(changed Services), not O(all Services).
+        self._health_checks: dict[str, tuple[int, int]] = {}
+        services.subscribe(self._on_service)
+        slices.subscribe(self._on_slice)
+        if nodes is not None:
+            nodes.subscribe(self._on_node)
+
+    # --- FrontendMap (hot path) ---------------------------------------------------------------
+
+    def lookup(self, ip: str, port: int) -> Picker | None:
+        picker = self._by_address.get((ip, port))
+        if picker is not None:
+            return picker
+        if ip.startswith("::ffff:") and "." in ip:  # IPv4-mapped, from a dual-stack socket
+            return self.lookup(ip[7:], port)
+        return self._by_node_port.get((6 if ":" in ip else 4, port))
+
+    # --- reading ------------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        return self._all_dirty or bool(self._dirty)
+
+    def rules(self, key: str) -> ServiceRules | None:
+        return self._results.get(key)
+
+    def all_rules(self) -> list[ServiceRules]:
+        return list(self._results.values())
+
+    def health_checks(self) -> dict[str, tuple[int, int]]:
+        """Service key -> (healthCheckNodePort, local ready endpoints) for eTP Local LBs."""
+        return dict(self._health_checks)
+
+    # --- store events (record only; the work happens in sync) ---------------------------------
+
+    def _mark(self, key: str) -> None:
+        self._dirty.add(key)
+        if self.on_change is not None:
+            self.on_change()
+
+    def _on_service(self, event: StoreEvent[Any]) -> None:
+        self._mark(event.key)
+
+    def _on_slice(self, event: StoreEvent[Any]) -> None:
+        keys = set()
+        for sl in (event.obj, event.old):
+            if sl is not None and sl.service_name:
+                keys.add(f"{sl.metadata.namespace}/{sl.service_name}")
+        # Deletions carry the time of the last update, not of the deletion: kube-proxy
+        # ignores them, and changes from before it started (endpointschangetracker.go).
+        if event.type != EventType.DELETED:
+            when = parse_trigger_time(event.obj.metadata.annotations.get(TRIGGER_TIME_ANNOTATION))
+            if when is not None and when > self._started:
+                for key in keys:
+                    self._triggers.setdefault(key, []).append(when)
+        for key in keys:
+            self._mark(key)
+
+    def _on_node(self, event: StoreEvent[Any]) -> None:
+        if event.key != self.node_name:
+            return
+        node: Node | None = None if event.type == EventType.DELETED else event.obj
+        zone = node.zone if node is not None else None
+        if zone != self._zone:
+            # kube-proxy resyncs everything when its node's topology labels change.
+            self._all_dirty = True
+            if self.on_change is not None:
+                self.on_change()
+
+    # --- applying -----------------------------------------------------------------------------
+
+    def _node_info(self) -> NodeInfo:
+        node = self._nodes.get(self.node_name) if self._nodes is not None else None
+        self._zone = node.zone if node is not None else None
+        return NodeInfo(self.node_name, self._zone)
+
+    def sync(self) -> SyncResult:
+        """Recompute every dirty Service; returns what changed for the kernel and metrics."""
+        result = SyncResult(full=self._all_dirty)
+        node = self._node_info()
+        if self._all_dirty:
+            keys = set(self._results) | set(self._services.keys()) | self._dirty
+        else:
+            keys = self._dirty
+        self._all_dirty = False
+        self._dirty = set()
+        touched: set[SteerKey] = set()
+        released: dict[tuple[str, int], Backend] = {}
+        for key in sorted(keys):
+            svc = self._services.get(key)
+            rules = None
+            if svc is not None:
+                rules = compute_service(svc, self._slices.by_index("service", key), node)
+            old = self._results.get(key)
+            for backend in _unique_backends(old):
+                self._release(backend, released)
+            for backend in _unique_backends(rules):
+                addr = (backend.ip, backend.port)
+                self._backend_refs[addr] = self._backend_refs.get(addr, 0) + 1
+            touched |= self._apply(key, rules)
+            result.trigger_times.extend(self._triggers.pop(key, ()))
+        result.removed_backends = [
+            b for addr, b in released.items() if addr not in self._backend_refs
+        ]
+        for steer_key in touched:
+            self._resolve(steer_key, result.steering)
+        result.services = len(keys)
+        return result
+
+    def _release(self, backend: Backend, released: dict[tuple[str, int], Backend]) -> None:
+        addr = (backend.ip, backend.port)
+        count = self._backend_refs.get(addr, 0) - 1
+        if count <= 0:
+            self._backend_refs.pop(addr, None)
+            released[addr] = backend
+        else:
+            self._backend_refs[addr] = count
+
+    def _apply(self, key: str, new: ServiceRules | None) -> set[SteerKey]:
+        touched: set[SteerKey] = set()
+        old = self._results.pop(key, None)
+        for rules, sign in ((old, -1), (new, 1)):
+            if rules is not None:
+                self.no_local_endpoints["internal"] += sign * rules.no_local_internal
+                self.no_local_endpoints["external"] += sign * rules.no_local_external
+        self._health_checks.pop(key, None)
+        if new is not None and new.health_check_node_port:
+            self._health_checks[key] = (new.health_check_node_port, new.local_ready_endpoints)
+        new_ids = {p.port_id for p in new.ports} if new is not None else set()
+        if old is not None:
+            for port in old.ports:
+                for fe in port.frontends:
+                    self._owners.get(fe.steer_key, {}).pop(port.port_id, None)
+                    touched.add(fe.steer_key)
+                if port.port_id not in new_ids:
+                    self.balancer.remove(port.port_id)
+        if new is not None:
+            for port in new.ports:
+                pickers = self.balancer.update(port.port_id, port.backends, port.affinity_timeout)
+                for fe in port.frontends:
+                    plain = pickers[(fe.scope, fe.family)]
+                    picker: FrontendPicker = plain
+                    if fe.scope == "external" and port.external_local and self._local_client:
+                        internal = pickers[("internal", fe.family)]
+                        picker = LocalTrafficPicker(plain, internal, self._local_client)
+                    self._owners.setdefault(fe.steer_key, {})[port.port_id] = picker
+                    touched.add(fe.steer_key)
+            self._results[key] = new
+        return touched
+
+    def _resolve(self, steer_key: SteerKey, changes: dict[SteerKey, Steer | None]) -> None:
+        """Point the lookup maps at the owner of `steer_key`; record steering changes."""
+        family, ip, port = steer_key
+        owners = self._owners.get(steer_key)
+        picker: FrontendPicker | None = None
+        if owners:
+            # Two Services claiming one address:port is a user error; the lowest port id wins
+            # deterministically, and the other takes over if the winner goes away.
+            picker = owners[min(owners)]
+        else:
+            self._owners.pop(steer_key, None)
+        target = self._by_address if ip else self._by_node_port
+        lookup_key: Any = (ip, port) if ip else (family, port)
+        if picker is None:
+            target.pop(lookup_key, None)
+        else:
+            target[lookup_key] = picker
+        state = None if picker is None else steer_of(picker)
+        if self.steering.get(steer_key) != state:
+            if state is None:
+                self.steering.pop(steer_key, None)
+            else:
+                self.steering[steer_key] = state
+            changes[steer_key] = state

@@ -1,0 +1,115 @@
+"""kube-proxy's /healthz and the healthCheckNodePort servers."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import aiohttp
+
+from kpx.health import ProxierHealth, ProxierHealthServer, ServiceHealthServers
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_767_225_600.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_starting_up_is_healthy_and_a_stale_queued_change_is_not():
+    clock = Clock()
+    health = ProxierHealth(timeout=60, clock=clock)
+    assert health.healthy()
+    health.queued()
+    clock.now += 59
+    assert health.healthy()
+    health.queued()  # a later change does not move the oldest pending time
+    clock.now += 2
+    assert not health.healthy()
+    health.updated()
+    assert health.healthy()
+    body = json.loads(health.body(True))
+    assert body == {
+        "lastUpdated": "2026-01-01T00:01:01Z",
+        "currentTime": "2026-01-01T00:01:01Z",
+        "nodeEligible": True,
+    }
+
+
+async def test_healthz_and_livez_answer_like_kube_proxy():
+    clock = Clock()
+    health = ProxierHealth(timeout=60, clock=clock)
+    eligible = [True]
+    server = ProxierHealthServer("127.0.0.1:0", health, node_eligible=lambda: eligible[0])
+    await server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "/healthz") as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Type"].startswith("application/json")
+                assert (await resp.json())["lastUpdated"] == "0001-01-01T00:00:00Z"
+            health.queued()
+            clock.now += 61
+            async with http.get(base + "/healthz") as resp:
+                assert resp.status == 503
+            health.updated()
+            eligible[0] = False
+            async with http.get(base + "/healthz") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["nodeEligible"] is False
+            async with http.get(base + "/livez") as resp:
+                assert resp.status == 200
+    finally:
+        await server.stop()
+
+
+async def test_health_check_node_ports_follow_local_endpoints():
+    healthy = [True]
+    servers = ServiceHealthServers(lambda: healthy[0], hosts=["127.0.0.1"])
+    port_a, port_b = free_port(), free_port()
+    try:
+        await servers.sync({"ns/a": (port_a, 2), "ns/b": (port_b, 0)})
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port_a}/any/path") as resp:
+                assert resp.status == 200
+                assert resp.headers["X-Load-Balancing-Endpoint-Weight"] == "2"
+                assert await resp.json() == {
+                    "service": {"namespace": "ns", "name": "a"},
+                    "localEndpoints": 2,
+                    "serviceProxyHealthy": True,
+                }
+            async with http.get(f"http://127.0.0.1:{port_b}/") as resp:
+                assert resp.status == 503  # no local endpoint
+            healthy[0] = False
+            async with http.get(f"http://127.0.0.1:{port_a}/") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["serviceProxyHealthy"] is False
+            healthy[0] = True
+            await servers.sync({"ns/b": (port_b, 1)})  # a gone, b gained an endpoint
+            async with http.get(f"http://127.0.0.1:{port_b}/") as resp:
+                assert resp.status == 200
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port_a)) != 0  # closed
+        assert servers.ports == {port_b: ("ns/b", 1)}
+    finally:
+        await servers.stop()
+
+
+async def test_no_matching_nodeport_address_serves_nothing():
+    servers = ServiceHealthServers(lambda: True, hosts=[])
+    port = free_port()
+    try:
+        await servers.sync({"ns/a": (port, 1)})
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        await servers.stop()

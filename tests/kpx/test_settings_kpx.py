@@ -1,0 +1,103 @@
+"""kpx settings: kube-proxy defaults, flags, environment, KubeProxyConfiguration files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kpx.settings import KpxSettings, parse_duration
+from kwatch.settings import SettingsError, load_settings
+
+
+def load(argv: list[str], env: dict[str, str] | None = None) -> KpxSettings:
+    return load_settings(KpxSettings, argv, env_prefix="KPX", prog="kpx", environ=env or {})
+
+
+def test_defaults_are_kube_proxys():
+    s = load([])
+    assert s.mode == "nftables"
+    assert s.healthz_bind_address == "0.0.0.0:10256"
+    assert s.metrics_bind_address == "127.0.0.1:10249"
+    assert s.nodeport_addresses == []
+    assert s.connect_timeouts == [0.25, 0.5, 1.0, 2.0]
+    assert s.health_timeout == 60.0
+    assert s.node_name  # the hostname
+
+
+def test_flags_and_environment():
+    s = load(
+        [
+            "--mode",
+            "ports",
+            "--node-name",
+            "Node-A",
+            "--nodeport-addresses",
+            "10.0.0.0/8",
+            "--nodeport-addresses",
+            "fd00::/64",
+            "--connect-timeouts",
+            "0.1",
+            "--connect-timeouts",
+            "300ms",
+            "--min-sync-period",
+            "10ms",
+        ],
+        {"KPX_PROXY_PORT": "15001", "KPX_DRAIN_TIMEOUT": "1m"},
+    )
+    assert s.mode == "ports" and s.node_name == "node-a"
+    assert s.nodeport_addresses == ["10.0.0.0/8", "fd00::/64"]
+    assert s.connect_timeouts == [0.1, 0.3]
+    assert s.min_sync_period == pytest.approx(0.01)
+    assert s.proxy_port == 15001 and s.drain_timeout == 60.0
+
+
+def test_bad_values_name_the_flag():
+    with pytest.raises(SettingsError, match="--nodeport-addresses"):
+        load(["--nodeport-addresses", "banana"])
+    with pytest.raises(SettingsError, match="--mode"):
+        load(["--mode", "ipvs"])
+    with pytest.raises(SettingsError, match="--healthz-bind-address"):
+        load(["--healthz-bind-address", "nowhere"])
+    with pytest.raises(SettingsError, match="--connect-timeouts"):
+        load(["--connect-timeouts", "0"])
+
+
+def test_kube_proxy_configuration_file(tmp_path: Path):
+    config = tmp_path / "kube-proxy.yaml"
+    config.write_text(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+        "kind: KubeProxyConfiguration\n"
+        "mode: iptables\n"
+        "healthzBindAddress: 0.0.0.0:12345\n"
+        "metricsBindAddress: 127.0.0.1:12346\n"
+        "nodePortAddresses: [192.168.0.0/16]\n"
+        "minSyncPeriod: 1s\n"
+        "clusterCIDR: 10.244.0.0/16,fd00:244::/56\n"
+        "syncPeriod: 1m30s\n"
+        "conntrack: {maxPerCore: 32768}\n"
+    )
+    s = load(["--config", str(config), "--metrics-bind-address", "127.0.0.1:9999"])
+    assert s.mode == "nftables"
+    assert s.healthz_bind_address == "0.0.0.0:12345"
+    assert s.metrics_bind_address == "127.0.0.1:9999"  # flags win
+    assert s.nodeport_addresses == ["192.168.0.0/16"]
+    assert s.min_sync_period == 1.0 and s.sync_period == 90.0
+    assert s.cluster_cidrs == ["10.244.0.0/16", "fd00:244::/56"]
+
+
+def test_own_keys_in_a_config_file_still_reject_unknown_ones(tmp_path: Path):
+    config = tmp_path / "kpx.yaml"
+    config.write_text("proxy-port: 20000\n")
+    assert load(["--config", str(config)]).proxy_port == 20000
+    config.write_text("no_such_option: 1\n")
+    with pytest.raises(SettingsError, match="no-such-option"):
+        load(["--config", str(config)])
+
+
+def test_go_durations():
+    assert parse_duration("250ms") == pytest.approx(0.25)
+    assert parse_duration("1h2m3s") == 3723.0
+    assert parse_duration("2.5") == 2.5
+    assert parse_duration("soon") == "soon"
+    assert parse_duration(3) == 3
