@@ -1,0 +1,326 @@
+"""The entry point for one query: bytes in, bytes out (or a coroutine when upstream is needed).
+
+Cluster names are answered from the zone index without dnslib; everything else goes to the
+forwarder. The order of decisions mirrors CoreDNS's server + plugin/kubernetes handler.go.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Coroutine
+from enum import StrEnum
+from typing import Any, Protocol
+
+from dnslib import RR
+
+from dnsd import answers as enc
+from dnsd import wire
+from dnsd.metrics import DnsStats
+from dnsd.names import ip_from_dashed
+from dnsd.wire import Answer, Query, Reject, parse_query, respond
+from dnsd.zone import Alias, ZoneIndex
+
+Result = bytes | None | Coroutine[Any, Any, bytes | None]
+
+
+class PodMode(StrEnum):
+    """CoreDNS `pods` option (dns-features 2.1)."""
+
+    DISABLED = "disabled"
+    INSECURE = "insecure"
+    VERIFIED = "verified"
+
+
+class Upstream(Protocol):
+    """The part of dnsd.forward.Forwarder the handler calls."""
+
+    async def forward(self, query: bytes) -> bytes | None: ...
+
+    async def resolve(self, qname: str, qtype: int) -> list[RR]: ...
+
+
+class PodLookup(Protocol):
+    def __call__(self, ip: str, namespace: str) -> bool: ...
+
+
+_POD_LABEL = b"\x03pod"
+_A = struct.pack("!H", wire.TYPE_A)
+_AAAA = struct.pack("!H", wire.TYPE_AAAA)
+
+
+class Handler:
+    def __init__(
+        self,
+        index: ZoneIndex,
+        *,
+        upstream: Upstream | None = None,
+        pod_mode: PodMode = PodMode.DISABLED,
+        pod_exists: PodLookup | None = None,
+        max_udp_size: int = 1232,
+        stats: DnsStats | None = None,
+    ) -> None:
+        self.index = index
+        self.upstream = upstream
+        self.pod_mode = pod_mode
+        self.pod_exists = pod_exists
+        # Largest UDP answer we send and the size we advertise in our OPT; the client's own
+        # size is honoured below it (RFC 6891 §6.2.5; DNS Flag Day 2020 suggests 1232).
+        self.max_udp_size = max(max_udp_size, wire.UDP_PLAIN_LIMIT)
+        # Our OPT record without and with the DO bit (RFC 3225 §3: DO copied from the query).
+        self._opts = (
+            wire.opt_record(self.max_udp_size, False),
+            wire.opt_record(self.max_udp_size, True),
+        )
+        self.stats = stats or DnsStats()
+
+    def handle(self, data: bytes, tcp: bool = False) -> Result:
+        """Answer one DNS message; None means drop it."""
+        if self.index.ready:  # a zone still being built serves nothing (SERVFAIL, CoreDNS 3.6)
+            fast = self._fast_path(data, tcp)
+            if fast is not None:
+                return fast
+        return self._handle(data, tcp)
+
+    def _fast_path(self, data: bytes, tcp: bool) -> bytes | None:
+        """The common case, inlined: a QUERY (QR=0, opcode 0) with one IN question, no other
+        records but an option-less OPT, for a precomputed (name, type) whose answer fits.
+
+        Returns None to hand anything else to `_handle`, which decides every case properly
+        (this path never answers something `_handle` would answer differently).
+        """
+        n = len(data)
+        if n < 17 or data[2] & 0xF8 or data[4:10] != b"\x00\x01\x00\x00\x00\x00":
+            return None
+        # The first zero byte ends the name. Stored names are valid wire names without zero
+        # or pointer bytes inside labels, so a key that matches proves the question's name is
+        # exactly that stored name: no label walk needed. Keys lower-case the QTYPE bytes too;
+        # answer_key() never stores a type whose bytes fall in A-Z, so that cannot alias.
+        end = data.find(0, 12) + 1
+        if not end:
+            return None
+        question_end = end + 4
+        if question_end > n or data[end + 2 : question_end] != b"\x00\x01":
+            return None
+        key = data[12 : end + 2].lower()
+        answer = self.index.answers.get(key)
+        if answer is None:
+            answer = self._fast_negative(data, end, key)
+            if answer is None:
+                return None
+        qtype = data[end : end + 2]
+        arcount = data[11]
+        if question_end == n and not data[10] and not arcount:
+            out = (
+                data[:2]
+                + answer.heads[(data[2] & 1) | ((data[3] >> 3) & 2)]
+                + data[12:question_end]
+                + answer.tail
+            )
+            if len(out) > (wire.TCP_LIMIT if tcp else wire.UDP_PLAIN_LIMIT):
+                return None
+        elif (
+            arcount == 1
+            and not data[10]
+            and n == question_end + 11
+            and data[question_end : question_end + 3] == b"\x00\x00\x29"
+            and not data[question_end + 6]  # EDNS version 0
+            and not data[question_end + 9]  # no options (RDLENGTH 0)
+            and not data[question_end + 10]
+        ):
+            size = max((data[question_end + 3] << 8) | data[question_end + 4], 512)
+            limit = wire.TCP_LIMIT if tcp else min(size, self.max_udp_size)
+            out = (
+                data[:2]
+                + answer.heads[4 | (data[2] & 1) | ((data[3] >> 3) & 2)]
+                + data[12:question_end]
+                + answer.tail
+                + self._opts[data[question_end + 7] >> 7]
+            )
+            if len(out) > limit:
+                return None
+        else:
+            return None
+        counted = (tcp, qtype, answer.heads[0][1])
+        fast = self.stats.fast
+        fast[counted] = fast.get(counted, 0) + 1
+        return out
+
+    def _fast_negative(self, data: bytes, end: int, key: bytes) -> Answer | None:
+        """NXDOMAIN / NODATA for a well-formed name, when that is all `_miss` would decide.
+
+        Anything needing more (ExternalName aliases, pod names, zone transfers, names outside
+        the zones) returns None and takes the full path; a property test checks both paths
+        answer alike.
+        """
+        index = self.index
+        name_key = key[:-2]
+        if name_key in index.aliases:
+            return None
+        qtype = (key[-2] << 8) | key[-1]
+        if qtype == wire.TYPE_AXFR or qtype == wire.TYPE_IXFR:
+            return None
+        zid = index.existing.get(name_key)
+        if zid is not None:
+            return index.nodata[zid]
+        # Walk the labels: the zero byte found earlier may sit inside a label.
+        offsets = []
+        i = 0
+        last = len(name_key) - 1
+        while i < last:
+            length = name_key[i]
+            if not 0 < length < 64:
+                return None
+            offsets.append(i)
+            i += length + 1
+        if i != last or last > 254:
+            return None
+        found = index.zone_of(name_key, offsets)
+        if found is None:
+            return None
+        zid, zone_offset = found
+        if (
+            self.pod_mode is not PodMode.DISABLED
+            and len(offsets) > 3
+            and offsets[3] == zone_offset
+            and name_key[offsets[2] : offsets[3]] == _POD_LABEL
+        ):
+            return None
+        return index.nxdomain[zid]
+
+    def _handle(self, data: bytes, tcp: bool) -> Result:
+        started = time.perf_counter()
+        try:
+            query = parse_query(data)
+        except Reject as reject:
+            self.stats.rejected(tcp, reject.rcode)
+            if reject.rcode is None:
+                return None
+            return wire.rcode_without_question(data, reject.rcode)
+        if query.edns:
+            if query.edns_version != 0:
+                return self._done(query, tcp, started, self._rcode(query, wire.BADVERS))
+            limit = wire.TCP_LIMIT if tcp else min(query.udp_size, self.max_udp_size)
+        else:
+            limit = wire.TCP_LIMIT if tcp else wire.UDP_PLAIN_LIMIT
+        if query.qclass != wire.CLASS_IN:
+            # CoreDNS without the chaos plugin refuses other classes (dns-features 3.10).
+            return self._done(query, tcp, started, self._rcode(query, wire.REFUSED))
+        answer = self.index.answers.get(
+            query.name_key + data[query.question_end - 4 : query.question_end - 2]
+        )
+        if answer is not None and self.index.ready:
+            return self._done(query, tcp, started, respond(query, answer, limit, self.max_udp_size))
+        result = self._miss(query, limit, tcp)
+        if result is None or isinstance(result, bytes):
+            return self._done(query, tcp, started, result)
+        return self._count_later(query, tcp, started, result)
+
+    # --- not a precomputed (name, type) ---------------------------------------------------
+
+    def _miss(self, query: Query, limit: int, tcp: bool) -> Result:
+        index = self.index
+        found = index.zone_of(query.name_key, query.label_offsets)
+        if found is None:
+            zid = index.existing.get(query.name_key)
+            if zid is not None and index.ready:
+                # A reverse name we own (PTR) asked for another type: NODATA, reverse-zone SOA.
+                return respond(query, index.nodata[zid], limit, self.max_udp_size)
+            return self._forward(query, limit, tcp)
+        zid, zone_offset = found
+        if not index.ready:
+            # CoreDNS answers SERVFAIL for its zones until the API caches synced (3.6).
+            return self._rcode(query, wire.SERVFAIL)
+        if query.qtype in (wire.TYPE_AXFR, wire.TYPE_IXFR):
+            return self._rcode(query, wire.REFUSED)  # no transfer plugin (dns-features 3.11)
+        alias = index.aliases.get(query.name_key)
+        if alias is not None:
+            if query.qtype in (wire.TYPE_A, wire.TYPE_AAAA) and not alias.internal:
+                return self._chase(query, alias, limit)
+            # RFC 1034 §3.6.2: a CNAME owner has no other data; the client follows it.
+            return respond(query, alias.cname_only, limit, self.max_udp_size)
+        existing = index.existing.get(query.name_key)
+        if existing is not None:
+            return respond(query, index.nodata[existing], limit, self.max_udp_size)
+        offsets = query.label_offsets
+        if (
+            len(offsets) > 3
+            and offsets[3] == zone_offset
+            and query.name_key[offsets[2] : offsets[3]] == _POD_LABEL
+        ):
+            pod = self._pod(query, offsets)
+            if pod is not None:
+                return respond(query, pod, limit, self.max_udp_size)
+        return respond(query, index.nxdomain[zid], limit, self.max_udp_size)
+
+    def _pod(self, query: Query, offsets: list[int]) -> Answer | None:
+        """`<dashed-ip>.<ns>.pod.<zone>` (dns-features 2.1/2.2); None -> NXDOMAIN."""
+        if self.pod_mode is PodMode.DISABLED:
+            return None
+        key = query.name_key
+        # `<ns>.pod.<zone>` exists only for a namespace that exists (and is exposed).
+        ns_zid = self.index.existing.get(key[offsets[1] :])
+        if ns_zid is None:
+            return None
+        label = key[1 : offsets[1]].decode("latin-1")
+        namespace = key[offsets[1] + 1 : offsets[2]].decode("latin-1")
+        ip = ip_from_dashed(label)
+        if ip is None:
+            return None
+        if self.pod_mode is PodMode.VERIFIED and not (
+            self.pod_exists is not None and self.pod_exists(ip, namespace)
+        ):
+            return None
+        v6 = ":" in ip
+        if query.qtype != (wire.TYPE_AAAA if v6 else wire.TYPE_A):
+            return self.index.nodata[ns_zid]
+        family = socket.AF_INET6 if v6 else socket.AF_INET
+        rdata = socket.inet_pton(family, ip)
+        # Owner = pointer to the question (offset 12), so it echoes the query's case.
+        tail = b"\xc0\x0c" + struct.pack("!HHIH", query.qtype, 1, self.index.ttl, len(rdata))
+        tail += rdata
+        return wire.make_answer(wire.NOERROR, 1, 0, 0, tail, (len(tail),))
+
+    async def _chase(self, query: Query, alias: Alias, limit: int) -> bytes | None:
+        """ExternalName to an outside name: CNAME first, then the target's records from the
+        forwarder; the encoded answer is reused until its shortest TTL expires."""
+        now = time.monotonic()
+        cached = alias.cache.get(query.qtype)
+        if cached is not None and cached[0] > now:
+            return respond(query, cached[1], limit, self.max_udp_size)
+        records: list[RR] = []
+        if self.upstream is not None:
+            records = await self.upstream.resolve(alias.target, query.qtype)
+        answer = enc.encode(alias.owner, query.qtype, [alias.cname, *records])
+        ttl = min([alias.cname.ttl, *(rr.ttl for rr in records)])
+        alias.cache[query.qtype] = (now + ttl, answer)
+        return respond(query, answer, limit, self.max_udp_size)
+
+    async def _forward(self, query: Query, limit: int, tcp: bool) -> bytes | None:
+        if self.upstream is None:
+            return self._rcode(query, wire.SERVFAIL)
+        response = await self.upstream.forward(query.data)
+        if response is None:
+            return None
+        response = bytes(response)  # the server tells answers from coroutines by type
+        if not tcp:
+            response = wire.truncate_foreign(query, response, limit, self.max_udp_size)
+        return response
+
+    def _rcode(self, query: Query, rcode: int) -> bytes:
+        return wire.rcode_with_question(query, rcode, self.max_udp_size)
+
+    # --- accounting -----------------------------------------------------------------------
+
+    def _done(
+        self, query: Query, tcp: bool, started: float, response: bytes | None
+    ) -> bytes | None:
+        self.stats.answered(tcp, query.qtype, response, time.perf_counter() - started)
+        return response
+
+    async def _count_later(
+        self, query: Query, tcp: bool, started: float, pending: Coroutine[Any, Any, bytes | None]
+    ) -> bytes | None:
+        response = await pending
+        return self._done(query, tcp, started, response)

@@ -1,0 +1,291 @@
+"""What one Service owns in the cluster zones: pure functions from API objects to records.
+
+Implements the Kubernetes DNS-Based Service Discovery specification 1.1.0 §2.3-§2.5 and
+CoreDNS's plugin/kubernetes where the spec is silent (dns-features.md §1, §2).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from dnslib import AAAA, CNAME, PTR, QTYPE, RR, SRV, A
+
+from dnsd.names import dashed_ip, reverse_name
+from kwatch.models import EndpointSlice, Service
+
+RRKey = tuple[str, int]  # (owner name, qtype)
+
+
+@dataclass(frozen=True)
+class RecordOptions:
+    """The settings that shape records (CoreDNS plugin/kubernetes options)."""
+
+    zones: tuple[str, ...] = ("cluster.local",)
+    ttl: int = 5
+    endpoint_pod_names: bool = False
+    ignore_empty_service: bool = False
+
+
+@dataclass
+class ServiceRecords:
+    """Records one Service contributes; names are lower case, without the trailing dot."""
+
+    answers: dict[RRKey, list[RR]] = field(default_factory=dict)
+    additional: dict[RRKey, list[RR]] = field(default_factory=dict)
+    names: set[str] = field(default_factory=set)  # every name that exists, with its ancestors
+    ptrs: dict[str, list[str]] = field(default_factory=dict)  # reverse name -> owner names
+    aliases: dict[str, str] = field(default_factory=dict)  # ExternalName owner -> target
+    _seen: set[tuple[str, int, str]] = field(default_factory=set, repr=False)
+
+    def add(self, name: str, qtype: int, rr: RR, data: str | None = None) -> None:
+        """Append `rr` unless the same data is already there (duplicates across EndpointSlices
+        are collapsed, dns-features 1.11); `data` is the rdata as text when the caller has it
+        (cheaper than asking dnslib)."""
+        ident = (name, qtype, data if data is not None else repr(rr.rdata))
+        if ident not in self._seen:
+            self._seen.add(ident)
+            self.answers.setdefault((name, qtype), []).append(rr)
+
+
+def address_rr(name: str, ip: str, ttl: int) -> tuple[int, RR]:
+    if ":" in ip:
+        return QTYPE.AAAA, RR(name, QTYPE.AAAA, ttl=ttl, rdata=AAAA(ip))
+    return QTYPE.A, RR(name, QTYPE.A, ttl=ttl, rdata=A(ip))
+
+
+def _ancestors(name: str, zone: str) -> Iterable[str]:
+    """`name` and every ancestor strictly below `zone` (empty non-terminals exist: RFC 8020)."""
+    while name != zone and name.endswith("." + zone):
+        yield name
+        name = name.split(".", 1)[1]
+
+
+def _srv_weights(count: int) -> int:
+    """CoreDNS backend_lookup SRV(): all priority 0, weight floor(100/N), at least 1."""
+    return max(1, 100 // count) if count else 100
+
+
+def _is_ipv4_literal(name: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET, name)
+    except OSError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class ReadyAddress:
+    ip: str
+    hostname: str  # the endpoint's DNS label: hostname, pod name, or dashed IP
+
+
+def ready_addresses(
+    service: Service, slices: Iterable[EndpointSlice], endpoint_pod_names: bool
+) -> list[ReadyAddress]:
+    """Ready endpoint addresses over all the Service's slices, duplicates dropped.
+
+    Ready = EndpointSlice condition `ready` (absent = ready), as CoreDNS reads it
+    (dns-features 1.18). With publishNotReadyAddresses the EndpointSlice controller already sets
+    ready=true; honouring the flag here as well keeps manifest-fed slices consistent with that.
+    """
+    publish_all = service.spec.publish_not_ready_addresses
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for eps in slices:
+        if eps.address_type == "FQDN":
+            continue
+        for endpoint in eps.endpoints:
+            if not (endpoint.is_ready or publish_all):
+                continue
+            for ip in endpoint.addresses:
+                hostname = _endpoint_hostname(
+                    endpoint.hostname, endpoint.target_ref, ip, endpoint_pod_names
+                )
+                if (ip, hostname) not in seen:
+                    seen.add((ip, hostname))
+                    out.append(ReadyAddress(ip, hostname.lower()))
+    return out
+
+
+def _endpoint_hostname(hostname: str | None, target_ref: object, ip: str, pod_names: bool) -> str:
+    """CoreDNS endpointHostname: hostname, else pod name (endpoint_pod_names), else dashed IP."""
+    if hostname:
+        return hostname
+    if pod_names and target_ref is not None:
+        kind = getattr(target_ref, "kind", "")
+        name = getattr(target_ref, "name", "")
+        if kind == "Pod" and name and len(name) < 64 and "." not in name:
+            return str(name)
+    return dashed_ip(ip)
+
+
+def service_records(
+    service: Service, slices: list[EndpointSlice], options: RecordOptions
+) -> ServiceRecords:
+    """Every record of `service` in every cluster zone."""
+    records = ServiceRecords()
+    ns, name = service.metadata.namespace, service.metadata.name
+    if service.is_external_name:
+        for zone in options.zones:
+            _external_name(records, service, f"{name}.{ns}.svc.{zone}".lower(), zone, options)
+        return records
+    ready = ready_addresses(service, slices, options.endpoint_pod_names)
+    if service.is_headless:
+        if not ready:
+            return records  # SPEC §2.4.1: no ready endpoints -> NXDOMAIN
+        for index, zone in enumerate(options.zones):
+            base = f"{name}.{ns}.svc.{zone}".lower()
+            _headless(
+                records,
+                slices,
+                ready,
+                base,
+                zone,
+                options,
+                primary=index == 0,
+                publish_all=service.spec.publish_not_ready_addresses,
+            )
+        return records
+    cluster_ips = service.cluster_ips
+    if not cluster_ips or (options.ignore_empty_service and not ready):
+        # No IP allocated yet, or `ignore empty_service`: the name does not exist.
+        return records
+    for index, zone in enumerate(options.zones):
+        base = f"{name}.{ns}.svc.{zone}".lower()
+        _cluster_ip(records, service, cluster_ips, base, zone, options, primary=index == 0)
+    return records
+
+
+def _cluster_ip(
+    records: ServiceRecords,
+    service: Service,
+    cluster_ips: list[str],
+    base: str,
+    zone: str,
+    options: RecordOptions,
+    primary: bool,
+) -> None:
+    ttl = options.ttl
+    addresses = [address_rr(base, ip, ttl) for ip in cluster_ips]  # SPEC §2.3.1, dual-stack
+    for (qtype, rr), ip in zip(addresses, cluster_ips, strict=True):
+        records.add(base, qtype, rr, ip)
+    named = [p for p in service.spec.ports if p.name]  # SPEC §2.3.2: unnamed ports have no SRV
+    weight = _srv_weights(len(named))
+    glue = [rr for _, rr in addresses]
+    for port in named:
+        owner = f"_{port.name}._{port.protocol}.{base}".lower()
+        srv = RR(owner, QTYPE.SRV, ttl=ttl, rdata=SRV(0, weight, port.port, base))
+        records.add(owner, QTYPE.SRV, srv)
+        records.additional[(owner, QTYPE.SRV)] = glue
+        # CoreDNS extension (dns-features 2.5): SRV at the bare service name, one per port.
+        records.add(
+            base, QTYPE.SRV, RR(base, QTYPE.SRV, ttl=ttl, rdata=SRV(0, weight, port.port, base))
+        )
+    if named:
+        records.additional[(base, QTYPE.SRV)] = glue
+    for key in list(records.answers):
+        records.names.update(_ancestors(key[0], zone))
+    if primary:
+        # SPEC §2.3.3: PTR for each ClusterIP, pointing into the first (primary) zone like
+        # CoreDNS reverse.go.
+        for ip in cluster_ips:
+            records.ptrs.setdefault(reverse_name(ip), []).append(base)
+
+
+def _headless(
+    records: ServiceRecords,
+    slices: list[EndpointSlice],
+    ready: list[ReadyAddress],
+    base: str,
+    zone: str,
+    options: RecordOptions,
+    primary: bool,
+    publish_all: bool,
+) -> None:
+    ttl = options.ttl
+    glue: dict[str, list[RR]] = {}
+    for address in ready:
+        owner = f"{address.hostname}.{base}"
+        qtype, rr = address_rr(owner, address.ip, ttl)
+        records.add(owner, qtype, rr, address.ip)  # SPEC §2.4.1: <hostname>.<svc>.<ns>.svc
+        glue.setdefault(owner, []).append(rr)
+        records.add(base, qtype, address_rr(base, address.ip, ttl)[1], address.ip)
+        if primary:
+            records.ptrs.setdefault(reverse_name(address.ip), []).append(owner)  # SPEC §2.4.3
+    # SPEC §2.4.2: per ready endpoint x named port; the port is the EndpointSlice's (CoreDNS).
+    # dicts as ordered sets: identical (target, port) pairs collapse in O(1) each.
+    srv_targets: dict[str, dict[tuple[str, int], None]] = {}
+    for eps in slices:
+        if eps.address_type == "FQDN":
+            continue
+        named_ports = [
+            (f"_{p.name}._{p.protocol}.{base}".lower(), p.port)
+            for p in eps.ports
+            if p.name and p.port is not None
+        ]
+        if not named_ports:
+            continue
+        for endpoint in eps.endpoints:
+            if not (endpoint.is_ready or publish_all):
+                continue
+            for ip in endpoint.addresses:
+                label = _endpoint_hostname(
+                    endpoint.hostname, endpoint.target_ref, ip, options.endpoint_pod_names
+                )
+                target = f"{label.lower()}.{base}"
+                for owner, port in named_ports:
+                    srv_targets.setdefault(owner, {})[(target, port)] = None
+    all_targets: dict[tuple[str, int], None] = {}
+    for owner, targets in srv_targets.items():
+        _add_srvs(records, owner, list(targets), glue, ttl)
+        all_targets.update(targets)
+    if all_targets:
+        _add_srvs(records, base, list(all_targets), glue, ttl)
+    for key in list(records.answers):
+        if key[0].endswith(base):
+            records.names.update(_ancestors(key[0], zone))
+
+
+def _add_srvs(
+    records: ServiceRecords,
+    owner: str,
+    targets: list[tuple[str, int]],
+    glue: dict[str, list[RR]],
+    ttl: int,
+) -> None:
+    weight = _srv_weights(len(targets))
+    extra: list[RR] = []
+    glued: set[str] = set()
+    for target, port in targets:
+        records.add(
+            owner,
+            QTYPE.SRV,
+            RR(owner, QTYPE.SRV, ttl=ttl, rdata=SRV(0, weight, port, target)),
+            f"{port} {target}",
+        )
+        if target not in glued:  # a target with several ports is glued once
+            glued.add(target)
+            extra.extend(glue.get(target, ()))
+    records.additional[(owner, QTYPE.SRV)] = extra  # SPEC §2.4.2 MAY: targets' addresses
+
+
+def _external_name(
+    records: ServiceRecords, service: Service, owner: str, zone: str, options: RecordOptions
+) -> None:
+    """SPEC §2.5: CNAME to spec.externalName; names below it do not exist."""
+    target = (service.spec.external_name or "").rstrip(".")
+    if not target or _is_ipv4_literal(target):
+        return  # CoreDNS serves nothing for an IPv4-literal externalName (coredns#2324)
+    records.add(owner, QTYPE.CNAME, RR(owner, QTYPE.CNAME, ttl=options.ttl, rdata=CNAME(target)))
+    records.aliases[owner] = target
+    records.names.update(_ancestors(owner, zone))
+
+
+def cname_rr(owner: str, target: str, ttl: int) -> RR:
+    return RR(owner, QTYPE.CNAME, ttl=ttl, rdata=CNAME(target))
+
+
+def ptr_rr(owner: str, target: str, ttl: int) -> RR:
+    return RR(owner, QTYPE.PTR, ttl=ttl, rdata=PTR(target))

@@ -1,0 +1,289 @@
+"""UDP and TCP listeners: a thin shell that moves bytes between sockets and the Handler.
+
+TCP follows RFC 7766: 2-byte length prefix, several (pipelined) queries per connection, answers
+written as they are ready (possibly out of order), idle connections closed, a bounded number of
+connections, and a reader that stops reading while the client does not read its answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from collections.abc import Coroutine
+from typing import Any, cast
+
+import structlog
+
+from dnsd import wire
+from dnsd.handler import Handler
+from dnsd.names import from_wire
+
+log = structlog.get_logger("dnsd.server")
+query_log = structlog.get_logger("dnsd.query")
+
+# A DNS query has one question and at most a few small records (the accept rules in wire.py);
+# a length prefix above this is not a query we would answer, so the connection is closed at once
+# instead of buffering up to 64 KiB per client.
+MAX_TCP_QUERY = 4096
+UDP_RCVBUF = 4 * 1024 * 1024
+
+
+def _log_query(data: bytes, peer: Any, proto: str, response: bytes | None) -> None:
+    try:
+        query = wire.parse_query(data)
+    except wire.Reject:
+        return
+    query_log.info(
+        "query",
+        client=str(peer[0]) if isinstance(peer, tuple) else str(peer),
+        proto=proto,
+        name=from_wire(query.name_key),
+        type=query.qtype,
+        rcode=(response[3] & 0x0F) if response else None,
+        size=len(response) if response else 0,
+    )
+
+
+class UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, handler: Handler, sample: float) -> None:
+        self.handler = handler
+        self.sample = sample
+        self.transport: asyncio.DatagramTransport | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's classes: no isinstance check here.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        try:
+            result = self.handler.handle(data, False)
+        except Exception:
+            # A bug for one packet must not cost anyone else their answer.
+            log.exception("query_failed", proto="udp")
+            self.handler.stats.drop("internal_error")
+            return
+        if result is None:
+            return
+        if isinstance(result, bytes):
+            assert self.transport is not None
+            self.transport.sendto(result, addr)
+            if self.sample and random.random() < self.sample:
+                _log_query(data, addr, "udp", result)
+            return
+        task = asyncio.get_running_loop().create_task(self._send_later(data, result, addr))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _send_later(
+        self, data: bytes, pending: Coroutine[Any, Any, bytes | None], addr: Any
+    ) -> None:
+        try:
+            response = await pending
+        except Exception:
+            log.exception("query_failed", proto="udp")
+            return
+        if response is not None and self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(response, addr)
+        if self.sample and random.random() < self.sample:
+            _log_query(data, addr, "udp", response)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a client that went away: nothing to do.
+        pass
+
+    def close(self) -> None:
+        for task in self._pending:
+            task.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class TcpConnection(asyncio.Protocol):
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.peer: Any = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.peer = transport.get_extra_info("peername")
+        if len(self.server.connections) >= self.server.tcp_max_connections:
+            self.server.handler.stats.drop("tcp_connection_limit")
+            self.transport.abort()
+            return
+        self.server.connections.add(self)
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+        for task in self._pending:
+            task.cancel()
+
+    def _arm_idle(self) -> None:
+        # Re-armed only when a whole query arrived: a client trickling bytes still times out.
+        if self._idle is not None:
+            self._idle.cancel()
+        loop = asyncio.get_running_loop()
+        self._idle = loop.call_later(self.server.tcp_idle_timeout, self._on_idle)
+
+    def _on_idle(self) -> None:
+        if self.transport is not None and not self._pending:
+            self.transport.close()
+        elif self._pending:
+            self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        while len(buffer) >= 2:
+            length = (buffer[0] << 8) | buffer[1]
+            if length < 12 or length > MAX_TCP_QUERY:
+                self.server.handler.stats.drop("tcp_bad_length")
+                assert self.transport is not None
+                self.transport.abort()
+                return
+            if len(buffer) < 2 + length:
+                return
+            message = bytes(buffer[2 : 2 + length])
+            del buffer[: 2 + length]
+            self._arm_idle()
+            self._answer(message)
+
+    def _answer(self, message: bytes) -> None:
+        try:
+            result = self.server.handler.handle(message, True)
+        except Exception:
+            log.exception("query_failed", proto="tcp")
+            self.server.handler.stats.drop("internal_error")
+            return
+        if result is None:
+            return
+        if isinstance(result, bytes):
+            self._write(result)
+            if self.server.sample and random.random() < self.server.sample:
+                _log_query(message, self.peer, "tcp", result)
+            return
+        task = asyncio.get_running_loop().create_task(self._write_later(result))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _write_later(self, pending: Coroutine[Any, Any, bytes | None]) -> None:
+        try:
+            response = await pending
+        except Exception:
+            log.exception("query_failed", proto="tcp")
+            return
+        if response is not None:
+            self._write(response)
+
+    def _write(self, response: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(len(response).to_bytes(2, "big") + response)
+
+    # Backpressure: a client that does not read its answers stops being read.
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+
+def _bind(family: int, kind: int, host: str, port: int, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_DGRAM:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+            except OSError:
+                pass
+        sock.bind((host, port))
+        sock.setblocking(False)
+        return sock
+    except OSError:
+        sock.close()
+        raise
+
+
+class DnsServer:
+    """Every listen address, on UDP and TCP, answering through one Handler."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        addresses: list[tuple[str, int]],
+        *,
+        reuse_port: bool = False,
+        tcp_idle_timeout: float = 10.0,
+        tcp_max_connections: int = 1000,
+        query_log_sample: float = 0.0,
+    ) -> None:
+        self.handler = handler
+        self.addresses = addresses
+        self.reuse_port = reuse_port
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.tcp_max_connections = tcp_max_connections
+        self.sample = query_log_sample
+        self.connections: set[TcpConnection] = set()
+        self.bound: list[tuple[str, int]] = []
+        self._udp: list[UdpProtocol] = []
+        self._tcp: list[asyncio.Server] = []
+        self.listening = False
+
+    async def start(self) -> list[tuple[str, int]]:
+        """Bind every address (port 0: one ephemeral port shared by UDP and TCP)."""
+        loop = asyncio.get_running_loop()
+        for host, port in self.addresses:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            udp_sock, tcp_sock = self._bind_pair(family, host, port)
+            _, protocol = await loop.create_datagram_endpoint(
+                lambda: UdpProtocol(self.handler, self.sample), sock=udp_sock
+            )
+            self._udp.append(protocol)
+            tcp_sock.listen(1024)
+            server = await loop.create_server(lambda: TcpConnection(self), sock=tcp_sock)
+            self._tcp.append(server)
+            self.bound.append((host, udp_sock.getsockname()[1]))
+            log.info("dns_listening", address=host, port=udp_sock.getsockname()[1])
+        self.listening = True
+        return self.bound
+
+    def _bind_pair(self, family: int, host: str, port: int) -> tuple[socket.socket, socket.socket]:
+        for _ in range(20 if port == 0 else 1):
+            udp = _bind(family, socket.SOCK_DGRAM, host, port, self.reuse_port)
+            try:
+                tcp = _bind(family, socket.SOCK_STREAM, host, udp.getsockname()[1], self.reuse_port)
+            except OSError:
+                udp.close()
+                if port == 0:
+                    continue  # the ephemeral UDP port is taken on TCP: try another
+                raise
+            return udp, tcp
+        raise OSError(f"no port free for both UDP and TCP on {host}")
+
+    async def stop(self) -> None:
+        self.listening = False
+        for protocol in self._udp:
+            protocol.close()
+        for server in self._tcp:
+            server.close()
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()
+        for server in self._tcp:
+            await server.wait_closed()
+        self._udp.clear()
+        self._tcp.clear()

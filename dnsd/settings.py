@@ -1,0 +1,145 @@
+"""dnsd's settings: one pydantic model, defaults equal to CoreDNS's (dns-features §4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import Field, field_validator
+
+from dnsd.handler import PodMode
+from dnsd.names import to_wire
+from kwatch.health import parse_listen
+from kwatch.settings import AccessSettings, settings_or_exit
+
+DESCRIPTION = (
+    "Cluster DNS per the Kubernetes DNS-Based Service Discovery specification 1.1.0, "
+    "answering like CoreDNS's kubernetes + forward + cache."
+)
+
+
+def parse_hostport(value: str, default_port: int = 53) -> tuple[str, int]:
+    """`1.2.3.4`, `1.2.3.4:5353`, `[::1]:53`, `::1` -> (host, port); raises ValueError."""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    if value.count(":") == 1:
+        host, _, port = value.partition(":")
+        return host, int(port)
+    return value, default_port
+
+
+class DnsdSettings(AccessSettings):
+    zone: list[str] = Field(
+        default_factory=lambda: ["cluster.local"],
+        description="cluster zone served (the first is primary: PTR targets, SOA names)",
+    )
+    ttl: int = Field(5, ge=0, le=3600, description="TTL of cluster records and negative answers")
+    pods: PodMode = Field(
+        PodMode.DISABLED,
+        description="pod records <a-b-c-d>.<ns>.pod.<zone>: disabled, "
+        "insecure (any well-formed IP) or verified (a pod with that IP in that namespace)",
+    )
+    namespaces: list[str] = Field(
+        default_factory=list, description="only serve these namespaces (default: all)"
+    )
+    endpoint_pod_names: bool = Field(
+        False, description="name endpoints without a hostname by their pod name, not dashed IP"
+    )
+    ignore_empty_service: bool = Field(
+        False, description="NXDOMAIN for ClusterIP services without ready endpoints"
+    )
+    upstream: list[str] = Field(
+        default_factory=list,
+        description="upstream resolver ADDR[:PORT] for other names (default: /etc/resolv.conf)",
+    )
+    stub_domain: list[str] = Field(
+        default_factory=list, description="ZONE=ADDR[:PORT][,ADDR[:PORT]] forward ZONE there"
+    )
+    resolv_conf: str = Field("/etc/resolv.conf", description="where default upstreams are read")
+    cache_size: int = Field(9984, ge=0, description="entries in the positive and negative cache")
+    cache_max_ttl: int = Field(3600, ge=0, description="cap on a cached answer's TTL (seconds)")
+    cache_max_negative_ttl: int = Field(
+        1800, ge=0, description="cap on a cached negative answer's TTL (seconds)"
+    )
+    forward_timeout: float = Field(2.0, gt=0, description="seconds to wait for one upstream")
+    max_concurrent: int = Field(1000, ge=1, description="forwarded queries in flight at most")
+    listen: list[str] = Field(
+        default_factory=lambda: ["0.0.0.0:53"], description="UDP and TCP listen ADDR:PORT"
+    )
+    http_listen: str = Field(":9153", description="/healthz, /readyz and /metrics ADDR:PORT")
+    workers: int = Field(1, ge=1, le=64, description="processes sharing the port (SO_REUSEPORT)")
+    max_udp_size: int = Field(
+        1232, ge=512, le=65535, description="largest UDP answer and the EDNS size we advertise"
+    )
+    tcp_idle_timeout: float = Field(10.0, gt=0, description="close idle TCP clients after (s)")
+    tcp_max_connections: int = Field(1000, ge=1, description="TCP connections at most")
+    query_log_sample: float = Field(
+        0.0, ge=0.0, le=1.0, description="fraction of queries written to the query log"
+    )
+
+    @field_validator("zone")
+    @classmethod
+    def _valid_zones(cls, zones: list[str]) -> list[str]:
+        if not zones:
+            raise ValueError("at least one zone is needed")
+        out = []
+        for zone in zones:
+            zone = zone.lower().strip(".")
+            to_wire(zone)  # ValueError names the bad label
+            out.append(zone)
+        return out
+
+    @field_validator("listen")
+    @classmethod
+    def _valid_listen(cls, values: list[str]) -> list[str]:
+        for value in values:
+            parse_listen(value)
+        return values
+
+    @field_validator("http_listen")
+    @classmethod
+    def _valid_http_listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @field_validator("upstream")
+    @classmethod
+    def _valid_upstreams(cls, values: list[str]) -> list[str]:
+        for value in values:
+            parse_hostport(value)
+        return values
+
+    @field_validator("stub_domain")
+    @classmethod
+    def _valid_stubs(cls, values: list[str]) -> list[str]:
+        for value in values:
+            _parse_stub(value)
+        return values
+
+    def upstream_addresses(self) -> list[tuple[str, int]]:
+        return [parse_hostport(v) for v in self.upstream]
+
+    def stub_domains(self) -> dict[str, list[tuple[str, int]]]:
+        out: dict[str, list[tuple[str, int]]] = {}
+        for value in self.stub_domain:
+            zone, servers = _parse_stub(value)
+            out.setdefault(zone, []).extend(servers)
+        return out
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        return [parse_listen(v) for v in self.listen]
+
+
+def _parse_stub(value: str) -> tuple[str, list[tuple[str, int]]]:
+    zone, sep, servers = value.partition("=")
+    if not sep or not zone or not servers:
+        raise ValueError(f"expected ZONE=ADDR[:PORT], got {value!r}")
+    zone = zone.lower().strip(".")
+    to_wire(zone)
+    return zone, [parse_hostport(s) for s in servers.split(",") if s]
+
+
+def load(argv: Sequence[str] | None = None) -> DnsdSettings:
+    return settings_or_exit(
+        DnsdSettings, argv, env_prefix="DNSD", prog="dnsd", description=DESCRIPTION
+    )

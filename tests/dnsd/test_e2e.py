@@ -1,0 +1,284 @@
+"""The `dnsd` command as a subprocess: manifest mode, --workers, and the fake API server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from tests.apiserver import FakeApiServer
+from tests.dnsd.helpers import (
+    endpoint,
+    endpoint_slice,
+    free_udp_tcp_port,
+    namespace,
+    service,
+    write_manifest,
+)
+
+Z = "cluster.local"
+
+
+class DnsdProcess:
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.port = free_udp_tcp_port()
+        self.log = log
+        self._log_file = log.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dnsd.main",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--upstream",
+                f"127.0.0.1:{free_udp_tcp_port()}",
+                "--forward-timeout",
+                "0.2",
+                *args,
+            ],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    def ask(self, name: str, rdtype: str = "A", tcp: bool = False) -> dns.message.Message:
+        query = dns.message.make_query(name, rdtype)
+        if tcp:
+            return dns.query.tcp(query, "127.0.0.1", port=self.port, timeout=1)
+        return dns.query.udp(query, "127.0.0.1", port=self.port, timeout=1)
+
+    def answers(self, name: str, rdtype: str = "A") -> list[str] | str:
+        """Sorted rdata, or the rcode's name when the answer is negative."""
+        msg = self.ask(name, rdtype)
+        if msg.rcode() != dns.rcode.NOERROR:
+            return dns.rcode.to_text(msg.rcode())
+        return sorted(rd.to_text() for rrset in msg.answer for rd in rrset)
+
+    def wait_for(self, check: Callable[[], bool], timeout: float = 10.0) -> float:
+        """Poll `check` until it holds; returns the seconds it took."""
+        started = time.monotonic()
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if check():
+                    return time.monotonic() - started
+            except dns.exception.Timeout:
+                pass
+            assert time.monotonic() - started < timeout, self.log.read_text()[-3000:]
+            time.sleep(0.02)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def run_dnsd(tmp_path: Path) -> Iterator[Callable[..., DnsdProcess]]:
+    started: list[DnsdProcess] = []
+
+    def run(*args: str) -> DnsdProcess:
+        process = DnsdProcess(list(args), tmp_path / f"dnsd{len(started)}.log")
+        started.append(process)
+        return process
+
+    yield run
+    for process in started:
+        process.stop()
+
+
+CLUSTER = [
+    namespace("default"),
+    service("web", ips=["10.96.0.5"], ports=[{"name": "http", "port": 80}]),
+]
+
+
+def test_dnsd_serves_a_manifest_and_exits_cleanly_on_sigterm(run_dnsd, tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", CLUSTER)
+    dnsd = run_dnsd("--manifests", str(manifest))
+    dnsd.wait_for(lambda: dnsd.answers(f"web.default.svc.{Z}") == ["10.96.0.5"])
+    assert dnsd.ask(f"web.default.svc.{Z}", tcp=True).answer
+    assert dnsd.stop() == 0
+    assert b'"event": "dnsd_stopping"' in dnsd.log.read_bytes()
+
+
+def test_bad_settings_exit_with_status_2_naming_the_flag(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dnsd.main", "--ttl", "99999", "--manifests", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "--ttl" in result.stderr
+
+
+def test_workers_share_the_port_and_stop_together(run_dnsd, tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", CLUSTER)
+    dnsd = run_dnsd("--manifests", str(manifest), "--workers", "2")
+    dnsd.wait_for(lambda: dnsd.answers(f"web.default.svc.{Z}") == ["10.96.0.5"])
+    children = Path(f"/proc/{dnsd.proc.pid}/task/{dnsd.proc.pid}/children").read_text().split()
+    assert len(children) == 1
+    # Both workers are ready: every one of many queries (spread by SO_REUSEPORT over the
+    # source port) is answered.
+    for _ in range(40):
+        assert dnsd.answers(f"web.default.svc.{Z}") == ["10.96.0.5"]
+    # With the first process frozen, the second one still answers the queries the kernel
+    # hashes to it (each query below comes from a fresh source port).
+    os.kill(dnsd.proc.pid, signal.SIGSTOP)
+    try:
+        answered = 0
+        for _ in range(20):
+            query = dns.message.make_query(f"web.default.svc.{Z}", "A")
+            try:
+                dns.query.udp(query, "127.0.0.1", port=dnsd.port, timeout=0.2)
+                answered += 1
+            except dns.exception.Timeout:
+                pass
+        assert 0 < answered < 20
+    finally:
+        os.kill(dnsd.proc.pid, signal.SIGCONT)
+    assert dnsd.stop() == 0
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{children[0]}").exists() and time.monotonic() < deadline:
+        try:
+            os.waitpid(int(children[0]), os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    status = Path(f"/proc/{children[0]}/status")
+    assert not status.exists() or "zombie" in status.read_text()
+
+
+# --- against the fake API server, through a kubeconfig ---------------------------------------
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[FakeApiServer]:
+    with FakeApiServer() as server:
+        server.start()
+        yield server
+
+
+def test_api_changes_are_visible_in_the_next_answer(run_dnsd, api, tmp_path):
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    api.create(namespace("default"))
+    api.create(service("web", ips=["10.96.0.5"], ports=[{"name": "http", "port": 80}]))
+    api.create(service("db", headless=True, ports=[{"name": "pg", "port": 5432}]))
+    api.create(
+        endpoint_slice(
+            "db-1",
+            "db",
+            [endpoint("10.1.0.1", hostname="db-0"), endpoint("10.1.0.2")],
+            ports=[{"name": "pg", "port": 5432}],
+        )
+    )
+    api.create(service("ext", external_name="web.default.svc.cluster.local"))
+    dnsd = run_dnsd("--kubeconfig", str(kubeconfig))
+    dnsd.wait_for(lambda: dnsd.answers(f"web.default.svc.{Z}") == ["10.96.0.5"], timeout=20)
+    assert dnsd.answers(f"db.default.svc.{Z}") == ["10.1.0.1", "10.1.0.2"]
+    assert dnsd.answers("5.0.96.10.in-addr.arpa", "PTR") == [f"web.default.svc.{Z}."]
+    srv = dnsd.answers(f"_pg._tcp.db.default.svc.{Z}", "SRV")
+    assert srv == [f"0 50 5432 10-1-0-2.db.default.svc.{Z}.", f"0 50 5432 db-0.db.default.svc.{Z}."]
+    assert dnsd.answers(f"ext.default.svc.{Z}") == ["10.96.0.5", f"web.default.svc.{Z}."]
+
+    latencies = []
+    # A service is added.
+    api.create(service("new", ips=["10.96.0.7"]))
+    latencies.append(dnsd.wait_for(lambda: dnsd.answers(f"new.default.svc.{Z}") == ["10.96.0.7"]))
+    # An endpoint turns not-ready.
+    api.update(
+        endpoint_slice(
+            "db-1",
+            "db",
+            [endpoint("10.1.0.1", hostname="db-0"), endpoint("10.1.0.2", ready=False)],
+            ports=[{"name": "pg", "port": 5432}],
+        )
+    )
+    latencies.append(dnsd.wait_for(lambda: dnsd.answers(f"db.default.svc.{Z}") == ["10.1.0.1"]))
+    assert dnsd.answers(f"10-1-0-2.db.default.svc.{Z}") == "NXDOMAIN"
+    # The ExternalName now points elsewhere.
+    api.update(service("ext", external_name="new.default.svc.cluster.local"))
+    latencies.append(
+        dnsd.wait_for(
+            lambda: dnsd.answers(f"ext.default.svc.{Z}") == ["10.96.0.7", f"new.default.svc.{Z}."]
+        )
+    )
+    # A service is deleted.
+    api.delete("services", "default", "web")
+    latencies.append(dnsd.wait_for(lambda: dnsd.answers(f"web.default.svc.{Z}") == "NXDOMAIN"))
+    assert dnsd.answers(f"default.svc.{Z}") == []  # the namespace still exists: NODATA
+    assert max(latencies) < 2.0, latencies
+
+
+def test_every_record_kind_from_the_api_server(run_dnsd, api, tmp_path):
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    for obj in [
+        namespace("default"),
+        service(
+            "dual",
+            ips=["10.96.0.8", "fd00::8"],
+            ports=[{"name": "dns", "port": 53, "protocol": "UDP"}],
+        ),
+        service("db", headless=True, ports=[{"name": "pg", "port": 5432}]),
+        endpoint_slice(
+            "db-v4",
+            "db",
+            [endpoint("10.1.0.1", hostname="db-0")],
+            ports=[{"name": "pg", "port": 15432}],
+        ),
+        endpoint_slice(
+            "db-v6",
+            "db",
+            [endpoint("fd00::1:1", hostname="db-0")],
+            ports=[{"name": "pg", "port": 15432}],
+            address_type="IPv6",
+        ),
+        service("ext", external_name="dual.default.svc.cluster.local"),
+    ]:
+        api.create(obj)
+    dnsd = run_dnsd("--kubeconfig", str(kubeconfig), "--pods", "insecure", "--ttl", "7")
+    dnsd.wait_for(lambda: dnsd.answers(f"dual.default.svc.{Z}") == ["10.96.0.8"], timeout=20)
+    base = f"default.svc.{Z}"
+    assert dnsd.answers(f"dual.{base}", "AAAA") == ["fd00::8"]
+    assert dnsd.answers(f"_dns._udp.dual.{base}", "SRV") == [f"0 100 53 dual.{base}."]
+    assert dnsd.answers(f"db.{base}", "A") == ["10.1.0.1"]
+    assert dnsd.answers(f"db-0.db.{base}", "AAAA") == ["fd00::1:1"]
+    assert dnsd.answers(f"_pg._tcp.db.{base}", "SRV") == [f"0 100 15432 db-0.db.{base}."]
+    v6_reverse = "8" + ".0" * 29 + ".d.f.ip6.arpa"
+    assert dnsd.answers(v6_reverse, "PTR") == [f"dual.{base}."]
+    assert dnsd.answers("1.0.1.10.in-addr.arpa", "PTR") == [f"db-0.db.{base}."]
+    assert dnsd.answers(f"ext.{base}", "AAAA") == [f"dual.{base}.", "fd00::8"]
+    assert dnsd.answers(f"dns-version.{Z}", "TXT") == ['"1.1.0"']
+    assert dnsd.answers(Z, "NS") == [f"ns.dns.{Z}."]
+    soa = dnsd.ask(Z, "SOA").answer[0][0]
+    assert soa.mname.to_text() == f"ns.dns.{Z}." and soa.minimum == 7
+    assert dnsd.answers(f"10-244-1-5.default.pod.{Z}") == ["10.244.1.5"]
+    assert dnsd.answers(f"nope.{base}") == "NXDOMAIN"
+    nodata = dnsd.ask(f"db.{base}", "TXT")
+    assert nodata.rcode() == dns.rcode.NOERROR and not nodata.answer
+    assert nodata.authority[0][0].minimum == 7
+    answer = dnsd.ask(f"_pg._tcp.db.{base}", "SRV", tcp=True)
+    assert sorted(rd.to_text() for rrset in answer.additional for rd in rrset) == [
+        "10.1.0.1",
+        "fd00::1:1",
+    ]

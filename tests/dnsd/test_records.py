@@ -1,0 +1,166 @@
+"""Records one Service owns (SPEC §2.3-§2.5, CoreDNS where silent), pure, without sockets."""
+
+from __future__ import annotations
+
+from dnslib import QTYPE
+
+from dnsd.names import dashed_ip, ip_from_dashed, reverse_name
+from dnsd.records import RecordOptions, service_records
+from kwatch.resources import ENDPOINTSLICES, SERVICES
+from tests.dnsd.helpers import endpoint, endpoint_slice, service
+
+BASE = "web.default.svc.cluster.local"
+OPTS = RecordOptions()
+
+
+def build(svc, slices=(), options=OPTS):
+    return service_records(SERVICES.parse(svc), [ENDPOINTSLICES.parse(s) for s in slices], options)
+
+
+def data(records, name, qtype):
+    return sorted(repr(rr.rdata) for rr in records.answers.get((name, qtype), []))
+
+
+def test_clusterip_service_has_a_and_aaaa_for_every_cluster_ip():
+    r = build(service("web", ips=["10.96.0.5", "fd00::5"]))
+    assert data(r, BASE, QTYPE.A) == ["10.96.0.5"]
+    assert data(r, BASE, QTYPE.AAAA) == ["fd00::5"]
+
+
+def test_srv_only_for_named_ports_with_the_service_port_and_service_target():
+    ports = [
+        {"name": "http", "port": 80, "protocol": "TCP"},
+        {"port": 81},
+        {"name": "dns", "port": 53, "protocol": "UDP"},
+    ]
+    r = build(service("web", ports=ports))
+    assert data(r, f"_http._tcp.{BASE}", QTYPE.SRV) == [f"0 50 80 {BASE}."]
+    assert data(r, f"_dns._udp.{BASE}", QTYPE.SRV) == [f"0 50 53 {BASE}."]
+    assert not [k for k in r.answers if "81" in k[0]]
+    assert sorted(repr(rr.rdata) for rr in r.additional[(f"_http._tcp.{BASE}", QTYPE.SRV)]) == [
+        "10.96.0.1"
+    ]
+
+
+def test_clusterip_record_exists_without_endpoints_unless_ignore_empty_service():
+    assert data(build(service("web")), BASE, QTYPE.A) == ["10.96.0.1"]
+    strict = RecordOptions(ignore_empty_service=True)
+    assert build(service("web"), options=strict).answers == {}
+    ready = [endpoint_slice("web-1", "web", [endpoint("10.1.0.1")])]
+    assert data(build(service("web"), ready, strict), BASE, QTYPE.A) == ["10.96.0.1"]
+
+
+def test_clusterip_ptr_points_at_the_service_in_the_primary_zone():
+    options = RecordOptions(zones=("cluster.local", "other.zone"))
+    r = build(service("web", ips=["10.96.0.5", "fd00::5"]), options=options)
+    assert r.ptrs == {"5.0.96.10.in-addr.arpa": [BASE], reverse_name("fd00::5"): [BASE]}
+    assert data(r, "web.default.svc.other.zone", QTYPE.A) == ["10.96.0.5"]
+
+
+def test_headless_service_answers_every_ready_endpoint_once():
+    slices = [
+        endpoint_slice("a", "db", [endpoint("10.1.0.1"), endpoint("10.1.0.2", ready=False)]),
+        endpoint_slice("b", "db", [endpoint("10.1.0.1"), endpoint("10.1.0.3")]),  # skew: dup
+    ]
+    r = build(service("db", headless=True), slices)
+    base = "db.default.svc.cluster.local"
+    assert data(r, base, QTYPE.A) == ["10.1.0.1", "10.1.0.3"]
+    assert data(r, f"10-1-0-1.{base}", QTYPE.A) == ["10.1.0.1"]
+    assert (f"10-1-0-2.{base}", QTYPE.A) not in r.answers
+
+
+def test_headless_service_without_ready_endpoints_has_no_records():
+    slices = [endpoint_slice("a", "db", [endpoint("10.1.0.1", ready=False)])]
+    r = build(service("db", headless=True), slices)
+    assert r.answers == {} and r.names == set()
+
+
+def test_publish_not_ready_addresses_serves_not_ready_endpoints():
+    slices = [endpoint_slice("a", "db", [endpoint("10.1.0.1", ready=False)])]
+    r = build(service("db", headless=True, publish_not_ready=True), slices)
+    assert data(r, "db.default.svc.cluster.local", QTYPE.A) == ["10.1.0.1"]
+
+
+def test_endpoints_sharing_a_hostname_get_one_record_per_ip():
+    slices = [
+        endpoint_slice(
+            "a", "db", [endpoint("10.1.0.1", hostname="x"), endpoint("10.1.0.2", hostname="x")]
+        )
+    ]
+    r = build(service("db", headless=True), slices)
+    assert data(r, "x.db.default.svc.cluster.local", QTYPE.A) == ["10.1.0.1", "10.1.0.2"]
+
+
+def test_headless_srv_per_ready_endpoint_and_named_port_with_the_endpoint_port():
+    slices = [
+        endpoint_slice(
+            "a",
+            "db",
+            [
+                endpoint("10.1.0.1", hostname="db-0"),
+                endpoint("10.1.0.2"),
+                endpoint("10.1.0.9", ready=False),
+            ],
+            ports=[{"name": "pg", "port": 15432}, {"port": 9}],
+        )
+    ]
+    r = build(service("db", headless=True, ports=[{"name": "pg", "port": 5432}]), slices)
+    base = "db.default.svc.cluster.local"
+    assert data(r, f"_pg._tcp.{base}", QTYPE.SRV) == [
+        f"0 50 15432 10-1-0-2.{base}.",
+        f"0 50 15432 db-0.{base}.",
+    ]
+    glue = sorted(repr(rr.rdata) for rr in r.additional[(f"_pg._tcp.{base}", QTYPE.SRV)])
+    assert glue == ["10.1.0.1", "10.1.0.2"]
+
+
+def test_headless_ptr_points_at_the_endpoint_name():
+    slices = [endpoint_slice("a", "db", [endpoint("10.1.0.1", hostname="db-0")])]
+    r = build(service("db", headless=True), slices)
+    assert r.ptrs == {"1.0.1.10.in-addr.arpa": ["db-0.db.default.svc.cluster.local"]}
+
+
+def test_ipv6_endpoints_get_dashed_names_and_nibble_ptrs():
+    slices = [endpoint_slice("a", "db", [endpoint("fd00::1")], address_type="IPv6")]
+    r = build(service("db", headless=True), slices)
+    assert data(r, "fd00--1.db.default.svc.cluster.local", QTYPE.AAAA) == ["fd00::1"]
+    assert list(r.ptrs) == ["1." + "0." * 29 + "d.f.ip6.arpa"]
+
+
+def test_endpoint_pod_names_uses_the_pod_name_when_there_is_no_hostname():
+    slices = [
+        endpoint_slice(
+            "a",
+            "db",
+            [endpoint("10.1.0.1", pod="db-abc"), endpoint("10.1.0.2", pod="p", hostname="h")],
+        )
+    ]
+    r = build(service("db", headless=True), slices, RecordOptions(endpoint_pod_names=True))
+    base = "db.default.svc.cluster.local"
+    assert (f"db-abc.{base}", QTYPE.A) in r.answers
+    assert (f"h.{base}", QTYPE.A) in r.answers
+    assert (f"10-1-0-1.{base}", QTYPE.A) not in r.answers
+
+
+def test_external_name_is_a_cname_and_an_ipv4_literal_is_not_served():
+    r = build(service("ext", external_name="www.example.org."))
+    owner = "ext.default.svc.cluster.local"
+    assert data(r, owner, QTYPE.CNAME) == ["www.example.org."]
+    assert r.aliases == {owner: "www.example.org"}
+    assert build(service("ext", external_name="10.0.0.1")).answers == {}
+
+
+def test_names_include_empty_non_terminals_below_the_service():
+    r = build(service("web", ports=[{"name": "http", "port": 80}]))
+    assert f"_tcp.{BASE}" in r.names and BASE in r.names
+    assert "default.svc.cluster.local" in r.names
+
+
+def test_dashed_ip_forms_match_coredns():
+    assert dashed_ip("10.0.0.1") == "10-0-0-1"
+    assert dashed_ip("fd00::1") == "fd00--1"
+    assert dashed_ip("fd00::") == "fd00--0"
+    assert ip_from_dashed("10-0-0-1") == "10.0.0.1"
+    assert ip_from_dashed("fd00-10--1") == "fd00:10::1"
+    assert ip_from_dashed("300-0-0-1") is None
+    assert ip_from_dashed("nope") is None
