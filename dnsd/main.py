@@ -109,14 +109,34 @@ class Daemon:
         return True, "ok"
 
     async def start(self) -> None:
-        await self.server.start()
+        loop = asyncio.get_running_loop()
+        if self.worker == 0:
+            # The first process binds at once: a port conflict fails the start, and clients
+            # get SERVFAIL for cluster names until the first sync, as CoreDNS does.
+            await self.server.start()
         await self.state.start(self.settings, USER_AGENT)
-        self._tasks.append(asyncio.get_running_loop().create_task(self.controller.run()))
+        self._tasks.append(loop.create_task(self.controller.run()))
+        if self.worker != 0:
+            # Extra workers join the SO_REUSEPORT group only with a complete zone: bound
+            # earlier, the kernel would hash some clients to a worker that can only SERVFAIL.
+            self._tasks.append(loop.create_task(self._listen_when_ready()))
         if self.worker == 0:
             REGISTRY.register(self._collector)
             self.health = HealthServer(self.settings.http_listen, ready=self.readiness)
             await self.health.start()
             log.info("http_listening", address=self.health.host, port=self.health.port)
+
+    async def _listen_when_ready(self) -> None:
+        await self.state.wait_synced()
+        # The controller builds the zone right after the sync; the index has no event to await.
+        while not self.index.ready:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        try:
+            await self.server.start()
+        except OSError as err:
+            log.error("listen_failed", worker=self.worker, problem=str(err))
+            return
+        log.info("worker_listening", worker=self.worker)
 
     @property
     def dns_port(self) -> int:

@@ -136,6 +136,8 @@ def test_workers_share_the_port_and_stop_together(run_dnsd, tmp_path):
     manifest = write_manifest(tmp_path / "m.yaml", CLUSTER)
     dnsd = run_dnsd("--manifests", str(manifest), "--workers", "2")
     dnsd.wait_for(lambda: dnsd.answers(f"web.default.svc.{Z}") == ["10.96.0.5"])
+    # The second worker joins the port only once its own zone is complete.
+    dnsd.wait_for(lambda: "worker_listening" in dnsd.log.read_text())
     children = Path(f"/proc/{dnsd.proc.pid}/task/{dnsd.proc.pid}/children").read_text().split()
     assert len(children) == 1
     # Both workers are ready: every one of many queries (spread by SO_REUSEPORT over the
