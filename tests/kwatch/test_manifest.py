@@ -128,3 +128,13 @@ async def test_missing_manifest_at_start_is_not_ready(tmp_path):
         assert not ready and "services" in why
     finally:
         await state.stop()
+
+
+def test_broken_json_file_is_reported_and_keeps_state(tmp_path):
+    (tmp_path / "a.yaml").write_text(SERVICE_A)
+    s = stores()
+    source = ManifestSource(tmp_path, s)
+    assert source.load()
+    (tmp_path / "b.json").write_text('{"kind": "Namespace", "metadata": ')
+    assert not source.load()
+    assert s[SERVICES].keys() == ["shop/a"] and s[NAMESPACES].keys() == []
