@@ -6,8 +6,9 @@ control path and called by the proxy once per accepted connection on the hot pat
 Semantics follow kube-proxy's userspace round robin (pkg/proxy/userspace/roundrobin.go), the
 mode kpx descends from:
 - the endpoint list is shuffled whenever it changes and the index restarts at 0;
-- `sessionAffinity: ClientIP` pins a client IP to an endpoint per Service *port*; the timer
-  counts from the client's last new connection; the pin is dropped when its endpoint leaves;
+- `sessionAffinity: ClientIP` pins a client IP to an endpoint per Service *port* when the
+  endpoint is picked; the timer counts from the client's last new connection; the pin is
+  dropped when its endpoint leaves;
 - after a failed dial the next attempt ignores affinity (sessionAffinityReset) and the endpoint
   that then answers becomes the client's new pin.
 What kube-proxy cannot do: a backend whose connects keep failing is skipped for a short, growing
@@ -195,11 +196,27 @@ class RoundRobinPicker:
             return []
         now = self._clock()
         failures = self._failures
-        if self._affinity is not None:
-            pinned = self._affinity.get(client_ip, now)
+        affinity = self._affinity
+        if affinity is not None:
+            pinned = affinity.get(client_ip, now)
             if pinned is not None and pinned in self._members:
                 if not (failures and failures.cooling(pinned, now)):
+                    affinity.record(client_ip, pinned)  # a new connection restarts the timer
                     return self._with_fallbacks(pinned, backends.index(pinned), now)
+        picked = self._pick(now)
+        if affinity is not None:
+            # Pinned at pick time, as kube-proxy does (userspace NextEndpoint, nftables
+            # `update @affinity`): the client's next connections, even ones opened before this
+            # connect completes, go to the same endpoint. `report_success` moves the pin if a
+            # fallback answered instead.
+            affinity.record(client_ip, picked[0])
+        return picked
+
+    def _pick(self, now: float) -> list[Backend]:
+        """Round robin past cooling backends: the pick, then its fallbacks."""
+        backends = self._backends
+        n = len(backends)
+        failures = self._failures
         start = self._next
         if not failures:
             self._next = (start + 1) % n

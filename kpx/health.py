@@ -2,7 +2,11 @@
 
 - `/healthz` and `/livez` on `--healthz-bind-address` (pkg/proxy/healthcheck/proxy_health.go):
   200 with `{"lastUpdated", "currentTime", "nodeEligible"}`, 503 when a change was queued and
-  not applied within the health timeout. Starting up counts as healthy.
+  not applied within the health timeout. Starting up counts as healthy. `/healthz` (not
+  `/livez`) is also 503 when this Node is being deleted or carries the cluster autoscaler's
+  `ToBeDeletedByClusterAutoscaler` taint (`nodeEligible` false), so load balancers that probe
+  it stop sending new connections to a node about to go (KEP-3836). Once kpx is stopping
+  (SIGTERM: it accepts nothing new while it drains) both are 503 too.
 - One HTTP server per `healthCheckNodePort` of a LoadBalancer Service with
   externalTrafficPolicy Local (service_health.go): any path answers 200 when this node has a
   ready endpoint of the Service and the proxy is healthy, else 503, with a JSON body and the
@@ -16,14 +20,20 @@ import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from aiohttp import web
 from prometheus_client import Counter
 
 from kwatch.health import parse_listen
+from kwatch.models import Node
+from kwatch.store import EventType, Store, StoreEvent
 
 log = structlog.get_logger("kpx.health")
+
+# The cluster autoscaler's taint on a node it is about to remove (proxy_health.go ToBeDeletedTaint).
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 
 HEALTHZ = Counter("kubeproxy_proxy_healthz_total", "Cumulative proxy healthz HTTP status", ["code"])
 LIVEZ = Counter("kubeproxy_proxy_livez_total", "Cumulative proxy livez HTTP status", ["code"])
@@ -35,6 +45,36 @@ def _rfc3339(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
 
 
+def node_eligible(node: Node | None) -> bool:
+    """proxy_health.go SyncNode: not eligible while being deleted or tainted by the autoscaler
+    (any effect). An unknown Node (not listed yet, or no Nodes at all in manifest mode) is."""
+    if node is None:
+        return True
+    if node.metadata.deletion_timestamp:
+        return False
+    return not any(taint.key == TO_BE_DELETED_TAINT for taint in node.spec.taints)
+
+
+class NodeEligibility:
+    """`nodeEligible` of this node, read from the Node store (the `node_eligible` callable of
+    `ProxierHealthServer`)."""
+
+    def __init__(self, nodes: Store[Any], node_name: str) -> None:
+        self._nodes = nodes
+        self.node_name = node_name
+        # The Node was deleted from the API after being seen: the node is going away, even
+        # though no object is left to carry a deletionTimestamp.
+        self._deleted = False
+        nodes.subscribe(self._on_node)
+
+    def _on_node(self, event: StoreEvent[Any]) -> None:
+        if event.key == self.node_name:
+            self._deleted = event.type == EventType.DELETED
+
+    def __call__(self) -> bool:
+        return not self._deleted and node_eligible(self._nodes.get(self.node_name))
+
+
 class ProxierHealth:
     """Tracks queued vs applied changes; unhealthy when one waits longer than `timeout`."""
 
@@ -43,6 +83,9 @@ class ProxierHealth:
         self._clock = clock
         self.last_updated = 0.0
         self._oldest_pending: float | None = None
+        # Shutting down: kpx accepts no new connection while it drains, so load balancers
+        # probing /healthz or a healthCheckNodePort must move away from this node now.
+        self._stopping = False
 
     def queued(self) -> None:
         """A change is waiting to be applied (keeps the oldest such time)."""
@@ -54,7 +97,13 @@ class ProxierHealth:
         self.last_updated = self._clock()
         self._oldest_pending = None
 
+    def stopping(self) -> None:
+        """kpx stops accepting (SIGTERM): unhealthy from now on."""
+        self._stopping = True
+
     def healthy(self) -> bool:
+        if self._stopping:
+            return False
         pending = self._oldest_pending
         return pending is None or self._clock() - pending < self.timeout
 

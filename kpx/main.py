@@ -1,9 +1,12 @@
 """kpx entry point: watch Services/EndpointSlices/this Node, program steering, proxy TCP.
 
 Start-up order follows kube-proxy: health and metrics servers first (starting up counts as
-healthy), the proxy listener, then the watches; no rule is programmed before every store holds
-its first complete list (a half-listed cluster would reject Services whose slices were not
-listed yet). SIGTERM: stop accepting, remove the rules, drain, exit.
+healthy), then the watches; no rule is programmed before every store holds its first complete
+list (a half-listed cluster would reject Services whose slices were not listed yet), and the
+proxy accepts only once the first sync is done. Its port is claimed before anything else, so a
+kpx that cannot start (a second one on this node) fails without touching the running one's
+table. SIGTERM: report unhealthy (/healthz, healthCheckNodePorts), stop accepting, drain,
+remove the rules (only rules this process wrote), exit.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ from prometheus_client import REGISTRY
 
 from kpx import settings as kpx_settings
 from kpx.balancer import Balancer
-from kpx.health import ProxierHealth, ProxierHealthServer, ServiceHealthServers
+from kpx.health import (
+    NodeEligibility,
+    ProxierHealth,
+    ProxierHealthServer,
+    ServiceHealthServers,
+)
 from kpx.local import LocalClients, addresses_in, local_addresses
 from kpx.metrics import register_proxy_stats
 from kpx.nft import NftWriter
@@ -114,6 +122,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         health,
         service_health,
         on_backend_removed=proxy.close_backend,
+        on_backend_added=proxy.restore_backend,
         min_sync_period=settings.min_sync_period,
     )
 
@@ -138,10 +147,20 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
             web.get("/debug/services", debug_services),
         ],
     )
-    healthz = ProxierHealthServer(settings.healthz_bind_address, health)
+    healthz = ProxierHealthServer(
+        settings.healthz_bind_address,
+        health,
+        NodeEligibility(state.store(NODES), settings.node_name),
+    )
     tasks: list[asyncio.Task[None]] = []
     status = 0
+    programmed = False  # this process wrote steering rules, so it removes them on exit
     try:
+        bound = []
+        if settings.mode == "nftables":
+            # Claim the proxy port before anything else: if another kpx holds it, fail here,
+            # before the first sync rewrites (and the exit path deletes) its table.
+            bound = [proxy.bind_redirect(h, settings.proxy_port) for h in _redirect_listen_hosts()]
         await healthz.start()
         await metrics_server.start()
         await state.start(settings, USER_AGENT)
@@ -160,15 +179,16 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
                 services=len(state.store(SERVICES)),
                 endpointslices=len(state.store(ENDPOINTSLICES)),
             )
+            programmed = True
             try:
                 await syncer.sync_once()
             except Exception as err:  # run() below retries
                 log.error("sync_failed", problem=str(err) or type(err).__name__)
-            if settings.mode == "nftables":
-                # Listen only once the table is filled: until then a redirected client is
-                # refused by the kernel rather than accepted and reset for an unknown frontend.
-                for host in _redirect_listen_hosts():
-                    await proxy.serve_redirect(host, settings.proxy_port)
+            # Listen only once the table is filled: until then a redirected client is refused
+            # by the kernel (nothing listens yet) rather than accepted and reset for an
+            # unknown frontend.
+            for listener in bound:
+                await proxy.accept_on(listener)
             tasks.append(asyncio.create_task(syncer.run(), name="kpx-sync"))
             tasks.append(
                 asyncio.create_task(_housekeeping(balancer, local_clients, settings.sync_period))
@@ -182,6 +202,9 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         status = 1
     finally:
         log.info("kpx_stopping")
+        # From now on nothing new is accepted: /healthz and the healthCheckNodePorts say so
+        # (503) for the whole drain, so load balancers stop sending clients here.
+        health.stopping()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -192,7 +215,8 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         if drain is None:
             drain = DEFAULT_STOP_DRAIN
         await proxy.stop(drain if status == 0 else 0.0)
-        await writer.remove()
+        if programmed:
+            await writer.remove()
         await service_health.stop()
         await metrics_server.stop()
         await healthz.stop()

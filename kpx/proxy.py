@@ -13,7 +13,9 @@ ladder over the candidates -> `Relay` (kpx/splice.py). A client whose frontend h
 whose every candidate failed, is reset at once (SO_LINGER 0), never left hanging.
 
 Drain: when the control path removes an endpoint it stops offering it; `close_backend` then
-(optionally, with `drain_timeout`) resets the connections still open to it after the timeout.
+takes it out of the connects under way and (optionally, with `drain_timeout`) resets the
+connections still open to it after the timeout; `restore_backend` calls that off when the
+endpoint is offered again before the deadline.
 """
 
 from __future__ import annotations
@@ -101,13 +103,15 @@ class ProxyStats(RelayCounters):
 class Listener:
     """One listening socket; `frontend` is fixed in ports mode, None in redirect mode."""
 
-    __slots__ = ("_paused", "_proxy", "fd", "frontend", "sock")
+    __slots__ = ("_accepting", "_paused", "_proxy", "fd", "frontend", "sock")
 
     def __init__(self, proxy: Proxy, sock: socket.socket, frontend: BackendKey | None) -> None:
         self._proxy = proxy
         self.sock = sock
         self.fd = sock.fileno()
         self.frontend = frontend
+        # Listening and registered with the loop (false while only bound: `bind_redirect`).
+        self._accepting = False
         self._paused = False
 
     @property
@@ -246,6 +250,12 @@ class _Dial:
         log.warning("backend_connect_exhausted", client=self.client_ip, attempts=self.attempt)
         self.proxy._end_dial(self, None)
 
+    def forget_candidate(self, key: BackendKey) -> None:
+        """Drop backend `key` from the attempts still to come (it left every Service)."""
+        done, rest = self.candidates[: self.attempt], self.candidates[self.attempt :]
+        if any((b.ip, b.port) == key for b in rest):
+            self.candidates = done + [b for b in rest if (b.ip, b.port) != key]
+
     def cancel(self) -> None:
         """Give up now (proxy stop deadline): close the half-made backend socket."""
         if self.timer is not None:
@@ -316,7 +326,17 @@ class Proxy:
         """Listen for nftables-redirected connections; the frontend is each one's original
         destination. Returns once listening (port 0 picks a free port: see `Listener.port`).
         An IPv6 host listens for IPv6 only: call once per family ("0.0.0.0" and "::")."""
-        return self._listen(host, port, backlog, frontend=None)
+        return self._start(self._bind(host, port, frontend=None), backlog)
+
+    def bind_redirect(self, host: str, port: int) -> Listener:
+        """`serve_redirect` in two steps: claim host:port now (connections to it are still
+        refused by the kernel), accept later with `accept_on`. Raises OSError (EADDRINUSE)
+        when another process, e.g. a second kpx on this node, listens there."""
+        return self._bind(host, port, frontend=None)
+
+    async def accept_on(self, listener: Listener, backlog: int = 4096) -> Listener:
+        """Start accepting on a listener from `bind_redirect`."""
+        return self._start(listener, backlog)
 
     async def serve_port(
         self,
@@ -327,11 +347,10 @@ class Proxy:
         backlog: int = 4096,
     ) -> Listener:
         """Listen on listen_host:listen_port for the one frontend frontend_ip:frontend_port."""
-        return self._listen(
-            listen_host, listen_port, backlog, frontend=(frontend_ip, frontend_port)
-        )
+        listener = self._bind(listen_host, listen_port, frontend=(frontend_ip, frontend_port))
+        return self._start(listener, backlog)
 
-    def _listen(self, host: str, port: int, backlog: int, frontend: BackendKey | None) -> Listener:
+    def _bind(self, host: str, port: int, frontend: BackendKey | None) -> Listener:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -341,16 +360,26 @@ class Proxy:
                 # families' redirect rules can point at the same `redirect to :PORT`.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
-            sock.listen(backlog)
-            sock.setblocking(False)
         except OSError:
             sock.close()
             raise
         listener = Listener(self, sock, frontend)
-        self._listeners.add(listener)
+        self._listeners.add(listener)  # closed by `stop` even if never started
+        return listener
+
+    def _start(self, listener: Listener, backlog: int) -> Listener:
+        sock = listener.sock
+        try:
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except OSError:
+            self._close_listener(listener)
+            raise
+        listener._accepting = True
         if self.idle_timeout is not None and self._idle_sweeper is None:
             self._idle_sweeper = self.loop.call_later(self.idle_timeout / 2, self._sweep_idle)
         self.loop.add_reader(listener.fd, self._on_acceptable, listener)
+        frontend = listener.frontend
         log.info(
             "proxy_listening",
             address=listener.address[0],
@@ -364,8 +393,9 @@ class Proxy:
         if listener not in self._listeners:
             return
         self._listeners.discard(listener)
-        if not listener._paused:
+        if listener._accepting and not listener._paused:
             self.loop.remove_reader(listener.fd)
+        listener._accepting = False
         listener.sock.close()
 
     def _pause_listener(self, listener: Listener) -> None:
@@ -527,6 +557,9 @@ class Proxy:
             and d.backend is not None
             and (d.backend.ip, d.backend.port) == key
         ]
+        for dial in self._dials:
+            # Candidate lists drawn up before the removal: no new connection may reach it.
+            dial.forget_candidate(key)
         log.info(
             "backend_draining",
             backend_ip=backend.ip,
@@ -547,6 +580,20 @@ class Proxy:
                 self.drain_timeout, self._drain_expired, key
             )
         return len(open_relays)
+
+    def restore_backend(self, backend: Backend) -> None:
+        """`backend` is offered again (say a readiness blip ended before its drain deadline):
+        its open connections are no longer reset when the deadline passes."""
+        key = (backend.ip, backend.port)
+        timer = self._drain_timers.pop(key, None)
+        if timer is None:
+            return
+        timer.cancel()
+        self._draining.pop(key, None)
+        for dial in self._dials:
+            if dial.backend is not None and (dial.backend.ip, dial.backend.port) == key:
+                dial.draining = False
+        log.info("backend_drain_cancelled", backend_ip=backend.ip, backend_port=backend.port)
 
     def _drain_expired(self, key: BackendKey) -> None:
         del self._drain_timers[key]

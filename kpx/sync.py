@@ -46,16 +46,20 @@ class RuleSyncer:
         service_health: ServiceHealthServers | None = None,
         on_backend_removed: Callable[[Backend], object] | None = None,
         min_sync_period: float = 0.05,
+        on_backend_added: Callable[[Backend], object] | None = None,
     ) -> None:
         self.table = table
         self.writer = writer
         self.health = health
         self.service_health = service_health
         self.on_backend_removed = on_backend_removed
+        self.on_backend_added = on_backend_added
         self.min_sync_period = min_sync_period
         self.syncs = 0
         self._wake = asyncio.Event()
         self._last_sync = 0.0
+        # EndpointSlice trigger times (epoch seconds) applied to the table, not yet observed.
+        self._trigger_times: list[float] = []
         table.on_change = self.notify
 
     def notify(self) -> None:
@@ -85,6 +89,16 @@ class RuleSyncer:
         started = time.monotonic()
         self._last_sync = started
         result = self.table.sync()
+        # The pickers stopped offering these backends just now, whatever the kernel update
+        # below does: drain them now (a failed update must not make them be forgotten).
+        if self.on_backend_removed is not None:
+            for backend in result.removed_backends:
+                self.on_backend_removed(backend)
+        if self.on_backend_added is not None:
+            for backend in result.added_backends:
+                self.on_backend_added(backend)
+        # Kept until a kernel update succeeds: the latency counts until the change is in.
+        self._trigger_times.extend(result.trigger_times)
         # A writer that must rewrite everything (startup, after a failure) makes a full sync.
         full = result.full or bool(getattr(self.writer, "needs_full", False))
         touched = await self.writer.sync(self.table.steering, result.steering.keys())
@@ -93,8 +107,9 @@ class RuleSyncer:
         (metrics.SYNC_FULL_DURATION if full else metrics.SYNC_PARTIAL_DURATION).observe(duration)
         now = time.time()
         metrics.LAST_SYNC.set(now)
-        for trigger in result.trigger_times:
+        for trigger in self._trigger_times:
             metrics.NETWORK_PROGRAMMING.observe(max(0.0, now - trigger))
+        self._trigger_times.clear()
         self.health.updated()
         if self.table.pending:  # changes that arrived while the kernel was being updated
             self.health.queued()
@@ -104,9 +119,6 @@ class RuleSyncer:
             counts = Counter(self.table.steering.values())
             for state in ("serve", "local", "reject"):
                 metrics.FRONTENDS.labels(state).set(counts.get(state, 0))
-        if self.on_backend_removed is not None:
-            for backend in result.removed_backends:
-                self.on_backend_removed(backend)
         if self.service_health is not None:
             await self.service_health.sync(self.table.health_checks())
         self.syncs += 1

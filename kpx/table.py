@@ -5,7 +5,7 @@ follows kube-proxy's pkg/proxy:
 - servicechangetracker.go / util.ShouldSkipService: headless, ExternalName and
   `service.kubernetes.io/service-proxy-name`-labelled Services have no frontend; a family is
   served only when the Service has a ClusterIP of that family; externalIPs and LB ingress IPs
-  of other families are dropped;
+  of other families are dropped, and so are ingress IPs with `ipMode: Proxy` (util.IsVIPMode);
 - endpointslicecache.go: slices are joined to a Service port by port *name and protocol*, per
   slice (a named targetPort may resolve to different numbers in different slices); only the
   first address of an endpoint is used; `ready`/`serving` absent mean true, `terminating`
@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import structlog
 
+from kpx import metrics
 from kpx.backends import Backend, Picker
 from kpx.balancer import Balancer, ListKey, LocalTrafficPicker, RoundRobinPicker
 from kwatch.models import EndpointSlice, Node, Service
@@ -242,8 +243,12 @@ def _frontends(svc: Service, port: int, node_port: int | None) -> tuple[Frontend
     for ip in svc.spec.external_ips:
         if family_of(ip) in families:
             out[Frontend("external_ip", family_of(ip), ip, port)] = None
-    # kube-proxy skips ingress IPs with ipMode Proxy; kwatch does not model ipMode yet.
     for ingress in svc.status.load_balancer.ingress:
+        if ingress.ip_mode == "Proxy":
+            # The load balancer proxies (traffic arrives addressed to the node, not to this
+            # IP): kube-proxy leaves the IP alone so in-cluster clients go out through the LB
+            # too (util.IsVIPMode, KEP-1860).
+            continue
         if ingress.ip and family_of(ingress.ip) in families:
             out[Frontend("load_balancer", family_of(ingress.ip), ingress.ip, port)] = None
     return tuple(out)
@@ -363,6 +368,9 @@ class SyncResult:
     trigger_times: list[float] = field(default_factory=list)
     # Backends no frontend offers any more: the proxy drains their open connections.
     removed_backends: list[Backend] = field(default_factory=list)
+    # Backends offered again after none offered them (or for the first time): a drain still
+    # running for them is called off.
+    added_backends: list[Backend] = field(default_factory=list)
     full: bool = False
 
 
@@ -444,9 +452,11 @@ class ServiceTable:
             self.on_change()
 
     def _on_service(self, event: StoreEvent[Any]) -> None:
+        metrics.SERVICE_CHANGES.inc()
         self._mark(event.key)
 
     def _on_slice(self, event: StoreEvent[Any]) -> None:
+        metrics.ENDPOINT_CHANGES.inc()
         keys = set()
         for sl in (event.obj, event.old):
             if sl is not None and sl.service_name:
@@ -491,6 +501,7 @@ class ServiceTable:
         self._dirty = set()
         touched: set[SteerKey] = set()
         released: dict[tuple[str, int], Backend] = {}
+        added: dict[tuple[str, int], Backend] = {}
         for key in sorted(keys):
             svc = self._services.get(key)
             rules = None
@@ -501,12 +512,17 @@ class ServiceTable:
                 self._release(backend, released)
             for backend in _unique_backends(rules):
                 addr = (backend.ip, backend.port)
-                self._backend_refs[addr] = self._backend_refs.get(addr, 0) + 1
+                count = self._backend_refs.get(addr, 0)
+                if count == 0:
+                    added[addr] = backend
+                self._backend_refs[addr] = count + 1
             touched |= self._apply(key, rules)
             result.trigger_times.extend(self._triggers.pop(key, ()))
         result.removed_backends = [
             b for addr, b in released.items() if addr not in self._backend_refs
         ]
+        # Released by one Service and taken up by another in this same sync: never left.
+        result.added_backends = [b for addr, b in added.items() if addr not in released]
         for steer_key in touched:
             self._resolve(steer_key, result.steering)
         result.services = len(keys)

@@ -91,6 +91,9 @@ class ObjectMeta:
     annotations: Annotated[dict[str, str], BeforeValidator(_keep_annotations)] = Field(
         default_factory=dict
     )
+    # Set once deletion was requested (RFC 3339 text, kept as sent): kpx's /healthz reports a
+    # Node being deleted as not eligible, as kube-proxy does.
+    deletion_timestamp: str | None = Field(default=None, alias="deletionTimestamp")
 
     @property
     def key(self) -> str:
@@ -153,6 +156,9 @@ class ServiceSpec:
 class LoadBalancerIngress:
     ip: IP | None = None
     hostname: str | None = None
+    # "Proxy": the load balancer sends traffic to the nodes with its own address as destination,
+    # so kube-proxy does not capture this IP in-cluster (KEP-1860); "VIP" or absent: it does.
+    ip_mode: Literal["VIP", "Proxy"] | None = Field(default=None, alias="ipMode")
 
 
 @dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)
@@ -345,8 +351,24 @@ class NodeStatus:
 
 
 @dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)
+class Taint:
+    key: str
+    value: str = ""
+    # Plain text, not an enum: a taint effect added by a later API version must not make the
+    # whole Node unreadable.
+    effect: str = ""
+
+
+@dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)
+class NodeSpec:
+    # kpx's /healthz reads the cluster autoscaler's ToBeDeletedByClusterAutoscaler taint.
+    taints: list[Taint] = Field(default_factory=list)
+
+
+@dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)
 class Node:
     metadata: ObjectMeta
+    spec: NodeSpec = Field(default_factory=lambda: NodeSpec())
     status: NodeStatus = Field(default_factory=lambda: NodeStatus())
 
     @property

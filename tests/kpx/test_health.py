@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import json
 import socket
+from typing import Any
 
 import aiohttp
 
-from kpx.health import ProxierHealth, ProxierHealthServer, ServiceHealthServers
+from kpx.health import (
+    NodeEligibility,
+    ProxierHealth,
+    ProxierHealthServer,
+    ServiceHealthServers,
+    node_eligible,
+)
+from kwatch.resources import NODES
+from kwatch.store import Store
 
 
 class Clock:
@@ -42,6 +51,13 @@ def test_starting_up_is_healthy_and_a_stale_queued_change_is_not():
         "currentTime": "2026-01-01T00:01:01Z",
         "nodeEligible": True,
     }
+
+
+def test_a_stopping_proxy_is_unhealthy_whatever_its_sync_state():
+    health = ProxierHealth(timeout=60, clock=Clock())
+    health.updated()
+    health.stopping()
+    assert not health.healthy()
 
 
 async def test_healthz_and_livez_answer_like_kube_proxy():
@@ -113,3 +129,60 @@ async def test_no_matching_nodeport_address_serves_nothing():
             assert probe.connect_ex(("127.0.0.1", port)) != 0
     finally:
         await servers.stop()
+
+
+# --- nodeEligible (proxy_health.go SyncNode) --------------------------------------------------
+
+
+def node(name: str = "node-a", deleting: bool = False, taints: tuple[str, ...] = ()) -> Any:
+    meta: dict[str, Any] = {"name": name}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    spec = {"taints": [{"key": key, "effect": "NoSchedule"} for key in taints]}
+    return NODES.parse({"metadata": meta, "spec": spec})
+
+
+def test_a_node_being_deleted_or_marked_by_the_cluster_autoscaler_is_not_eligible():
+    assert node_eligible(node())
+    assert node_eligible(node(taints=("node.kubernetes.io/unschedulable",)))
+    assert not node_eligible(node(deleting=True))
+    assert not node_eligible(node(taints=("ToBeDeletedByClusterAutoscaler",)))
+    assert node_eligible(None)  # not listed (yet): starting up counts as healthy
+
+
+def test_node_eligibility_follows_this_nodes_object_in_the_store():
+    nodes: Store[Any] = Store("nodes")
+    eligible = NodeEligibility(nodes, "node-a")
+    assert eligible()
+    nodes.upsert("node-b", node("node-b", deleting=True))  # another node: irrelevant
+    assert eligible()
+    nodes.upsert("node-a", node(taints=("ToBeDeletedByClusterAutoscaler",)))
+    assert not eligible()
+    nodes.upsert("node-a", node())  # the autoscaler changed its mind
+    assert eligible()
+    nodes.upsert("node-a", node(deleting=True))
+    assert not eligible()
+    nodes.delete("node-a")  # gone from the API: still not a node to send traffic to
+    assert not eligible()
+    nodes.upsert("node-a", node())  # re-registered
+    assert eligible()
+
+
+async def test_healthz_is_503_for_a_node_the_autoscaler_removes_and_livez_stays_200():
+    nodes: Store[Any] = Store("nodes")
+    health = ProxierHealth(timeout=60, clock=Clock())
+    server = ProxierHealthServer("127.0.0.1:0", health, NodeEligibility(nodes, "node-a"))
+    await server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            nodes.upsert("node-a", node())
+            async with http.get(base + "/healthz") as resp:
+                assert resp.status == 200 and (await resp.json())["nodeEligible"] is True
+            nodes.upsert("node-a", node(taints=("ToBeDeletedByClusterAutoscaler",)))
+            async with http.get(base + "/healthz") as resp:
+                assert resp.status == 503 and (await resp.json())["nodeEligible"] is False
+            async with http.get(base + "/livez") as resp:
+                assert resp.status == 200 and (await resp.json())["nodeEligible"] is False
+    finally:
+        await server.stop()

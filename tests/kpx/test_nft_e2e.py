@@ -244,3 +244,42 @@ def test_crash_leaves_rules_whole_and_a_restart_takes_over(
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=40) == 0
     assert "kpx" not in topo.node.run("nft", "list", "tables")
+
+
+def test_a_second_kpx_that_cannot_start_leaves_the_running_ones_rules_alone(
+    netns_topology: Topology, tmp_path: Path
+) -> None:
+    """An overlapping rollout or a manual run on a node where kpx already runs: the newcomer
+    fails to bind (health port, or the proxy port) and exits 1 without deleting the table the
+    running kpx serves from."""
+    topo = netns_topology
+    p1 = topo.add_pod("p1")
+    p1.start_whoami(8080)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(manifest([p1]))
+    code = "import sys; from kpx.main import main; sys.exit(main(sys.argv[1:]))"
+    argv = [
+        sys.executable, "-c", code, "--manifests", str(path), "--node-name", "node-a",
+        "--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", "127.0.0.1:10249",
+        "--min-sync-period", "0.01",
+    ]  # fmt: skip
+    running = topo.node.popen(*argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: whoami(topo.client, "10.96.0.10", 80, 0.5) == "p1")
+        rules = topo.node.run("nft", "list", "table", "inet", "kpx")
+        other_ports = [
+            "--healthz-bind-address", "127.0.0.1:10257",
+            "--metrics-bind-address", "127.0.0.1:10250",
+        ]  # fmt: skip
+        for extra in ([], other_ports):  # health port taken; then only the proxy port taken
+            second = topo.node.popen(
+                *argv, *extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+            out, _ = second.communicate(timeout=30)
+            assert second.returncode == 1, out
+            assert topo.node.run("nft", "list", "table", "inet", "kpx") == rules, out
+            assert whoami(topo.client, "10.96.0.10", 80) == "p1"
+    finally:
+        running.send_signal(signal.SIGTERM)
+        assert running.wait(timeout=40) == 0
+    assert "kpx" not in topo.node.run("nft", "list", "tables")

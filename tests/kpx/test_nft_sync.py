@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from kpx.backends import Backend
 from kpx.balancer import Balancer
 from kpx.health import ProxierHealth
-from kpx.nft import NftError
+from kpx.nft import NftError, NftWriter
 from kpx.ports import PortsWriter
 from kpx.sync import RuleSyncer
 from kpx.table import ServiceTable, Steer, SteerKey
@@ -126,6 +131,68 @@ async def test_a_failed_kernel_update_is_retried_and_keeps_health_pending():
         assert writer.calls and syncer.syncs >= 1
     finally:
         task.cancel()
+
+
+async def test_a_failed_kernel_update_still_drains_backends_and_keeps_their_trigger_times():
+    # The pickers stop offering a removed backend when the table syncs, whatever the kernel
+    # update does next: its connections must drain now, and the change's programming latency
+    # is observed once it is in the kernel (after the retry), not lost.
+    services, slices, writer, syncer = setup(min_sync_period=0.0)
+    removed: list[Backend] = []
+    added: list[Backend] = []
+    syncer.on_backend_removed = removed.append
+    syncer.on_backend_added = added.append  # calls off a drain still running for them
+    services.upsert("default/web", service("web", "10.96.0.1"))
+    slices.upsert("default/web-1", endpoint_slice("web", ["10.1.0.1", "10.1.0.2"]))
+    await syncer.sync_once()
+    assert sorted(b.ip for b in added) == ["10.1.0.1", "10.1.0.2"]
+    before = _histogram_count("kubeproxy_network_programming_duration_seconds")
+    slices.upsert("default/web-1", endpoint_slice("web", ["10.1.0.2"], trigger=time.time()))
+    writer.fail = 1
+    with pytest.raises(NftError):
+        await syncer.sync_once()
+    assert [(b.ip, b.port) for b in removed] == [("10.1.0.1", 8080)]
+    assert _histogram_count("kubeproxy_network_programming_duration_seconds") == before
+    await syncer.sync_once()  # the retry
+    assert _histogram_count("kubeproxy_network_programming_duration_seconds") == before + 1
+    assert len(removed) == 1
+
+
+async def test_endpoint_only_changes_never_run_nft(tmp_path: Path) -> None:
+    """The real NftWriter with `nft` replaced by a recorder: only a frontend appearing or
+    changing state (usable <-> no endpoints) costs a kernel transaction."""
+    transcript = tmp_path / "nft.log"
+    record = "import sys; open(sys.argv[1], 'a').write(sys.stdin.read() + '=====\\n')"
+    services: Store[Any] = Store("services")
+    slices: Store[Any] = Store("endpointslices", DEFAULT_INDEXERS[ENDPOINTSLICES])
+    table = ServiceTable(services, slices, None, "node-a", Balancer())
+    writer = NftWriter(10262, command=[sys.executable, "-c", record, str(transcript)])
+    syncer = RuleSyncer(table, writer, ProxierHealth(60), min_sync_period=0.0)
+
+    def transactions() -> list[str]:
+        text = transcript.read_text() if transcript.exists() else ""
+        return text.split("=====\n")[:-1]  # one per nft run, an empty script included
+
+    services.upsert("default/web", service("web", "10.96.0.1"))
+    await syncer.sync_once()
+    assert len(transactions()) == 1  # startup: the full table
+    slices.upsert("default/web-1", endpoint_slice("web", ["10.1.0.1"]))
+    await syncer.sync_once()
+    assert transactions()[-1].splitlines() == [
+        "delete element inet kpx svc4-reject { 10.96.0.1 . 80 }",
+        "add element inet kpx svc4 { 10.96.0.1 . 80 }",
+    ]
+    for ips in (["10.1.0.1", "10.1.0.2"], ["10.1.0.2", "10.1.0.3"], ["10.1.0.4"], ["10.1.0.5"]):
+        slices.upsert("default/web-1", endpoint_slice("web", ips))
+        await syncer.sync_once()
+    slices.upsert("default/web-2", endpoint_slice("web", ["10.1.0.9"]))  # a second slice
+    await syncer.sync_once()
+    slices.delete("default/web-2")
+    await syncer.sync_once()
+    assert len(transactions()) == 2  # seven endpoint changes, no kernel work
+    slices.upsert("default/web-1", endpoint_slice("web", []))  # the last endpoint leaves
+    await syncer.sync_once()
+    assert len(transactions()) == 3 and "svc4-reject" in transactions()[-1]
 
 
 def _histogram_count(name: str) -> float:

@@ -628,6 +628,62 @@ def test_a_removed_backends_connections_are_reset_at_the_drain_timeout(
     run(scenario())
 
 
+def test_a_backend_offered_again_before_its_drain_deadline_keeps_its_connections(
+    run: Runner[None],
+) -> None:
+    # A readiness blip: the endpoint leaves the slice and comes back within the drain timeout.
+    async def scenario() -> None:
+        async with (
+            whoami_backends("flaky") as [flaky],
+            proxy_for([flaky], drain_timeout=0.3) as (proxy, _picker, port),
+        ):
+            reader, writer = await dial(port)
+            assert await reader.readline() == b"flaky\n"
+            assert proxy.close_backend(flaky) == 1
+            await asyncio.sleep(0.1)
+            proxy.restore_backend(flaky)
+            await asyncio.sleep(0.4)  # past the deadline it no longer has
+            writer.write(b"still here")
+            assert await reader.readexactly(10) == b"still here"
+            assert proxy.stats.drain_resets == 0
+            assert proxy.close_backend(flaky) == 1  # removed for good later: a fresh deadline
+            await expect_reset(reader, within=1)
+            writer.close()
+
+    run(scenario())
+
+
+def test_a_removed_backend_is_not_tried_as_a_fallback_by_a_connect_already_under_way(
+    run_uvloop: Runner[None],
+) -> None:
+    # "An endpoint removed from the slice receives no new connections": not even from a
+    # client whose candidate list was drawn up before the removal.
+    async def scenario() -> None:
+        held, slow = blackholed_backend()
+        try:
+            async with (
+                whoami_backends("removed", "kept") as [removed, kept],
+                proxy_for([slow, removed, kept], connect_ladder=(0.3, 1.0, 1.0)) as (
+                    proxy,
+                    picker,
+                    port,
+                ),
+            ):
+                picker.rotate = False  # every client: slow, then removed, then kept
+                reader, writer = await dial(port)
+                await wait_until(lambda: proxy.stats.connections_active == 1)
+                picker.backends = [slow, kept]
+                proxy.close_backend(removed)  # while the first attempt waits on `slow`
+                assert await asyncio.wait_for(reader.readline(), 3) == b"kept\n"
+                assert proxy.connections_to(removed) == 0
+                writer.close()
+        finally:
+            for sock in held:
+                sock.close()
+
+    run_uvloop(scenario())
+
+
 def test_a_connect_under_way_when_its_backend_is_removed_obeys_the_drain_deadline(
     run_uvloop: Runner[None],
 ) -> None:
@@ -701,6 +757,29 @@ def test_stop_during_a_connect_resets_the_client_and_leaks_nothing(run: Runner[N
         assert open_fds() == baseline
         for sock in held:
             sock.close()
+
+    run(scenario())
+
+
+def test_a_claimed_redirect_port_refuses_until_accepting_and_cannot_be_claimed_twice(
+    run: Runner[None],
+) -> None:
+    async def scenario() -> None:
+        await warm_up_loop()
+        baseline = open_fds()
+        proxy = Proxy(StaticFrontends())
+        bound = proxy.bind_redirect("127.0.0.1", 0)
+        with pytest.raises(ConnectionRefusedError):
+            await dial(bound.port)  # claimed, not listening: the kernel refuses
+        await proxy.accept_on(bound)
+        with pytest.raises(OSError):
+            Proxy(StaticFrontends()).bind_redirect("127.0.0.1", bound.port)  # a second kpx
+        await dial_expect_reset(bound.port)  # no SO_ORIGINAL_DST on a direct dial: reset
+        never_started = proxy.bind_redirect("127.0.0.1", 0)
+        assert never_started.port != bound.port
+        await proxy.stop(0)
+        await asyncio.sleep(0.05)
+        assert open_fds() == baseline  # the never-started listener was closed too
 
     run(scenario())
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prometheus_client import REGISTRY
+
 from kpx.backends import Backend
 from kpx.balancer import Balancer
 from kpx.table import NodeInfo, ServiceTable, compute_service, parse_trigger_time
@@ -99,6 +101,27 @@ def test_every_frontend_kind_of_a_load_balancer_service():
         ("node_port", 4, "", 30080),
         ("external_ip", 4, "192.0.2.7", 80),
         ("load_balancer", 4, "203.0.113.5", 80),
+    ]
+
+
+def test_load_balancer_ingress_with_ip_mode_proxy_is_not_captured():
+    # kube-proxy's IsVIPMode: ipMode VIP or absent is programmed, Proxy is left to the LB.
+    s = svc(
+        type="LoadBalancer",
+        status={
+            "loadBalancer": {
+                "ingress": [
+                    {"ip": "203.0.113.5", "ipMode": "Proxy"},
+                    {"ip": "203.0.113.6", "ipMode": "VIP"},
+                    {"ip": "203.0.113.7"},
+                ]
+            }
+        },
+    )
+    assert frontends(s) == [
+        ("cluster_ip", 4, "10.96.0.10", 80),
+        ("load_balancer", 4, "203.0.113.6", 80),
+        ("load_balancer", 4, "203.0.113.7", 80),
     ]
 
 
@@ -397,6 +420,20 @@ class Env:
         store.upsert(obj.key, obj)
 
 
+def test_service_and_endpoint_slice_changes_are_counted():
+    # kubeproxy_sync_proxy_rules_{service,endpoint}_changes_total, one per object change.
+    def total(name: str) -> float:
+        return REGISTRY.get_sample_value(f"kubeproxy_sync_proxy_rules_{name}_changes_total") or 0
+
+    env = Env()
+    services, endpoints = total("service"), total("endpoint")
+    env.put(svc())
+    env.put(eps([ep("10.1.0.1")]))
+    env.put(eps([ep("10.1.0.2")]))
+    env.slices.delete("default/web-1")
+    assert (total("service"), total("endpoint")) == (services + 1, endpoints + 3)
+
+
 def test_table_serves_lookup_and_reports_steering_changes():
     env = Env()
     env.put(svc(type="NodePort", ports=[{"name": "http", "port": 80, "nodePort": 30080}]))
@@ -515,6 +552,22 @@ def test_backends_that_leave_every_service_are_reported_for_draining():
     env.services.delete("default/b")
     result = env.table.sync()
     assert [(b.ip, b.port) for b in result.removed_backends] == [("10.1.0.2", 8080)]
+
+
+def test_backends_offered_again_are_reported_so_their_drain_is_called_off():
+    env = Env()
+    env.put(svc())
+    env.put(eps([ep("10.1.0.1"), ep("10.1.0.2")]))
+    first = env.table.sync()
+    assert first.removed_backends == [] and len(first.added_backends) == 2
+    env.put(eps([ep("10.1.0.2")]))
+    assert [b.ip for b in env.table.sync().removed_backends] == ["10.1.0.1"]
+    env.put(eps([ep("10.1.0.1", ready=False), ep("10.1.0.2")]))
+    assert env.table.sync().added_backends == []  # not ready: still not offered
+    env.put(eps([ep("10.1.0.1"), ep("10.1.0.2")]))
+    result = env.table.sync()
+    assert [(b.ip, b.port) for b in result.added_backends] == [("10.1.0.1", 8080)]
+    assert result.removed_backends == []
 
 
 def test_external_local_short_circuit_for_node_and_pod_clients():

@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from kwatch.models import describe_error, object_key
-from kwatch.resources import ENDPOINTSLICES, PODS, SERVICES
+from kwatch.resources import ENDPOINTSLICES, NODES, PODS, SERVICES
 
 
 def svc(**spec):
@@ -99,6 +99,52 @@ def test_fqdn_endpointslices_parse_as_empty():
         }
     )
     assert es.endpoints == []
+
+
+def test_load_balancer_ingress_ip_mode():
+    s = SERVICES.parse(
+        {
+            **svc(type="LoadBalancer", clusterIP="10.0.0.1"),
+            "status": {
+                "loadBalancer": {
+                    "ingress": [
+                        {"ip": "203.0.113.5", "ipMode": "Proxy"},
+                        {"ip": "203.0.113.6", "ipMode": "VIP"},
+                        {"ip": "203.0.113.7"},
+                    ]
+                }
+            },
+        }
+    )
+    assert [i.ip_mode for i in s.status.load_balancer.ingress] == ["Proxy", "VIP", None]
+    with pytest.raises(ValidationError):
+        SERVICES.parse(
+            {**svc(), "status": {"loadBalancer": {"ingress": [{"ip": "1.2.3.4", "ipMode": "X"}]}}}
+        )
+
+
+def test_node_deletion_timestamp_and_taints():
+    node = NODES.parse(
+        {
+            "metadata": {"name": "n1", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {
+                "podCIDR": "10.244.1.0/24",
+                "taints": [
+                    {"key": "ToBeDeletedByClusterAutoscaler", "value": "1767225600",
+                     "effect": "NoSchedule"},
+                    {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute",
+                     "timeAdded": "2026-01-01T00:00:00Z"},
+                ],
+            },
+        }
+    )  # fmt: skip
+    assert node.metadata.deletion_timestamp == "2026-01-01T00:00:00Z"
+    assert [(t.key, t.value, t.effect) for t in node.spec.taints] == [
+        ("ToBeDeletedByClusterAutoscaler", "1767225600", "NoSchedule"),
+        ("node.kubernetes.io/unreachable", "", "NoExecute"),
+    ]
+    plain = NODES.parse({"metadata": {"name": "n2"}})
+    assert plain.metadata.deletion_timestamp is None and plain.spec.taints == []
 
 
 def test_pod_ips_fall_back_to_pod_ip():

@@ -1,0 +1,114 @@
+"""kpx's lifecycle as a rolling update sees it, in process (ports mode, manifests, 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from kpx.main import serve
+from kpx.settings import load
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def whoami(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"backend\n")
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+def manifest(backend_port: int, health_check_port: int) -> str:
+    docs: list[dict[str, Any]] = [
+        {
+            "kind": "Service",
+            "metadata": {"name": "lb", "namespace": "default"},
+            "spec": {
+                "type": "LoadBalancer",
+                "clusterIP": "10.96.0.10",
+                "externalTrafficPolicy": "Local",
+                "healthCheckNodePort": health_check_port,
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080}],
+            },
+        },
+        {
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "lb-1",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "lb"},
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["127.0.0.1"], "nodeName": "node-a"}],
+            "ports": [{"name": "http", "port": backend_port}],
+        },
+    ]
+    return yaml.safe_dump_all(docs)
+
+
+async def status_of(http: aiohttp.ClientSession, url: str) -> int:
+    async with http.get(url) as resp:
+        return resp.status
+
+
+async def test_on_sigterm_health_fails_at_once_while_open_connections_drain(tmp_path: Path):
+    """While kpx drains it accepts no new connection, so the load balancers probing its
+    /healthz and the healthCheckNodePorts must see 503 from the start of the drain, not
+    keep sending clients to a node that refuses them."""
+    backend = await asyncio.start_server(whoami, "127.0.0.1", 0)
+    backend_port = backend.sockets[0].getsockname()[1]
+    healthz, metrics, health_check = free_port(), free_port(), free_port()
+    path = tmp_path / "cluster.yaml"
+    path.write_text(manifest(backend_port, health_check))
+    settings = load(
+        ["--mode", "ports", "--manifests", str(path), "--node-name", "node-a",
+         "--healthz-bind-address", f"127.0.0.1:{healthz}",
+         "--metrics-bind-address", f"127.0.0.1:{metrics}", "--nodeport-addresses", "127.0.0.0/8",
+         "--min-sync-period", "0.01", "--drain-timeout", "10"]
+    )  # fmt: skip
+    stop = asyncio.Event()
+    kpx = asyncio.create_task(serve(settings, stop))
+    try:
+        async with aiohttp.ClientSession() as http:
+            rows: list[dict[str, Any]] = []
+            async with asyncio.timeout(10):
+                while not any(r["frontend"] == "10.96.0.10:80" for r in rows):
+                    await asyncio.sleep(0.05)
+                    try:
+                        async with http.get(f"http://127.0.0.1:{metrics}/debug/services") as resp:
+                            rows = json.loads(await resp.text())
+                    except aiohttp.ClientConnectionError:
+                        continue
+            port = next(r["port"] for r in rows if r["frontend"] == "10.96.0.10:80")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert await reader.readline() == b"backend\n"
+            probes = [f"http://127.0.0.1:{healthz}/healthz", f"http://127.0.0.1:{health_check}/"]
+            assert [await status_of(http, url) for url in probes] == [200, 200]
+
+            stop.set()  # SIGTERM
+            await asyncio.sleep(0.2)
+            assert not kpx.done()  # draining: one connection is open
+            assert [await status_of(http, url) for url in probes] == [503, 503]
+            writer.write(b"still served\n")
+            assert await reader.readline() == b"still served\n"
+            writer.close()
+            async with asyncio.timeout(5):
+                assert await kpx == 0  # the last connection ended: the drain is over
+    finally:
+        stop.set()
+        backend.close()
+        if not kpx.done():
+            kpx.cancel()
