@@ -117,6 +117,14 @@ def start_api_server(objects_file: Path, kubeconfig: Path, history: int) -> subp
     return proc
 
 
+def _set_when_full(store: Any, target: int, done: asyncio.Event) -> Any:
+    def on_event(_event: object) -> None:
+        if len(store) >= target:
+            done.set()
+
+    return on_event
+
+
 async def measure(kubeconfig: str) -> dict[str, float]:
     """One run, in a fresh process: sync time, RSS growth, replayed events/s."""
     from kubernetes.config import kube_config  # noqa: F401  (imported before the baseline)
@@ -150,7 +158,7 @@ async def measure(kubeconfig: str) -> dict[str, float]:
         reflector = Reflector(client, resource, store, watch_timeout=(60, 60))
         target = objects // 2
         done = asyncio.Event()
-        store.subscribe(lambda _e, s=store, t=target, d=done: d.set() if len(s) >= t else None)
+        store.subscribe(_set_when_full(store, target, done))
         t0 = time.perf_counter()
         task = asyncio.create_task(reflector._watch("0"))  # rv 0: every object as ADDED
         finished, _ = await asyncio.wait(

@@ -1,0 +1,748 @@
+"""kpx against haproxy, the kernel's NAT and no proxy at all, through one netns chain (issue 4).
+
+    .venv/bin/python -m bench.proxy [--runs 3] [--duration 8] [--idle 5000] [--samples 50]
+        [--services 10 10000] [--quick]
+
+Topology (bench/netns_topology.py): client ns -- node ns -- server ns over veths, all addresses
+in 10.233.0.0/16 inside the namespaces; the node routes. The server ns runs iperf3 -s, haproxy
+as a tiny HTTP origin (`http-request return` "ok", one thread) and a whoami server. Four paths
+from the client, measured in the same run (mode order rotated per run):
+  direct   client -> 10.233.2.2 (routed by the node, no NAT)
+  nat      client -> 10.96.0.11, an nftables `dnat` rule in the node's prerouting (what
+           kube-proxy's nftables mode does per packet)
+  haproxy  client -> 10.233.1.1, haproxy `mode tcp` in the node ns (its default threads and
+           no splicing; `--haproxy-threads N`, `--haproxy-splice` to change that)
+  kpx      client -> 10.96.0.10, `kpx --mode nftables --manifests DIR` in the node ns
+Each path gets:
+- bulk throughput, iperf3 -P 1 and -P 8 (`--duration` s; Gbit/s received);
+- proxy CPU seconds per GB moved in the 8-stream pass (utime+stime of the proxy process from
+  /proc / bytes) and the whole machine's CPU-s per GB (/proc/stat: includes iperf3 and the
+  kernel; shared machine, noisy);
+- new connections/s with a small request each: wrk -t1 -c32 (`--conns`) with
+  `Connection: close` (every request a new TCP connection through the path), and wrk's
+  p50/p99 latency in that pass;
+- small-request latency: wrk -t1 -c1 on one keep-alive connection, p50/p99;
+- proxy RSS after the passes.
+Ratios kpx/haproxy are computed per run, the median over runs is printed.
+Then, for haproxy and kpx: `--idle` connections (default 5,000) opened through the proxy, each
+with one keep-alive request answered end to end, then held idle: RSS delta per connection.
+Then network programming latency, kpx on the fake API server (`python -m tests.apiserver` in
+the node ns, `kpx --kubeconfig`) holding `--services` Services (default 10 and 10,000; one of
+them the probe Service): `--samples` times, PUT its EndpointSlice moving the endpoint between
+10.233.2.2 and 10.233.2.3 (whoami servers that answer "A" / "B") and connect from the client
+about every millisecond until the new endpoint answers; p50/p99 of write-sent -> first
+connection served by it. Then `--samples` new Services (slice first, untimed; then the timed
+Service POST) until a connection to the new ClusterIP is served. kpx RSS at that count too.
+
+`--quick`: 1 s wrk passes, 300 MB iperf3 transfers instead of timed ones, 200 idle connections,
+3 samples of each kind at 10 and 50 Services: a smoke test of the harness (about 20 s); its
+figures mean nothing.
+Figures, never assertions: this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench.apiclient import Api, start_fake_apiserver
+from bench.netns_topology import (
+    CLIENT_IP,
+    NODE_CLIENT_SIDE_IP,
+    SERVER_IP,
+    SERVER_IP_2,
+    Chain,
+    Ns,
+    netns_unavailable,
+)
+from bench.procstat import CLK_TCK, cpu_seconds, rss_mb
+
+ROOT = Path(__file__).resolve().parent.parent
+KPX = str(ROOT / ".venv" / "bin" / "kpx")
+
+KPX_VIP = "10.96.0.10"
+NAT_VIP = "10.96.0.11"
+PROBE_VIP = "10.96.200.1"
+HTTP_PORT, IPERF_PORT, WHOAMI_PORT = 8080, 5201, 9000
+HAPROXY_HTTP, HAPROXY_IPERF = 18080, 15201
+KPX_METRICS = "127.0.0.1:10249"
+
+MODES = ("direct", "nat", "haproxy", "kpx")
+TARGETS = {
+    "direct": {"http": (SERVER_IP, HTTP_PORT), "iperf": (SERVER_IP, IPERF_PORT)},
+    "nat": {"http": (NAT_VIP, 80), "iperf": (NAT_VIP, IPERF_PORT)},
+    "haproxy": {
+        "http": (NODE_CLIENT_SIDE_IP, HAPROXY_HTTP),
+        "iperf": (NODE_CLIENT_SIDE_IP, HAPROXY_IPERF),
+    },
+    "kpx": {"http": (KPX_VIP, 80), "iperf": (KPX_VIP, IPERF_PORT)},
+}
+
+ORIGIN_CFG = f"""global
+    maxconn 8000
+    nbthread 1
+defaults
+    mode http
+    maxconn 8000
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    timeout http-keep-alive 1h
+frontend web
+    bind {SERVER_IP}:{HTTP_PORT}
+    http-request return status 200 content-type text/plain string ok
+"""
+
+WHOAMI = r"""
+import socket, sys, threading
+def serve(ip, name):
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((ip, int(sys.argv[3])))
+    srv.listen(1024)
+    while True:
+        conn, _ = srv.accept()
+        try:
+            conn.sendall(name)
+        except OSError:
+            pass
+        conn.close()
+threads = [threading.Thread(target=serve, args=(sys.argv[1], b"A\n"), daemon=True),
+           threading.Thread(target=serve, args=(sys.argv[2], b"B\n"), daemon=True)]
+for t in threads:
+    t.start()
+print("ready", flush=True)
+threads[0].join()
+"""
+
+
+def haproxy_cfg(threads: int | None, splice: bool) -> str:
+    nbthread = f"    nbthread {threads}\n" if threads else ""
+    splice_opt = "    option splice-auto\n" if splice else ""
+    # maxconn 7000: 2 fds per connection plus splice pipes stay under 20,000 open files.
+    return f"""global
+    maxconn 7000
+{nbthread}defaults
+    mode tcp
+{splice_opt}    maxconn 7000
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend http
+    bind {NODE_CLIENT_SIDE_IP}:{HAPROXY_HTTP}
+    default_backend http
+backend http
+    server s1 {SERVER_IP}:{HTTP_PORT}
+frontend iperf
+    bind {NODE_CLIENT_SIDE_IP}:{HAPROXY_IPERF}
+    default_backend iperf
+backend iperf
+    server s1 {SERVER_IP}:{IPERF_PORT}
+"""
+
+
+NAT_RULES = f"""table ip bench_nat {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        ip daddr {NAT_VIP} tcp dport 80 dnat to {SERVER_IP}:{HTTP_PORT}
+        ip daddr {NAT_VIP} tcp dport {IPERF_PORT} dnat to {SERVER_IP}:{IPERF_PORT}
+    }}
+}}
+"""
+
+
+# --- objects for kpx -----------------------------------------------------------------------
+
+
+def service(name: str, ip: str, ports: list[tuple[str, int, int]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "bench"},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": ip,
+            "clusterIPs": [ip],
+            "ports": [
+                {"name": n, "protocol": "TCP", "port": p, "targetPort": t} for n, p, t in ports
+            ],
+        },
+    }
+
+
+def endpoint_slice(svc: str, ips: list[str], ports: list[tuple[str, int]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{svc}-x1",
+            "namespace": "bench",
+            "labels": {"kubernetes.io/service-name": svc},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": n, "protocol": "TCP", "port": p} for n, p in ports],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips],
+    }
+
+
+def bench_objects() -> list[dict[str, Any]]:
+    return [
+        service("bench", KPX_VIP, [("http", 80, HTTP_PORT), ("iperf", IPERF_PORT, IPERF_PORT)]),
+        endpoint_slice("bench", [SERVER_IP], [("http", HTTP_PORT), ("iperf", IPERF_PORT)]),
+    ]
+
+
+def programming_objects(services: int) -> list[dict[str, Any]]:
+    """The probe Service plus `services - 1` others whose endpoints are never dialled."""
+    objs = [
+        service("probe", PROBE_VIP, [("who", WHOAMI_PORT, WHOAMI_PORT)]),
+        endpoint_slice("probe", [SERVER_IP], [("who", WHOAMI_PORT)]),
+    ]
+    for i in range(1, services):
+        name = f"svc{i}"
+        objs.append(service(name, f"10.97.{i // 250}.{i % 250 + 1}", [("http", 80, 8080)]))
+        objs.append(endpoint_slice(name, [f"10.233.3.{i % 250 + 1}"], [("http", 8080)]))
+    return objs
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def _stop(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def wait_until(what: str, check: Any, proc: subprocess.Popen[Any] | None, timeout: float) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"{what} exited ({proc.returncode}) before it was ready")
+        if check():
+            return time.perf_counter() - t0
+        time.sleep(0.05)
+    raise SystemExit(f"{what} not ready after {timeout:.0f} s")
+
+
+def connects(ns: Ns, ip: str, port: int) -> bool:
+    s = ns.socket()
+    s.settimeout(0.5)
+    try:
+        s.connect((ip, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def whoami(client: Ns, ip: str, port: int, timeout: float = 0.5) -> str:
+    s = client.socket()
+    s.settimeout(timeout)
+    try:
+        s.connect((ip, port))
+        return s.recv(16).decode(errors="replace").strip()
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError:
+        return "error"
+    finally:
+        s.close()
+
+
+def http_ok_in(ns: Ns, url: str) -> bool:
+    with ns.entered():
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+
+def start_kpx(
+    chain: Chain, source: list[str], tmp: Path, label: str, timeout: float
+) -> subprocess.Popen[Any]:
+    log = open(tmp / f"{label}.log", "w")
+    proc = chain.node.popen(
+        KPX,
+        "--mode",
+        "nftables",
+        *source,
+        "--node-name",
+        "node",
+        "--metrics-bind-address",
+        KPX_METRICS,
+        "--healthz-bind-address",
+        "127.0.0.1:10256",
+        "--drain-timeout",
+        "2",
+        "--log-format",
+        "json",
+        "--log-level",
+        "warning",
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    wait_until(
+        f"kpx ({label}, log {tmp / (label + '.log')})",
+        lambda: http_ok_in(chain.node, f"http://{KPX_METRICS}/readyz"),
+        proc,
+        timeout,
+    )
+    return proc
+
+
+# --- measurements --------------------------------------------------------------------------
+
+
+def machine_cpu_seconds() -> float:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal: everything but idle and iowait
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
+def iperf(chain: Chain, mode: str, streams: int, args: argparse.Namespace) -> dict[str, float]:
+    ip, port = TARGETS[mode]["iperf"]
+    amount = ["-n", f"{args.bulk_mb}M"] if args.bulk_mb else ["-t", str(int(args.duration))]
+    argv = ["iperf3", "-c", ip, "-p", str(port), "-P", str(streams), "-J", *amount]
+    for attempt in range(3):  # a server still busy with the previous test refuses briefly
+        out = subprocess.run(
+            ["ip", "netns", "exec", chain.client.name, *argv],
+            capture_output=True,
+            text=True,
+            timeout=args.duration + 60,
+        )
+        try:
+            report = json.loads(out.stdout)
+        except ValueError:
+            report = {"error": out.stderr.strip() or out.stdout[-300:]}
+        if "error" not in report:
+            end = report["end"]
+            received = end["sum_received"]
+            return {
+                "gbps": received["bits_per_second"] / 1e9,
+                "bytes": float(received["bytes"]),
+                "seconds": float(received["seconds"]),
+            }
+        if attempt < 2:
+            time.sleep(1)
+    raise RuntimeError(f"iperf3 {mode} -P {streams}: {report['error']}")
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _wrk_ms(text: str, pct: str) -> float:
+    m = re.search(rf"^\s+{pct}%\s+([0-9.]+)(us|ms|s)\s*$", text, re.M)
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
+
+
+def wrk(chain: Chain, mode: str, conns: int, close: bool, seconds: int) -> dict[str, float]:
+    ip, port = TARGETS[mode]["http"]
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "5s"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    out = subprocess.run(
+        ["ip", "netns", "exec", chain.client.name, *argv, f"http://{ip}:{port}/"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"wrk {mode}: {out.stderr.strip()[-300:]}")
+    text = out.stdout
+    rps = re.search(r"Requests/sec:\s+([0-9.]+)", text)
+    errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
+    )
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return {
+        "rps": float(rps.group(1)) if rps else float("nan"),
+        "p50_ms": _wrk_ms(text, "50"),
+        "p99_ms": _wrk_ms(text, "99"),
+        "errors": float(
+            (sum(int(x) for x in errors.groups()) if errors else 0)
+            + (int(non2xx.group(1)) if non2xx else 0)
+        ),
+    }
+
+
+def measure_mode(
+    chain: Chain, mode: str, proxy_pid: int | None, args: argparse.Namespace
+) -> dict[str, float]:
+    nan = float("nan")
+    one = iperf(chain, mode, 1, args)
+    pids = [proxy_pid] if proxy_pid else []
+    cpu0, mach0 = cpu_seconds(pids), machine_cpu_seconds()
+    eight = iperf(chain, mode, 8, args)
+    cpu, mach = cpu_seconds(pids) - cpu0, machine_cpu_seconds() - mach0
+    gb = eight["bytes"] / 1e9
+    seconds = max(1, int(args.duration)) if not args.bulk_mb else 1
+    conn = wrk(chain, mode, args.conns, True, seconds)
+    req = wrk(chain, mode, 1, False, seconds)
+    return {
+        "gbps_1": one["gbps"],
+        "gbps_8": eight["gbps"],
+        "proxy_cpu_s_per_gb": cpu / gb if proxy_pid else nan,
+        "machine_cpu_s_per_gb": mach / gb,
+        "conn_per_s": conn["rps"],
+        "conn_p50_ms": conn["p50_ms"],
+        "conn_p99_ms": conn["p99_ms"],
+        "conn_errors": conn["errors"],
+        "req_p50_ms": req["p50_ms"],
+        "req_p99_ms": req["p99_ms"],
+        "proxy_rss_mb": rss_mb([proxy_pid]) if proxy_pid else nan,
+    }
+
+
+def hold_idle(chain: Chain, mode: str, count: int, pid: int) -> dict[str, float]:
+    """Open `count` connections through the proxy, one answered request each, keep them."""
+    ip, port = TARGETS[mode]["http"]
+    before = rss_mb([pid])
+    socks: list[socket.socket] = []
+    failures = 0
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+    t0 = time.perf_counter()
+    try:
+        with chain.client.entered():
+            for _ in range(count):
+                if failures > 50:
+                    break
+                s = socket.socket()
+                s.settimeout(5)
+                try:
+                    s.connect((ip, port))
+                    s.sendall(request)
+                    data = b""
+                    while not data.endswith(b"ok"):
+                        chunk = s.recv(4096)
+                        if not chunk:
+                            raise ConnectionResetError("closed before the answer")
+                        data += chunk
+                    socks.append(s)
+                except OSError:
+                    failures += 1
+                    s.close()
+        opened = time.perf_counter() - t0
+        time.sleep(1.0)
+        after = rss_mb([pid])
+        alive = sum(1 for s in socks if _alive(s))
+    finally:
+        for s in socks:
+            s.close()
+    held = len(socks)
+    return {
+        "held": float(held),
+        "alive_after_1s": float(alive),
+        "failed": float(failures),
+        "open_s": opened,
+        "rss_before_mb": before,
+        "rss_after_mb": after,
+        "kib_per_conn": (after - before) * 1e6 / 1024 / held if held else float("nan"),
+    }
+
+
+def _alive(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        return s.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
+
+
+def _poll_whoami(client: Ns, ip: str, want: str, start: float) -> float | None:
+    """Connect about every millisecond until `want` answers; ms since `start`, None at 5 s."""
+    deadline = start + 5.0
+    while time.perf_counter() < deadline:
+        if whoami(client, ip, WHOAMI_PORT) == want:
+            return (time.perf_counter() - start) * 1000
+        time.sleep(0.001)
+    return None
+
+
+def programming(
+    chain: Chain, tmp: Path, services: int, samples: int, timeout: float
+) -> dict[str, float]:
+    """Two kinds of change, `samples` each, on kpx watching `services` Services:
+    - endpoint: PUT the probe Service's EndpointSlice moving its endpoint A <-> B, until a new
+      connection is served by the new one (kpx: no kernel change at all);
+    - new Service: POST a Service (its EndpointSlice was created beforehand, untimed) with a
+      new ClusterIP, until a connection to it is served (kpx: one nftables set element).
+    Before it is programmed the new ClusterIP is answered with a TCP reset by the node's
+    `bench_unprogrammed` table (an ICMP unreachable would be rate-limited and stall the poll)."""
+    folder = tmp / f"api-{services}"
+    api, kubeconfig = start_fake_apiserver(
+        programming_objects(services), folder, chain.node.popen, extra_history=3 * samples + 100
+    )
+    kpx: subprocess.Popen[Any] | None = None
+    client: Api | None = None
+    try:
+        t0 = time.perf_counter()
+        kpx = start_kpx(chain, ["--kubeconfig", str(kubeconfig)], tmp, f"kpx-{services}", timeout)
+        wait_until(
+            "probe Service through kpx",
+            lambda: whoami(chain.client, PROBE_VIP, WHOAMI_PORT) == "A",
+            kpx,
+            timeout,
+        )
+        ready_s = time.perf_counter() - t0
+        rss = rss_mb([kpx.pid])
+        client = Api(kubeconfig)
+        path = "/apis/discovery.k8s.io/v1/namespaces/bench/endpointslices/probe-x1"
+        endpoint_ms: list[float] = []
+        service_ms: list[float] = []
+        failures = 0
+        current = "A"
+        for _ in range(samples):
+            new, ip = ("B", SERVER_IP_2) if current == "A" else ("A", SERVER_IP)
+            with chain.node.entered():  # the API server listens on the node's loopback
+                body = client.request("GET", path)
+                body["endpoints"] = [{"addresses": [ip], "conditions": {"ready": True}}]
+                start = time.perf_counter()
+                client.request("PUT", path, body)
+            took = _poll_whoami(chain.client, PROBE_VIP, new, start)
+            if took is None:
+                failures += 1
+            else:
+                endpoint_ms.append(took)
+            current = new
+            time.sleep(0.05)
+        for k in range(samples):
+            name, vip = f"new{k}", f"10.98.{k // 250}.{k % 250 + 1}"
+            with chain.node.entered():
+                client.request(
+                    "POST",
+                    "/apis/discovery.k8s.io/v1/namespaces/bench/endpointslices",
+                    endpoint_slice(name, [SERVER_IP], [("who", WHOAMI_PORT)]),
+                )
+                time.sleep(0.05)  # kpx has seen the slice; only the Service is timed
+                start = time.perf_counter()
+                client.request(
+                    "POST",
+                    "/api/v1/namespaces/bench/services",
+                    service(name, vip, [("who", WHOAMI_PORT, WHOAMI_PORT)]),
+                )
+            took = _poll_whoami(chain.client, vip, "A", start)
+            if took is None:
+                failures += 1
+            else:
+                service_ms.append(took)
+            time.sleep(0.05)
+        return {
+            "endpoint_p50_ms": percentile(endpoint_ms, 50),
+            "endpoint_p99_ms": percentile(endpoint_ms, 99),
+            "endpoint_max_ms": max(endpoint_ms) if endpoint_ms else float("nan"),
+            "new_service_p50_ms": percentile(service_ms, 50),
+            "new_service_p99_ms": percentile(service_ms, 99),
+            "samples": float(len(endpoint_ms) + len(service_ms)),
+            "not_seen_in_5s": float(failures),
+            "kpx_ready_s": ready_s,
+            "kpx_rss_mb": rss,
+        }
+    finally:
+        if client is not None:
+            client.close()
+        if kpx is not None:
+            _stop(kpx, 20)
+        _stop(api)
+
+
+UNPROGRAMMED = """table ip bench_unprogrammed {
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        ip daddr 10.96.0.0/12 meta l4proto tcp reject with tcp reset
+    }
+}
+"""
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def fmt(v: float) -> str:
+    return f"{v:,.2f}"
+
+
+def print_table(title: str, columns: list[str], rows: dict[str, list[float]]) -> None:
+    print(title)
+    print(f"  {'':22}" + "".join(f"{c:>14}" for c in columns))
+    for key, values in rows.items():
+        print(f"  {key:22}" + "".join(f"{v:>14,.2f}" for v in values))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=8, help="seconds per pass")
+    parser.add_argument("--bulk-mb", type=int, default=0, help="iperf3 -n instead of -t")
+    parser.add_argument("--idle", type=int, default=5_000, help="idle connections held")
+    parser.add_argument("--samples", type=int, default=50, help="programming samples")
+    parser.add_argument("--services", type=int, nargs="+", default=[10, 10_000])
+    parser.add_argument("--haproxy-threads", type=int, default=None, help="default: haproxy's")
+    parser.add_argument(
+        "--haproxy-splice", action="store_true", help="haproxy `option splice-auto` (default off)"
+    )
+    parser.add_argument("--conns", type=int, default=32, help="wrk -c for the connections/s pass")
+    parser.add_argument("--ready-timeout", type=float, default=300)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, short passes")
+    args = parser.parse_args()
+    if args.quick:
+        args.runs, args.duration, args.bulk_mb = 1, 1, 300
+        args.idle, args.samples, args.services = 200, 3, [10, 50]
+        args.ready_timeout = 60
+    reason = netns_unavailable()
+    missing = [t for t in ("iperf3", "wrk", "haproxy") if shutil.which(t) is None]
+    if reason or missing:
+        raise SystemExit(reason or f"needs {', '.join(missing)} (apt-get install them)")
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+
+    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmpname, Chain() as chain:
+        tmp = Path(tmpname)
+        (tmp / "origin.cfg").write_text(ORIGIN_CFG)
+        (tmp / "haproxy.cfg").write_text(haproxy_cfg(args.haproxy_threads, args.haproxy_splice))
+        (tmp / "manifests").mkdir()
+        (tmp / "manifests" / "bench.json").write_text(
+            json.dumps({"apiVersion": "v1", "kind": "List", "items": bench_objects()})
+        )
+        server = chain.server
+        quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        origin = server.popen("haproxy", "-db", "-f", str(tmp / "origin.cfg"), **quiet)
+        server.popen("iperf3", "-s", "-p", str(IPERF_PORT), **quiet)
+        who = server.popen(
+            sys.executable,
+            "-u",
+            "-c",
+            WHOAMI,
+            SERVER_IP,
+            SERVER_IP_2,
+            str(WHOAMI_PORT),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert who.stdout is not None
+        if who.stdout.readline().strip() != "ready":
+            raise SystemExit("whoami server did not start")
+        chain.node.nft(NAT_RULES)
+        # Service addresses nobody programmed: routed, then reset (not an ICMP error).
+        chain.node.ip("route", "add", "10.96.0.0/12", "dev", "vs")
+        chain.node.nft(UNPROGRAMMED)
+        haproxy = chain.node.popen("haproxy", "-db", "-f", str(tmp / "haproxy.cfg"), **quiet)
+        kpx = start_kpx(
+            chain, ["--manifests", str(tmp / "manifests")], tmp, "kpx", args.ready_timeout
+        )
+        owner = {"direct": origin, "nat": origin, "haproxy": haproxy, "kpx": kpx}
+        for mode in MODES:
+            for what, (ip, port) in TARGETS[mode].items():
+                wait_until(
+                    f"{mode} {what} {ip}:{port}",
+                    lambda ip=ip, port=port: connects(chain.client, ip, port),
+                    owner[mode],
+                    args.ready_timeout / 4,
+                )
+        pids = {"direct": None, "nat": None, "haproxy": haproxy.pid, "kpx": kpx.pid}
+        threads = haproxy_threads(haproxy.pid)
+        print(
+            f"netns chain {chain.prefix}-*: client {CLIENT_IP} -> node -> server {SERVER_IP}; "
+            f"haproxy threads: {threads}, splice {'on' if args.haproxy_splice else 'off'}; "
+            f"kpx RSS at start {rss_mb([kpx.pid]):.1f} MB"
+        )
+        bulk = f"{args.bulk_mb} MB" if args.bulk_mb else f"{args.duration:g} s"
+        print(
+            f"passes: iperf3 -P1/-P8 {bulk}; wrk -t1 -c{args.conns} 'Connection: close' and "
+            f"-t1 -c1 keep-alive, {max(1, int(args.duration))} s each\n"
+        )
+        results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+        for run in range(args.runs):
+            order = MODES[run % len(MODES) :] + MODES[: run % len(MODES)]
+            for mode in order:
+                r = measure_mode(chain, mode, pids[mode], args)
+                results[mode].append(r)
+                print(f"run {run + 1} {mode:8} " + ", ".join(f"{k}={fmt(v)}" for k, v in r.items()))
+        keys = list(results["kpx"][0])
+        print_table(
+            f"\nmedians of {args.runs} runs:",
+            list(MODES),
+            {k: [statistics.median(r[k] for r in results[m]) for m in MODES] for k in keys},
+        )
+
+        def ratio(key: str, peer: str = "haproxy") -> float:
+            return statistics.median(
+                a[key] / b[key] for a, b in zip(results["kpx"], results[peer], strict=True)
+            )
+
+        print(
+            "  kpx / haproxy (median of per-run ratios): "
+            f"8-stream throughput {ratio('gbps_8'):.2f}x (target >= 0.90), "
+            f"1-stream {ratio('gbps_1'):.2f}x, CPU per GB {ratio('proxy_cpu_s_per_gb'):.2f}x "
+            f"(<= 1.20), conn/s {ratio('conn_per_s'):.2f}x (>= 0.60), small-request p99 "
+            f"{ratio('req_p99_ms'):.2f}x (<= 1.50), conn p99 {ratio('conn_p99_ms'):.2f}x"
+        )
+        print(
+            f"  kpx / kernel NAT: 8-stream {ratio('gbps_8', 'nat'):.2f}x, "
+            f"conn/s {ratio('conn_per_s', 'nat'):.2f}x"
+        )
+
+        print(f"\nidle connections ({args.idle:,} requested, each answered once, then held):")
+        for mode in ("haproxy", "kpx"):
+            pid = pids[mode]
+            assert pid is not None
+            idle = hold_idle(chain, mode, args.idle, pid)
+            print(f"  {mode:8} " + ", ".join(f"{k}={fmt(v)}" for k, v in idle.items()))
+        print("  targets: kpx <= 3 KiB per idle connection (haproxy measured 3.3 KiB)")
+
+        _stop(kpx, 40)  # its table goes with it; the programming runs start their own kpx
+        _stop(haproxy)
+        print(
+            "\nnetwork programming latency (API write sent -> first connection served by the new"
+            "\nendpoint / new Service; kpx --kubeconfig on the fake API server in the node ns):"
+        )
+        for count in args.services:
+            prog = programming(chain, tmp, count, args.samples, args.ready_timeout)
+            print(f"  {count:>6,} Services: " + ", ".join(f"{k}={fmt(v)}" for k, v in prog.items()))
+        print("  targets: p99 <= 50 ms at 10,000 Services; kpx RSS at 10,000 Services <= 150 MB")
+        if args.quick:
+            print("  (--quick: short passes, small sizes: the figures are a smoke test only)")
+
+
+def haproxy_threads(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
+
+
+if __name__ == "__main__":
+    main()
