@@ -8,25 +8,32 @@ it only touches ASCII A-Z (RFC 4343 §3).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 
+_LENGTH_BYTES = [bytes((n,)) for n in range(64)]
 
+
+@functools.lru_cache(maxsize=4096)
 def to_wire(name: str) -> bytes:
-    """`a.b.c` (no trailing dot, "" for the root) -> wire form; raises ValueError if invalid."""
+    """`a.b.c` (no trailing dot, "" for the root) -> wire form; raises ValueError if invalid.
+
+    Cached: building a Service's records asks for the same few names many times (its name is
+    an owner, an SRV target and a key).
+    """
     if not name:
         return b"\x00"
-    out = bytearray()
-    for label in name.split("."):
-        raw = label.encode("ascii")
-        if not 0 < len(raw) <= 63:
-            raise ValueError(f"invalid label {label!r} in {name!r}")
-        out.append(len(raw))
-        out += raw
-    out.append(0)
+    labels = name.encode("ascii").split(b".")
+    if b"" in labels:
+        raise ValueError(f"empty label in {name!r}")
+    try:
+        out = b"".join([_LENGTH_BYTES[len(label)] + label for label in labels]) + b"\x00"
+    except IndexError:
+        raise ValueError(f"label over 63 bytes in {name!r}") from None
     if len(out) > 255:
         raise ValueError(f"name too long: {name!r}")
-    return bytes(out)
+    return out
 
 
 def from_wire(wire: bytes) -> str:
@@ -84,6 +91,13 @@ def ip_from_dashed(label: str) -> str | None:
 def reverse_name(ip: str) -> str:
     """`10.0.0.1` -> `1.0.0.10.in-addr.arpa`; IPv6 -> 32 nibbles under ip6.arpa (SPEC §2.3.3)."""
     return ipaddress.ip_address(ip).reverse_pointer
+
+
+def reverse_of_packed(packed: bytes) -> str:
+    """`reverse_name` from the 4 or 16 address bytes (always the canonical form)."""
+    if len(packed) == 4:
+        return f"{packed[3]}.{packed[2]}.{packed[1]}.{packed[0]}.in-addr.arpa"
+    return ".".join(packed.hex()[::-1]) + ".ip6.arpa"
 
 
 def is_reverse(name: str) -> bool:

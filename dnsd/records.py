@@ -9,13 +9,91 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from dnslib import AAAA, CNAME, PTR, QTYPE, RR, SRV, A
-
-from dnsd.names import dashed_ip, reverse_name
+from dnsd.names import dashed_ip, reverse_of_packed
+from dnsd.wire import TYPE_A, TYPE_AAAA, TYPE_CNAME, TYPE_PTR, TYPE_SRV
 from kwatch.models import EndpointSlice, Service
 
 RRKey = tuple[str, int]  # (owner name, qtype)
+
+
+# --- records: plain tuples the packer in dnsd.answers reads (no dnslib objects per record) -----
+# Names are dotted text, lower case, without the trailing dot; each rdata's repr() is the text
+# dnslib prints for it, so records read the same whichever library built them.
+
+
+class Address(NamedTuple):
+    """A / AAAA rdata: the address as text and as the 4 or 16 wire bytes."""
+
+    text: str
+    packed: bytes
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class Srv(NamedTuple):
+    """SRV rdata (RFC 2782); the target is written uncompressed, as dnslib does."""
+
+    priority: int
+    weight: int
+    port: int
+    target: str
+
+    def __repr__(self) -> str:
+        return f"{self.priority} {self.weight} {self.port} {self.target}."
+
+
+class Target(NamedTuple):
+    """CNAME / PTR / NS rdata: one (compressible) domain name."""
+
+    name: str
+
+    def __repr__(self) -> str:
+        return f"{self.name}."
+
+
+class Txt(NamedTuple):
+    """TXT rdata: the character-strings, each at most 255 bytes."""
+
+    strings: tuple[bytes, ...]
+
+    def __repr__(self) -> str:
+        return ",".join(f'"{s.decode("latin-1")}"' for s in self.strings)
+
+
+class Soa(NamedTuple):
+    """SOA rdata (RFC 1035 §3.3.13)."""
+
+    mname: str
+    rname: str
+    times: tuple[int, int, int, int, int]  # serial, refresh, retry, expire, minimum
+
+    def __repr__(self) -> str:
+        return f"{self.mname}. {self.rname}. {' '.join(map(str, self.times))}"
+
+
+RData = Address | Srv | Target | Txt | Soa
+
+
+class Record(NamedTuple):
+    """One resource record of class IN (field names as dnslib's RR, so either reads alike)."""
+
+    rname: str
+    rtype: int
+    ttl: int
+    rdata: RData
+
+
+def address_of(ip: str) -> tuple[int, Address]:
+    """(qtype, rdata) of an IP; raises ValueError for something that is not an address."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        packed = socket.inet_pton(family, ip)
+    except OSError as err:
+        raise ValueError(f"invalid address {ip!r}") from err
+    return (TYPE_AAAA if family == socket.AF_INET6 else TYPE_A), Address(ip, packed)
 
 
 @dataclass(frozen=True)
@@ -32,34 +110,39 @@ class RecordOptions:
 class ServiceRecords:
     """Records one Service contributes; names are lower case, without the trailing dot."""
 
-    answers: dict[RRKey, list[RR]] = field(default_factory=dict)
-    additional: dict[RRKey, list[RR]] = field(default_factory=dict)
+    answers: dict[RRKey, list[Record]] = field(default_factory=dict)
+    additional: dict[RRKey, list[Record]] = field(default_factory=dict)
     names: set[str] = field(default_factory=set)  # every name that exists, with its ancestors
     ptrs: dict[str, list[str]] = field(default_factory=dict)  # reverse name -> owner names
     aliases: dict[str, str] = field(default_factory=dict)  # ExternalName owner -> target
     _seen: set[tuple[str, int, str]] = field(default_factory=set, repr=False)
 
-    def add(self, name: str, qtype: int, rr: RR, data: str | None = None) -> None:
+    def add(self, name: str, qtype: int, rr: Record, data: str | None = None) -> None:
         """Append `rr` unless the same data is already there (duplicates across EndpointSlices
-        are collapsed, dns-features 1.11); `data` is the rdata as text when the caller has it
-        (cheaper than asking dnslib)."""
+        are collapsed, dns-features 1.11); `data` is the rdata as text when the caller has it."""
         ident = (name, qtype, data if data is not None else repr(rr.rdata))
         if ident not in self._seen:
             self._seen.add(ident)
-            self.answers.setdefault((name, qtype), []).append(rr)
+            key = (name, qtype)
+            rrs = self.answers.get(key)
+            if rrs is None:
+                self.answers[key] = [rr]
+            else:
+                rrs.append(rr)
 
 
-def address_rr(name: str, ip: str, ttl: int) -> tuple[int, RR]:
-    if ":" in ip:
-        return QTYPE.AAAA, RR(name, QTYPE.AAAA, ttl=ttl, rdata=AAAA(ip))
-    return QTYPE.A, RR(name, QTYPE.A, ttl=ttl, rdata=A(ip))
+def address_rr(name: str, ip: str, ttl: int) -> tuple[int, Record]:
+    qtype, rdata = address_of(ip)
+    return qtype, Record(name, qtype, ttl, rdata)
 
 
-def _ancestors(name: str, zone: str) -> Iterable[str]:
-    """`name` and every ancestor strictly below `zone` (empty non-terminals exist: RFC 8020)."""
-    while name != zone and name.endswith("." + zone):
-        yield name
-        name = name.split(".", 1)[1]
+def add_name(names: set[str], name: str, zone: str) -> None:
+    """Add `name` and every ancestor strictly below `zone` (empty non-terminals exist:
+    RFC 8020); stops at the first one already there, whose ancestors are in as well."""
+    suffix = "." + zone
+    while name not in names and name.endswith(suffix):
+        names.add(name)
+        name = name[name.index(".") + 1 :]
 
 
 def _srv_weights(count: int) -> int:
@@ -168,30 +251,29 @@ def _cluster_ip(
     primary: bool,
 ) -> None:
     ttl = options.ttl
-    addresses = [address_rr(base, ip, ttl) for ip in cluster_ips]  # SPEC §2.3.1, dual-stack
+    rdatas = [address_of(ip) for ip in cluster_ips]  # SPEC §2.3.1, dual-stack
+    addresses = [(qtype, Record(base, qtype, ttl, rdata)) for qtype, rdata in rdatas]
     for (qtype, rr), ip in zip(addresses, cluster_ips, strict=True):
         records.add(base, qtype, rr, ip)
     named = [p for p in service.spec.ports if p.name]  # SPEC §2.3.2: unnamed ports have no SRV
     weight = _srv_weights(len(named))
     glue = [rr for _, rr in addresses]
     for port in named:
-        owner = f"_{port.name}._{port.protocol}.{base}".lower()
-        srv = RR(owner, QTYPE.SRV, ttl=ttl, rdata=SRV(0, weight, port.port, base))
-        records.add(owner, QTYPE.SRV, srv)
-        records.additional[(owner, QTYPE.SRV)] = glue
+        owner = f"_{port.name.lower()}._{port.protocol.lower()}.{base}"  # base: lower already
+        srv = Srv(0, weight, port.port, base)
+        records.add(owner, TYPE_SRV, Record(owner, TYPE_SRV, ttl, srv), repr(srv))
+        records.additional[(owner, TYPE_SRV)] = glue
         # CoreDNS extension (dns-features 2.5): SRV at the bare service name, one per port.
-        records.add(
-            base, QTYPE.SRV, RR(base, QTYPE.SRV, ttl=ttl, rdata=SRV(0, weight, port.port, base))
-        )
+        records.add(base, TYPE_SRV, Record(base, TYPE_SRV, ttl, srv), repr(srv))
     if named:
-        records.additional[(base, QTYPE.SRV)] = glue
+        records.additional[(base, TYPE_SRV)] = glue
     for key in list(records.answers):
-        records.names.update(_ancestors(key[0], zone))
+        add_name(records.names, key[0], zone)
     if primary:
         # SPEC §2.3.3: PTR for each ClusterIP, pointing into the first (primary) zone like
         # CoreDNS reverse.go.
-        for ip in cluster_ips:
-            records.ptrs.setdefault(reverse_name(ip), []).append(base)
+        for _, rdata in rdatas:
+            records.ptrs.setdefault(reverse_of_packed(rdata.packed), []).append(base)
 
 
 def _headless(
@@ -205,15 +287,17 @@ def _headless(
     publish_all: bool,
 ) -> None:
     ttl = options.ttl
-    glue: dict[str, list[RR]] = {}
+    glue: dict[str, list[Record]] = {}
     for address in ready:
         owner = f"{address.hostname}.{base}"
-        qtype, rr = address_rr(owner, address.ip, ttl)
+        qtype, rdata = address_of(address.ip)
+        rr = Record(owner, qtype, ttl, rdata)
         records.add(owner, qtype, rr, address.ip)  # SPEC §2.4.1: <hostname>.<svc>.<ns>.svc
         glue.setdefault(owner, []).append(rr)
-        records.add(base, qtype, address_rr(base, address.ip, ttl)[1], address.ip)
+        records.add(base, qtype, Record(base, qtype, ttl, rdata), address.ip)
         if primary:
-            records.ptrs.setdefault(reverse_name(address.ip), []).append(owner)  # SPEC §2.4.3
+            # SPEC §2.4.3
+            records.ptrs.setdefault(reverse_of_packed(rdata.packed), []).append(owner)
     # SPEC §2.4.2: per ready endpoint x named port; the port is the EndpointSlice's (CoreDNS).
     # dicts as ordered sets: identical (target, port) pairs collapse in O(1) each.
     srv_targets: dict[str, dict[tuple[str, int], None]] = {}
@@ -245,30 +329,30 @@ def _headless(
         _add_srvs(records, base, list(all_targets), glue, ttl)
     for key in list(records.answers):
         if key[0].endswith(base):
-            records.names.update(_ancestors(key[0], zone))
+            add_name(records.names, key[0], zone)
 
 
 def _add_srvs(
     records: ServiceRecords,
     owner: str,
     targets: list[tuple[str, int]],
-    glue: dict[str, list[RR]],
+    glue: dict[str, list[Record]],
     ttl: int,
 ) -> None:
     weight = _srv_weights(len(targets))
-    extra: list[RR] = []
+    extra: list[Record] = []
     glued: set[str] = set()
     for target, port in targets:
         records.add(
             owner,
-            QTYPE.SRV,
-            RR(owner, QTYPE.SRV, ttl=ttl, rdata=SRV(0, weight, port, target)),
+            TYPE_SRV,
+            Record(owner, TYPE_SRV, ttl, Srv(0, weight, port, target)),
             f"{port} {target}",
         )
         if target not in glued:  # a target with several ports is glued once
             glued.add(target)
             extra.extend(glue.get(target, ()))
-    records.additional[(owner, QTYPE.SRV)] = extra  # SPEC §2.4.2 MAY: targets' addresses
+    records.additional[(owner, TYPE_SRV)] = extra  # SPEC §2.4.2 MAY: targets' addresses
 
 
 def _external_name(
@@ -278,14 +362,15 @@ def _external_name(
     target = (service.spec.external_name or "").rstrip(".")
     if not target or _is_ipv4_literal(target):
         return  # CoreDNS serves nothing for an IPv4-literal externalName (coredns#2324)
-    records.add(owner, QTYPE.CNAME, RR(owner, QTYPE.CNAME, ttl=options.ttl, rdata=CNAME(target)))
+    records.add(owner, TYPE_CNAME, cname_rr(owner, target, options.ttl))
     records.aliases[owner] = target
-    records.names.update(_ancestors(owner, zone))
+    add_name(records.names, owner, zone)
 
 
-def cname_rr(owner: str, target: str, ttl: int) -> RR:
-    return RR(owner, QTYPE.CNAME, ttl=ttl, rdata=CNAME(target))
+def cname_rr(owner: str, target: str, ttl: int) -> Record:
+    return Record(owner, TYPE_CNAME, ttl, Target(target))
 
 
-def ptr_rr(owner: str, target: str, ttl: int) -> RR:
-    return RR(owner, QTYPE.PTR, ttl=ttl, rdata=PTR(target))
+def ptr_rr(owner: str, target: str, ttl: int) -> Record:
+    return Record(owner, TYPE_PTR, ttl, Target(target))
+

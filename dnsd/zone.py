@@ -10,21 +10,23 @@ records (DESIGN: "Rebuild only the service that changed"). Names several sources
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from dnslib import QTYPE, RR
+from dnslib import CNAME, QTYPE, RR
 
 from dnsd import answers as enc
 from dnsd import wire
-from dnsd.names import to_wire
+from dnsd.names import from_wire, to_wire
 from dnsd.records import ServiceRecords, cname_rr, ptr_rr
 from dnsd.wire import Answer
 
 REVERSE_ZONES = ("in-addr.arpa", "ip6.arpa")
 MAX_CNAME_CHAIN = 8
+_QTYPE_KEYS = {
+    qtype: enc.qtype_key(qtype)
+    for qtype in (wire.TYPE_A, wire.TYPE_AAAA, wire.TYPE_SRV, wire.TYPE_PTR, wire.TYPE_CNAME)
+}
+_PTR = _QTYPE_KEYS[wire.TYPE_PTR]
 
 
 @dataclass(slots=True)
@@ -44,10 +46,10 @@ class Alias:
 class Applied:
     """What a source put into the index, so that it can be taken out again."""
 
-    keys: list[bytes]
-    names: list[str]
-    ptrs: list[str]
-    aliases: list[bytes]
+    keys: tuple[bytes, ...]  # answer keys
+    names: tuple[bytes, ...]  # names that exist, wire form
+    ptrs: tuple[bytes, ...]  # PTR answer keys of the reverse names it points
+    aliases: tuple[bytes, ...]  # ExternalName owners, wire form
 
 
 class ZoneIndex:
@@ -58,6 +60,7 @@ class ZoneIndex:
         # Cluster zones first, then the reverse zones (which we only partly own: names nobody
         # owns there are forwarded, CoreDNS `fallthrough in-addr.arpa ip6.arpa`).
         self.soa_zones = self.zones + list(REVERSE_ZONES)
+        self._soa_suffixes = [(z, "." + z) for z in self.soa_zones]
         self.zone_ids: dict[bytes, int] = {to_wire(z): i for i, z in enumerate(self.zones)}
         self.reverse_ids: dict[bytes, int] = {
             to_wire(z): len(self.zones) + i for i, z in enumerate(REVERSE_ZONES)
@@ -71,12 +74,13 @@ class ZoneIndex:
         self.ready = False  # the stores synced and the first full build is in
         self.last_change = time.monotonic()
         self._sources: dict[str, Applied] = {}
-        self._name_refs: Counter[str] = Counter()
-        self._ptr_owners: dict[str, dict[str, list[str]]] = {}
+        # Wire name -> number of sources that have it, for names more than one source has
+        # (`<ns>.svc.<zone>`); a name in `existing` but not here has exactly one.
+        self._shared: dict[bytes, int] = {}
+        # PTR answer key -> (source, target or targets, source, ...): who points a reverse
+        # name where, flat, as most reverse names have one source with one target.
+        self._ptr_owners: dict[bytes, tuple[str | tuple[str, ...], ...]] = {}
         self._touched: set[bytes] = set()  # names whose answers changed in this batch
-        # What each stored answer was encoded from (a hash of its records), so an unchanged
-        # RRset of a changed source is not encoded again.
-        self._fingerprints: dict[bytes, int] = {}
         self._refresh_negatives()
 
     # --- reading (control path and tests) -------------------------------------------------
@@ -104,71 +108,94 @@ class ZoneIndex:
     def set_source(self, source: str, records: ServiceRecords | None) -> None:
         """Replace everything `source` contributed with `records` (None: remove it).
 
-        Everything that can fail (encoding; names dnslib refuses) runs before the index is
-        touched, so a failure leaves the source's previous records in place.
+        Everything that can fail (encoding; names the wire form refuses) runs before the index
+        is touched, so a failure leaves the source's previous records in place.
         """
-        encoded: dict[bytes, tuple[Answer, int]] = {}
+        encoded: dict[bytes, Answer] = {}
         new_aliases: dict[bytes, Alias] = {}
+        names: list[tuple[str, bytes]] = []
+        ptrs: list[tuple[bytes, str, list[str]]] = []
         if records is not None:
+            additional = records.additional
+            answers = self.answers
             for (name, qtype), rrs in records.answers.items():
-                extra = records.additional.get((name, qtype), ())
-                key = enc.answer_key(name, qtype)
-                fingerprint = _fingerprint(rrs, extra)
-                current = self.answers.get(key)
-                if current is not None and self._fingerprints.get(key) == fingerprint:
-                    # Same records as now (an unchanged endpoint of a changed Service):
-                    # keep the encoded answer, only what changed is re-encoded.
-                    encoded[key] = (current, fingerprint)
-                else:
-                    encoded[key] = (enc.encode(name, qtype, rrs, extra), fingerprint)
+                qname = to_wire(name)
+                key = qname + (_QTYPE_KEYS.get(qtype) or enc.qtype_key(qtype))
+                answer = enc.encode_records(
+                    name, qtype, rrs, additional.get((name, qtype), ()), qname=qname
+                )
+                current = answers.get(key)
+                if current is not None and _same(current, answer):
+                    # Same bytes as now (an unchanged endpoint of a changed Service): keep
+                    # the stored object, so nothing downstream sees a change.
+                    answer = current
+                encoded[key] = answer
             for owner, target in records.aliases.items():
                 new_aliases[to_wire(owner)] = self._alias(owner, target)
-            for name in (*records.names, *records.ptrs):
-                to_wire(name)
+            names = [(name, to_wire(name)) for name in records.names]
+            ptrs = [
+                (to_wire(rev) + _PTR, rev, targets)
+                for rev, targets in records.ptrs.items()
+                if targets
+            ]
         old = self._sources.pop(source, None)
-        dirty_ptrs: set[str] = set()
+        # PTR key -> its owners before this change: only those that end up different are
+        # encoded again (a Service's reverse names mostly stay as they were).
+        dirty_ptrs: dict[bytes, tuple[str | tuple[str, ...], ...]] = {}
+        # Changed names matter only to in-cluster ExternalName chases; none at all, no need.
+        touched = self._touched if self.aliases or new_aliases else None
         if old is not None:
             for key in old.keys:
                 if key not in encoded:
                     self.answers.pop(key, None)
-                    self._fingerprints.pop(key, None)
-                    self._touched.add(key[:-2])
-            for name in old.names:
-                self._unref(name)
-            for rev in old.ptrs:
-                owners = self._ptr_owners.get(rev)
-                if owners is not None:
-                    owners.pop(source, None)
-                    if not owners:
-                        del self._ptr_owners[rev]
-                dirty_ptrs.add(rev)
+                    if touched is not None:
+                        touched.add(key[:-2])
+            for name_key in old.names:
+                self._unref(name_key)
+            for ptr_key in old.ptrs:
+                before = self._ptr_owners.get(ptr_key, ())
+                dirty_ptrs.setdefault(ptr_key, before)
+                owners = _without(before, source)
+                if owners:
+                    self._ptr_owners[ptr_key] = owners
+                else:
+                    self._ptr_owners.pop(ptr_key, None)
             for alias_key in old.aliases:
                 self.aliases.pop(alias_key, None)
                 # The chased A/AAAA answers are written by finish_batch, not listed in keys.
                 self.answers.pop(alias_key + b"\x00\x01", None)
                 self.answers.pop(alias_key + b"\x00\x1c", None)
         if records is not None:
-            applied = Applied([], [], [], [])
-            for key, (answer, fingerprint) in encoded.items():
+            for key, answer in encoded.items():
                 if self.answers.get(key) is not answer:
                     self.answers[key] = answer
-                    self._fingerprints[key] = fingerprint
-                    self._touched.add(key[:-2])
-                applied.keys.append(key)
-            for name in records.names:
-                self._ref(name)
-                applied.names.append(name)
-            for rev, targets in records.ptrs.items():
-                self._ptr_owners.setdefault(rev, {})[source] = targets
-                applied.ptrs.append(rev)
-                dirty_ptrs.add(rev)
+                    if touched is not None:
+                        touched.add(key[:-2])
+            for name, name_key in names:
+                self._ref(name, name_key)
+            for ptr_key, _, targets in ptrs:
+                owners = self._ptr_owners.get(ptr_key, ())
+                dirty_ptrs.setdefault(ptr_key, owners)
+                self._ptr_owners[ptr_key] = (
+                    *owners,
+                    source,
+                    targets[0] if len(targets) == 1 else tuple(targets),
+                )
             for alias_key, alias in new_aliases.items():
                 self.aliases[alias_key] = alias
-                applied.aliases.append(alias_key)
                 self._touched.add(alias_key)
-            self._sources[source] = applied
-        for rev in dirty_ptrs:
-            self._encode_ptr(rev)
+            # Tuples, not lists: one per source for as long as it lives, so keep them tight.
+            self._sources[source] = Applied(
+                tuple(encoded),
+                tuple(name_key for _, name_key in names),
+                tuple(ptr[0] for ptr in ptrs),
+                tuple(new_aliases),
+            )
+        if dirty_ptrs:
+            reverse_names = {ptr_key: rev for ptr_key, rev, _ in ptrs}
+            for ptr_key, before in dirty_ptrs.items():
+                if self._ptr_owners.get(ptr_key, ()) != before:
+                    self._encode_ptr(ptr_key, reverse_names.get(ptr_key))
 
     def begin_batch(self) -> int:
         """A new SOA serial for the batch about to be applied (CoreDNS: last change time)."""
@@ -187,43 +214,56 @@ class ZoneIndex:
     # --- internals ------------------------------------------------------------------------
 
     def _soa_zone_id(self, name: str) -> int | None:
-        for i, zone in enumerate(self.soa_zones):
-            if name == zone or name.endswith("." + zone):
+        for i, (zone, dotted) in enumerate(self._soa_suffixes):
+            if name.endswith(dotted) or name == zone:
                 return i
         return None
 
-    def _ref(self, name: str) -> None:
-        self._name_refs[name] += 1
-        if self._name_refs[name] == 1:
-            zid = self._soa_zone_id(name)
-            if zid is not None:
-                self.existing[to_wire(name)] = zid
+    def _ref(self, name: str, name_key: bytes) -> None:
+        """One more source has `name` (`name_key`: its wire form). Most names have one source:
+        only the extra ones are counted, in `_shared`."""
+        if name_key in self.existing:
+            self._shared[name_key] = self._shared.get(name_key, 1) + 1
+            return
+        zid = self._soa_zone_id(name)
+        if zid is not None:  # (a name outside every zone cannot exist: nothing to count)
+            self.existing[name_key] = zid
 
-    def _unref(self, name: str) -> None:
-        self._name_refs[name] -= 1
-        if self._name_refs[name] <= 0:
-            del self._name_refs[name]
-            self.existing.pop(to_wire(name), None)
+    def _unref(self, name_key: bytes) -> None:
+        count = self._shared.pop(name_key, 1)
+        if count > 2:
+            self._shared[name_key] = count - 1
+        elif count == 1:
+            self.existing.pop(name_key, None)
 
-    def _encode_ptr(self, rev: str) -> None:
-        key = enc.answer_key(rev, QTYPE.PTR)
-        owners = self._ptr_owners.get(rev)
+    def _encode_ptr(self, key: bytes, rev: str | None = None) -> None:
+        """The PTR answer of one reverse name (`rev`, when the caller has it as text): every
+        target of every source, in order."""
+        owners = self._ptr_owners.get(key)
+        name_key = key[:-2]
         if not owners:
             if self.answers.pop(key, None) is not None:
-                self._fingerprints.pop(key, None)
-                self._unref(rev)
+                self._unref(name_key)
             return
-        targets: dict[str, None] = {}
-        for names in owners.values():
-            targets.update(dict.fromkeys(names))
-        fingerprint = hash(tuple(targets))
-        if key not in self.answers:
-            self._ref(rev)
-        elif self._fingerprints.get(key) == fingerprint:
-            return  # same targets as before: keep the encoded answer
-        rrs = [ptr_rr(rev, t, self.ttl) for t in targets]
-        self.answers[key] = enc.encode(rev, QTYPE.PTR, rrs)
-        self._fingerprints[key] = fingerprint
+        if rev is None:
+            rev = from_wire(name_key)
+        if len(owners) == 2 and isinstance(owners[1], str):
+            rrs = [ptr_rr(rev, owners[1], self.ttl)]  # the usual: one source, one target
+        else:
+            targets: dict[str, None] = {}
+            for item in owners[1::2]:
+                if isinstance(item, str):
+                    targets[item] = None
+                else:
+                    targets.update(dict.fromkeys(item))
+            rrs = [ptr_rr(rev, target, self.ttl) for target in targets]
+        answer = enc.encode_records(rev, wire.TYPE_PTR, rrs, qname=name_key)
+        current = self.answers.get(key)
+        if current is None:
+            self._ref(rev, name_key)
+        elif _same(current, answer):
+            return  # same targets as before: keep the stored answer
+        self.answers[key] = answer
 
     def _refresh_negatives(self) -> None:
         self.nxdomain = [
@@ -236,12 +276,14 @@ class ZoneIndex:
         ]
 
     def _alias(self, owner: str, target: str) -> Alias:
-        cname = cname_rr(owner, target, self.ttl)
         return Alias(
             owner=owner,
             target=target,
-            cname=cname,
-            cname_only=enc.encode(owner, QTYPE.CNAME, [cname]),
+            # dnslib's form: chased answers mix it with records from upstream.
+            cname=RR(owner, QTYPE.CNAME, ttl=self.ttl, rdata=CNAME(target)),
+            cname_only=enc.encode_records(
+                owner, wire.TYPE_CNAME, [cname_rr(owner, target, self.ttl)]
+            ),
             internal=self.in_cluster(target) and _valid_name(target),
         )
 
@@ -276,12 +318,20 @@ class ZoneIndex:
                 self.answers[key] = enc.encode(alias.owner, qtype, records)
 
 
-def _fingerprint(answers: list[RR], additional: Sequence[RR]) -> int:
-    # rname.label is dnslib's tuple of raw labels: hashing it avoids decoding the name.
-    def describe(rrs: Sequence[RR]) -> tuple[tuple[Any, int, int, str], ...]:
-        return tuple((rr.rname.label, rr.rtype, rr.ttl, repr(rr.rdata)) for rr in rrs)
+def _without(
+    owners: tuple[str | tuple[str, ...], ...], source: str
+) -> tuple[str | tuple[str, ...], ...]:
+    """`owners` (see ZoneIndex._ptr_owners) without `source`'s pair."""
+    kept: list[str | tuple[str, ...]] = []
+    for i in range(0, len(owners), 2):
+        if owners[i] != source:
+            kept += owners[i : i + 2]
+    return tuple(kept)
 
-    return hash((describe(answers), describe(additional)))
+
+def _same(current: Answer, new: Answer) -> bool:
+    """Equal bytes (headers are shared objects, see wire.make_heads)."""
+    return current.heads is new.heads and current.tail == new.tail
 
 
 def _valid_name(name: str) -> bool:
