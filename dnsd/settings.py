@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 from dnsd.handler import PodMode
 from dnsd.names import to_wire
 from kwatch.health import parse_listen
-from kwatch.settings import AccessSettings, settings_or_exit
+from kwatch.settings import AccessSettings, ListenAddress, settings_or_exit
 
 DESCRIPTION = (
     "Cluster DNS per the Kubernetes DNS-Based Service Discovery specification 1.1.0, "
@@ -63,10 +63,12 @@ class DnsdSettings(AccessSettings):
     )
     forward_timeout: float = Field(2.0, gt=0, description="seconds to wait for one upstream")
     max_concurrent: int = Field(1000, ge=1, description="forwarded queries in flight at most")
-    listen: list[str] = Field(
+    listen: list[ListenAddress] = Field(
         default_factory=lambda: ["0.0.0.0:53"], description="UDP and TCP listen ADDR:PORT"
     )
-    http_listen: str = Field(":9153", description="/healthz, /readyz and /metrics ADDR:PORT")
+    http_listen: ListenAddress = Field(
+        ":9153", description="/healthz, /readyz and /metrics ADDR:PORT"
+    )
     workers: int = Field(1, ge=1, le=64, description="processes sharing the port (SO_REUSEPORT)")
     max_udp_size: int = Field(
         1232, ge=512, le=65535, description="largest UDP answer and the EDNS size we advertise"
@@ -88,19 +90,6 @@ class DnsdSettings(AccessSettings):
             to_wire(zone)  # ValueError names the bad label
             out.append(zone)
         return out
-
-    @field_validator("listen")
-    @classmethod
-    def _valid_listen(cls, values: list[str]) -> list[str]:
-        for value in values:
-            parse_listen(value)
-        return values
-
-    @field_validator("http_listen")
-    @classmethod
-    def _valid_http_listen(cls, value: str) -> str:
-        parse_listen(value)
-        return value
 
     @field_validator("upstream")
     @classmethod

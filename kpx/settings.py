@@ -17,8 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kwatch.health import parse_listen
-from kwatch.settings import AccessSettings, settings_or_exit
+from kwatch.settings import AccessSettings, ListenAddress, settings_or_exit
 
 DESCRIPTION = "kpx: userspace kube-proxy for TCP Services, steered by nftables"
 
@@ -93,10 +92,10 @@ class KpxSettings(AccessSettings):
         description="pod CIDRs (kube-proxy's clusterCIDR): pods there reaching an "
         "externalTrafficPolicy: Local frontend get the Service's cluster-wide endpoints",
     )
-    healthz_bind_address: str = Field(
+    healthz_bind_address: ListenAddress = Field(
         "0.0.0.0:10256", description="HOST:PORT of /healthz and /livez (kube-proxy's)"
     )
-    metrics_bind_address: str = Field(
+    metrics_bind_address: ListenAddress = Field(
         "127.0.0.1:10249", description="HOST:PORT of /metrics, /readyz and /proxyMode"
     )
     proxy_port: int = Field(
@@ -175,12 +174,6 @@ class KpxSettings(AccessSettings):
                 except ValueError:
                     raise ValueError(f"{cidr!r} is not a CIDR") from None
         return out
-
-    @field_validator("healthz_bind_address", "metrics_bind_address")
-    @classmethod
-    def _listen(cls, value: str) -> str:
-        parse_listen(value)
-        return value
 
     @field_validator("node_name")
     @classmethod

@@ -16,12 +16,30 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from kwatch.health import parse_listen
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _valid_listen(value: str) -> str:
+    parse_listen(value)  # ValueError: "expected HOST:PORT, got ..."
+    return value
+
+
+# A `HOST:PORT` (or `:PORT`, `[v6]:PORT`) setting, checked when the settings are loaded.
+ListenAddress = Annotated[str, AfterValidator(_valid_listen)]
 
 
 class SettingsError(Exception):
