@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.apiclient import start_fake_apiserver
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -88,33 +90,6 @@ def generate(services: int, per_slice: int) -> list[dict[str, Any]]:
             }
         )
     return objs
-
-
-def start_api_server(objects_file: Path, kubeconfig: Path, history: int) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.apiserver",
-            "--port",
-            "0",
-            "--kubeconfig",
-            str(kubeconfig),
-            "--load",
-            str(objects_file),
-            "--history-limit",
-            str(history),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        proc.kill()
-        raise SystemExit("fake API server did not start")
-    return proc
 
 
 def _set_when_full(store: Any, target: int, done: asyncio.Event) -> Any:
@@ -197,11 +172,14 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory(prefix="bench-sync-") as tmp:
-        objects_file = Path(tmp) / "objects.json"
         objects = generate(args.services, args.endpoints_per_slice)
-        objects_file.write_text(json.dumps(objects))
-        kubeconfig = Path(tmp) / "kubeconfig.yaml"
-        server = start_api_server(objects_file, kubeconfig, history=len(objects) + 10)
+        # History holds every object, so the replay watch from rv 0 sees them all.
+        server, kubeconfig = start_fake_apiserver(
+            objects,
+            Path(tmp),
+            lambda *argv, **kw: subprocess.Popen(list(argv), **kw),
+            extra_history=10,
+        )
         runs = []
         try:
             for i in range(args.runs):
