@@ -329,3 +329,57 @@ async def test_record_options_reach_the_zone(start_dnsd):
     assert rdatas(await ask(port, "10-9-9-9.default.pod.example.internal")) == ["10.9.9.9"]
     msg = await ask(port, "db.default.svc.example.internal")
     assert rdatas(msg) == ["10.1.0.1", "10.1.0.2"] and msg.answer[0].ttl == 30
+
+
+def _burst(port: int, packets: list[bytes]) -> list[bytes]:
+    """Send every packet before reading anything, then collect the answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        sock.settimeout(2.0)
+        for packet in packets:
+            sock.sendto(packet, ("127.0.0.1", port))
+        answers = []
+        try:
+            while len(answers) < len(packets):
+                answers.append(sock.recv(65535))
+        except TimeoutError:
+            pass
+        return answers
+
+
+async def test_a_burst_larger_than_one_read_batch_is_answered_in_full(dnsd):
+    from dnsd.server import UDP_BATCH
+
+    count = UDP_BATCH * 2 + 17
+    packets = [
+        dns.message.make_query(f"web.default.svc.{Z}", "A", id=i).to_wire() for i in range(count)
+    ]
+    answers = await asyncio.to_thread(_burst, dnsd.port, packets)
+    assert sorted(struct.unpack("!H", a[:2])[0] for a in answers) == list(range(count))
+    assert all(a[3] & 0xF == 0 for a in answers)
+
+
+async def test_udp_answers_wait_for_a_full_send_buffer():
+    """An answer that meets EAGAIN is queued and sent once the socket is writable."""
+    from dnsd.handler import Handler
+    from dnsd.server import UdpListener
+    from dnsd.zone import ZoneIndex
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.setblocking(False)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    client.settimeout(2.0)
+    listener = UdpListener(server, Handler(ZoneIndex([Z], 5)), 0.0)
+    listener.start(asyncio.get_running_loop())
+    try:
+        addr = client.getsockname()
+        listener._send_failed(BlockingIOError(), b"first", addr)
+        listener._send_failed(BlockingIOError(), b"second", addr)
+        assert await asyncio.to_thread(client.recv, 100) == b"first"
+        assert await asyncio.to_thread(client.recv, 100) == b"second"
+        assert not listener._backlog
+    finally:
+        listener.close()
+        client.close()
