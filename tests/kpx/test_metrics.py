@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from tests.waiting import wait_for
+
 LIVE_IP, REFUSING_IP = "127.0.0.1", "127.0.0.2"  # one port: only 127.0.0.1 listens on it
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (\S+)$")
 EXPECTED_NAMES = (
@@ -110,15 +112,6 @@ def exchange(port: int) -> bytes:
         while data := client.recv(65536):
             received += data
         return received
-
-
-def wait_for(check: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 def test_metrics_expose_kube_proxys_histograms_and_count_proxied_connections(
