@@ -75,7 +75,7 @@ def encode(
     tail = packed[question_end:]
     ends = []
     offset = question_end
-    for _ in answers:
+    for _ in range(len(answers) + len(authority) + len(additional)):
         offset = _skip_record(packed, offset)
         ends.append(offset - question_end)
     return wire.make_answer(rcode, len(answers), len(authority), len(additional), tail, tuple(ends))
@@ -129,7 +129,7 @@ def encode_records(
     owner_is_question = len(qname) > 1  # the root is written as b"\x00", not as a pointer
     parts: list[bytes] = []
     ends: list[int] = []
-    for section, rrs in enumerate((answers, authority, additional)):
+    for rrs in (answers, authority, additional):
         for rr in rrs:
             if owner_is_question and rr.rname == name:
                 owner = _QUESTION_POINTER
@@ -139,8 +139,7 @@ def encode_records(
             piece = owner + _RR_FIXED.pack(rr.rtype, wire.CLASS_IN, rr.ttl, len(rd)) + rd
             parts.append(piece)
             offset += len(piece)
-            if not section:
-                ends.append(offset - start)
+            ends.append(offset - start)
     return wire.make_answer(
         rcode, len(answers), len(authority), len(additional), b"".join(parts), tuple(ends)
     )
@@ -279,7 +278,8 @@ def soa_wire(zone: str, primary_zone: str, ttl: int, serial: int) -> bytes:
 
 def negative(zone: str, primary_zone: str, ttl: int, serial: int, rcode: int) -> Answer:
     """NXDOMAIN or NODATA: empty answer, the zone SOA in authority (RFC 2308 §2, §3)."""
-    return wire.make_answer(rcode, 0, 1, 0, soa_wire(zone, primary_zone, ttl, serial), ())
+    soa = soa_wire(zone, primary_zone, ttl, serial)
+    return wire.make_answer(rcode, 0, 1, 0, soa, (len(soa),))
 
 
 def serial_now() -> int:

@@ -22,6 +22,7 @@ from dnsd.metrics import DNS_PROGRAMMING, ZONE_SYNC
 from dnsd.records import RecordOptions, ServiceRecords, service_records
 from dnsd.zone import ZoneIndex
 from kwatch.models import EndpointSlice, Namespace, Pod, Service
+from kwatch.runtime import release_free_memory
 from kwatch.store import EventType, Store, StoreEvent
 
 log = structlog.get_logger("dnsd.controller")
@@ -147,6 +148,8 @@ class ZoneController:
                 gc.enable()
         if not more:
             # Only a complete zone is served: until then cluster names are SERVFAIL.
+            if not self.index.ready:
+                release_free_memory()
             self.index.ready = True
         self.batches += 1
         self.last_batch_seconds = time.perf_counter() - started

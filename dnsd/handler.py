@@ -47,6 +47,8 @@ class PodLookup(Protocol):
 
 _POD_LABEL = b"\x03pod"
 _A = struct.pack("!H", wire.TYPE_A)
+_ONE_QUESTION = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # QD, AN, NS, AR counts
+_ONE_QUESTION_OPT = b"\x00\x01\x00\x00\x00\x00\x00\x01"
 _AAAA = struct.pack("!H", wire.TYPE_AAAA)
 
 
@@ -74,80 +76,98 @@ class Handler:
             wire.opt_record(self.max_udp_size, True),
         )
         self.stats = stats or DnsStats()
+        self._answers = index.answers  # the zone updates this dict in place, never replaces it
+        self._counts = (self.stats.fast_counts(False), self.stats.fast_counts(True))
 
     def handle(self, data: bytes, tcp: bool = False) -> Result:
         """Answer one DNS message; None means drop it."""
-        if self.index.ready:  # a zone still being built serves nothing (SERVFAIL, CoreDNS 3.6)
-            fast = self._fast_path(data, tcp)
-            if fast is not None:
-                return fast
-        return self._handle(data, tcp)
+        fast = self.fast(data, tcp)
+        if fast is not None:
+            return fast
+        return self.full(data, tcp)
 
-    def _fast_path(self, data: bytes, tcp: bool) -> bytes | None:
+    def fast(
+        self, data: bytes, tcp: bool = False, counts: dict[int, int] | None = None
+    ) -> bytes | None:
         """The common case, inlined: a QUERY (QR=0, opcode 0) with one IN question, no other
-        records but an option-less OPT, for a precomputed (name, type) whose answer fits.
+        records but an option-less OPT at the end, for a precomputed (name, type) whose answer
+        fits. Reads the zone and counts into `counts` (DnsStats.fast_counts; the handler's
+        own by default), nothing else: the UDP threads call it directly.
 
-        Returns None to hand anything else to `_handle`, which decides every case properly
-        (this path never answers something `_handle` would answer differently).
+        Returns None to hand anything else to `full`, which decides every case properly
+        (this path never answers something `full` would answer differently).
         """
         n = len(data)
-        if n < 17 or data[2] & 0xF8 or data[4:10] != b"\x00\x01\x00\x00\x00\x00":
+        if n < 17 or data[2] & 0xF8 or not self.index.ready:
+            # Too short, a response or another opcode; a zone still being built serves
+            # nothing (SERVFAIL, CoreDNS 3.6): the full path decides.
             return None
-        # The first zero byte ends the name. Stored names are valid wire names without zero
-        # or pointer bytes inside labels, so a key that matches proves the question's name is
-        # exactly that stored name: no label walk needed. Keys lower-case the QTYPE bytes too;
-        # answer_key() never stores a type whose bytes fall in A-Z, so that cannot alias.
-        end = data.find(0, 12) + 1
-        if not end:
-            return None
-        question_end = end + 4
-        if question_end > n or data[end + 2 : question_end] != b"\x00\x01":
-            return None
-        key = data[12 : end + 2].lower()
-        answer = self.index.answers.get(key)
-        if answer is None:
-            answer = self._fast_negative(data, end, key)
+        sections = data[4:12]
+        if sections == _ONE_QUESTION:
+            # The question runs to the end of the message. Stored keys are valid wire names
+            # (no zero or pointer bytes inside labels) followed by the QTYPE, so a key that
+            # matches everything before QCLASS proves the message is exactly that question:
+            # no label walk needed. Keys lower-case the QTYPE bytes too; answer_key() never
+            # stores a type whose bytes fall in A-Z, so that cannot alias.
+            if data[n - 1] != 1 or data[n - 2]:
+                return None
+            key = data[12 : n - 2].lower()
+            answer = self._answers.get(key)
             if answer is None:
+                answer = self._fast_negative(key)
+                if answer is None:
+                    return None
+            variant = (data[2] & 1) | ((data[3] >> 3) & 2)
+            out = data[:2] + answer.heads[variant] + data[12:] + answer.tail
+            if len(out) > wire.UDP_PLAIN_LIMIT and not tcp:
+                out = wire.truncate_raw(data, n, variant, b"", answer, wire.UDP_PLAIN_LIMIT)
+            elif len(out) > wire.TCP_LIMIT:
                 return None
-        qtype = data[end : end + 2]
-        arcount = data[11]
-        if question_end == n and not data[10] and not arcount:
-            out = (
-                data[:2]
-                + answer.heads[(data[2] & 1) | ((data[3] >> 3) & 2)]
-                + data[12:question_end]
-                + answer.tail
-            )
-            if len(out) > (wire.TCP_LIMIT if tcp else wire.UDP_PLAIN_LIMIT):
+            qtype = (data[n - 4] << 8) | data[n - 3]
+        elif sections == _ONE_QUESTION_OPT:
+            # The question, then an OPT (11 bytes): root owner, TYPE 41, EDNS version 0,
+            # no options (RDLENGTH 0). Other forms take the full path.
+            if (
+                n < 28
+                or data[n - 11 : n - 8] != b"\x00\x00\x29"
+                or data[n - 5]
+                or data[n - 2]
+                or data[n - 1]
+                or data[n - 12] != 1
+                or data[n - 13]
+            ):
                 return None
-        elif (
-            arcount == 1
-            and not data[10]
-            and n == question_end + 11
-            and data[question_end : question_end + 3] == b"\x00\x00\x29"
-            and not data[question_end + 6]  # EDNS version 0
-            and not data[question_end + 9]  # no options (RDLENGTH 0)
-            and not data[question_end + 10]
-        ):
-            size = max((data[question_end + 3] << 8) | data[question_end + 4], 512)
-            limit = wire.TCP_LIMIT if tcp else min(size, self.max_udp_size)
-            out = (
-                data[:2]
-                + answer.heads[4 | (data[2] & 1) | ((data[3] >> 3) & 2)]
-                + data[12:question_end]
-                + answer.tail
-                + self._opts[data[question_end + 7] >> 7]
-            )
+            key = data[12 : n - 13].lower()
+            answer = self._answers.get(key)
+            if answer is None:
+                answer = self._fast_negative(key)
+                if answer is None:
+                    return None
+            size = (data[n - 8] << 8) | data[n - 7]
+            variant = 4 | (data[2] & 1) | ((data[3] >> 3) & 2)
+            opt = self._opts[data[n - 4] >> 7]
+            out = data[:2] + answer.heads[variant] + data[12 : n - 11] + answer.tail + opt
+            if tcp:
+                limit = wire.TCP_LIMIT
+            elif size > self.max_udp_size:
+                limit = self.max_udp_size
+            else:
+                limit = size if size > wire.UDP_PLAIN_LIMIT else wire.UDP_PLAIN_LIMIT
             if len(out) > limit:
-                return None
+                if tcp:
+                    return None
+                out = wire.truncate_raw(data, n - 11, variant, opt, answer, limit)
+            qtype = (data[n - 15] << 8) | data[n - 14]
         else:
             return None
-        counted = (tcp, qtype, answer.heads[0][1])
-        fast = self.stats.fast
-        fast[counted] = fast.get(counted, 0) + 1
+        # Counted by (QTYPE, rcode byte) in one int: no tuple to build per query.
+        counted = (qtype << 8) | answer.heads[0][1]
+        if counts is None:
+            counts = self._counts[tcp]
+        counts[counted] = counts.get(counted, 0) + 1
         return out
 
-    def _fast_negative(self, data: bytes, end: int, key: bytes) -> Answer | None:
+    def _fast_negative(self, key: bytes) -> Answer | None:
         """NXDOMAIN / NODATA for a well-formed name, when that is all `_miss` would decide.
 
         Anything needing more (ExternalName aliases, pod names, zone transfers, names outside
@@ -164,7 +184,7 @@ class Handler:
         zid = index.existing.get(name_key)
         if zid is not None:
             return index.nodata[zid]
-        # Walk the labels: the zero byte found earlier may sit inside a label.
+        # Walk the labels: the key is everything before QCLASS, which need not be a name.
         offsets = []
         i = 0
         last = len(name_key) - 1
@@ -189,7 +209,8 @@ class Handler:
             return None
         return index.nxdomain[zid]
 
-    def _handle(self, data: bytes, tcp: bool) -> Result:
+    def full(self, data: bytes, tcp: bool = False) -> Result:
+        """Every case, decided by parsing the message; `fast` is a shortcut through it."""
         started = time.perf_counter()
         try:
             query = parse_query(data)

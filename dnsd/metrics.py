@@ -70,16 +70,24 @@ class DnsStats:
     """Counters owned by one process; cheap enough to touch on every query."""
 
     def __init__(self) -> None:
-        # Answers from the handler's fast path, by (tcp, raw 2-byte QTYPE, rcode): finished
-        # within microseconds, so not timed one by one; the collector folds them into the
-        # request/response counts and the histogram's first bucket.
-        self.fast: dict[tuple[bool, bytes, int], int] = {}
+        # Answers from the handler's fast path, by QTYPE << 8 | the header's fourth byte
+        # (rcode in the low bits): finished within microseconds, so not timed one by one; the
+        # collector folds them into the request/response counts and the histogram's first
+        # bucket. One dict per writer (each UDP thread has its own, see fast_counts), so
+        # no two threads ever update the same counter; the collector reads copies.
+        self.fast: list[tuple[bool, dict[int, int]]] = []
         self.requests: dict[tuple[bool, int], int] = {}  # (tcp, qtype) -> count
         self.responses: dict[tuple[bool, int], int] = {}  # (tcp, rcode) -> count
         self.dropped: dict[str, int] = {}  # reason -> count
         self.durations = [[0] * (len(DURATION_BUCKETS) + 1) for _ in range(2)]
         self.duration_sum = [0.0, 0.0]
         self.response_bytes = [0, 0]
+
+    def fast_counts(self, tcp: bool) -> dict[int, int]:
+        """A new fast-path counter dict for one writer (a thread, or the event loop)."""
+        counts: dict[int, int] = {}
+        self.fast.append((tcp, counts))
+        return counts
 
     def answered(self, tcp: bool, qtype: int, response: bytes | None, seconds: float) -> None:
         key = (tcp, qtype)
@@ -124,12 +132,15 @@ class DnsCollector(Collector):
         for (tcp, qtype), count in list(stats.requests.items()):
             key = (_proto(tcp), TYPE_NAMES.get(qtype, "other"))
             by_type[key] = by_type.get(key, 0) + count
-        for (tcp, raw_type, rcode), count in list(stats.fast.items()):
-            key = (_proto(tcp), TYPE_NAMES.get(int.from_bytes(raw_type, "big"), "other"))
-            by_type[key] = by_type.get(key, 0) + count
-            rkey = (_proto(tcp), RCODE_NAMES.get(rcode & 0x0F, str(rcode & 0x0F)))
-            by_rcode[rkey] = by_rcode.get(rkey, 0) + count
-            first_bucket[1 if tcp else 0] += count
+        for tcp, fast in list(stats.fast):
+            label = _proto(tcp)
+            for counted, count in list(fast.items()):
+                key = (label, TYPE_NAMES.get(counted >> 8, "other"))
+                by_type[key] = by_type.get(key, 0) + count
+                code = counted & 0x0F
+                rkey = (label, RCODE_NAMES.get(code, str(code)))
+                by_rcode[rkey] = by_rcode.get(rkey, 0) + count
+                first_bucket[tcp] += count
         for (tcp, rcode), count in list(stats.responses.items()):
             rkey = (_proto(tcp), RCODE_NAMES.get(rcode, str(rcode)))
             by_rcode[rkey] = by_rcode.get(rkey, 0) + count

@@ -373,4 +373,3 @@ def cname_rr(owner: str, target: str, ttl: int) -> Record:
 
 def ptr_rr(owner: str, target: str, ttl: int) -> Record:
     return Record(owner, TYPE_PTR, ttl, Target(target))
-

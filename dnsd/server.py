@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import random
 import socket
+import threading
+import time
 from collections.abc import Coroutine
 from typing import Any, cast
 
 import structlog
 
-from dnsd import wire
+from dnsd import udpbatch, wire
 from dnsd.handler import Handler
 from dnsd.names import from_wire
 
@@ -46,73 +49,159 @@ def _log_query(data: bytes, peer: Any, proto: str, response: bytes | None) -> No
     )
 
 
-# Datagrams read per readiness callback at most, so TCP and the control path still get turns
-# under a flood; the socket stays readable, so the loop calls back at once for the rest.
-UDP_BATCH = 256
 _UDP_MAX = 65535
 UDP_BACKLOG = 4096
 
 
 class UdpListener:
-    """One UDP socket served straight from the event loop's readiness callback.
+    """One UDP socket served by its own thread; the event loop only sees the rare query the
+    fast path cannot answer.
 
-    Instead of a DatagramProtocol (one C-to-Python call and a transport `sendto` with its own
-    checks per datagram), one callback drains the socket with `recvfrom` and answers with the
-    socket's own `sendto`: the per-query work left is the handler's and the two system calls.
-    (`recvfrom(65535)`: `recvfrom_into` a preallocated buffer plus the `bytes` copy the handler
-    needs measured no cheaper.) A readiness callback reads at most UDP_BATCH datagrams.
+    The thread blocks in recvmmsg, answers precomputed cluster names with `Handler.fast`
+    (which only reads the zone) and sends the batch's answers with one sendmmsg (see
+    dnsd.udpbatch; one recvfrom/sendto per query where those calls are missing). Measured
+    here with dnsperf against an echo of each query: 7.1 us of CPU per query for a thread
+    with recvfrom/sendto, 8.5 us for a loop reader that drains the socket in batches, 7.6 us
+    for a uvloop DatagramProtocol, 5.4 to 5.8 us batched.
+
+    Anything else (forwarding, ExternalName chases, pod names, malformed messages, a zone not
+    ready yet) is handed to the event loop (`call_soon_threadsafe`), which runs
+    `Handler.full` there and sends with MSG_DONTWAIT, queueing when the buffer is full, so
+    only one thread ever touches the forwarder, the cache and the per-query accounting.
+    The zone index is updated by the event loop while the thread reads it: every answer is
+    one immutable bytes object swapped in whole, so a query sees a service before or after
+    a change, never a half-written answer.
     """
 
-    def __init__(self, sock: socket.socket, handler: Handler, sample: float) -> None:
+    def __init__(
+        self, sock: socket.socket, handler: Handler, sample: float, batch: int = udpbatch.BATCH
+    ) -> None:
         self.sock = sock
         self.handler = handler
         self.sample = sample
+        self.batch = batch  # datagrams per recvmmsg; 0: one recvfrom per datagram
         self._pending: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._closed = False
-        # Answers waiting for room in the socket's send buffer.
+        # Answers from the event loop waiting for room in the socket's send buffer.
         self._backlog: collections.deque[tuple[bytes, Any]] = collections.deque()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        loop.add_reader(self.sock.fileno(), self._readable)
+        self.sock.setblocking(True)
+        port = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, name=f"dnsd-udp-{port}", daemon=True)
+        self._thread.start()
 
-    def _readable(self) -> None:
-        recv = self.sock.recvfrom
-        sendto = self.sock.sendto
-        handle = self.handler.handle
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                if self.batch and udpbatch.available():
+                    self._serve_batched()
+                else:
+                    self._serve_single()
+            except Exception:
+                # Never leave the port unserved: log, count, and serve on.
+                log.exception("udp_thread_failed")
+                self.handler.stats.drop("internal_error")
+                time.sleep(0.1)
+
+    def _serve_batched(self) -> None:
+        assert self._loop is not None
+        io = udpbatch.BatchIO(self.sock, self.handler.max_udp_size, self.batch)
+        fast = self.handler.fast
+        counts = self.handler.stats.fast_counts(False)
+        to_loop = self._loop.call_soon_threadsafe
+        full = self._full
         sample = self.sample
-        for _ in range(UDP_BATCH):
+
+        def answer(data: bytes, i: int) -> bytes | None:
             try:
-                data, addr = recv(_UDP_MAX)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                # ICMP errors from a client that went away (ECONNREFUSED...): nothing to do.
-                continue
-            try:
-                result = handle(data, False)
+                result = fast(data, False, counts)
             except Exception:
                 # A bug for one packet must not cost anyone else their answer.
                 log.exception("query_failed", proto="udp")
                 self.handler.stats.drop("internal_error")
+                return None
+            if sample and result is not None and random.random() < sample:
+                _log_query(data, io.address(i), "udp", result)
+            return result
+
+        def leftover(data: bytes, i: int) -> None:
+            address = io.address(i)
+            if address is None:  # woken by close()
+                return
+            with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
+                to_loop(full, data, address)
+
+        io.serve(answer, leftover, self.handler.stats.drop, lambda: not self._closed)
+
+    def _serve_single(self) -> None:
+        """One datagram per system call: where recvmmsg is missing (not Linux)."""
+        assert self._loop is not None
+        recv = self.sock.recvfrom
+        sendto = self.sock.sendto
+        fast = self.handler.fast
+        stats = self.handler.stats
+        to_loop = self._loop.call_soon_threadsafe
+        full = self._full
+        counts = stats.fast_counts(False)
+        while not self._closed:
+            try:
+                data, addr = recv(_UDP_MAX)
+            except OSError as err:
+                if self._closed:
+                    return
+                if err.errno not in udpbatch.PEER_ERRORS:
+                    log.warning("udp_receive_failed", problem=str(err))
+                    stats.drop("udp_receive_failed")
+                    time.sleep(0.01)  # never spin on an error that repeats
+                continue
+            if addr is None:  # woken by close()
+                continue
+            try:
+                result = fast(data, False, counts)
+            except Exception:
+                log.exception("query_failed", proto="udp")
+                stats.drop("internal_error")
                 continue
             if result is None:
-                continue
-            if result.__class__ is bytes:
                 try:
-                    sendto(result, addr)
-                except OSError as err:
-                    self._send_failed(err, result, addr)
-                if sample and random.random() < sample:
-                    _log_query(data, addr, "udp", result)
+                    to_loop(full, data, addr)
+                except RuntimeError:
+                    return
                 continue
-            assert self._loop is not None
-            task = self._loop.create_task(
-                self._send_later(data, cast(Coroutine[Any, Any, bytes | None], result), addr)
-            )
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            try:
+                sendto(result, addr)
+            except OSError:
+                stats.drop("udp_send_failed")
+            if self.sample and random.random() < self.sample:
+                _log_query(data, addr, "udp", result)
+
+    def _full(self, data: bytes, addr: Any) -> None:
+        """On the event loop: a query the fast path left."""
+        if self._closed:
+            return
+        try:
+            result = self.handler.full(data, False)
+        except Exception:
+            log.exception("query_failed", proto="udp")
+            self.handler.stats.drop("internal_error")
+            return
+        if result is None:
+            return
+        if result.__class__ is bytes:
+            self._send(result, addr)
+            if self.sample and random.random() < self.sample:
+                _log_query(data, addr, "udp", result)
+            return
+        assert self._loop is not None
+        task = self._loop.create_task(
+            self._send_later(data, cast(Coroutine[Any, Any, bytes | None], result), addr)
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _send_later(
         self, data: bytes, pending: Coroutine[Any, Any, bytes | None], addr: Any
@@ -123,22 +212,22 @@ class UdpListener:
             log.exception("query_failed", proto="udp")
             return
         if response is not None and not self._closed:
-            if self._backlog:
-                self._queue(response, addr)
-            else:
-                try:
-                    self.sock.sendto(response, addr)
-                except OSError as err:
-                    self._send_failed(err, response, addr)
+            self._send(response, addr)
         if self.sample and random.random() < self.sample:
             _log_query(data, addr, "udp", response)
 
-    def _send_failed(self, err: OSError, response: bytes, addr: Any) -> None:
-        if isinstance(err, BlockingIOError | InterruptedError):
+    def _send(self, response: bytes, addr: Any) -> None:
+        """Send from the event loop without blocking it (the socket itself blocks)."""
+        if self._backlog:
+            self._queue(response, addr)
+            return
+        try:
+            self.sock.sendto(response, socket.MSG_DONTWAIT, addr)
+        except (BlockingIOError, InterruptedError):
             # The send buffer is full: queue the answer and send it when the socket is
             # writable again (as a transport would), up to a bound.
             self._queue(response, addr)
-        else:
+        except OSError:
             self.handler.stats.drop("udp_send_failed")
 
     def _queue(self, response: bytes, addr: Any) -> None:
@@ -155,7 +244,7 @@ class UdpListener:
         while backlog:
             response, addr = backlog[0]
             try:
-                sendto(response, addr)
+                sendto(response, socket.MSG_DONTWAIT, addr)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -170,10 +259,16 @@ class UdpListener:
         if self._closed:
             return
         self._closed = True
-        if self._loop is not None:
-            self._loop.remove_reader(self.sock.fileno())
-            if self._backlog:
-                self._loop.remove_writer(self.sock.fileno())
+        if self._thread is not None:
+            # Wakes the thread's blocking recvfrom (Linux returns an empty datagram with no
+            # address, though the call itself reports ENOTCONN for an unconnected socket).
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RD)
+            self._thread.join(timeout=2.0)
+            if self._thread.is_alive():
+                log.warning("udp_thread_still_running")
+        if self._loop is not None and self._backlog:
+            self._loop.remove_writer(self.sock.fileno())
         self._backlog.clear()
         self.sock.close()
 

@@ -53,13 +53,13 @@ class Answer(NamedTuple):
 
     `heads[i]` is bytes 2..12 of the header (flags and counts) for variant i = RD | CD<<1 |
     OPT<<2: the bits a query can set are pre-applied so the hot path only indexes a tuple.
-    `tail` follows the question; `answer_ends` are the offsets in `tail` where each answer
-    record ends, so truncation can keep whole records.
+    `tail` follows the question; `record_ends` are the offsets in `tail` where each record
+    (answer, authority, then additional section) ends, so truncation can keep whole records.
     """
 
     heads: tuple[bytes, ...]
     tail: bytes
-    answer_ends: tuple[int, ...]
+    record_ends: tuple[int, ...]
 
 
 _heads_cache: dict[tuple[int, int, int, int, int, int], tuple[bytes, ...]] = {}
@@ -95,15 +95,15 @@ _ends_cache: dict[tuple[int, ...], tuple[int, ...]] = {}
 
 
 def make_answer(
-    rcode: int, ancount: int, nscount: int, arcount: int, tail: bytes, answer_ends: tuple[int, ...]
+    rcode: int, ancount: int, nscount: int, arcount: int, tail: bytes, record_ends: tuple[int, ...]
 ) -> Answer:
     """An authoritative (AA=1, RA=0, as CoreDNS answers for its zones) response."""
     # Most answers are one record whose end repeats ((16,) for an A): keep one copy. Only
     # one-record tuples are shared, so the cache stays bounded (ends < 65536) under churn.
-    if len(answer_ends) == 1:
-        answer_ends = _ends_cache.setdefault(answer_ends, answer_ends)
+    if len(record_ends) == 1:
+        record_ends = _ends_cache.setdefault(record_ends, record_ends)
     return Answer(
-        make_heads(FLAG_QR | FLAG_AA, rcode, ancount, nscount, arcount), tail, answer_ends
+        make_heads(FLAG_QR | FLAG_AA, rcode, ancount, nscount, arcount), tail, record_ends
     )
 
 
@@ -259,28 +259,41 @@ def respond(query: Query, answer: Answer, limit: int, advertised_size: int) -> b
 
 
 def truncate(query: Query, answer: Answer, limit: int, advertised_size: int) -> bytes:
-    """Fit `answer` into `limit` bytes.
-
-    If the whole answer section fits, only the additional records (SRV glue) are left out and
-    TC stays clear: RFC 2181 §9 sets TC only when records the answer needs are missing.
-    Otherwise keep the whole answer records that fit and set TC, so the client retries over
-    TCP and gets everything (miekg's Truncate). Pointers only ever point backwards, so cutting
-    at a record boundary keeps the message valid.
-    """
-    data = query.data
+    """Fit `answer` into `limit` bytes (see truncate_raw)."""
     opt = opt_record(advertised_size, query.do_bit) if query.edns else b""
-    base = 12 + (query.question_end - 12) + len(opt)
+    return truncate_raw(query.data, query.question_end, query.variant, opt, answer, limit)
+
+
+def truncate_raw(
+    data: bytes, question_end: int, variant: int, opt: bytes, answer: Answer, limit: int
+) -> bytes:
+    """`answer` to the question in `data[12:question_end]`, cut to `limit` bytes.
+
+    Whole records are kept in order: answer, authority, then as many additional records
+    (SRV targets' addresses) as fit. TC is set only when an answer or authority record had
+    to go (RFC 2181 §9: the client then retries over TCP); leaving out additional records
+    alone does not set it, as knot does. Pointers only ever point backwards, so cutting at a
+    record boundary keeps the message valid.
+    """
+    base = question_end + len(opt)
     kept = 0
-    for end in answer.answer_ends:
+    for end in answer.record_ends:
         if base + end > limit:
             break
         kept += 1
-    cut = answer.answer_ends[kept - 1] if kept else 0
-    head = answer.heads[query.variant]
-    complete = kept == len(answer.answer_ends) and kept > 0 and head[6:8] == b"\x00\x00"
-    flags = bytes([head[0] if complete else head[0] | FLAG_TC, head[1]])
-    counts = _COUNTS.pack(1, kept, 0, 1 if opt else 0)
-    return data[:2] + flags + counts + data[12 : query.question_end] + answer.tail[:cut] + opt
+    cut = answer.record_ends[kept - 1] if kept else 0
+    head = answer.heads[variant]
+    ancount = (head[4] << 8) | head[5]
+    nscount = (head[6] << 8) | head[7]
+    needed = ancount + nscount
+    flags = bytes([head[0] if kept >= needed else head[0] | FLAG_TC, head[1]])
+    counts = _COUNTS.pack(
+        1,
+        min(kept, ancount),
+        min(max(kept - ancount, 0), nscount),
+        max(kept - needed, 0) + (1 if opt else 0),
+    )
+    return data[:2] + flags + counts + data[12:question_end] + answer.tail[:cut] + opt
 
 
 def truncate_foreign(query: Query, response: bytes, limit: int, advertised_size: int) -> bytes:

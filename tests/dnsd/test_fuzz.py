@@ -374,5 +374,5 @@ def test_fast_path_and_full_path_give_the_same_answer(labels, suffix, qtype, edn
     data = query.to_wire()
     handler = (pod_cluster() if pods else cluster()).handler
     fast = finish(handler.handle(data, tcp))
-    full = finish(handler._handle(data, tcp))
+    full = finish(handler.full(data, tcp))
     assert fast == full, name

@@ -122,9 +122,7 @@ def test_packer_output_is_byte_identical_to_dnslib(
         rcode,
     )
     assert ours == reference
-    assert sections_text(parsed(name, qtype, ours)) == sections_text(
-        parsed(name, qtype, reference)
-    )
+    assert sections_text(parsed(name, qtype, ours)) == sections_text(parsed(name, qtype, reference))
 
 
 def test_a_big_answer_points_only_where_a_pointer_reaches():

@@ -347,10 +347,8 @@ def _burst(port: int, packets: list[bytes]) -> list[bytes]:
         return answers
 
 
-async def test_a_burst_larger_than_one_read_batch_is_answered_in_full(dnsd):
-    from dnsd.server import UDP_BATCH
-
-    count = UDP_BATCH * 2 + 17
+async def test_a_burst_is_answered_in_full(dnsd):
+    count = 529
     packets = [
         dns.message.make_query(f"web.default.svc.{Z}", "A", id=i).to_wire() for i in range(count)
     ]
@@ -375,11 +373,54 @@ async def test_udp_answers_wait_for_a_full_send_buffer():
     listener.start(asyncio.get_running_loop())
     try:
         addr = client.getsockname()
-        listener._send_failed(BlockingIOError(), b"first", addr)
-        listener._send_failed(BlockingIOError(), b"second", addr)
+        listener._queue(b"first", addr)
+        listener._queue(b"second", addr)
         assert await asyncio.to_thread(client.recv, 100) == b"first"
         assert await asyncio.to_thread(client.recv, 100) == b"second"
         assert not listener._backlog
     finally:
         listener.close()
         client.close()
+
+
+@pytest.mark.parametrize("batch", [0, 64], ids=["recvfrom", "recvmmsg"])
+async def test_a_mixed_burst_is_answered_on_either_udp_path(dnsd, batch):
+    """Precomputed answers (the UDP thread), a forwarded name and a malformed message (both
+    handed to the event loop) interleaved in one burst: each gets its own answer."""
+    from dnsd.server import UdpListener
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    listener = UdpListener(sock, dnsd.daemon.handler, 0.0, batch=batch)
+    listener.start(asyncio.get_running_loop())
+    try:
+        fast = [
+            dns.message.make_query(f"wEb.default.svc.{Z}", "A", id=i).to_wire() for i in range(150)
+        ]
+        forwarded = dns.message.make_query("www.example.org", "A", id=1000).to_wire()
+        malformed = b"\x03\xe9" + b"\x01\x00\x00\x02\x00\x00\x00\x00\x00\x00"  # 2 questions, none
+        packets = [*fast[:70], forwarded, malformed, *fast[70:]]
+        port = sock.getsockname()[1]
+        answers = {a[:2]: a for a in await asyncio.to_thread(_burst, port, packets)}
+        assert len(answers) == 152
+        for packet in fast:
+            msg = dns.message.from_wire(answers[packet[:2]])
+            assert msg.question[0].name.to_text() == f"wEb.default.svc.{Z}."  # 0x20 kept
+            assert rdatas(msg) == ["10.96.0.5"]
+        assert rdatas(dns.message.from_wire(answers[forwarded[:2]])) == ["192.0.2.80"]
+        assert answers[malformed[:2]][3] & 0xF == dns.rcode.FORMERR
+    finally:
+        listener.close()
+
+
+async def test_an_oversized_datagram_is_dropped_and_counted(dnsd):
+    """recvmmsg reads at most 4 KiB per datagram: a bigger one is no DNS query we answer."""
+    from dnsd import udpbatch
+
+    if not udpbatch.available():
+        pytest.skip("recvmmsg is not available here")
+    query = dns.message.make_query(f"web.default.svc.{Z}", "A", id=7).to_wire()
+    big = query + b"\x00" * (udpbatch.MAX_QUERY + 100)
+    assert await asyncio.to_thread(raw_udp, dnsd.port, big, 0.3) is None
+    assert dnsd.daemon.stats.dropped.get("udp_oversized") == 1
+    assert rdatas(await ask(dnsd.port, f"web.default.svc.{Z}", "A")) == ["10.96.0.5"]
