@@ -41,7 +41,7 @@ from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
 from kwatch.resources import ENDPOINTSLICES, NODES, SERVICES
-from kwatch.runtime import run, stop_event
+from kwatch.runtime import release_free_memory, run, stop_event
 
 log = structlog.get_logger("kpx.main")
 
@@ -184,6 +184,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
                 await syncer.sync_once()
             except Exception as err:  # run() below retries
                 log.error("sync_failed", problem=str(err) or type(err).__name__)
+            release_free_memory()
             # Listen only once the table is filled: until then a redirected client is refused
             # by the kernel (nothing listens yet) rather than accepted and reset for an
             # unknown frontend.

@@ -256,6 +256,6 @@ async def test_endpointslices_are_indexed_by_service(api_server, kubeconfig):
     try:
         await asyncio.wait_for(state.wait_synced(), 5)
         slices = state.store(ENDPOINTSLICES).by_index("service", "shop/web")
-        assert [s.endpoints[0].addresses for s in slices] == [["10.1.0.1"]]
+        assert [s.endpoints[0].addresses for s in slices] == [("10.1.0.1",)]
     finally:
         await state.stop()
