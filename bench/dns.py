@@ -1,7 +1,7 @@
 """dnsd against knot serving the same records, with dnsperf, in the same run (issue 3).
 
     .venv/bin/python -m bench.dns [--services 10000] [--headless 1000] [--headless-endpoints 5]
-        [--endpoints 100000] [--runs 3] [--duration 10] [--quick]
+        [--endpoints 100000] [--runs 3] [--duration 10] [--quick] [--json PATH] [--memory-only]
 
 Generates one cluster state (default 10,000 Services in 100 namespaces, 1,000 of them headless
 with 5 ready endpoints each, every other ClusterIP Service dual-stack, and EndpointSlices for
@@ -42,12 +42,17 @@ write-sent -> answer-served (and how much of it was the API request itself).
 
 `--quick`: 200 Services, 2 s passes, 1 run, 10 propagation samples, to smoke-test the harness
 (seconds; the figures mean nothing). Figures, never assertions: this machine is shared.
+
+`--json PATH` also writes what it printed (per-run figures, medians, ratios, RSS, propagation)
+to PATH, for bench/report.py. `--memory-only` measures nothing but dnsd's RSS once ready at that
+scale, from the manifests and via the fake API server (no knot, no dnsperf; seconds).
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import base64
 import contextlib
 import ipaddress
 import json
@@ -67,7 +72,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bench.apiclient import Api, start_fake_apiserver
+from bench.jsonout import write_json
 from bench.procstat import CpuMeter, process_tree, pss_mb, rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -694,6 +702,59 @@ def propagation(
     return result, notes
 
 
+def memory_only(tmp: Path, cluster: Cluster, timeout: float) -> dict[str, float]:
+    """dnsd's RSS once ready (one process, nothing else measured), from the manifest folder
+    and then via the fake API server, each started alone and stopped."""
+    probe = cluster.pools["A clusterIP"][-1][0]
+    manifests = ["--manifests", str(tmp / "manifests")]
+    server, _ = start_dnsd(tmp, "dnsd", manifests, 1, timeout, probe)
+    try:
+        rss_manifests, ready_manifests = rss_mb([server.proc.pid]), server.ready_s
+    finally:
+        _stop(server.proc)
+    api, kubeconfig = start_fake_apiserver(cluster.objects, tmp / "api", _spawn_argv)
+    try:
+        source = ["--kubeconfig", str(kubeconfig)]
+        server, _ = start_dnsd(tmp, "dnsd-api", source, 1, timeout, probe)
+        try:
+            rss_api, ready_api = rss_mb(process_tree(server.proc.pid)), server.ready_s
+        finally:
+            _stop(server.proc)
+        # The in-cluster code path: URL, ServiceAccount-style token and CA files, so the
+        # official client's kubeconfig loader (about 35 MB) is never imported.
+        server, _ = start_dnsd(tmp, "dnsd-token", token_access(kubeconfig), 1, timeout, probe)
+        try:
+            rss_token = rss_mb(process_tree(server.proc.pid))
+        finally:
+            _stop(server.proc)
+    finally:
+        _stop(api)
+    return {
+        "rss_manifests_mb": rss_manifests,
+        "ready_manifests_s": ready_manifests,
+        "rss_api_mb": rss_api,
+        "ready_api_s": ready_api,
+        "rss_token_mb": rss_token,
+    }
+
+
+def token_access(kubeconfig: Path) -> list[str]:
+    """`--apiserver/--token-file/--ca-file` flags for the server a kubeconfig points at."""
+    config = yaml.safe_load(kubeconfig.read_text())
+    cluster = config["clusters"][0]["cluster"]
+    folder = kubeconfig.parent
+    (folder / "ca.pem").write_bytes(base64.b64decode(cluster["certificate-authority-data"]))
+    (folder / "token").write_text(config["users"][0]["user"]["token"])
+    return [
+        "--apiserver",
+        cluster["server"],
+        "--token-file",
+        str(folder / "token"),
+        "--ca-file",
+        str(folder / "ca.pem"),
+    ]
+
+
 # --- main ----------------------------------------------------------------------------------
 
 
@@ -730,13 +791,17 @@ def main() -> None:
     parser.add_argument("--ready-timeout", type=float, default=600)
     parser.add_argument("--skip-propagation", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, short passes")
+    parser.add_argument("--json", metavar="PATH", help="also write the results to PATH as JSON")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only dnsd's RSS once ready (no knot/dnsperf)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.services, args.headless, args.endpoints = 200, 20, 500
         args.runs, args.duration, args.latency_duration = 1, 2, 1
         args.latency_qps, args.queries, args.samples = 2_000, 5_000, 10
         args.ready_timeout = 60
-    for tool in ("knotd", "dnsperf"):
+    for tool in () if args.memory_only else ("knotd", "dnsperf"):
         if shutil.which(tool) is None:
             raise SystemExit(f"needs `{tool}` (apt-get install knot dnsperf)")
 
@@ -753,6 +818,30 @@ def main() -> None:
             f"{len(cluster.rr) + len(cluster.ptr):,} records; generated in "
             f"{time.perf_counter() - t0:.1f} s"
         )
+        doc: dict[str, Any] = {
+            "benchmark": "dns",
+            "quick": args.quick,
+            "args": vars(args),
+            "cluster": {
+                "services": args.services,
+                "headless": len(cluster.headless),
+                "headless_endpoints": args.headless_endpoints,
+                "endpoints": cluster.endpoints,
+                "records": len(cluster.rr) + len(cluster.ptr),
+            },
+        }
+        if args.memory_only:
+            mem = memory_only(tmp, cluster, args.ready_timeout)
+            print(
+                f"dnsd RSS once ready: {mem['rss_manifests_mb']:,.1f} MB from the manifests "
+                f"(ready in {mem['ready_manifests_s']:.1f} s), {mem['rss_api_mb']:,.1f} MB via "
+                f"the API server with --kubeconfig (ready in {mem['ready_api_s']:.1f} s), "
+                f"{mem['rss_token_mb']:,.1f} MB with --apiserver/--token-file as in-cluster"
+            )
+            if args.json:
+                write_json(args.json, {**doc, "mode": "memory", "memory": mem, "complete": True})
+            return
+        doc["query_mix"] = {k: v / args.queries for k, v in mix.items()}
         print(
             "query mix: " + ", ".join(f"{k} {100 * v / args.queries:.0f}%" for k, v in mix.items())
         )
@@ -776,6 +865,8 @@ def main() -> None:
             for s in servers:
                 print(f"{s.label}: ready in {s.ready_s:.1f} s on 127.0.0.1:{s.port}")
             asked, diffs = compare_answers(cluster, {s.label: s.port for s in servers}, 20)
+            doc["ready_s"] = {s.label: s.ready_s for s in servers}
+            doc["answers"] = {"asked": asked, "differ": len(diffs), "examples": diffs[:10]}
             print(f"same answers from all three: {asked - len(diffs)} of {asked} sampled questions")
             for diff in diffs[:10]:
                 print(f"  differs: {diff}")
@@ -788,6 +879,7 @@ def main() -> None:
                     r = measure(s, tmp / "queries.txt", args)
                     codes = r.pop("_codes")
                     results[s.label].append(r)
+                    doc.setdefault("response_codes", {}).setdefault(s.label, []).append(codes)
                     print(
                         f"run {run + 1} {s.label:17} "
                         + ", ".join(f"{k}={fmt(v)}" for k, v in r.items())
@@ -806,6 +898,13 @@ def main() -> None:
                 f"{statistics.median(r[key] for r in results[s.label]):>18,.2f}" for s in servers
             )
             print(f"  {key:20}{row}")
+        doc["servers"] = [s.label for s in servers]
+        doc["runs"] = results
+        doc["medians"] = {
+            s.label: {k: statistics.median(r[k] for r in results[s.label]) for k in keys}
+            for s in servers
+        }
+        doc["ratios_vs_knot"] = {}
         for label in ("dnsd", "dnsd --workers 2"):
             qps_ratio = statistics.median(
                 d["qps"] / k["qps"] for d, k in zip(results[label], knot, strict=True)
@@ -821,10 +920,25 @@ def main() -> None:
                 f"  {label} / knot: qps {qps_ratio:.2f}x, CPU per query {cpu_ratio:.2f}x, "
                 f"p99 {p99_ratio:.2f}x (median of per-run ratios)"
             )
+            doc["ratios_vs_knot"][label] = {
+                "qps": qps_ratio,
+                "cpu_us_per_query": cpu_ratio,
+                "p99_ms": p99_ratio,
+            }
         print(
             f"  dnsd RSS: {rss_ready:,.1f} MB once ready, {rss_after:,.1f} MB after the runs; "
             f"--workers 2: RSS {rss2:,.1f} MB / PSS {pss2:,.1f} MB for {len(pids2)} processes"
         )
+        doc["rss"] = {
+            "dnsd_ready_mb": rss_ready,
+            "dnsd_after_runs_mb": rss_after,
+            "workers2_rss_mb": rss2,
+            "workers2_pss_mb": pss2,
+            "workers2_processes": len(pids2),
+        }
+        doc["propagation"] = None
+        if args.json:
+            write_json(args.json, {**doc, "complete": False})  # kept if propagation fails
         if not args.skip_propagation:
             prop, notes = propagation(tmp, cluster, args.samples, args.ready_timeout)
             print(
@@ -835,12 +949,15 @@ def main() -> None:
                 print(f"  {key:28} {value:>10,.2f}")
             for note in notes:
                 print(f"  note: {note}")
+            doc["propagation"] = {**prop, "notes": notes}
         print(
             "\n  targets: dnsd qps >= 0.75x knot, CPU per query <= 1.5x knot, "
             "propagation p99 <= 100 ms, RSS <= 164 MB (10k Services / 100k endpoints)"
         )
         if args.quick:
             print("  (--quick: tiny cluster, short passes: the figures are a smoke test only)")
+        if args.json:
+            write_json(args.json, {**doc, "complete": True})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """kpx against haproxy, the kernel's NAT and no proxy at all, through one netns chain (issue 4).
 
     .venv/bin/python -m bench.proxy [--runs 3] [--duration 8] [--idle 5000] [--samples 50]
-        [--services 10 10000] [--quick]
+        [--services 10 10000] [--quick] [--json PATH]
 
 Topology (bench/netns_topology.py): client ns -- node ns -- server ns over veths, all addresses
 in 10.233.0.0/16 inside the namespaces; the node routes. The server ns runs iperf3 -s, haproxy
@@ -35,8 +35,10 @@ connection served by it. Then `--samples` new Services (slice first, untimed; th
 Service POST) until a connection to the new ClusterIP is served. kpx RSS at that count too.
 
 `--quick`: 1 s wrk passes, 300 MB iperf3 transfers instead of timed ones, 200 idle connections,
-3 samples of each kind at 10 and 50 Services: a smoke test of the harness (about 20 s); its
-figures mean nothing.
+3 samples of each kind at 10 and 50 Services (unless `--services` is given): a smoke test of the
+harness (about 20 s); its figures mean nothing.
+`--json PATH` also writes what it printed (per-run figures, medians, ratios, idle connections,
+programming latency and kpx RSS per Service count) to PATH, for bench/report.py.
 Figures, never assertions: this machine is shared and noisy.
 """
 
@@ -60,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.apiclient import Api, start_fake_apiserver
+from bench.jsonout import write_json
 from bench.netns_topology import (
     CLIENT_IP,
     NODE_CLIENT_SIDE_IP,
@@ -608,7 +611,9 @@ def main() -> None:
     parser.add_argument("--bulk-mb", type=int, default=0, help="iperf3 -n instead of -t")
     parser.add_argument("--idle", type=int, default=5_000, help="idle connections held")
     parser.add_argument("--samples", type=int, default=50, help="programming samples")
-    parser.add_argument("--services", type=int, nargs="+", default=[10, 10_000])
+    parser.add_argument(
+        "--services", type=int, nargs="+", help="Service counts for programming (10 10000)"
+    )
     parser.add_argument("--haproxy-threads", type=int, default=None, help="default: haproxy's")
     parser.add_argument(
         "--haproxy-splice", action="store_true", help="haproxy `option splice-auto` (default off)"
@@ -616,10 +621,13 @@ def main() -> None:
     parser.add_argument("--conns", type=int, default=32, help="wrk -c for the connections/s pass")
     parser.add_argument("--ready-timeout", type=float, default=300)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, short passes")
+    parser.add_argument("--json", metavar="PATH", help="also write the results to PATH as JSON")
     args = parser.parse_args()
+    if args.services is None:
+        args.services = [10, 50] if args.quick else [10, 10_000]
     if args.quick:
         args.runs, args.duration, args.bulk_mb = 1, 1, 300
-        args.idle, args.samples, args.services = 200, 3, [10, 50]
+        args.idle, args.samples = 200, 3
         args.ready_timeout = 60
     reason = netns_unavailable()
     missing = [t for t in ("iperf3", "wrk", "haproxy") if shutil.which(t) is None]
@@ -674,6 +682,15 @@ def main() -> None:
                 )
         pids = {"direct": None, "nat": None, "haproxy": haproxy.pid, "kpx": kpx.pid}
         threads = haproxy_threads(haproxy.pid)
+        doc: dict[str, Any] = {
+            "benchmark": "proxy",
+            "quick": args.quick,
+            "args": vars(args),
+            "haproxy_threads": threads,
+            "haproxy_splice": args.haproxy_splice,
+            "kpx_rss_at_start_mb": rss_mb([kpx.pid]),
+            "modes": list(MODES),
+        }
         print(
             f"netns chain {chain.prefix}-*: client {CLIENT_IP} -> node -> server {SERVER_IP}; "
             f"haproxy threads: {threads}, splice {'on' if args.haproxy_splice else 'off'}; "
@@ -703,6 +720,16 @@ def main() -> None:
                 a[key] / b[key] for a, b in zip(results["kpx"], results[peer], strict=True)
             )
 
+        doc["runs"] = results
+        doc["medians"] = {
+            m: {k: statistics.median(r[k] for r in results[m]) for k in keys} for m in MODES
+        }
+        doc["ratios"] = {  # kpx / peer, median of per-run ratios
+            peer: {k: _safe(lambda k=k, peer=peer: ratio(k, peer)) for k in keys}
+            for peer in ("haproxy", "nat", "direct")
+        }
+        _save(args.json, doc)
+
         print(
             "  kpx / haproxy (median of per-run ratios): "
             f"8-stream throughput {ratio('gbps_8'):.2f}x (target >= 0.90), "
@@ -716,11 +743,14 @@ def main() -> None:
         )
 
         print(f"\nidle connections ({args.idle:,} requested, each answered once, then held):")
+        doc["idle"] = {"requested": args.idle}
         for mode in ("haproxy", "kpx"):
             pid = pids[mode]
             assert pid is not None
             idle = hold_idle(chain, mode, args.idle, pid)
+            doc["idle"][mode] = idle
             print(f"  {mode:8} " + ", ".join(f"{k}={fmt(v)}" for k, v in idle.items()))
+        _save(args.json, doc)
         print("  targets: kpx <= 3 KiB per idle connection (haproxy measured 3.3 KiB)")
 
         _stop(kpx, 40)  # its table goes with it; the programming runs start their own kpx
@@ -729,12 +759,31 @@ def main() -> None:
             "\nnetwork programming latency (API write sent -> first connection served by the new"
             "\nendpoint / new Service; kpx --kubeconfig on the fake API server in the node ns):"
         )
+        doc["programming"] = []
         for count in args.services:
             prog = programming(chain, tmp, count, args.samples, args.ready_timeout)
             print(f"  {count:>6,} Services: " + ", ".join(f"{k}={fmt(v)}" for k, v in prog.items()))
+            doc["programming"].append({"services": count, **prog})
+            _save(args.json, doc)
         print("  targets: p99 <= 50 ms at 10,000 Services; kpx RSS at 10,000 Services <= 150 MB")
         if args.quick:
             print("  (--quick: short passes, small sizes: the figures are a smoke test only)")
+        _save(args.json, {**doc, "complete": True})
+
+
+def _save(path: str | None, doc: dict[str, Any]) -> None:
+    """Write the results so far (`complete` only at the end: a failed run keeps its figures)."""
+    if path:
+        write_json(path, {"complete": False, **doc})
+
+
+def _safe(compute: Any) -> float:
+    """A ratio, or NaN where a figure is missing or zero (no proxy process to measure)."""
+    try:
+        value = float(compute())
+    except (ZeroDivisionError, statistics.StatisticsError):
+        return float("nan")
+    return value
 
 
 def haproxy_threads(pid: int) -> int:

@@ -1,6 +1,7 @@
 """Initial sync of a big cluster through kwatch, against the fake API server in its own process.
 
     .venv/bin/python -m bench.sync [--services 10000] [--endpoints-per-slice 10] [--runs 3]
+        [--quick] [--json PATH]
 
 Loads 10,000 Services and 10,000 EndpointSlices (100,000 endpoints) into the fake API server
 (a separate process, so its memory is not counted), then, in a fresh process per run, measures:
@@ -9,6 +10,8 @@ Loads 10,000 Services and 10,000 EndpointSlices (100,000 endpoints) into the fak
 - events/s applied afterwards: a watch replaying the whole history (one ADDED per object)
   through the reflector's live-event path into fresh stores.
 Prints each run and the medians. Figures, not assertions: this machine is shared and noisy.
+`--quick`: 500 Services, 1 run, a smoke test of the harness. `--json PATH` also writes the runs
+and the medians to PATH, for bench/report.py.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.apiclient import start_fake_apiserver
+from bench.jsonout import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,8 +167,12 @@ def main() -> None:
     parser.add_argument("--services", type=int, default=10_000)
     parser.add_argument("--endpoints-per-slice", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="500 Services, 1 run")
+    parser.add_argument("--json", metavar="PATH", help="also write the results to PATH as JSON")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # child mode: kubeconfig path
     args = parser.parse_args()
+    if args.quick:
+        args.services, args.runs = 500, 1
     if args.measure:
         import uvloop
 
@@ -203,9 +211,24 @@ def main() -> None:
         f"\nmedians of {len(runs)} runs ({args.services:,} Services, "
         f"{args.services * args.endpoints_per_slice:,} endpoints):"
     )
-    for key in runs[0]:
-        print(f"  {key:28} {statistics.median(r[key] for r in runs):>12,.2f}")
+    medians = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    for key, value in medians.items():
+        print(f"  {key:28} {value:>12,.2f}")
     print("  targets: synced_s <= 3, rss_growth_mb <= 120")
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "benchmark": "sync",
+                "quick": args.quick,
+                "args": vars(args),
+                "services": args.services,
+                "endpoints": args.services * args.endpoints_per_slice,
+                "runs": runs,
+                "medians": medians,
+                "complete": True,
+            },
+        )
 
 
 if __name__ == "__main__":

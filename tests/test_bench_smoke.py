@@ -1,16 +1,19 @@
 """The benchmark harnesses run end to end in `--quick` mode (seconds each).
 
-Only that they work: the figures of a quick run on a shared machine mean nothing, so none is
-checked. They skip when the peer tools are not installed (knot, dnsperf, haproxy, iperf3 and
-wrk are not in scripts/bootstrap.sh) or network namespaces are not available.
+Only that they work, and that `--json` writes what bench/report.py reads: the figures of a quick
+run on a shared machine mean nothing, so none is checked. They skip when the peer tools are not
+installed (knot, dnsperf, haproxy, iperf3 and wrk are not in scripts/bootstrap.sh) or network
+namespaces are not available.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,9 +28,9 @@ def _needs(*tools: str) -> None:
         pytest.skip(f"needs {', '.join(missing)} (apt-get install it to run the benchmarks)")
 
 
-def _run(module: str) -> str:
+def _run(module: str, *extra: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", module, "--quick"],
+        [sys.executable, "-m", module, "--quick", *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -37,25 +40,58 @@ def _run(module: str) -> str:
     return out.stdout
 
 
+def _json(path: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(path.read_text())  # strict JSON: no NaN
+    assert doc["complete"] is True
+    return doc
+
+
 @pytest.mark.timeout(120)
-def test_bench_dns_quick() -> None:
+def test_bench_dns_quick(tmp_path: Path) -> None:
     _needs("knotd", "dnsperf")
-    text = _run("bench.dns")
+    text = _run("bench.dns", "--json", str(tmp_path / "dns.json"))
     assert "medians of 1 runs" in text
     assert "propagation" in text
     # The knot zone mirrors dnsd's records: every sampled question gets the same answer.
     assert "differs:" not in text, "knot and dnsd answer differently:\n" + text
+    doc = _json(tmp_path / "dns.json")
+    assert set(doc["medians"]) == {"knot", "dnsd", "dnsd --workers 2"}
+    assert len(doc["runs"]["knot"]) == 1 and doc["medians"]["dnsd"]["qps"] > 0
+    assert set(doc["ratios_vs_knot"]["dnsd"]) == {"qps", "cpu_us_per_query", "p99_ms"}
+    assert doc["rss"]["dnsd_ready_mb"] > 0 and doc["propagation"]["rss_via_api_mb"] > 0
 
 
 @pytest.mark.timeout(120)
-def test_bench_proxy_quick() -> None:
+def test_bench_dns_memory_only(tmp_path: Path) -> None:
+    text = _run("bench.dns", "--memory-only", "--json", str(tmp_path / "mem.json"))
+    assert "dnsd RSS once ready" in text
+    doc = _json(tmp_path / "mem.json")
+    assert doc["cluster"]["services"] == 200
+    assert doc["memory"]["rss_api_mb"] > 0 and doc["memory"]["rss_manifests_mb"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_bench_sync_quick(tmp_path: Path) -> None:
+    text = _run("bench.sync", "--json", str(tmp_path / "sync.json"))
+    assert "medians of 1 runs (500 Services" in text
+    doc = _json(tmp_path / "sync.json")
+    assert doc["services"] == 500 and doc["medians"]["objects"] == 1_000
+
+
+@pytest.mark.timeout(120)
+def test_bench_proxy_quick(tmp_path: Path) -> None:
     reason = netns_unavailable()
     if reason:
         pytest.skip(reason)
     _needs("iperf3", "wrk", "haproxy")
-    text = _run("bench.proxy")
+    text = _run("bench.proxy", "--json", str(tmp_path / "proxy.json"))
     assert "medians of 1 runs" in text
     assert "network programming latency" in text
+    doc = _json(tmp_path / "proxy.json")
+    assert set(doc["medians"]) == {"direct", "nat", "haproxy", "kpx"}
+    assert doc["ratios"]["haproxy"]["gbps_8"] > 0
+    assert set(doc["idle"]) == {"requested", "haproxy", "kpx"}
+    assert [p["services"] for p in doc["programming"]] == [10, 50]
     prefix = text.split("netns chain ", 1)[1].split("-*", 1)[0]
     leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert prefix not in leftovers  # every namespace it created is gone

@@ -1,0 +1,477 @@
+"""bench/report.py renders the Markdown report and the charts from saved JSON results.
+
+No benchmark runs here: small synthetic result files, shaped like what `bench.dns`, `bench.proxy`
+and `bench.sync` write with `--json`, go into tmp_path and are rendered with `--render-only`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import report
+from bench.jsonout import write_json
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NAN = math.nan
+
+
+def dns_run(qps: float, cpu: float, p99: float) -> dict[str, float]:
+    return {
+        "qps": qps,
+        "lost": 0.0,
+        "lost_pct": 0.0,
+        "avg_ms_saturated": 1.5,
+        "cpu_us_per_query": cpu,
+        "server_cpu_pct": 90.0,
+        "dnsperf_cpu_pct": 100.0,
+        "p50_ms": 0.05,
+        "p99_ms": p99,
+        "lat_lost": 0.0,
+    }
+
+
+def dns_doc(services: int = 10_000, endpoints: int = 100_000) -> dict[str, Any]:
+    runs = {
+        # per-run qps ratios dnsd/knot 0.80, 0.70, 0.80 -> 0.80x; CPU 10/6 -> 1.67x
+        "knot": [dns_run(100_000, 6, 0.10), dns_run(120_000, 6, 0.10), dns_run(110_000, 6, 0.12)],
+        "dnsd": [dns_run(80_000, 10, 0.2), dns_run(84_000, 10, 0.2), dns_run(88_000, 10, 0.3)],
+        # 0.90, 0.80, 0.90 -> 0.90x; CPU 8/6, 9/6, 9/6 -> 1.50x: exactly on the target
+        "dnsd --workers 2": [
+            dns_run(90_000, 8, 0.2),
+            dns_run(96_000, 9, 0.2),
+            dns_run(99_000, 9, 0.2),
+        ],
+    }
+    medians = {label: {k: sorted(r[k] for r in rs)[1] for k in rs[0]} for label, rs in runs.items()}
+    return {
+        "benchmark": "dns",
+        "quick": False,
+        "args": {
+            "clients": 20,
+            "threads": 2,
+            "outstanding": 300,
+            "duration": 10,
+            "latency_qps": 20_000,
+            "latency_duration": 5,
+        },
+        "cluster": {
+            "services": services,
+            "headless": services // 10,
+            "headless_endpoints": 5,
+            "endpoints": endpoints,
+            "records": 71_000,
+        },
+        "answers": {"asked": 180, "differ": 0, "examples": []},
+        "servers": list(runs),
+        "runs": runs,
+        "medians": medians,
+        "ratios_vs_knot": {
+            "dnsd": {"qps": 0.8, "cpu_us_per_query": 10 / 6, "p99_ms": 2.0},
+            "dnsd --workers 2": {"qps": 0.9, "cpu_us_per_query": 1.5, "p99_ms": 2.0},
+        },
+        "rss": {
+            "dnsd_ready_mb": 199.2,
+            "dnsd_after_runs_mb": 199.3,
+            "workers2_rss_mb": 388.0,
+            "workers2_pss_mb": 354.0,
+            "workers2_processes": 2,
+        },
+        "propagation": {
+            "samples": 50.0,
+            "p50_ms": 2.9,
+            "p99_ms": 8.3,
+            "max_ms": 8.3,
+            "api_request_p50_ms": 1.2,
+            "rss_via_api_mb": 174.5,
+            "dnsd_ready_s": 4.0,
+            "service created p50_ms": 3.0,
+            "endpoint replaced p50_ms": 2.5,
+            "notes": [],
+        },
+        "complete": True,
+    }
+
+
+def proxy_run(gbps_8: float, cpu: float, conns: float, p99: float, proxy: bool) -> dict[str, Any]:
+    return {
+        "gbps_1": gbps_8 * 1.2,
+        "gbps_8": gbps_8,
+        "proxy_cpu_s_per_gb": cpu if proxy else NAN,
+        "machine_cpu_s_per_gb": 1.1,
+        "conn_per_s": conns,
+        "conn_p50_ms": 3.0,
+        "conn_p99_ms": 6.0,
+        "conn_errors": 0.0,
+        "req_p50_ms": 0.06,
+        "req_p99_ms": p99,
+        "proxy_rss_mb": 58.0 if proxy else NAN,
+    }
+
+
+def proxy_doc() -> dict[str, Any]:
+    runs = {
+        "direct": [proxy_run(24, 0, 11_000, 0.07, False)] * 3,
+        "nat": [proxy_run(24, 0, 12_000, 0.07, False)] * 3,
+        "haproxy": [proxy_run(g, 0.8, 8_000, 0.10, True) for g in (10, 12, 11)],
+        # 8 streams 11/10, 10/12, 12/11 -> 1.09x; CPU 0.32/0.8 -> 0.40x; conn/s 0.56x; p99 1.20x
+        "kpx": [proxy_run(g, 0.32, 4_500, 0.12, True) for g in (11, 10, 12)],
+    }
+    medians = {m: {k: sorted(r[k] for r in rs)[1] for k in rs[0]} for m, rs in runs.items()}
+    haproxy_ratios = {
+        "gbps_1": 12 / 12,
+        "gbps_8": 12 / 11,
+        "proxy_cpu_s_per_gb": 0.4,
+        "machine_cpu_s_per_gb": 1.0,
+        "conn_per_s": 4_500 / 8_000,
+        "conn_p50_ms": 1.0,
+        "conn_p99_ms": 1.0,
+        "conn_errors": NAN,
+        "req_p50_ms": 1.0,
+        "req_p99_ms": 0.12 / 0.10,
+        "proxy_rss_mb": 1.0,
+    }
+    programming = [
+        {
+            "services": n,
+            "endpoint_p50_ms": 3.5,
+            "endpoint_p99_ms": 8.7 if n == 10_000 else 5.0,
+            "endpoint_max_ms": 9.0,
+            "new_service_p50_ms": 15.0,
+            "new_service_p99_ms": 61.0 if n == 10_000 else 17.0,
+            "samples": 100.0,
+            "not_seen_in_5s": 0.0,
+            "kpx_ready_s": 2.0,
+            "kpx_rss_mb": 60 + n * 0.0064,  # 124 MB at 10,000
+        }
+        for n in (10, 1_000, 3_000, 10_000)
+    ]
+    idle = {
+        "requested": 5_000,
+        "haproxy": {"held": 5_000.0, "alive_after_1s": 5_000.0, "kib_per_conn": 3.22},
+        "kpx": {"held": 5_000.0, "alive_after_1s": 5_000.0, "kib_per_conn": 2.05},
+    }
+    return {
+        "benchmark": "proxy",
+        "quick": False,
+        "args": {"duration": 8, "bulk_mb": 0, "conns": 32, "samples": 50},
+        "haproxy_threads": 2,
+        "haproxy_splice": False,
+        "modes": list(runs),
+        "runs": runs,
+        "medians": medians,
+        "ratios": {"haproxy": haproxy_ratios, "nat": dict.fromkeys(haproxy_ratios, 0.5)},
+        "idle": idle,
+        "programming": programming,
+        "complete": True,
+    }
+
+
+def sync_doc(services: int = 10_000) -> dict[str, Any]:
+    runs = [
+        {"synced_s": s, "rss_growth_mb": g, "rss_total_mb": 248.0, "objects": 20_000.0}
+        for s, g in ((2.32, 108.9), (2.74, 108.3), (2.19, 108.4))
+    ]
+    return {
+        "benchmark": "sync",
+        "quick": False,
+        "services": services,
+        "endpoints": services * 10,
+        "runs": runs,
+        "medians": {"synced_s": 2.32, "rss_growth_mb": 108.4, "rss_total_mb": 248.0},
+        "complete": True,
+    }
+
+
+def memory_doc(services: int, api: float, token: float, manifests: float) -> dict[str, Any]:
+    return {
+        "benchmark": "dns",
+        "mode": "memory",
+        "cluster": {"services": services, "endpoints": services * 10},
+        "memory": {"rss_api_mb": api, "rss_token_mb": token, "rss_manifests_mb": manifests},
+        "complete": True,
+    }
+
+
+def write_all(out: Path, **overrides: Any) -> None:
+    docs: dict[str, Any] = {
+        "dns": dns_doc(),
+        "proxy": proxy_doc(),
+        "sync": sync_doc(),
+        "dns-memory-1000": memory_doc(1_000, 40.0, 38.0, 45.0),
+        "dns-memory-3000": memory_doc(3_000, 75.0, 70.0, 85.0),
+        "dns-memory-10000": memory_doc(10_000, 174.0, 160.0, 199.0),
+    }
+    docs.update(overrides)
+    for name, doc in docs.items():
+        if doc is not None:
+            write_json(out / "results" / f"{name}.json", doc)
+    write_json(
+        out / "machine.json",
+        {
+            "date": "2026-11-23T10:00:00+00:00",
+            "cpu_model": "AMD EPYC Test",
+            "logical_cpus": 2,
+            "cpus_usable": 2,
+            "ram_gib": 23.5,
+            "kernel": "6.1.0-test",
+            "os": "Debian GNU/Linux 12 (bookworm)",
+            "python": "CPython 3.11.2",
+            "load_average_at_start": [0.5, 0.4, 0.3],
+            "tools": {"knot": "knotd (Knot DNS), version 3.2.6", "haproxy": "HAProxy 2.6.12"},
+            "python_packages": {"uvloop": "0.21.0"},
+            "git": {"commit": "0123456789abcdef" * 2 + "01234567", "uncommitted_changes": True},
+        },
+    )
+
+
+def targets(md: str) -> dict[str, list[str]]:
+    """The Targets table: `what` -> [ours, peer, ratio, target, verdict]."""
+    section = md.split("## Targets", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines()[3:]:  # after the heading, the blank line and the header
+        if line.startswith("| ") and not line.startswith("| ---"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def render(tmp_path: Path) -> str:
+    path, _ = report.render(tmp_path)
+    assert path == tmp_path / "report.md"
+    return path.read_text()
+
+
+def test_targets_table_has_ours_peer_ratio_and_verdicts(tmp_path: Path) -> None:
+    write_all(tmp_path)
+    rows = targets(render(tmp_path))
+
+    assert rows["dnsd qps (dnsperf, saturated) vs knot"] == [
+        "84,000",
+        "110,000",
+        "0.80x",
+        ">= 0.75x knot",
+        report.MET,
+    ]
+    cpu = rows["dnsd CPU per query vs knot"]
+    assert cpu[:3] == ["10.00 µs", "6.00 µs", "1.67x"] and cpu[4] == report.NOT_MET
+    # exactly on the target counts as met
+    assert rows["dnsd --workers 2 CPU per query vs knot"][2:] == [
+        "1.50x",
+        "<= 1.5x knot",
+        report.MET,
+    ]
+    assert rows["dnsd --workers 2 qps (dnsperf, saturated) vs knot"][2] == "0.90x"
+    assert rows["dnsd propagation p99, API write -> new answer served"] == [
+        "8.3 ms",
+        "—",
+        "n/a",
+        "<= 100 ms",
+        report.MET,
+    ]
+    api = rows["dnsd RSS at 10,000 Services / 100,000 endpoints, via the API server"]
+    assert api[0] == "174.5 MB" and api[3:] == ["<= 164 MB", report.NOT_MET]
+
+    tput = rows["kpx 8-stream throughput (iperf3 -P 8) vs haproxy"]
+    assert tput == ["11.00 Gbit/s", "11.00 Gbit/s", "1.09x", ">= 0.9x haproxy", report.MET]
+    assert rows["kpx CPU per GB moved (proxy process) vs haproxy"][2:] == [
+        "0.40x",
+        "<= 1.2x haproxy",
+        report.MET,
+    ]
+    assert rows["kpx new connections/s (wrk, Connection: close) vs haproxy"][2:] == [
+        "0.56x",
+        ">= 0.6x haproxy",
+        report.NOT_MET,
+    ]
+    assert rows["kpx small-request p99 (keep-alive, wrk -c1) vs haproxy"][2:] == [
+        "1.20x",
+        "<= 1.5x haproxy",
+        report.MET,
+    ]
+    idle = rows["kpx memory per idle connection (5,000 held)"]
+    assert idle == ["2.05 KiB", "3.22 KiB", "0.64x", "<= 3 KiB", report.MET]
+    assert rows["kpx programming p99 at 10,000 Services, endpoint change"][0] == "8.7 ms"
+    assert rows["kpx programming p99 at 10,000 Services, new Service"][::4] == [
+        "61.0 ms",
+        report.NOT_MET,
+    ]
+    assert rows["kpx RSS at 10,000 Services"][::4] == ["124.0 MB", report.MET]
+    assert rows["kwatch initial sync, 10,000 Services / 100,000 endpoints"][::4] == [
+        "2.32 s",
+        report.MET,
+    ]
+    assert rows["kwatch RSS growth for those stores"][::4] == ["108.4 MB", report.MET]
+
+
+def test_report_sections_machine_and_summary_line(tmp_path: Path) -> None:
+    write_all(tmp_path)
+    write_json(
+        tmp_path / "run.json",
+        {
+            "quick": False,
+            "seconds": 900.0,
+            "steps": [
+                {
+                    "name": "sync",
+                    "command": ".venv/bin/python -m bench.sync",
+                    "seconds": 60.0,
+                    "status": "ok",
+                },
+            ],
+        },
+    )
+    md = render(tmp_path)
+    for heading in (
+        "## Targets",
+        "## DNS: dnsd vs knot",
+        "### Propagation",
+        "## Proxy: kpx vs haproxy and the kernel's NAT",
+        "### Idle connections",
+        "### Network programming latency",
+        "## kwatch initial sync",
+        "## Memory vs number of Services",
+        "## Machine",
+        "## How this report was made",
+    ):
+        assert heading in md
+    rows = targets(md)
+    assert len(rows) == 17
+    not_met = [what for what, cells in rows.items() if cells[-1] == report.NOT_MET]
+    assert len(not_met) == 5, not_met  # dnsd CPU, dnsd RSS x 2, kpx conn/s, new Service p99
+    assert "12 of 17 targets met, 5 not met, 0 not judged." in md
+    assert "| CPU | AMD EPYC Test |" in md
+    assert "| knot | knotd (Knot DNS), version 3.2.6 |" in md
+    assert "with uncommitted changes" in md
+    assert "Quick run" not in md
+    # memory table merges dnsd's sweep and kpx's programming runs by Service count
+    assert "| 10,000 | 100,000 | 174.0 | 160.0 | 199.0 | 124.0 |" in md
+    assert "| 10 | — | — | — | — | 60.1 |" in md
+    assert "| 1 | sync | `.venv/bin/python -m bench.sync` | 1m00s | ok |" in md
+    for name in ("dns_qps", "latency_dns", "proxy_throughput", "latency_proxy", "memory", "sync"):
+        assert f"](charts/{name}.png)" in md
+
+
+def test_charts_are_valid_pngs(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    write_all(tmp_path)
+    render(tmp_path)
+    pngs = sorted((tmp_path / "charts").glob("*.png"))
+    assert [p.stem for p in pngs] == sorted(
+        ["dns_qps", "latency_dns", "proxy_throughput", "latency_proxy", "memory", "sync"]
+    )
+    for png in pngs:
+        data = png.read_bytes()
+        assert data.startswith(PNG_SIGNATURE), png
+        assert len(data) > 15_000, f"{png.name} is only {len(data)} bytes"
+        image = matplotlib.image.imread(png)
+        height, width = image.shape[:2]
+        assert width >= 600 and height >= 350, (png.name, width, height)
+
+
+def test_ratios_come_from_the_runs_when_the_json_has_none(tmp_path: Path) -> None:
+    dns, proxy = dns_doc(), proxy_doc()
+    del dns["ratios_vs_knot"], proxy["ratios"]
+    write_all(tmp_path, dns=dns, proxy=proxy)
+    rows = targets(render(tmp_path))
+    assert rows["dnsd qps (dnsperf, saturated) vs knot"][2] == "0.80x"
+    assert rows["dnsd --workers 2 CPU per query vs knot"][2] == "1.50x"
+    assert rows["kpx 8-stream throughput (iperf3 -P 8) vs haproxy"][2] == "1.09x"
+    assert rows["kpx new connections/s (wrk, Connection: close) vs haproxy"][2] == "0.56x"
+
+
+def test_targets_at_10000_services_are_not_judged_at_another_scale(tmp_path: Path) -> None:
+    dns, proxy, sync = dns_doc(services=200, endpoints=500), proxy_doc(), sync_doc(500)
+    dns["quick"] = True
+    proxy["programming"] = [p for p in proxy["programming"] if p["services"] <= 3_000]
+    write_all(tmp_path, dns=dns, proxy=proxy, sync=sync)
+    md = render(tmp_path)
+    rows = targets(md)
+    assert "Quick run" in md
+    na = "n/a: measured at 200 Services, the target is for 10,000"
+    assert rows["dnsd RSS at 10,000 Services / 100,000 endpoints, from manifests"][-1] == na
+    assert rows["kpx RSS at 10,000 Services"][-1] == (
+        "n/a: measured at 3,000 Services, the target is for 10,000"
+    )
+    assert rows["kwatch initial sync, 10,000 Services / 100,000 endpoints"][-1].startswith(
+        "n/a: measured at 500 Services"
+    )
+    # ratio targets do not depend on the scale
+    assert rows["dnsd qps (dnsperf, saturated) vs knot"][-1] == report.MET
+
+
+def test_missing_benchmarks_are_reported_not_measured(tmp_path: Path) -> None:
+    write_all(
+        tmp_path,
+        dns=None,
+        proxy=None,
+        **{"dns-memory-1000": None, "dns-memory-3000": None, "dns-memory-10000": None},
+    )
+    write_json(
+        tmp_path / "run.json",
+        {
+            "steps": [
+                {"name": "dns", "status": "failed (exit 1)", "log": "logs/dns.log", "seconds": 3},
+            ]
+        },
+    )
+    md = render(tmp_path)
+    rows = targets(md)
+    assert rows["dnsd qps (dnsperf, saturated) vs knot"] == [
+        "n/a",
+        "n/a",
+        "n/a",
+        ">= 0.75x knot",
+        "n/a: not measured",
+    ]
+    assert "Not measured: the step failed (exit 1) (see `logs/dns.log`)." in md
+    assert "Not measured (no `results/proxy.json`)." in md
+    assert [p.name for p in (tmp_path / "charts").glob("*.png")] == ["sync.png"]
+
+
+def test_render_only_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_all(tmp_path)
+    stale = tmp_path / "charts" / "old.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"stale")
+    assert report.main(["--render-only", str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").exists()
+    assert not stale.exists()
+    out = capsys.readouterr().out
+    assert f"report: {tmp_path / 'report.md'}" in out
+    assert "not met: dnsd CPU per query vs knot" in out
+
+
+def test_json_output_is_strict_json_with_null_for_nan(tmp_path: Path) -> None:
+    write_json(tmp_path / "x.json", {"a": NAN, "b": [1.0, math.inf], "c": {"d": (2, NAN)}})
+    assert json.loads((tmp_path / "x.json").read_text()) == {
+        "a": None,
+        "b": [1.0, None],
+        "c": {"d": [2, None]},
+    }
+
+
+def test_quick_plan_passes_each_benchmarks_quick_flag() -> None:
+    steps = {s.name: s.module_argv for s in report.plan(quick=True)}
+    assert "--quick" in steps["sync"] and "--quick" in steps["dns"] and "--quick" in steps["proxy"]
+    assert [n for n in steps if n.startswith("dns-memory")] == [
+        "dns-memory-100",
+        "dns-memory-300",
+        "dns-memory-1000",
+    ]
+    full = {s.name: s.module_argv for s in report.plan(quick=False)}
+    assert full["dns-memory-10000"][-6:] == [
+        "--services",
+        "10000",
+        "--headless",
+        "1000",
+        "--endpoints",
+        "100000",
+    ]
+    assert full["proxy"][-5:] == ["--services", "10", "1000", "3000", "10000"]
+    assert sum(s.estimate_s for s in report.plan(quick=False)) < 30 * 60
