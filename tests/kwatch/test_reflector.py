@@ -81,9 +81,7 @@ async def test_added_modified_deleted_arrive_in_order(api_server, state):
     ]
 
 
-async def test_dropped_watch_resumes_from_last_version_without_relisting(
-    api_server, kubeconfig
-):
+async def test_dropped_watch_resumes_from_last_version_without_relisting(api_server, kubeconfig):
     api_server.create(service("a", "10.96.0.1"))
     state = await started(kubeconfig)
     try:
@@ -103,9 +101,7 @@ async def test_dropped_watch_resumes_from_last_version_without_relisting(
     assert all(r.query.get("allowWatchBookmarks") == "true" for r in watches)
 
 
-async def test_compacted_history_relists_and_reports_objects_deleted_in_the_gap(
-    api_server, state
-):
+async def test_compacted_history_relists_and_reports_objects_deleted_in_the_gap(api_server, state):
     api_server.create(service("keep", "10.96.0.1"))
     api_server.create(service("gone", "10.96.0.2"))
     await asyncio.wait_for(state.wait_synced(), 5)
