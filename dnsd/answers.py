@@ -181,15 +181,34 @@ def _compress(names: _Names, wire_name: bytes, at: int) -> bytes:
     return wire_name
 
 
+def _remember(names: _Names, wire_name: bytes, at: int) -> None:
+    """Enter the suffixes of a name written uncompressed at `at`, so later names point at it.
+
+    An SRV target must not be compressed itself (RFC 2782), but nothing forbids pointing at
+    it: the targets' address records in the additional section then cost a pointer instead of
+    their name, as knot writes them, and five SRV + five A records fit 512 bytes.
+    """
+    qname = names.qname
+    if qname and len(wire_name) > 1 and wire_name[-2] == qname[-2]:
+        names.qname = b""
+        _compress(names, qname, 12)  # the question's suffixes stay the preferred targets
+    i = 0
+    while wire_name[i] and at + i < _POINTER_LIMIT:
+        names.setdefault(wire_name[i:], at + i)
+        i += wire_name[i] + 1
+
+
 def _rdata(names: _Names, rdata: RData, at: int) -> bytes:
     """The RDATA of one record written at offset `at`; names compressed as dnslib does
-    (CNAME, PTR, NS, SOA) or not (SRV, RFC 2782)."""
+    (CNAME, PTR, NS, SOA) or not (SRV, RFC 2782, though later names may point at it)."""
     kind = type(rdata)
     if kind is Address:
         return rdata.packed  # type: ignore[union-attr]
     if kind is Srv:
         srv: Srv = rdata  # type: ignore[assignment]
-        return _SRV_FIXED.pack(srv.priority, srv.weight, srv.port) + to_wire(srv.target)
+        srv_target = to_wire(srv.target)
+        _remember(names, srv_target, at + _SRV_FIXED.size)
+        return _SRV_FIXED.pack(srv.priority, srv.weight, srv.port) + srv_target
     if kind is Target:
         target: Target = rdata  # type: ignore[assignment]
         return _compress(names, _target_wire(target.name), at)
