@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
+from typing import Any
 
 from pydantic import Field, field_validator
 
@@ -18,14 +20,33 @@ DESCRIPTION = (
 
 
 def parse_hostport(value: str, default_port: int = 53) -> tuple[str, int]:
-    """`1.2.3.4`, `1.2.3.4:5353`, `[::1]:53`, `::1` -> (host, port); raises ValueError."""
+    """`1.2.3.4`, `1.2.3.4:5353`, `::1`, `[::1]`, `[::1]:53` -> (host, port).
+
+    The host must be an IP address (a resolver is not looked up by name) and the port 1-65535;
+    raises ValueError quoting the value otherwise.
+    """
+    problem = f"expected IP[:PORT] or [IPv6]:PORT, got {value!r}"
+    port_text: str | None = None
     if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    if value.count(":") == 1:
-        host, _, port = value.partition(":")
-        return host, int(port)
-    return value, default_port
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(problem)
+        port_text = rest[1:] if rest else None
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+    else:
+        host = value
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(problem) from None
+    if value.startswith("[") and address.version != 6:
+        raise ValueError(problem)
+    if port_text is None:
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
+        raise ValueError(f"port must be 1-65535, got {value!r}")
+    return host, int(port_text)
 
 
 class DnsdSettings(AccessSettings):
@@ -50,10 +71,13 @@ class DnsdSettings(AccessSettings):
     )
     upstream: list[str] = Field(
         default_factory=list,
-        description="upstream resolver ADDR[:PORT] for other names (default: /etc/resolv.conf)",
+        description="upstream resolver IP[:PORT] or [IPv6]:PORT for names outside the zones "
+        "(default: the nameservers of --resolv-conf)",
     )
     stub_domain: list[str] = Field(
-        default_factory=list, description="ZONE=ADDR[:PORT][,ADDR[:PORT]] forward ZONE there"
+        default_factory=list,
+        description="ZONE=ADDR[:PORT][,ADDR[:PORT]]...: forward ZONE to these servers; "
+        "an ADDR after a comma adds to the ZONE before it",
     )
     resolv_conf: str = Field("/etc/resolv.conf", description="where default upstreams are read")
     cache_size: int = Field(9984, ge=0, description="entries in the positive and negative cache")
@@ -98,6 +122,15 @@ class DnsdSettings(AccessSettings):
             parse_hostport(value)
         return values
 
+    @field_validator("stub_domain", mode="before")
+    @classmethod
+    def _stub_entries(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the environment's form, in a config file
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return _group_stub_servers(value)
+        return value  # pydantic reports the wrong type
+
     @field_validator("stub_domain")
     @classmethod
     def _valid_stubs(cls, values: list[str]) -> list[str]:
@@ -119,16 +152,41 @@ class DnsdSettings(AccessSettings):
         return [parse_listen(v) for v in self.listen]
 
 
+def _group_stub_servers(values: list[str]) -> list[str]:
+    """Entries `ZONE=ADDR[,ADDR]...` however the commas were split.
+
+    The environment splits `a=1,2,b=3` at every comma (`a=1`, `2`, `b=3`), a flag or a config
+    entry keeps `a=1,2` whole; both become `a=1,2` and `b=3` here: an item without `=` is one
+    more server of the zone before it, so every source reads the same text the same way.
+    """
+    entries: list[str] = []
+    for item in (i.strip() for v in values for i in v.split(",")):
+        if not item:
+            continue
+        if "=" in item or not entries:
+            entries.append(item)  # a lone ADDR first is reported by _parse_stub
+        else:
+            entries[-1] += "," + item
+    return entries
+
+
 def _parse_stub(value: str) -> tuple[str, list[tuple[str, int]]]:
     zone, sep, servers = value.partition("=")
-    if not sep or not zone or not servers:
-        raise ValueError(f"expected ZONE=ADDR[:PORT], got {value!r}")
+    addresses = [s for s in servers.split(",") if s]
+    if not sep or not zone.strip(".") or not addresses:
+        raise ValueError(f"expected ZONE=ADDR[:PORT][,ADDR[:PORT]]..., got {value!r}")
     zone = zone.lower().strip(".")
     to_wire(zone)
-    return zone, [parse_hostport(s) for s in servers.split(",") if s]
+    return zone, [parse_hostport(s) for s in addresses]
 
 
-def load(argv: Sequence[str] | None = None) -> DnsdSettings:
+def load(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> DnsdSettings:
+    """Settings from argv, `DNSD_*` (os.environ by default) and --config, or exit status 2."""
     return settings_or_exit(
-        DnsdSettings, argv, env_prefix="DNSD", prog="dnsd", description=DESCRIPTION
+        DnsdSettings,
+        argv,
+        env_prefix="DNSD",
+        prog="dnsd",
+        description=DESCRIPTION,
+        environ=environ,
     )

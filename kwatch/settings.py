@@ -10,6 +10,7 @@ flag name and where it came from, then the process exits with status 2.
 from __future__ import annotations
 
 import argparse
+import enum
 import os
 import sys
 import types
@@ -25,8 +26,11 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from kwatch.health import parse_listen
 
@@ -54,10 +58,16 @@ class AccessSettings(BaseModel):
     kubeconfig: str | None = Field(
         None, description="kubeconfig file to reach the API server (default: in-cluster)"
     )
-    context: str | None = Field(None, description="kubeconfig context (default: current)")
-    apiserver: str | None = Field(None, description="API server URL, used with --token-file")
-    token_file: str | None = Field(None, description="bearer token file for --apiserver")
-    ca_file: str | None = Field(None, description="CA bundle for --apiserver")
+    context: str | None = Field(
+        None, description="kubeconfig context, only with --kubeconfig (default: current)"
+    )
+    apiserver: str | None = Field(
+        None, description="API server URL, with --token-file and --ca-file"
+    )
+    token_file: str | None = Field(None, description="bearer token file, only with --apiserver")
+    ca_file: str | None = Field(
+        None, description="CA bundle, only with --apiserver (default: the system CAs)"
+    )
     manifests: Path | None = Field(
         None, description="YAML/JSON file or folder of manifests to serve instead of an API server"
     )
@@ -77,6 +87,25 @@ class AccessSettings(BaseModel):
         if len(chosen) > 1:
             raise ValueError(f"choose one of --kubeconfig, --apiserver, --manifests (got {chosen})")
         return self
+
+    # An option of a source not chosen would be silently ignored: reject it, by its own name.
+    @field_validator("context")
+    @classmethod
+    def _context_needs_kubeconfig(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _only_with("kubeconfig", value, info)
+
+    @field_validator("token_file", "ca_file")
+    @classmethod
+    def _needs_apiserver(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _only_with("apiserver", value, info)
+
+
+def _only_with(source: str, value: str | None, info: ValidationInfo) -> str | None:
+    # `source` is declared before the fields that need it, so info.data holds it (unless it was
+    # invalid itself, which is reported on its own).
+    if value and source in info.data and not info.data[source]:
+        raise ValueError(f"only used with {_flag(source)}, which is not set")
+    return value
 
 
 def _flag(name: str) -> str:
@@ -98,30 +127,58 @@ def _is_bool(annotation: Any) -> bool:
     return False
 
 
+def _choices(annotation: Any) -> list[str]:
+    """The allowed values of a Literal or Enum field, as typed on the command line."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(v) for v in typing.get_args(annotation)]
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return [str(member.value) for member in annotation]
+    return []
+
+
+def _as_typed(value: Any) -> str:
+    """A default as one would type it: `disabled`, `30`, `false`, `a,b`; `unset` for None."""
+    if value is None:
+        return "unset"
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple | set):
+        return ",".join(_as_typed(v) for v in value) or "none"
+    return str(value)
+
+
+def _help(field: FieldInfo, default: Any, repeatable: bool) -> str:
+    text = field.description or ""
+    if repeatable:
+        text += "; repeatable"
+    if "default:" not in text:  # some descriptions say what unset means themselves
+        text += f" (default: {_as_typed(default)})"
+    return text.replace("%", "%%")  # argparse expands %(...)s in help
+
+
 def build_parser(model: type[BaseModel], prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help="YAML file with settings (flags and environment win)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML file with settings (flags and environment win)"
+    )
     for name, field in model.model_fields.items():
         default = field.default if field.default_factory is None else field.default_factory()  # type: ignore[call-arg]
-        help_text = f"{field.description or ''} (default: {default!r})"
+        repeatable = _is_list(field.annotation)
+        options: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        options["help"] = _help(field, default, repeatable)
         if _is_bool(field.annotation):
-            parser.add_argument(
-                _flag(name),
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-        elif _is_list(field.annotation):
-            parser.add_argument(
-                _flag(name),
-                dest=name,
-                action="append",
-                default=argparse.SUPPRESS,
-                help=help_text + "; repeatable",
-            )
-        else:
-            parser.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, help=help_text)
+            options["action"] = argparse.BooleanOptionalAction
+        elif repeatable:
+            options["action"] = "append"
+        choices = _choices(field.annotation)
+        if choices:
+            # Only shown: pydantic checks the value, so every source reports it the same way.
+            options["metavar"] = "{" + ",".join(choices) + "}"
+        parser.add_argument(_flag(name), **options)
     return parser
 
 
@@ -149,7 +206,10 @@ def load_settings(
     for name, field in model.model_fields.items():
         raw = env.get(f"{env_prefix}_{name.upper()}")
         if raw is not None:
-            values[name] = [v for v in raw.split(",") if v] if _is_list(field.annotation) else raw
+            if _is_list(field.annotation):
+                values[name] = [item for v in raw.split(",") if (item := v.strip())]
+            else:
+                values[name] = raw
             origin[name] = f"environment {env_prefix}_{name.upper()}"
     for name, value in args.items():
         values[name] = value
@@ -181,10 +241,24 @@ def _explain(err: ValidationError, origin: dict[str, str]) -> str:
 
 
 def settings_or_exit(
-    model: type[M], argv: Sequence[str] | None, *, env_prefix: str, prog: str, description: str
+    model: type[M],
+    argv: Sequence[str] | None,
+    *,
+    env_prefix: str,
+    prog: str,
+    description: str,
+    environ: dict[str, str] | None = None,
 ) -> M:
+    """`load_settings`, or the problems on stderr and exit status 2."""
     try:
-        return load_settings(model, argv, env_prefix=env_prefix, prog=prog, description=description)
+        return load_settings(
+            model,
+            argv,
+            env_prefix=env_prefix,
+            prog=prog,
+            description=description,
+            environ=environ,
+        )
     except SettingsError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         raise SystemExit(2) from None

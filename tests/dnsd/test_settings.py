@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from dnsd.handler import PodMode
+from dnsd.main import main
 from dnsd.settings import DnsdSettings, parse_hostport
+from dnsd.settings import load as load_or_exit
 from kwatch.settings import SettingsError, load_settings
 
 
@@ -78,3 +80,95 @@ def test_hostport_forms():
     assert parse_hostport("10.0.0.1:5353") == ("10.0.0.1", 5353)
     assert parse_hostport("fd00::1") == ("fd00::1", 53)
     assert parse_hostport("[fd00::1]:54") == ("fd00::1", 54)
+
+
+STUBS = {"corp.example": [("10.1.0.53", 53), ("10.1.0.54", 5353)], "acme.local": [("fd00::53", 53)]}
+STUBS_ONE_LINE = "corp.example=10.1.0.53,10.1.0.54:5353,acme.local=fd00::53"
+
+
+def test_stub_domains_mean_the_same_from_flags_environment_and_config(tmp_path):
+    flags = load(
+        "--stub-domain",
+        "corp.example=10.1.0.53,10.1.0.54:5353",
+        "--stub-domain",
+        "acme.local=fd00::53",
+    )
+    env = load(env={"DNSD_STUB_DOMAIN": STUBS_ONE_LINE})
+    config = tmp_path / "dnsd.yaml"
+    config.write_text(
+        "stub_domain: ['corp.example=10.1.0.53,10.1.0.54:5353', 'acme.local=fd00::53']\n"
+    )
+    config_list = load("--config", str(config))
+    config.write_text(f"stub-domain: '{STUBS_ONE_LINE}'\n")
+    config_string = load("--config", str(config))
+    flag_string = load("--stub-domain", STUBS_ONE_LINE)
+    for s in (flags, env, config_list, config_string, flag_string):
+        assert s.stub_domains() == STUBS
+
+
+@pytest.mark.parametrize(
+    "value,problem",
+    [
+        ("10.1.0.53", "expected ZONE=ADDR[:PORT]"),
+        ("corp.example=", "expected ZONE=ADDR[:PORT]"),
+        ("=10.1.0.53", "expected ZONE=ADDR[:PORT]"),
+        ("corp.example=dns.corp.example", "'dns.corp.example'"),
+        ("corp.example=10.1.0.53:0", "'10.1.0.53:0'"),
+        ("corp..example=10.1.0.53", "corp..example"),
+    ],
+)
+def test_a_bad_stub_domain_names_the_option_and_where_it_came_from(tmp_path, value, problem):
+    with pytest.raises(SettingsError) as err:
+        load(env={"DNSD_STUB_DOMAIN": value})
+    assert "invalid setting --stub-domain (environment DNSD_STUB_DOMAIN)" in str(err.value)
+    assert problem in str(err.value)
+    config = tmp_path / "dnsd.yaml"
+    config.write_text(f"stub_domain: ['{value}']\n")
+    with pytest.raises(SettingsError, match=rf"--stub-domain \(config {config}\)"):
+        load("--config", str(config))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "resolver.example",
+        "10.0.0.1:0",
+        "10.0.0.1:65536",
+        "10.0.0.1:dns",
+        "10.0.0.1:",
+        "[10.0.0.1]:53",
+        "[fd00::1",
+        "[fd00::1]53",
+        "[fd00::1]:",
+        "10.0.0.1,10.0.0.2",
+        "",
+    ],
+)
+def test_a_bad_upstream_stops_the_start_with_status_2(value, capsys):
+    # dnsd.settings.load is the first thing main() does; it never starts the daemon.
+    with pytest.raises(SystemExit) as exit_:
+        load_or_exit(["--upstream", value], environ={})
+    assert exit_.value.code == 2
+    assert "dnsd: invalid setting --upstream (flag)" in capsys.readouterr().err
+    if value and "," not in value:  # in the environment a comma separates two upstreams
+        with pytest.raises(SystemExit) as exit_:
+            load_or_exit([], environ={"DNSD_UPSTREAM": value})
+        assert exit_.value.code == 2
+        assert "--upstream (environment DNSD_UPSTREAM)" in capsys.readouterr().err
+
+
+def test_upstreams_take_ipv4_and_ipv6_with_or_without_a_port():
+    s = load("--upstream", "[::1]:53", "--upstream", "fd00::2", "--upstream", "[fd00::3]")
+    assert s.upstream_addresses() == [("::1", 53), ("fd00::2", 53), ("fd00::3", 53)]
+
+
+def test_help_shows_plain_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--pods {disabled,insecure,verified}" in text
+    assert "(default: disabled)" in text and "PodMode" not in text
+    assert "(default: cluster.local)" in text and "['" not in text
+    assert "(default: 0.0.0.0:53)" in text and "(default: auto)" in text
