@@ -51,6 +51,7 @@ class Daemon:
                 ttl=settings.ttl,
                 endpoint_pod_names=settings.endpoint_pod_names,
                 ignore_empty_service=settings.ignore_empty_service,
+                endpoint_ptrs=settings.endpoint_ptrs,
             ),
             self.state.store(SERVICES),
             self.state.store(ENDPOINTSLICES),

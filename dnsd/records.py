@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import NamedTuple
 
 from dnsd.names import dashed_ip, reverse_of_packed
@@ -104,6 +105,27 @@ class RecordOptions:
     ttl: int = 5
     endpoint_pod_names: bool = False
     ignore_empty_service: bool = False
+    # PTR for the ready endpoint IPs of ClusterIP Services too (CoreDNS does; the spec does not
+    # ask for it). About 0.3 KB of RSS per endpoint IP (answers are encoded ahead), so opt-in.
+    endpoint_ptrs: bool = False
+
+
+class PtrRank(IntEnum):
+    """Why a reverse name points at a Service's name: the order a shared reverse name lists
+    its targets in (lowest first), and what yields to what (see dnsd.zone)."""
+
+    CLUSTER_IP = 0  # SPEC §2.3.3
+    HEADLESS_ENDPOINT = 1  # SPEC §2.4.3
+    # CoreDNS extension (k8s/reverse.go): a ready endpoint of a ClusterIP Service. CoreDNS looks
+    # the IP up among ClusterIPs first and only then among endpoints, so it yields to a ClusterIP.
+    SERVICE_ENDPOINT = 2
+
+
+class PtrTargets(NamedTuple):
+    """What one Service puts at one reverse name."""
+
+    rank: PtrRank
+    names: list[str]  # PTR targets, lower case, without the trailing dot
 
 
 @dataclass
@@ -113,9 +135,20 @@ class ServiceRecords:
     answers: dict[RRKey, list[Record]] = field(default_factory=dict)
     additional: dict[RRKey, list[Record]] = field(default_factory=dict)
     names: set[str] = field(default_factory=set)  # every name that exists, with its ancestors
-    ptrs: dict[str, list[str]] = field(default_factory=dict)  # reverse name -> owner names
+    ptrs: dict[str, PtrTargets] = field(default_factory=dict)  # reverse name -> its targets
     aliases: dict[str, str] = field(default_factory=dict)  # ExternalName owner -> target
     _seen: set[tuple[str, int, str]] = field(default_factory=set, repr=False)
+
+    def add_ptr(self, packed: bytes, rank: PtrRank, target: str) -> None:
+        """PTR from the address `packed` (4 or 16 bytes) to `target`. A Service puts one rank
+        at a reverse name, the lowest: its ClusterIP that is also its own endpoint's IP is
+        answered as the ClusterIP only, as CoreDNS does."""
+        rev = reverse_of_packed(packed)
+        current = self.ptrs.get(rev)
+        if current is None or rank < current.rank:
+            self.ptrs[rev] = PtrTargets(rank, [target])
+        elif rank == current.rank:
+            current.names.append(target)
 
     def add(self, name: str, qtype: int, rr: Record, data: str | None = None) -> None:
         """Append `rr` unless the same data is already there (duplicates across EndpointSlices
@@ -232,12 +265,14 @@ def service_records(
             )
         return records
     cluster_ips = service.cluster_ips
-    if not cluster_ips or (options.ignore_empty_service and not ready):
-        # No IP allocated yet, or `ignore empty_service`: the name does not exist.
-        return records
-    for index, zone in enumerate(options.zones):
-        base = f"{name}.{ns}.svc.{zone}".lower()
-        _cluster_ip(records, service, cluster_ips, base, zone, options, primary=index == 0)
+    # No IP allocated yet, or `ignore empty_service` without ready endpoints: the name does
+    # not exist (the endpoints' PTRs below do, as CoreDNS finds them without the Service).
+    if cluster_ips and not (options.ignore_empty_service and not ready):
+        for index, zone in enumerate(options.zones):
+            base = f"{name}.{ns}.svc.{zone}".lower()
+            _cluster_ip(records, service, cluster_ips, base, zone, options, primary=index == 0)
+    if options.endpoint_ptrs:
+        _endpoint_ptrs(records, ready, f"{name}.{ns}.svc.{options.zones[0]}".lower())
     return records
 
 
@@ -273,7 +308,16 @@ def _cluster_ip(
         # SPEC §2.3.3: PTR for each ClusterIP, pointing into the first (primary) zone like
         # CoreDNS reverse.go.
         for _, rdata in rdatas:
-            records.ptrs.setdefault(reverse_of_packed(rdata.packed), []).append(base)
+            records.add_ptr(rdata.packed, PtrRank.CLUSTER_IP, base)
+
+
+def _endpoint_ptrs(records: ServiceRecords, ready: list[ReadyAddress], base: str) -> None:
+    """CoreDNS extension (k8s/reverse.go serviceRecordForIP): a ready endpoint IP of a ClusterIP
+    Service points at `<hostname>.<svc>.<ns>.svc.<primary zone>`, hostname as for headless
+    Services (explicit hostname, pod name with endpoint_pod_names, else the dashed IP)."""
+    for address in ready:
+        _, rdata = address_of(address.ip)
+        records.add_ptr(rdata.packed, PtrRank.SERVICE_ENDPOINT, f"{address.hostname}.{base}")
 
 
 def _headless(
@@ -296,8 +340,7 @@ def _headless(
         glue.setdefault(owner, []).append(rr)
         records.add(base, qtype, Record(base, qtype, ttl, rdata), address.ip)
         if primary:
-            # SPEC §2.4.3
-            records.ptrs.setdefault(reverse_of_packed(rdata.packed), []).append(owner)
+            records.add_ptr(rdata.packed, PtrRank.HEADLESS_ENDPOINT, owner)  # SPEC §2.4.3
     # SPEC §2.4.2: per ready endpoint x named port; the port is the EndpointSlice's (CoreDNS).
     # dicts as ordered sets: identical (target, port) pairs collapse in O(1) each.
     srv_targets: dict[str, dict[tuple[str, int], None]] = {}

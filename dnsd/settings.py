@@ -66,6 +66,11 @@ class DnsdSettings(AccessSettings):
     endpoint_pod_names: bool = Field(
         False, description="name endpoints without a hostname by their pod name, not dashed IP"
     )
+    endpoint_ptrs: bool = Field(
+        False,
+        description="also answer PTR for the ready endpoint IPs of ClusterIP Services, "
+        "as CoreDNS does (about 0.3 KB of memory per endpoint IP)",
+    )
     ignore_empty_service: bool = Field(
         False, description="NXDOMAIN for ClusterIP services without ready endpoints"
     )

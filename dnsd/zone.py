@@ -5,6 +5,12 @@ contributes answers keyed by (name, qtype), names that exist, PTR owners and Ext
 aliases; replacing a source removes exactly what it contributed before and encodes only its new
 records (DESIGN: "Rebuild only the service that changed"). Names several sources share
 (`<ns>.svc.<zone>`, a reverse name selected by two Services) are reference counted.
+
+A reverse name several Services point at answers every target once, in an order that depends
+only on the current objects, not on the order they changed in: by PtrRank (the SPEC's PTRs
+before CoreDNS's endpoint extension, so a resolver that keeps the first answer, getnameinfo,
+gets the name the spec defines), then by source. As in CoreDNS k8s/reverse.go, an IP that is a
+ClusterIP does not answer the extension PTRs of the endpoints that have it.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dnslib import CNAME, QTYPE, RR
 from dnsd import answers as enc
 from dnsd import wire
 from dnsd.names import from_wire, to_wire
-from dnsd.records import ServiceRecords, cname_rr, ptr_rr
+from dnsd.records import PtrRank, ServiceRecords, cname_rr, ptr_rr
 from dnsd.wire import Answer
 
 REVERSE_ZONES = ("in-addr.arpa", "ip6.arpa")
@@ -27,6 +33,11 @@ _QTYPE_KEYS = {
     for qtype in (wire.TYPE_A, wire.TYPE_AAAA, wire.TYPE_SRV, wire.TYPE_PTR, wire.TYPE_CNAME)
 }
 _PTR = _QTYPE_KEYS[wire.TYPE_PTR]
+
+# Who points a reverse name where: flat (source, rank, target or targets) triples sorted by
+# (rank, source). Flat, and a lone target not in a tuple, as most reverse names have one source
+# with one target and there is one of these per endpoint IP.
+PtrOwners = tuple[str | int | tuple[str, ...], ...]
 
 
 @dataclass(slots=True)
@@ -77,9 +88,7 @@ class ZoneIndex:
         # Wire name -> number of sources that have it, for names more than one source has
         # (`<ns>.svc.<zone>`); a name in `existing` but not here has exactly one.
         self._shared: dict[bytes, int] = {}
-        # PTR answer key -> (source, target or targets, source, ...): who points a reverse
-        # name where, flat, as most reverse names have one source with one target.
-        self._ptr_owners: dict[bytes, tuple[str | tuple[str, ...], ...]] = {}
+        self._ptr_owners: dict[bytes, PtrOwners] = {}  # PTR answer key -> owners
         self._touched: set[bytes] = set()  # names whose answers changed in this batch
         self._refresh_negatives()
 
@@ -114,7 +123,7 @@ class ZoneIndex:
         encoded: dict[bytes, Answer] = {}
         new_aliases: dict[bytes, Alias] = {}
         names: list[tuple[str, bytes]] = []
-        ptrs: list[tuple[bytes, str, list[str]]] = []
+        ptrs: list[tuple[bytes, str, PtrRank, list[str]]] = []
         if records is not None:
             additional = records.additional
             answers = self.answers
@@ -134,14 +143,14 @@ class ZoneIndex:
                 new_aliases[to_wire(owner)] = self._alias(owner, target)
             names = [(name, to_wire(name)) for name in records.names]
             ptrs = [
-                (to_wire(rev) + _PTR, rev, targets)
-                for rev, targets in records.ptrs.items()
+                (to_wire(rev) + _PTR, rev, rank, targets)
+                for rev, (rank, targets) in records.ptrs.items()
                 if targets
             ]
         old = self._sources.pop(source, None)
         # PTR key -> its owners before this change: only those that end up different are
         # encoded again (a Service's reverse names mostly stay as they were).
-        dirty_ptrs: dict[bytes, tuple[str | tuple[str, ...], ...]] = {}
+        dirty_ptrs: dict[bytes, PtrOwners] = {}
         # Changed names matter only to in-cluster ExternalName chases; none at all, no need.
         touched = self._touched if self.aliases or new_aliases else None
         if old is not None:
@@ -173,13 +182,11 @@ class ZoneIndex:
                         touched.add(key[:-2])
             for name, name_key in names:
                 self._ref(name, name_key)
-            for ptr_key, _, targets in ptrs:
+            for ptr_key, _, rank, targets in ptrs:
                 owners = self._ptr_owners.get(ptr_key, ())
                 dirty_ptrs.setdefault(ptr_key, owners)
-                self._ptr_owners[ptr_key] = (
-                    *owners,
-                    source,
-                    targets[0] if len(targets) == 1 else tuple(targets),
+                self._ptr_owners[ptr_key] = _with(
+                    owners, source, int(rank), targets[0] if len(targets) == 1 else tuple(targets)
                 )
             for alias_key, alias in new_aliases.items():
                 self.aliases[alias_key] = alias
@@ -192,7 +199,7 @@ class ZoneIndex:
                 tuple(new_aliases),
             )
         if dirty_ptrs:
-            reverse_names = {ptr_key: rev for ptr_key, rev, _ in ptrs}
+            reverse_names = {ptr_key: rev for ptr_key, rev, _, _ in ptrs}
             for ptr_key, before in dirty_ptrs.items():
                 if self._ptr_owners.get(ptr_key, ()) != before:
                     self._encode_ptr(ptr_key, reverse_names.get(ptr_key))
@@ -238,7 +245,7 @@ class ZoneIndex:
 
     def _encode_ptr(self, key: bytes, rev: str | None = None) -> None:
         """The PTR answer of one reverse name (`rev`, when the caller has it as text): every
-        target of every source, in order."""
+        target of every source in owner order, each once (CoreDNS backend_lookup PTR())."""
         owners = self._ptr_owners.get(key)
         name_key = key[:-2]
         if not owners:
@@ -247,14 +254,19 @@ class ZoneIndex:
             return
         if rev is None:
             rev = from_wire(name_key)
-        if len(owners) == 2 and isinstance(owners[1], str):
-            rrs = [ptr_rr(rev, owners[1], self.ttl)]  # the usual: one source, one target
+        if len(owners) == 3 and isinstance(owners[2], str):
+            rrs = [ptr_rr(rev, owners[2], self.ttl)]  # the usual: one source, one target
         else:
+            # A ClusterIP (the lowest rank, so first) hides the endpoints' extension PTRs.
+            hidden = PtrRank.SERVICE_ENDPOINT if owners[1] == PtrRank.CLUSTER_IP else None
             targets: dict[str, None] = {}
-            for item in owners[1::2]:
+            for i in range(0, len(owners), 3):
+                item = owners[i + 2]
+                if owners[i + 1] == hidden:
+                    continue
                 if isinstance(item, str):
                     targets[item] = None
-                else:
+                elif isinstance(item, tuple):
                     targets.update(dict.fromkeys(item))
             rrs = [ptr_rr(rev, target, self.ttl) for target in targets]
         answer = enc.encode_records(rev, wire.TYPE_PTR, rrs, qname=name_key)
@@ -318,15 +330,25 @@ class ZoneIndex:
                 self.answers[key] = enc.encode(alias.owner, qtype, records)
 
 
-def _without(
-    owners: tuple[str | tuple[str, ...], ...], source: str
-) -> tuple[str | tuple[str, ...], ...]:
-    """`owners` (see ZoneIndex._ptr_owners) without `source`'s pair."""
-    kept: list[str | tuple[str, ...]] = []
-    for i in range(0, len(owners), 2):
+def _without(owners: PtrOwners, source: str) -> PtrOwners:
+    """`owners` without `source`'s triple."""
+    kept: list[str | int | tuple[str, ...]] = []
+    for i in range(0, len(owners), 3):
         if owners[i] != source:
-            kept += owners[i : i + 2]
+            kept += owners[i : i + 3]
     return tuple(kept)
+
+
+def _with(owners: PtrOwners, source: str, rank: int, targets: str | tuple[str, ...]) -> PtrOwners:
+    """`owners` plus `source`'s triple, at its (rank, source) place."""
+    at = len(owners)
+    for i in range(0, len(owners), 3):
+        other_rank = owners[i + 1]
+        assert isinstance(other_rank, int)
+        if (other_rank, str(owners[i])) > (rank, source):
+            at = i
+            break
+    return (*owners[:at], source, rank, targets, *owners[at:])
 
 
 def _same(current: Answer, new: Answer) -> bool:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from dnslib import QTYPE
 
 from dnsd.names import dashed_ip, ip_from_dashed, reverse_name
-from dnsd.records import RecordOptions, service_records
+from dnsd.records import PtrRank, PtrTargets, RecordOptions, service_records
 from kwatch.resources import ENDPOINTSLICES, SERVICES
 from tests.dnsd.helpers import endpoint, endpoint_slice, service
 
 BASE = "web.default.svc.cluster.local"
 OPTS = RecordOptions()
+EXTENDED = RecordOptions(endpoint_ptrs=True)  # --endpoint-ptrs: CoreDNS's endpoint PTRs
 
 
 def build(svc, slices=(), options=OPTS):
@@ -53,7 +56,10 @@ def test_clusterip_record_exists_without_endpoints_unless_ignore_empty_service()
 def test_clusterip_ptr_points_at_the_service_in_the_primary_zone():
     options = RecordOptions(zones=("cluster.local", "other.zone"))
     r = build(service("web", ips=["10.96.0.5", "fd00::5"]), options=options)
-    assert r.ptrs == {"5.0.96.10.in-addr.arpa": [BASE], reverse_name("fd00::5"): [BASE]}
+    assert r.ptrs == {
+        "5.0.96.10.in-addr.arpa": PtrTargets(PtrRank.CLUSTER_IP, [BASE]),
+        reverse_name("fd00::5"): PtrTargets(PtrRank.CLUSTER_IP, [BASE]),
+    }
     assert data(r, "web.default.svc.other.zone", QTYPE.A) == ["10.96.0.5"]
 
 
@@ -117,7 +123,11 @@ def test_headless_srv_per_ready_endpoint_and_named_port_with_the_endpoint_port()
 def test_headless_ptr_points_at_the_endpoint_name():
     slices = [endpoint_slice("a", "db", [endpoint("10.1.0.1", hostname="db-0")])]
     r = build(service("db", headless=True), slices)
-    assert r.ptrs == {"1.0.1.10.in-addr.arpa": ["db-0.db.default.svc.cluster.local"]}
+    assert r.ptrs == {
+        "1.0.1.10.in-addr.arpa": PtrTargets(
+            PtrRank.HEADLESS_ENDPOINT, ["db-0.db.default.svc.cluster.local"]
+        )
+    }
 
 
 def test_ipv6_endpoints_get_dashed_names_and_nibble_ptrs():
@@ -125,6 +135,62 @@ def test_ipv6_endpoints_get_dashed_names_and_nibble_ptrs():
     r = build(service("db", headless=True), slices)
     assert data(r, "fd00--1.db.default.svc.cluster.local", QTYPE.AAAA) == ["fd00::1"]
     assert list(r.ptrs) == ["1." + "0." * 29 + "d.f.ip6.arpa"]
+
+
+def test_clusterip_service_ready_endpoints_get_ptrs_in_the_primary_zone():
+    # CoreDNS k8s/reverse.go: endpoints of every Service, not only headless ones (an extension).
+    slices = [
+        endpoint_slice(
+            "web-1",
+            "web",
+            [
+                endpoint("10.1.0.1"),
+                endpoint("10.1.0.2", hostname="h"),
+                endpoint("10.1.0.3", ready=False),
+            ],
+        ),
+        endpoint_slice("web-2", "web", [endpoint("fd00::1:2")], address_type="IPv6"),
+    ]
+    options = RecordOptions(zones=("cluster.local", "other.zone"), endpoint_ptrs=True)
+    assert build(
+        service("web", ips=["10.96.0.5"]), slices, replace(options, endpoint_ptrs=False)
+    ).ptrs.keys() == {"5.0.96.10.in-addr.arpa"}  # off by default
+    r = build(service("web", ips=["10.96.0.5"]), slices, options)
+    endpoint_ptrs = {
+        rev: targets for rev, targets in r.ptrs.items() if targets.rank == PtrRank.SERVICE_ENDPOINT
+    }
+    assert endpoint_ptrs == {
+        "1.0.1.10.in-addr.arpa": PtrTargets(PtrRank.SERVICE_ENDPOINT, [f"10-1-0-1.{BASE}"]),
+        "2.0.1.10.in-addr.arpa": PtrTargets(PtrRank.SERVICE_ENDPOINT, [f"h.{BASE}"]),
+        reverse_name("fd00::1:2"): PtrTargets(PtrRank.SERVICE_ENDPOINT, [f"fd00--1-2.{BASE}"]),
+    }
+    # Only the PTR: the endpoint names of a ClusterIP Service are not served (README).
+    assert (f"10-1-0-1.{BASE}", QTYPE.A) not in r.answers
+
+
+def test_clusterip_service_endpoint_ptr_uses_the_pod_name_with_endpoint_pod_names():
+    slices = [endpoint_slice("web-1", "web", [endpoint("10.1.0.1", pod="web-abc")])]
+    r = build(service("web"), slices, RecordOptions(endpoint_pod_names=True, endpoint_ptrs=True))
+    assert r.ptrs["1.0.1.10.in-addr.arpa"].names == [f"web-abc.{BASE}"]
+
+
+def test_endpoint_ptrs_need_no_cluster_ip_and_skip_not_ready_endpoints():
+    slices = [endpoint_slice("web-1", "web", [endpoint("10.1.0.1")])]
+    unallocated = service("web")
+    unallocated["spec"].pop("clusterIP")
+    unallocated["spec"].pop("clusterIPs")
+    r = build(unallocated, slices, EXTENDED)
+    assert r.answers == {} and list(r.ptrs) == ["1.0.1.10.in-addr.arpa"]
+    not_ready = [endpoint_slice("web-1", "web", [endpoint("10.1.0.1", ready=False)])]
+    assert list(build(service("web"), not_ready, EXTENDED).ptrs) == ["1.0.96.10.in-addr.arpa"]
+    strict = RecordOptions(ignore_empty_service=True, endpoint_ptrs=True)
+    assert build(service("web"), not_ready, strict).ptrs == {}
+
+
+def test_a_cluster_ip_that_is_also_its_own_endpoint_is_answered_as_the_cluster_ip():
+    slices = [endpoint_slice("web-1", "web", [endpoint("10.96.0.5")])]
+    r = build(service("web", ips=["10.96.0.5"]), slices, EXTENDED)
+    assert r.ptrs == {"5.0.96.10.in-addr.arpa": PtrTargets(PtrRank.CLUSTER_IP, [BASE])}
 
 
 def test_endpoint_pod_names_uses_the_pod_name_when_there_is_no_hostname():
