@@ -164,10 +164,6 @@ class RoundRobinPicker:
     def backends(self) -> list[Backend]:
         return list(self._backends)
 
-    @property
-    def has_backends(self) -> bool:
-        return bool(self._backends)
-
     def set_backends(self, backends: Iterable[Backend]) -> bool:
         """Replace the list; shuffled and index reset only when membership changed.
 
@@ -298,7 +294,9 @@ class LocalTrafficPicker:
         self.external.report_failure(backend)  # the failure tracker is shared
 
 
-# Which backend list of a Service port a picker serves: ("internal" | "external", family 4|6).
+# Which backend list of a Service port a picker serves: (scope, family 4|6), scope "internal"
+# (ClusterIPs), "external" (NodePorts, externalIPs, LB IPs) or "cluster" (the short-circuit
+# list of an externalTrafficPolicy Local port when "internal" is the local one too).
 ListKey = tuple[str, int]
 
 

@@ -7,13 +7,18 @@ membership does:
   port, where the proxy reads SO_ORIGINAL_DST;
 - `np4` / `np6` (port): NodePorts with usable endpoints, matched on `fib daddr type local`
   (and on `--nodeport-addresses` CIDRs when given), redirected the same way;
-- `svc4-reject`, `np4-reject`, ...: frontends without usable endpoints, answered with a TCP
-  reset in the filter hooks (input, forward, output) so the client's connect fails at once
-  (kube-proxy's nftables mode: `no-endpoint-services` -> reject);
+- `svc4-reject`, `np4-reject`, ...: frontends of Services without a usable endpoint anywhere,
+  answered with a TCP reset in the filter hooks (input, forward, output) so the client's
+  connect fails at once (kube-proxy's nftables mode: `no-endpoint-services` -> reject);
+- `svc4-drop`, `np4-drop`, ...: frontends whose Local traffic policy finds no endpoint on this
+  node while the Service has some elsewhere (internalTrafficPolicy Local ClusterIPs,
+  externalTrafficPolicy Local external frontends without the short-circuit): dropped in the
+  same filter hooks, as kube-proxy's `no-endpoint-services` -> drop, so the client's connect
+  times out instead of failing (another node may serve it);
 - `svc4-local`, `np4-local`, ...: external frontends of externalTrafficPolicy: Local Services
   without an endpoint on this node: redirected for host processes (output hook) and for
   sources in the cluster CIDRs (kube-proxy's short-circuit to the cluster-wide endpoints),
-  reset for everyone else.
+  dropped for everyone else.
 
 So an endpoint change costs nothing in the kernel, a new frontend costs one set element, and a
 frontend losing its last endpoint moves between two sets. Every change is one `nft -f`
@@ -53,7 +58,12 @@ class NftError(Exception):
     """`nft -f` rejected a transaction; the message is nft's stderr."""
 
 
-SET_SUFFIX: dict[Steer, str] = {"serve": "", "local": "-local", "reject": "-reject"}
+SET_SUFFIX: dict[Steer, str] = {
+    "serve": "",
+    "local": "-local",
+    "drop": "-drop",
+    "reject": "-reject",
+}
 
 
 def set_name(key: SteerKey, state: Steer) -> str:
@@ -109,14 +119,16 @@ def _family_chains(
     svc, np = f"{ip} daddr . tcp dport @svc{f}", f"{np_match} tcp dport @np{f}"
     steer = [f"{svc} {redirect}"]
     host = [f"{svc}-local {redirect}"]  # host processes are local clients
-    refuse = [f"{svc}-reject {reset}", f"{svc}-local {reset}"]
+    # What reaches the filter hooks still addressed to a `-local` frontend was not redirected
+    # (not a local client): dropped, like the `-drop` ones.
+    refuse = [f"{svc}-reject {reset}", f"{svc}-local drop", f"{svc}-drop drop"]
     if cluster_cidrs:  # pods are local clients too (kube-proxy's detect-local by clusterCIDR)
         lines.append(_interval_set(f"cluster{f}", addr_type, cluster_cidrs))
         steer.append(f"{ip} saddr @cluster{f} {svc}-local {redirect}")
     if np_match is not None:
         steer.append(f"{np} {redirect}")
         host.append(f"{np}-local {redirect}")
-        refuse += [f"{np}-reject {reset}", f"{np}-local {reset}"]
+        refuse += [f"{np}-reject {reset}", f"{np}-local drop", f"{np}-drop drop"]
         if cluster_cidrs:
             steer.append(f"{ip} saddr @cluster{f} {np}-local {redirect}")
     for name, rules in ((f"steer{f}", steer), (f"steer-host{f}", host), (f"refuse{f}", refuse)):

@@ -2,8 +2,15 @@
 
 For development and the demo: each frontend (ClusterIP:port, NodePort, externalIP:port, LB
 IP:port) is bound on `bind_address` at a kernel-chosen port, and the assignments are logged and
-served on `/debug/services`. A frontend without endpoints keeps its port: the proxy resets the
-client at once (there is no kernel reject rule in this mode).
+served on `/debug/services`. A frontend keeps its port whatever its state; without kernel rules
+the states are approximated:
+- "reject" (no endpoint anywhere): the proxy accepts and resets the client at once;
+- "drop" (a Local policy, no endpoint on this node): the listener is held, so the client's
+  connect completes in the kernel but nothing answers until endpoints come back (a dropped
+  SYN in nftables mode: the client times out, or is served if they return in time);
+- "local" (externalTrafficPolicy Local, no endpoint here): node and pod clients are served,
+  others reset. Only the kernel can drop one client's SYN and accept another's on the same
+  port, so outsiders see a reset instead of nftables mode's drop.
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ class _Listener(Protocol):
     def port(self) -> int: ...
 
     def close(self) -> None: ...
+
+    def hold(self) -> None: ...
+
+    def resume(self) -> None: ...
 
 
 class PortListeners(Protocol):
@@ -56,6 +67,7 @@ class PortsWriter:
                 "address": self.bind_address,
                 "port": listener.port,
                 "endpoints": self._state.get(key) == "serve",
+                "state": self._state.get(key),
             }
             for key, listener in sorted(self._listeners.items())
         ]
@@ -77,25 +89,37 @@ class PortsWriter:
                     touched = True
                 continue
             self._state[key] = state
-            if key in self._listeners:
-                continue
-            family, ip, port = key
-            # A NodePort has no single address; the table finds it by family and port.
-            frontend_ip = ip or ("::" if family == 6 else "0.0.0.0")
-            try:
-                listener = await self.proxy.serve_port(self.bind_address, 0, frontend_ip, port)
-            except OSError as err:
-                log.error("frontend_bind_failed", frontend=frontend_text(key), problem=str(err))
-                continue
-            self._listeners[key] = listener
-            touched = True
-            log.info(
-                "frontend_bound",
-                frontend=frontend_text(key),
-                address=self.bind_address,
-                port=listener.port,
-            )
+            listener = self._listeners.get(key)
+            if listener is None:
+                listener = await self._bind(key)
+                if listener is None:
+                    continue
+                touched = True
+            if state == "drop":
+                listener.hold()
+            else:
+                listener.resume()
         return touched
+
+    async def _bind(self, key: SteerKey) -> _Listener | None:
+        family, ip, port = key
+        # A NodePort has no single address; the table finds it by family and port.
+        frontend_ip = ip or ("::" if family == 6 else "0.0.0.0")
+        try:
+            listener: _Listener = await self.proxy.serve_port(
+                self.bind_address, 0, frontend_ip, port
+            )
+        except OSError as err:
+            log.error("frontend_bind_failed", frontend=frontend_text(key), problem=str(err))
+            return None
+        self._listeners[key] = listener
+        log.info(
+            "frontend_bound",
+            frontend=frontend_text(key),
+            address=self.bind_address,
+            port=listener.port,
+        )
+        return listener
 
     async def remove(self) -> None:
         for listener in self._listeners.values():

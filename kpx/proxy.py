@@ -103,7 +103,7 @@ class ProxyStats(RelayCounters):
 class Listener:
     """One listening socket; `frontend` is fixed in ports mode, None in redirect mode."""
 
-    __slots__ = ("_accepting", "_paused", "_proxy", "fd", "frontend", "sock")
+    __slots__ = ("_accepting", "_held", "_paused", "_proxy", "fd", "frontend", "sock")
 
     def __init__(self, proxy: Proxy, sock: socket.socket, frontend: BackendKey | None) -> None:
         self._proxy = proxy
@@ -112,7 +112,15 @@ class Listener:
         self.frontend = frontend
         # Listening and registered with the loop (false while only bound: `bind_redirect`).
         self._accepting = False
+        # Resting after EMFILE/ENFILE (`_pause_listener`), resumed by a timer.
         self._paused = False
+        # Held by the caller (`hold`): new connections wait in the kernel's accept queue.
+        self._held = False
+
+    @property
+    def _registered(self) -> bool:
+        """Whether the event loop watches the socket for connections to accept."""
+        return self._accepting and not self._paused and not self._held
 
     @property
     def address(self) -> tuple[str, int]:
@@ -126,6 +134,16 @@ class Listener:
     def close(self) -> None:
         """Stop accepting; established connections are not affected."""
         self._proxy._close_listener(self)
+
+    def hold(self) -> None:
+        """Stop accepting but keep listening: new clients complete the handshake in the
+        kernel and wait, unanswered, in the accept queue (and once it is full the kernel
+        drops their SYNs). `--mode ports` uses it for frontends nftables would drop."""
+        self._proxy._hold_listener(self, True)
+
+    def resume(self) -> None:
+        """Accept again after `hold`, the waiting clients first."""
+        self._proxy._hold_listener(self, False)
 
 
 class _Dial:
@@ -378,7 +396,8 @@ class Proxy:
         listener._accepting = True
         if self.idle_timeout is not None and self._idle_sweeper is None:
             self._idle_sweeper = self.loop.call_later(self.idle_timeout / 2, self._sweep_idle)
-        self.loop.add_reader(listener.fd, self._on_acceptable, listener)
+        if listener._registered:
+            self.loop.add_reader(listener.fd, self._on_acceptable, listener)
         frontend = listener.frontend
         log.info(
             "proxy_listening",
@@ -393,20 +412,31 @@ class Proxy:
         if listener not in self._listeners:
             return
         self._listeners.discard(listener)
-        if listener._accepting and not listener._paused:
+        if listener._registered:
             self.loop.remove_reader(listener.fd)
         listener._accepting = False
         listener.sock.close()
 
+    def _set_listener_flag(self, listener: Listener, flag: str, value: bool) -> None:
+        """Set `_paused` or `_held`, (un)registering the socket with the loop to match."""
+        was = listener._registered
+        setattr(listener, flag, value)
+        if was and not listener._registered:
+            self.loop.remove_reader(listener.fd)
+        elif listener._registered and not was:
+            self.loop.add_reader(listener.fd, self._on_acceptable, listener)
+
     def _pause_listener(self, listener: Listener) -> None:
-        listener._paused = True
-        self.loop.remove_reader(listener.fd)
+        self._set_listener_flag(listener, "_paused", True)
         self.loop.call_later(_ACCEPT_PAUSE_SECONDS, self._resume_listener, listener)
 
     def _resume_listener(self, listener: Listener) -> None:
         if listener in self._listeners and listener._paused:
-            listener._paused = False
-            self.loop.add_reader(listener.fd, self._on_acceptable, listener)
+            self._set_listener_flag(listener, "_paused", False)
+
+    def _hold_listener(self, listener: Listener, held: bool) -> None:
+        if listener in self._listeners and listener._held != held:
+            self._set_listener_flag(listener, "_held", held)
 
     # -- accept ----------------------------------------------------------------------------
 

@@ -117,7 +117,7 @@ class RuleSyncer:
             metrics.NO_LOCAL_ENDPOINTS.labels(policy).set(count)
         if result.steering or full:  # O(frontends): only when steering changed
             counts = Counter(self.table.steering.values())
-            for state in ("serve", "local", "reject"):
+            for state in ("serve", "local", "drop", "reject"):
                 metrics.FRONTENDS.labels(state).set(counts.get(state, 0))
         if self.service_health is not None:
             await self.service_health.sync(self.table.health_checks())

@@ -48,11 +48,16 @@ FrontendKind = Literal["cluster_ip", "node_port", "external_ip", "load_balancer"
 Scope = Literal["internal", "external"]
 # (family, ip, port) as steered by nftables; ip is "" for a NodePort (any node address).
 SteerKey = tuple[int, str, int]
-# What the kernel does with a frontend's new connections: "serve" redirects them to kpx,
-# "reject" resets them; "local" (externalTrafficPolicy Local, no endpoint on this node)
-# redirects those from this node and the cluster CIDRs (kube-proxy's short-circuit) and
-# resets the rest.
-Steer = Literal["serve", "local", "reject"]
+# What the kernel does with a frontend's new connections (kube-proxy's nftables mode,
+# proxier.go: service-ips vs no-endpoint-services verdicts):
+# - "serve": redirect them to kpx;
+# - "reject": reset them; the Service has no usable endpoint anywhere;
+# - "drop": drop them; a Local traffic policy finds no endpoint on this node although there
+#   are some elsewhere (internalTrafficPolicy Local ClusterIP; externalTrafficPolicy Local
+#   external frontend without the short-circuit);
+# - "local": externalTrafficPolicy Local, no endpoint here: redirect those from this node and
+#   the cluster CIDRs (the short-circuit to the cluster-wide endpoints), drop the rest.
+Steer = Literal["serve", "local", "drop", "reject"]
 
 
 def family_of(ip: str) -> int:
@@ -94,6 +99,9 @@ class PortRules:
     backends: Mapping[ListKey, tuple[Backend, ...]]
     affinity_timeout: float | None  # seconds; None without ClientIP affinity
     external_local: bool = False  # externalTrafficPolicy Local applies to external frontends
+    # Families with a usable (ready, or serving and terminating) endpoint on any node:
+    # kube-proxy's hasEndpoints, which decides between "drop" and "reject".
+    usable_families: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +147,14 @@ def should_skip_service(svc: Service) -> bool:
     return not svc.cluster_ips
 
 
+def externally_accessible(svc: Service) -> bool:
+    """kube-proxy's ServicePort.ExternallyAccessible: NodePort, LoadBalancer or externalIPs."""
+    return svc.spec.type in ("LoadBalancer", "NodePort") or bool(svc.spec.external_ips)
+
+
 def external_policy_local(svc: Service) -> bool:
     """apiservice.ExternalPolicyLocal: only meaningful for types with external frontends."""
-    if svc.spec.type not in ("LoadBalancer", "NodePort") and not svc.spec.external_ips:
-        return False
-    return svc.spec.external_traffic_policy == "Local"
+    return externally_accessible(svc) and svc.spec.external_traffic_policy == "Local"
 
 
 def needs_health_check(svc: Service) -> bool:
@@ -283,7 +294,9 @@ def compute_service(
     slices = list(slices)
     internal_local = svc.spec.internal_traffic_policy == "Local"
     external_local = external_policy_local(svc)
-    uses_cluster = not internal_local or not external_local
+    # UsesClusterEndpoints: an externally accessible Service needs them even with both
+    # policies Local, for the short-circuit of node and pod clients.
+    uses_cluster = not internal_local or externally_accessible(svc)
     uses_local = internal_local or external_local
     affinity = _affinity_timeout(svc)
     ports: list[PortRules] = []
@@ -294,6 +307,7 @@ def compute_service(
         frontends = _frontends(svc, sp.port, sp.node_port)
         per_family = _endpoints_for_port(slices, sp.name, node.name)
         lists: dict[ListKey, tuple[Backend, ...]] = {}
+        usable: set[int] = set()
         for fam in sorted({f.family for f in frontends}):
             cluster, local = categorize_endpoints(per_family[fam], node, uses_cluster, uses_local)
             internal = local if internal_local else cluster
@@ -302,11 +316,18 @@ def compute_service(
             has_external = any(f.scope == "external" and f.family == fam for f in frontends)
             if has_external:
                 lists[("external", fam)] = tuple(ep.backend() for ep in external)
-            if uses_local and not local and _any_usable(per_family[fam]):
-                no_local["internal"] += internal_local
-                no_local["external"] += external_local and has_external
+                if external_local and internal_local:
+                    # The short-circuit's list, which "internal" is not here.
+                    lists[("cluster", fam)] = tuple(ep.backend() for ep in cluster)
+            if _any_usable(per_family[fam]):
+                usable.add(fam)
+                if uses_local and not local:
+                    no_local["internal"] += internal_local
+                    no_local["external"] += external_local and has_external
         port_id = f"{svc.key}:{sp.name}"
-        ports.append(PortRules(port_id, frontends, lists, affinity, external_local))
+        ports.append(
+            PortRules(port_id, frontends, lists, affinity, external_local, frozenset(usable))
+        )
     hc_port = svc.spec.health_check_node_port if needs_health_check(svc) else None
     return ServiceRules(
         key=svc.key,
@@ -345,12 +366,26 @@ def _unique_backends(rules: ServiceRules | None) -> set[Backend]:
 FrontendPicker = RoundRobinPicker | LocalTrafficPicker
 
 
-def steer_of(picker: FrontendPicker) -> Steer:
-    if isinstance(picker, LocalTrafficPicker):
-        if picker.external.has_backends:
-            return "serve"
-        return "local" if picker.internal.has_backends else "reject"
-    return "serve" if picker.has_backends else "reject"
+def short_circuit_list(port: PortRules, family: int) -> ListKey:
+    """The list node and pod clients of an externalTrafficPolicy Local frontend get: the
+    cluster-wide endpoints (kube-proxy's EXT chain jumps to the cluster policy chain)."""
+    key = ("cluster", family)
+    return key if key in port.backends else ("internal", family)
+
+
+def frontend_steer(port: PortRules, fe: Frontend, short_circuit: bool) -> Steer:
+    """kube-proxy's verdict for `fe` (nftables proxier.go): its own list has endpoints: serve;
+    none anywhere: reject; a Local policy without endpoints here: drop, except that with the
+    short-circuit (`short_circuit`: kpx can tell node and pod clients apart) an external
+    frontend still serves those clients."""
+    if port.backends[(fe.scope, fe.family)]:
+        return "serve"
+    if fe.family not in port.usable_families:
+        return "reject"
+    if fe.scope == "external" and port.external_local and short_circuit:
+        if port.backends[short_circuit_list(port, fe.family)]:
+            return "local"
+    return "drop"
 
 
 # --- the incremental table ----------------------------------------------------------------------
@@ -399,7 +434,8 @@ class ServiceTable:
         self._local_client = local_client
         self._started = wall_clock()
         self._results: dict[str, ServiceRules] = {}
-        self._owners: dict[SteerKey, dict[str, FrontendPicker]] = {}
+        # Per steering key, per Service port claiming it: its picker and its steering.
+        self._owners: dict[SteerKey, dict[str, tuple[FrontendPicker, Steer]]] = {}
         self._by_address: dict[tuple[str, int], Picker] = {}
         self._by_node_port: dict[tuple[int, int], Picker] = {}
         self.steering: dict[SteerKey, Steer] = {}
@@ -558,13 +594,15 @@ class ServiceTable:
         if new is not None:
             for port in new.ports:
                 pickers = self.balancer.update(port.port_id, port.backends, port.affinity_timeout)
+                short_circuit = self._local_client is not None
                 for fe in port.frontends:
                     plain = pickers[(fe.scope, fe.family)]
                     picker: FrontendPicker = plain
                     if fe.scope == "external" and port.external_local and self._local_client:
-                        internal = pickers[("internal", fe.family)]
-                        picker = LocalTrafficPicker(plain, internal, self._local_client)
-                    self._owners.setdefault(fe.steer_key, {})[port.port_id] = picker
+                        inside = pickers[short_circuit_list(port, fe.family)]
+                        picker = LocalTrafficPicker(plain, inside, self._local_client)
+                    steer = frontend_steer(port, fe, short_circuit)
+                    self._owners.setdefault(fe.steer_key, {})[port.port_id] = (picker, steer)
                     touched.add(fe.steer_key)
             self._results[key] = new
         return touched
@@ -574,10 +612,11 @@ class ServiceTable:
         family, ip, port = steer_key
         owners = self._owners.get(steer_key)
         picker: FrontendPicker | None = None
+        state: Steer | None = None
         if owners:
             # Two Services claiming one address:port is a user error; the lowest port id wins
             # deterministically, and the other takes over if the winner goes away.
-            picker = owners[min(owners)]
+            picker, state = owners[min(owners)]
         else:
             self._owners.pop(steer_key, None)
         target = self._by_address if ip else self._by_node_port
@@ -586,7 +625,6 @@ class ServiceTable:
             target.pop(lookup_key, None)
         else:
             target[lookup_key] = picker
-        state = None if picker is None else steer_of(picker)
         if self.steering.get(steer_key) != state:
             if state is None:
                 self.steering.pop(steer_key, None)

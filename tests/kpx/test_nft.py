@@ -90,10 +90,12 @@ def test_cleanup_never_fails_on_a_missing_table():
     assert render_cleanup() == "add table inet kpx\ndelete table inet kpx\n"
 
 
-def test_local_only_frontends_redirect_host_and_cluster_sources_and_reject_others():
+def test_local_only_frontends_redirect_host_and_cluster_sources_and_drop_others():
     text = render_table(10262, cluster_cidrs=["10.244.0.0/16"])
     assert "ip saddr @cluster4 ip daddr . tcp dport @svc4-local redirect to :10262" in text
-    assert "ip daddr . tcp dport @svc4-local reject with tcp reset" in text
+    assert "ip daddr . tcp dport @svc4-local drop" in text
+    assert "fib daddr type local tcp dport @np4-local drop" in text
+    assert "-local reject" not in text  # kube-proxy drops what is not short-circuited
     host = text[text.index("chain steer-host4") :]
     assert "ip daddr . tcp dport @svc4-local redirect to :10262" in host.split("}")[0]
     output = text[text.index("chain nat-output") :].split("}")[0]
@@ -103,4 +105,18 @@ def test_local_only_frontends_redirect_host_and_cluster_sources_and_reject_other
     assert "@cluster6" not in text  # no IPv6 cluster CIDR given
     assert render_delta({(4, "", 30080): "serve"}, {(4, "", 30080): "local"}) == (
         "delete element inet kpx np4 { 30080 }\nadd element inet kpx np4-local { 30080 }\n"
+    )
+
+
+def test_local_policy_frontends_without_local_endpoints_are_dropped_not_rejected():
+    text = render_table(10262)
+    refuse = text[text.index("chain refuse4") :].split("}")[0]
+    assert "ip daddr . tcp dport @svc4-drop drop" in refuse
+    assert "fib daddr type local tcp dport @np4-drop drop" in refuse
+    assert "ip daddr . tcp dport @svc4-reject reject with tcp reset" in refuse
+    assert "@svc6-drop drop" in text
+    assert "@svc4-drop redirect" not in text and "@np4-drop redirect" not in text
+    assert render_delta({(4, "10.96.0.1", 80): "serve"}, {(4, "10.96.0.1", 80): "drop"}) == (
+        "delete element inet kpx svc4 { 10.96.0.1 . 80 }\n"
+        "add element inet kpx svc4-drop { 10.96.0.1 . 80 }\n"
     )

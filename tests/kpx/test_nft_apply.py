@@ -208,11 +208,12 @@ while True:
     assert dial6("fd00:96::2") == "refused"
 
 
-def test_local_only_frontends_serve_the_node_and_cluster_cidrs_and_reset_the_rest(
+def test_local_only_frontends_serve_the_node_and_cluster_cidrs_and_drop_the_rest(
     netns_topology: Topology,
 ) -> None:
     """externalTrafficPolicy Local without a local endpoint: kube-proxy's short-circuit sends
-    the node's own and pods' connections to the cluster-wide endpoints; outsiders are reset."""
+    the node's own and pods' connections to the cluster-wide endpoints; outsiders' SYNs are
+    dropped (another node may serve them), not reset."""
     topo = netns_topology
     ext = topo.add_external("x")
     topo.node.spawn_python(LISTENER)
@@ -228,6 +229,35 @@ def test_local_only_frontends_serve_the_node_and_cluster_cidrs_and_reset_the_res
     assert dial(topo.node, "192.0.2.7", 80) == "192.0.2.7 80"  # host process
     assert dial(topo.client, "192.0.2.7", 80) == "192.0.2.7 80"  # a pod (cluster CIDR)
     assert dial(topo.client, "10.245.1.1", 30080) == "10.245.1.1 30080"
-    assert dial(ext, "10.245.1.1", 30080) == "refused"  # from outside the cluster
-    assert dial(ext, "192.0.2.7", 80) == "refused"
+    assert dial(ext, "10.245.1.1", 30080, timeout=0.5) == "timeout"  # from outside
+    assert dial(ext, "192.0.2.7", 80, timeout=0.5) == "timeout"
     assert listed_sets(topo)["np4-local"] == {"30080"}
+
+
+def test_local_policy_frontends_without_local_endpoints_drop_while_empty_services_reject(
+    netns_topology: Topology,
+) -> None:
+    """kube-proxy's nftables verdicts: a Local policy with endpoints only on other nodes drops
+    (internalTrafficPolicy Local ClusterIP, externalTrafficPolicy Local NodePort), a Service
+    with no endpoint at all rejects."""
+    topo = netns_topology
+    ext = topo.add_external("x")
+    topo.node.spawn_python(LISTENER)
+    writer = writer_for(topo)
+    state: dict[SteerKey, Steer] = {
+        (4, "10.96.0.1", 80): "drop",
+        (4, "10.96.0.2", 80): "reject",
+        (4, "", 30080): "drop",
+        (4, "", 30081): "reject",
+    }
+    asyncio.run(writer.sync(state))
+    for ns in (topo.client, topo.node):  # a pod, a host process
+        assert dial(ns, "10.96.0.1", 80, timeout=0.5) == "timeout"
+        assert dial(ns, "10.96.0.2", 80) == "refused"
+    assert dial(ext, "10.245.1.1", 30080, timeout=0.5) == "timeout"
+    assert dial(ext, "10.245.1.1", 30081) == "refused"
+    sets = listed_sets(topo)
+    assert (sets["svc4-drop"], sets["np4-drop"]) == ({"10.96.0.1 . 80"}, {"30080"})
+    # Endpoints on this node appear: the same frontend is served.
+    asyncio.run(writer.sync({**state, (4, "10.96.0.1", 80): "serve"}, [(4, "10.96.0.1", 80)]))
+    assert dial(topo.client, "10.96.0.1", 80) == "10.96.0.1 80"

@@ -206,9 +206,16 @@ class FakeListener:
     def __init__(self, port: int) -> None:
         self.port = port
         self.closed = False
+        self.held = False
 
     def close(self) -> None:
         self.closed = True
+
+    def hold(self) -> None:
+        self.held = True
+
+    def resume(self) -> None:
+        self.held = False
 
 
 class FakeProxy:
@@ -235,13 +242,33 @@ async def test_ports_mode_binds_one_port_per_frontend_and_lists_them():
         ("127.0.0.1", 0, "10.96.0.1", 80),
     ]
     assert writer.assignments() == [
-        {"frontend": "nodeport/4:30080", "address": "127.0.0.1", "port": 40001, "endpoints": False},
-        {"frontend": "10.96.0.1:80", "address": "127.0.0.1", "port": 40002, "endpoints": True},
+        {
+            "frontend": "nodeport/4:30080",
+            "address": "127.0.0.1",
+            "port": 40001,
+            "endpoints": False,
+            "state": "reject",
+        },
+        {
+            "frontend": "10.96.0.1:80",
+            "address": "127.0.0.1",
+            "port": 40002,
+            "endpoints": True,
+            "state": "serve",
+        },
     ]
     state[(4, "", 30080)] = "serve"
     del state[(4, "10.96.0.1", 80)]
     await writer.sync(state, [(4, "", 30080), (4, "10.96.0.1", 80)])
     assert proxy.listeners[1].closed and not proxy.listeners[0].closed
     assert writer.assignments()[0]["endpoints"] is True
+    # A Local policy without endpoints here: the listener is held (the port stays), then
+    # accepts again once endpoints are back.
+    state[(4, "", 30080)] = "drop"
+    assert not await writer.sync(state, [(4, "", 30080)])  # no listener opened or closed
+    assert proxy.listeners[0].held and writer.assignments()[0]["state"] == "drop"
+    state[(4, "", 30080)] = "local"
+    await writer.sync(state, [(4, "", 30080)])
+    assert not proxy.listeners[0].held
     await writer.remove()
     assert proxy.listeners[0].closed

@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 
 from kpx.backends import Backend
 from kpx.origdst import parse_sockaddr_in, parse_sockaddr_in6, unmap_ipv4
+from kpx.ports import PortsWriter
 from kpx.proxy import Proxy
 from tests.kpx.conftest import Runner, StaticFrontends, StaticPicker
 
@@ -285,6 +286,39 @@ def test_every_candidate_failing_resets_the_client(run: Runner[None]) -> None:
                 assert picker.failures == [dead1, dead2]
                 assert proxy.stats.backends_exhausted == 1
                 assert proxy.stats.connections_active == 0
+
+    run(scenario())
+
+
+def test_ports_mode_holds_a_dropped_frontend_and_serves_its_waiting_clients_later(
+    run: Runner[None],
+) -> None:
+    """--mode ports has no kernel drop: a "drop" frontend's listener stops accepting, so a
+    client hears nothing (no reset, as with a dropped SYN) until endpoints return."""
+
+    async def scenario() -> None:
+        async with whoami_backends("a") as backends:
+            picker = StaticPicker([])
+            proxy = Proxy(StaticFrontends({FRONTEND: picker}))
+            writer = PortsWriter(proxy, "127.0.0.1")
+            key = (4, *FRONTEND)
+            try:
+                await writer.sync({key: "drop"})
+                port = writer.assignments()[0]["port"]
+                reader, client = await dial(port)  # completes in the kernel's accept queue
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(reader.read(100), 0.3)  # no reset, no answer
+                assert proxy.stats.connections_total == 0
+                picker.backends = backends
+                await writer.sync({key: "serve"}, [key])
+                assert await asyncio.wait_for(reader.readline(), 2) == b"a\n"
+                client.close()
+                picker.backends = []
+                await writer.sync({key: "reject"}, [key])
+                await dial_expect_reset(port)  # no endpoint anywhere: reset at once
+            finally:
+                await writer.remove()
+                await proxy.stop(0)
 
     run(scenario())
 

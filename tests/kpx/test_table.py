@@ -606,7 +606,7 @@ def test_external_local_short_circuit_for_node_and_pod_clients():
     }
 
 
-def test_without_a_local_client_check_external_local_frontends_are_local_only_endpoints():
+def test_without_a_local_client_check_external_local_frontends_without_local_endpoints_drop():
     env = Env()
     env.put(
         svc(
@@ -616,7 +616,64 @@ def test_without_a_local_client_check_external_local_frontends_are_local_only_en
         )
     )
     env.put(eps([ep("10.1.0.2", node="node-b")]))
-    assert env.table.sync().steering[(4, "", 30080)] == "reject"
+    assert env.table.sync().steering[(4, "", 30080)] == "drop"
+
+
+def test_internal_local_without_local_endpoints_drops_and_only_no_endpoints_at_all_rejects():
+    """kube-proxy nftables: no-endpoint-services gets `drop` when endpoints exist on other
+    nodes (the client may be retried elsewhere), `reject` only when there are none at all."""
+    env = Env()
+    env.put(svc(internalTrafficPolicy="Local"))
+    env.put(eps([ep("10.1.0.2", node="node-b")]))
+    assert env.table.sync().steering == {(4, "10.96.0.10", 80): "drop"}
+    env.put(eps([ep("10.1.0.2", node="node-b", ready=False, serving=True, terminating=True)]))
+    assert env.table.sync().steering == {}  # serving and terminating elsewhere: still drop
+    env.put(eps([ep("10.1.0.2", node="node-b", ready=False)]))
+    assert env.table.sync().steering == {(4, "10.96.0.10", 80): "reject"}
+    env.put(eps([ep("10.1.0.2", node="node-b"), ep("10.1.0.3", node="node-a")]))
+    assert env.table.sync().steering == {(4, "10.96.0.10", 80): "serve"}
+
+
+def test_external_local_frontends_drop_outsiders_when_only_other_nodes_have_endpoints():
+    env = Env()
+    env.table._local_client = lambda ip: ip.startswith("10.244.")
+    env.put(
+        svc(
+            type="LoadBalancer",
+            externalTrafficPolicy="Local",
+            internalTrafficPolicy="Local",
+            externalIPs=["192.0.2.7"],
+            ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+            status={"loadBalancer": {"ingress": [{"ip": "203.0.113.5"}]}},
+        )
+    )
+    env.put(eps([ep("10.1.0.2", node="node-b")]))
+    # Both policies Local: the ClusterIP is dropped; node and pod clients of the external
+    # frontends still short-circuit to the cluster-wide endpoints (UsesClusterEndpoints).
+    assert env.table.sync().steering == {
+        (4, "10.96.0.10", 80): "drop",
+        (4, "", 30080): "local",
+        (4, "192.0.2.7", 80): "local",
+        (4, "203.0.113.5", 80): "local",
+    }
+    lb = env.table.lookup("203.0.113.5", 80)
+    assert lb is not None
+    assert [b.ip for b in lb.candidates("10.244.0.7")] == ["10.1.0.2"]
+    assert lb.candidates("198.51.100.1") == []
+    cluster_ip = env.table.lookup("10.96.0.10", 80)
+    assert cluster_ip is not None and cluster_ip.candidates("10.244.0.7") == []
+    env.table._local_client = None  # no way to tell node and pod clients: drop them too
+    env.put(
+        svc(
+            type="LoadBalancer",
+            externalTrafficPolicy="Local",
+            clusterIP="10.96.0.11",
+            name="other",
+            ports=[{"name": "http", "port": 80, "nodePort": 30081}],
+        )
+    )
+    env.put(eps([ep("10.1.0.4", node="node-b")], name="other-1", service="other"))
+    assert env.table.sync().steering == {(4, "10.96.0.11", 80): "serve", (4, "", 30081): "drop"}
 
 
 def test_local_policies_without_local_endpoints_are_counted():
