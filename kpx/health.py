@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -37,6 +38,10 @@ TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 
 HEALTHZ = Counter("kubeproxy_proxy_healthz_total", "Cumulative proxy healthz HTTP status", ["code"])
 LIVEZ = Counter("kubeproxy_proxy_livez_total", "Cumulative proxy livez HTTP status", ["code"])
+HEALTH_CHECK_BIND_FAILURES = Counter(
+    "kpx_health_check_bind_failures_total",
+    "healthCheckNodePort listeners that failed to bind (each retry that fails counts)",
+)
 
 
 def _rfc3339(epoch: float) -> str:
@@ -173,23 +178,44 @@ def service_health_body(service_key: str, local_endpoints: int, proxy_healthy: b
 
 
 class ServiceHealthServers:
-    """One listener per healthCheckNodePort, reconciled with `sync()` after each table sync."""
+    """One listener per healthCheckNodePort and node address, reconciled with `sync()` after
+    each table sync and with `set_hosts()` when the node's addresses change.
 
-    def __init__(self, proxy_healthy: Callable[[], bool], hosts: list[str] | None = None) -> None:
-        # hosts None = every address (kube-proxy: the nodePortAddresses, default all); an
-        # empty list (no local address in --nodeport-addresses) serves nothing.
-        self._hosts: list[str | None] = [None] if hosts is None else list(hosts)
+    A listener that cannot be bound (the port is taken, the address is not up yet) is retried
+    with a doubling delay from `retry_base` to `retry_max` seconds until it binds or is no
+    longer wanted; kube-proxy retries on its next sync, but kpx syncs only on changes. Each
+    failure is one `health_check_port_failed` log line and one count of
+    `kpx_health_check_bind_failures_total`.
+    """
+
+    def __init__(
+        self,
+        proxy_healthy: Callable[[], bool],
+        hosts: list[str] | None = None,
+        retry_base: float = 1.0,
+        retry_max: float = 30.0,
+    ) -> None:
+        self._hosts = _listen_hosts(hosts)
         self._proxy_healthy = proxy_healthy
+        self.retry_base = retry_base
+        self.retry_max = retry_max
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._serve)
         self._runner = web.AppRunner(app, access_log=None)
         self._started = False
-        self._sites: dict[int, list[web.TCPSite]] = {}
+        # port -> host -> the bound site; a host missing here is not bound (yet).
+        self._sites: dict[int, dict[str | None, web.TCPSite]] = {}
+        # (port, host) -> the task retrying a failed bind.
+        self._retries: dict[tuple[int, str | None], asyncio.Task[None]] = {}
         self._services: dict[int, tuple[str, int]] = {}  # port -> (service key, local count)
 
     @property
     def ports(self) -> dict[int, tuple[str, int]]:
         return dict(self._services)
+
+    def bound(self) -> dict[int, list[str | None]]:
+        """port -> the hosts it is listening on (None: every address)."""
+        return {port: list(sites) for port, sites in self._sites.items() if sites}
 
     async def sync(self, checks: dict[str, tuple[int, int]]) -> None:
         """`checks`: service key -> (healthCheckNodePort, local ready endpoints)."""
@@ -197,33 +223,86 @@ class ServiceHealthServers:
             await self._runner.setup()
             self._started = True
         wanted = {port: (key, count) for key, (port, count) in sorted(checks.items())}
-        for port in [p for p in self._sites if p not in wanted]:
-            for site in self._sites.pop(port):
-                await site.stop()
-            self._services.pop(port, None)
+        for port in [p for p in self._services if p not in wanted]:
+            self._services.pop(port)
+            hosts = set(self._sites.get(port, {})) | {h for p, h in self._retries if p == port}
+            for host in hosts:
+                await self._close(port, host)
+            self._sites.pop(port, None)
         for port, entry in wanted.items():
+            new = port not in self._services
             self._services[port] = entry
-            if port in self._sites:
-                continue
-            sites = []
-            for host in self._hosts:
-                site = web.TCPSite(self._runner, host, port, reuse_address=True)
-                try:
-                    await site.start()
-                except OSError as err:
-                    log.error(
-                        "health_check_port_failed", service=entry[0], port=port, problem=str(err)
-                    )
-                    continue
-                sites.append(site)
-            self._sites[port] = sites
-            log.info("health_check_port_opened", service=entry[0], port=port)
+            if new:
+                for host in self._hosts:
+                    await self._open(port, host)
+
+    async def set_hosts(self, hosts: list[str] | None) -> None:
+        """The addresses to listen on changed (the node's addresses inside
+        --nodeport-addresses): close the listeners of the ones gone, open the new ones."""
+        new_hosts = _listen_hosts(hosts)
+        if new_hosts == self._hosts:
+            return
+        gone = [h for h in self._hosts if h not in new_hosts]
+        added = [h for h in new_hosts if h not in self._hosts]
+        self._hosts = new_hosts
+        log.info("health_check_addresses_changed", hosts=new_hosts)
+        for port in list(self._services):
+            for host in gone:
+                await self._close(port, host)
+            for host in added:
+                await self._open(port, host)
 
     async def stop(self) -> None:
+        for task in self._retries.values():
+            task.cancel()
+        await asyncio.gather(*self._retries.values(), return_exceptions=True)
+        self._retries.clear()
         if self._started:
             await self._runner.cleanup()
         self._sites.clear()
         self._services.clear()
+
+    async def _open(self, port: int, host: str | None) -> None:
+        if not await self._bind(port, host, self.retry_base):
+            self._retries[(port, host)] = asyncio.create_task(self._retry(port, host))
+
+    async def _close(self, port: int, host: str | None) -> None:
+        task = self._retries.pop((port, host), None)
+        if task is not None:
+            task.cancel()
+        site = self._sites.get(port, {}).pop(host, None)
+        if site is not None:
+            await site.stop()
+
+    async def _retry(self, port: int, host: str | None) -> None:
+        delay = self.retry_base
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.retry_max)
+            if await self._bind(port, host, delay):
+                self._retries.pop((port, host), None)
+                return
+
+    async def _bind(self, port: int, host: str | None, retry_in: float) -> bool:
+        """Listen on host:port; False (logged and counted) when the bind fails."""
+        service = self._services[port][0]
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as err:
+            HEALTH_CHECK_BIND_FAILURES.inc()
+            log.error(
+                "health_check_port_failed",
+                service=service,
+                port=port,
+                host=host,
+                problem=str(err),
+                retry_in=retry_in,
+            )
+            return False
+        self._sites.setdefault(port, {})[host] = site
+        log.info("health_check_port_opened", service=service, port=port, host=host)
+        return True
 
     async def _serve(self, request: web.Request) -> web.Response:
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
@@ -242,6 +321,14 @@ class ServiceHealthServers:
                 "X-Load-Balancing-Endpoint-Weight": str(count),
             },
         )
+
+
+def _listen_hosts(hosts: list[str] | None) -> list[str | None]:
+    # None = every address (kube-proxy: the nodePortAddresses, default all); an empty list
+    # (no local address in --nodeport-addresses) serves nothing.
+    if hosts is None:
+        return [None]
+    return [*sorted(hosts)]
 
 
 def _bound_port(site: web.TCPSite) -> int:

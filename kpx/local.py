@@ -57,11 +57,14 @@ class LocalClients:
         self.addresses: set[str] = set(addresses or ())
         self._cache: dict[str, bool] = {}
 
-    def refresh(self) -> None:
+    def refresh(self) -> bool:
+        """Re-read this host's addresses; whether they changed."""
         found = local_addresses()
-        if found is not None and found != self.addresses:
-            self.addresses = found
-            self._cache.clear()
+        if found is None or found == self.addresses:
+            return False
+        self.addresses = found
+        self._cache.clear()
+        return True
 
     def __call__(self, ip: str) -> bool:
         known = self._cache.get(ip)

@@ -100,6 +100,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         connect_ladder=settings.connect_timeouts,
         max_connections=settings.max_connections,
         drain_timeout=settings.drain_timeout,
+        idle_timeout=settings.idle_timeout,
     )
     collector = register_proxy_stats(proxy.stats)
     health = ProxierHealth(settings.health_timeout)
@@ -191,9 +192,14 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
             for listener in bound:
                 await proxy.accept_on(listener)
             tasks.append(asyncio.create_task(syncer.run(), name="kpx-sync"))
-            tasks.append(
-                asyncio.create_task(_housekeeping(balancer, local_clients, settings.sync_period))
+            housekeeping = _housekeeping(
+                balancer,
+                local_clients,
+                service_health,
+                settings.nodeport_addresses,
+                settings.sync_period,
             )
+            tasks.append(asyncio.create_task(housekeeping))
             if ports_writer is not None:
                 tasks.append(asyncio.create_task(_print_assignments(syncer, ports_writer)))
         await stopped
@@ -226,11 +232,22 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
     return status
 
 
-async def _housekeeping(balancer: Balancer, local_clients: LocalClients, period: float) -> None:
+async def _housekeeping(
+    balancer: Balancer,
+    local_clients: LocalClients,
+    service_health: ServiceHealthServers,
+    nodeport_addresses: Sequence[str],
+    period: float,
+) -> None:
     while True:
         await asyncio.sleep(period)
         balancer.sweep()
-        local_clients.refresh()  # addresses come and go (DHCP, LB IPs bound on the node)
+        # Addresses come and go (DHCP, LB IPs bound on the node): the local-client check
+        # follows them, and so do the healthCheckNodePort listeners when they are limited to
+        # the addresses inside --nodeport-addresses (otherwise they listen on every address).
+        if local_clients.refresh() and nodeport_addresses:
+            hosts = addresses_in(nodeport_addresses, local_clients.addresses)
+            await service_health.set_hosts(hosts)
 
 
 async def _print_assignments(syncer: RuleSyncer, writer: PortsWriter) -> None:

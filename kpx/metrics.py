@@ -73,7 +73,8 @@ NO_LOCAL_ENDPOINTS = Gauge(
 )
 FRONTENDS = Gauge(
     "kpx_frontends",
-    "TCP frontends steered by kpx, by state (serve, local: node/pod clients only, reject)",
+    "TCP frontends steered by kpx, by state (serve; local: node/pod clients only; "
+    "drop: Local policy without endpoints here; reject: no endpoints)",
     ["state"],
 )
 
@@ -119,6 +120,11 @@ class ProxyStatsCollector(Collector):
         "drain_resets": (
             "kpx_drain_resets_total",
             "Connections reset when a drain timeout expired",
+            "counter",
+        ),
+        "idle_closes": (
+            "kpx_idle_closes_total",
+            "Connections closed by kpx after --idle-timeout without a byte moving",
             "counter",
         ),
         "accept_errors": ("kpx_accept_errors_total", "accept() failures", "counter"),

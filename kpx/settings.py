@@ -10,6 +10,7 @@ and every other field ignored with the file still accepted.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import socket
 from collections.abc import Sequence
@@ -48,6 +49,44 @@ def parse_duration(value: Any) -> Any:
     if not parts or "".join(n + u for n, u in parts) != value:
         return value  # let validation report it
     return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+def _number(value: int | float | str) -> float | None:
+    """Seconds from a number, a signed decimal text or a Go duration; None if none of them."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            value = parse_duration(value)
+            return None if isinstance(value, str) else float(value)
+    return float(value)
+
+
+def parse_durations(value: Any) -> list[float]:
+    """`--connect-timeouts` in any of its forms -> seconds: a number, a duration text, a
+    comma-separated text, or a list of those (flags repeat, the environment and YAML may list
+    or comma-separate); blanks around entries and empty entries are ignored. Raises
+    ValueError naming the entry that is not a positive duration."""
+    items = value if isinstance(value, list | tuple) else [value]
+    out: list[float] = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int | float | str):
+            raise ValueError(f"{item!r} is not a duration")
+        pieces = [p.strip() for p in item.split(",")] if isinstance(item, str) else [item]
+        for piece in pieces:
+            if piece == "":
+                continue
+            seconds = _number(piece)
+            if seconds is None:
+                raise ValueError(
+                    f"{piece!r} is not a duration (seconds, or Go units such as 250ms, 1s)"
+                )
+            if not 0 < seconds < math.inf:  # also rejects NaN
+                raise ValueError(f"{piece!r}: every connect timeout must be > 0 and finite")
+            out.append(seconds)
+    if not out:
+        raise ValueError("needs at least one timeout")
+    return out
 
 
 def _from_kube_proxy_configuration(data: dict[str, Any], fields: set[str]) -> dict[str, Any]:
@@ -117,13 +156,19 @@ class KpxSettings(AccessSettings):
         default_factory=lambda: [0.25, 0.5, 1.0, 2.0],
         min_length=1,
         description="connect timeout per attempt; one attempt per entry, each to the next "
-        "backend (kube-proxy userspace's ladder)",
+        "backend (kube-proxy userspace's ladder); comma separated and/or repeated",
     )
     drain_timeout: float | None = Field(
         None,
         ge=0,
         description="seconds a removed endpoint's open connections may continue, and the "
         "drain allowed on SIGTERM; unset: until they end (30 s on SIGTERM)",
+    )
+    idle_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="seconds without a byte either way after which kpx closes a proxied "
+        "connection; unset: never (kube-proxy's behaviour for TCP)",
     )
     max_connections: int | None = Field(
         None, ge=1, description="open proxied connections at most; unset: from RLIMIT_NOFILE"
@@ -142,26 +187,17 @@ class KpxSettings(AccessSettings):
             return data
         return _from_kube_proxy_configuration(data, set(cls.model_fields))
 
-    @field_validator("min_sync_period", "sync_period", "drain_timeout", mode="before")
+    @field_validator(
+        "min_sync_period", "sync_period", "drain_timeout", "idle_timeout", mode="before"
+    )
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value)
 
     @field_validator("connect_timeouts", mode="before")
     @classmethod
-    def _durations(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if isinstance(value, list):
-            return [parse_duration(v) for v in value]
-        return value
-
-    @field_validator("connect_timeouts")
-    @classmethod
-    def _positive(cls, value: list[float]) -> list[float]:
-        if any(v <= 0 for v in value):
-            raise ValueError("every connect timeout must be > 0")
-        return value
+    def _durations(cls, value: Any) -> list[float]:
+        return parse_durations(value)
 
     @field_validator("nodeport_addresses", "cluster_cidrs")
     @classmethod

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from typing import Any
 
 import aiohttp
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from kpx.health import (
     NodeEligibility,
@@ -127,6 +130,89 @@ async def test_no_matching_nodeport_address_serves_nothing():
         await servers.sync({"ns/a": (port, 1)})
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        await servers.stop()
+
+
+def bind_failures() -> float:
+    return REGISTRY.get_sample_value("kpx_health_check_bind_failures_total") or 0.0
+
+
+async def get_status(url: str) -> int | str:
+    try:
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            return resp.status
+    except aiohttp.ClientConnectionError:
+        return "refused"
+
+
+async def test_a_health_check_port_that_cannot_be_bound_is_retried_with_backoff():
+    blocker = socket.socket()  # someone else holds the port (no SO_REUSEPORT: EADDRINUSE)
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    port = blocker.getsockname()[1]
+    servers = ServiceHealthServers(
+        lambda: True, hosts=["127.0.0.1"], retry_base=0.05, retry_max=0.2
+    )
+    failures_before = bind_failures()
+    try:
+        with capture_logs() as logs:
+            await servers.sync({"ns/a": (port, 1)})
+            await asyncio.sleep(0.5)  # tries at 0, 0.05, 0.15, 0.35: four failures
+            assert servers.bound() == {}
+            blocker.close()
+            async with asyncio.timeout(2):
+                while not servers.bound():  # noqa: ASYNC110 (no event for a bind)
+                    await asyncio.sleep(0.01)
+        failed = [e for e in logs if e["event"] == "health_check_port_failed"]
+        assert 3 <= len(failed) <= 5
+        assert [e["retry_in"] for e in failed[:4]] == [0.05, 0.1, 0.2, 0.2][: len(failed[:4])]
+        assert {(e["service"], e["port"], e["host"]) for e in failed} == {
+            ("ns/a", port, "127.0.0.1")
+        }
+        assert bind_failures() == failures_before + len(failed)  # one count per log line
+        assert servers.bound() == {port: ["127.0.0.1"]}
+        assert await get_status(f"http://127.0.0.1:{port}/") == 200
+    finally:
+        blocker.close()
+        await servers.stop()
+
+
+async def test_a_retry_stops_when_the_port_is_no_longer_wanted():
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    port = blocker.getsockname()[1]
+    servers = ServiceHealthServers(lambda: True, hosts=["127.0.0.1"], retry_base=0.05)
+    try:
+        await servers.sync({"ns/a": (port, 1)})
+        await servers.sync({})  # the Service went away before the port came free
+        blocker.close()
+        before = bind_failures()
+        await asyncio.sleep(0.2)
+        assert servers.bound() == {} and bind_failures() == before
+        assert await get_status(f"http://127.0.0.1:{port}/") == "refused"
+    finally:
+        blocker.close()
+        await servers.stop()
+
+
+async def test_health_check_listeners_move_when_the_node_addresses_change():
+    servers = ServiceHealthServers(lambda: True, hosts=["127.0.0.1"])
+    port = free_port()
+    try:
+        await servers.sync({"ns/a": (port, 1)})
+        assert await get_status(f"http://127.0.0.1:{port}/") == 200
+        await servers.set_hosts(["127.0.0.2", "127.0.0.1"])  # an address was added
+        assert servers.bound() == {port: ["127.0.0.1", "127.0.0.2"]}
+        await servers.set_hosts(["127.0.0.2"])  # and the first one removed
+        assert servers.bound() == {port: ["127.0.0.2"]}
+        assert await get_status(f"http://127.0.0.1:{port}/") == "refused"
+        assert await get_status(f"http://127.0.0.2:{port}/") == 200
+        other = free_port()
+        await servers.sync({"ns/a": (port, 1), "ns/b": (other, 0)})  # new ports: current hosts
+        assert servers.bound() == {port: ["127.0.0.2"], other: ["127.0.0.2"]}
+        assert await get_status(f"http://127.0.0.2:{other}/") == 503
     finally:
         await servers.stop()
 

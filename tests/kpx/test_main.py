@@ -9,9 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 
-from kpx.main import serve
+import kpx.local
+from kpx.balancer import Balancer
+from kpx.health import ServiceHealthServers
+from kpx.local import LocalClients
+from kpx.main import _housekeeping, serve
 from kpx.settings import load
 
 
@@ -112,3 +117,88 @@ async def test_on_sigterm_health_fails_at_once_while_open_connections_drain(tmp_
         backend.close()
         if not kpx.done():
             kpx.cancel()
+
+
+async def frontend_port(http: aiohttp.ClientSession, metrics: int, frontend: str) -> int:
+    """The local port --mode ports bound for `frontend`, once the first sync listed it."""
+    rows: list[dict[str, Any]] = []
+    async with asyncio.timeout(10):
+        while not any(r["frontend"] == frontend for r in rows):
+            await asyncio.sleep(0.05)
+            try:
+                async with http.get(f"http://127.0.0.1:{metrics}/debug/services") as resp:
+                    rows = json.loads(await resp.text())
+            except aiohttp.ClientConnectionError:
+                continue
+    return int(next(r["port"] for r in rows if r["frontend"] == frontend))
+
+
+async def scrape(http: aiohttp.ClientSession, metrics: int, name: str) -> float:
+    async with http.get(f"http://127.0.0.1:{metrics}/metrics") as resp:
+        for line in (await resp.text()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+async def test_idle_timeout_option_closes_silent_connections_and_exports_the_count(
+    tmp_path: Path,
+):
+    backend = await asyncio.start_server(whoami, "127.0.0.1", 0)
+    backend_port = backend.sockets[0].getsockname()[1]
+    metrics = free_port()
+    path = tmp_path / "cluster.yaml"
+    path.write_text(manifest(backend_port, free_port()))
+    config = tmp_path / "kpx.yaml"
+    config.write_text("idle-timeout: 10s\n")  # the flag below wins over the file
+    settings = load(
+        ["--mode", "ports", "--manifests", str(path), "--node-name", "node-a",
+         "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address",
+         f"127.0.0.1:{metrics}", "--min-sync-period", "0.01", "--config", str(config),
+         "--idle-timeout", "300ms"],
+    )  # fmt: skip
+    assert settings.idle_timeout == pytest.approx(0.3)
+    stop = asyncio.Event()
+    kpx = asyncio.create_task(serve(settings, stop))
+    try:
+        async with aiohttp.ClientSession() as http:
+            port = await frontend_port(http, metrics, "10.96.0.10:80")
+            before = await scrape(http, metrics, "kpx_idle_closes_total")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert await reader.readline() == b"backend\n"
+            async with asyncio.timeout(2):
+                assert await reader.read() == b""  # closed by kpx (a FIN) after ~0.3-0.45 s
+            writer.close()
+            assert await scrape(http, metrics, "kpx_idle_closes_total") == before + 1
+    finally:
+        stop.set()
+        backend.close()
+        async with asyncio.timeout(10):
+            assert await kpx == 0
+
+
+async def test_health_check_listeners_follow_the_node_addresses_inside_nodeport_addresses(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    found = {"127.0.0.1", "10.9.9.9"}
+    monkeypatch.setattr(kpx.local, "local_addresses", lambda: set(found))
+    servers = ServiceHealthServers(lambda: True, hosts=["127.0.0.1"])
+    port = free_port()
+    await servers.sync({"ns/a": (port, 1)})
+    clients = LocalClients([], set(found))
+    housekeeping = asyncio.create_task(
+        _housekeeping(Balancer(), clients, servers, ["127.0.0.0/8"], 0.01)
+    )
+    try:
+        found.add("127.0.0.2")  # an address inside --nodeport-addresses came up
+        async with asyncio.timeout(2):
+            while servers.bound() != {port: ["127.0.0.1", "127.0.0.2"]}:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        found.discard("127.0.0.1")
+        async with asyncio.timeout(2):
+            while servers.bound() != {port: ["127.0.0.2"]}:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert clients("127.0.0.2") and not clients("127.0.0.1")
+    finally:
+        housekeeping.cancel()
+        await servers.stop()

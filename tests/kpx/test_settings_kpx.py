@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kpx.settings import KpxSettings, parse_duration
+from kpx.settings import KpxSettings, parse_duration, parse_durations
 from kwatch.settings import SettingsError, load_settings
 
 
@@ -21,6 +21,7 @@ def test_defaults_are_kube_proxys():
     assert s.metrics_bind_address == "127.0.0.1:10249"
     assert s.nodeport_addresses == []
     assert s.connect_timeouts == [0.25, 0.5, 1.0, 2.0]
+    assert s.idle_timeout is None  # kube-proxy never closes an idle TCP connection
     assert s.health_timeout == 60.0
     assert s.node_name  # the hostname
 
@@ -101,3 +102,53 @@ def test_go_durations():
     assert parse_duration("2.5") == 2.5
     assert parse_duration("soon") == "soon"
     assert parse_duration(3) == 3
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["0.1,300ms,1s", "0.1, 300ms ,1s", "0.1,,300ms,1s,"],
+)
+def test_connect_timeouts_take_the_same_comma_separated_forms_from_flag_env_and_config(
+    form: str, tmp_path: Path
+):
+    expected = pytest.approx([0.1, 0.3, 1.0])
+    assert load(["--connect-timeouts", form]).connect_timeouts == expected
+    assert load([], {"KPX_CONNECT_TIMEOUTS": form}).connect_timeouts == expected
+    config = tmp_path / "kpx.yaml"
+    config.write_text(f"connect_timeouts: '{form}'\n")
+    assert load(["--config", str(config)]).connect_timeouts == expected
+    # Lists and repeats of such texts too: YAML lists, repeated flags.
+    config.write_text("connect-timeouts: [0.1, 300ms, '1s']\n")
+    assert load(["--config", str(config)]).connect_timeouts == expected
+    repeated = ["--connect-timeouts", "0.1,300ms", "--connect-timeouts", "1s"]
+    assert load(repeated).connect_timeouts == expected
+    config.write_text("connect_timeouts: 2\n")  # one number: one attempt
+    assert load(["--config", str(config)]).connect_timeouts == [2.0]
+
+
+def test_bad_connect_timeouts_are_a_clear_error_naming_the_entry_and_its_source(tmp_path: Path):
+    with pytest.raises(SettingsError, match=r"--connect-timeouts \(flag\).*'soon' is not a"):
+        load(["--connect-timeouts", "0.1,soon"])
+    with pytest.raises(SettingsError, match=r"\(environment KPX_CONNECT_TIMEOUTS\).*'-1'.*> 0"):
+        load([], {"KPX_CONNECT_TIMEOUTS": "0.5,-1"})
+    config = tmp_path / "kpx.yaml"
+    config.write_text("connect_timeouts: '0.5,0s'\n")
+    with pytest.raises(SettingsError, match=r"--connect-timeouts \(config .*'0s'.*> 0"):
+        load(["--config", str(config)])
+    config.write_text("connect_timeouts: [true]\n")
+    with pytest.raises(SettingsError, match="True is not a duration"):
+        load(["--config", str(config)])
+    with pytest.raises(SettingsError, match="at least one timeout"):
+        load(["--connect-timeouts", ","])
+    with pytest.raises(ValueError, match="'1x' is not a duration"):
+        parse_durations("1x")
+
+
+def test_idle_timeout_from_flag_environment_and_config(tmp_path: Path):
+    assert load(["--idle-timeout", "5m"]).idle_timeout == 300.0
+    assert load([], {"KPX_IDLE_TIMEOUT": "90"}).idle_timeout == 90.0
+    config = tmp_path / "kpx.yaml"
+    config.write_text("idle_timeout: 1h\n")
+    assert load(["--config", str(config)]).idle_timeout == 3600.0
+    with pytest.raises(SettingsError, match="--idle-timeout"):
+        load(["--idle-timeout", "0"])
