@@ -340,10 +340,10 @@ def test_report_sections_machine_and_summary_line(tmp_path: Path) -> None:
     ):
         assert heading in md
     rows = targets(md)
-    assert len(rows) == 17
+    assert len(rows) == 18
     not_met = [what for what, cells in rows.items() if cells[-1] == report.NOT_MET]
     assert len(not_met) == 5, not_met  # dnsd CPU, dnsd RSS x 2, kpx conn/s, new Service p99
-    assert "12 of 17 targets met, 5 not met, 0 not judged." in md
+    assert "13 of 18 targets met, 5 not met, 0 not judged." in md
     assert "| CPU | AMD EPYC Test |" in md
     assert "| knot | knotd (Knot DNS), version 3.2.6 |" in md
     assert "with uncommitted changes" in md
