@@ -153,7 +153,10 @@ def show_proxy() -> None:
         rows = json.load(resp)
     print("\n== kpx (ports mode): Service frontends and the local ports serving them")
     for row in rows:
-        state = "endpoints" if row["endpoints"] else "no endpoints (connections reset)"
+        state = {
+            "serve": "endpoints",
+            "drop": "no endpoint on this node (Local policy: clients wait, unanswered)",
+        }.get(row.get("state") or "", "no endpoints (connections reset)")
         print(f"  {row['frontend']:24} -> {row['address']}:{row['port']}  {state}")
     by_frontend = {row["frontend"]: row for row in rows}
     for frontend, label in (("10.96.10.10:80", "shop/web ClusterIP"),
