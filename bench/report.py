@@ -51,7 +51,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -393,6 +393,20 @@ def per_run_ratio(doc: Doc, ours: str, peer: str, key: str) -> float:
     return statistics.median(ratios) if ratios else math.nan
 
 
+def per_run_rows(
+    runs: Doc, labels: Sequence[str], n_runs: int, cell: Callable[[Doc], str]
+) -> list[list[str]]:
+    """One row per run: its number, then `cell` of each label's figures in that run."""
+    rows = []
+    for i in range(n_runs):
+        row = [str(i + 1)]
+        for label in labels:
+            figures = runs.get(label) or []
+            row.append(cell(figures[i] if i < len(figures) else {}))
+        rows.append(row)
+    return rows
+
+
 def _scale_note(services: float, want: int) -> str | None:
     if services == want:
         return None
@@ -700,17 +714,15 @@ def dns_section(r: Report, dns: Doc | None, run: Doc, charts_made: dict[str, boo
             + [f_ratio(per_run_ratio(dns, label, "knot", "p99_ms"))]
         )
     r.add(table(["ratio (median of per-run)", "qps", "CPU per query", "p99 latency"], ratio_rows))
-    runs = dns.get("runs") or {}
-    per_run = []
-    for i in range(n_runs):
-        cells = [str(i + 1)]
-        for s in servers:
-            one = (runs.get(s) or [{}] * (i + 1))[i]
-            cells.append(
-                f"{_fmt('{:,.0f}', one.get('qps'))} qps, "
-                f"{_fmt('{:.2f}', one.get('cpu_us_per_query'))} µs"
-            )
-        per_run.append(cells)
+    per_run = per_run_rows(
+        dns.get("runs") or {},
+        servers,
+        n_runs,
+        lambda one: (
+            f"{_fmt('{:,.0f}', one.get('qps'))} qps, "
+            f"{_fmt('{:.2f}', one.get('cpu_us_per_query'))} µs"
+        ),
+    )
     r.add("Per run (qps, server CPU per query):\n")
     r.add(table(["run", *servers], per_run))
     rss = dns.get("rss") or {}
@@ -792,17 +804,15 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
             if key not in ("conn_errors", "proxy_rss_mb")
         ]
         r.add(table(["ratio (median of per-run)", *(f"kpx / {p}" for p in peers)], rows))
-    runs = proxy.get("runs") or {}
-    per_run = []
-    for i in range(n_runs):
-        cells = [str(i + 1)]
-        for m in modes:
-            one = (runs.get(m) or [{}] * (i + 1))[i]
-            cells.append(
-                f"{_fmt('{:.2f}', one.get('gbps_8'))} Gbit/s, "
-                f"{_fmt('{:,.0f}', one.get('conn_per_s'))} conn/s"
-            )
-        per_run.append(cells)
+    per_run = per_run_rows(
+        proxy.get("runs") or {},
+        modes,
+        n_runs,
+        lambda one: (
+            f"{_fmt('{:.2f}', one.get('gbps_8'))} Gbit/s, "
+            f"{_fmt('{:,.0f}', one.get('conn_per_s'))} conn/s"
+        ),
+    )
     r.add("Per run (8-stream throughput, new connections/s):\n")
     r.add(table(["run", *modes], per_run))
     idle = proxy.get("idle") or {}
