@@ -112,7 +112,7 @@ class ManifestSource:
         try:
             if key is None:
                 raise ValueError("metadata.name missing")
-            out[resource][key] = resource.parse(doc)
+            out[resource][key] = resource.parse(_detached(doc))
         except (ValidationError, ValueError) as err:
             problem = describe_error(err) if isinstance(err, ValidationError) else str(err)
             metrics.SKIPPED.labels(resource.name, "invalid").inc()
@@ -162,6 +162,21 @@ def _flatten(documents: list[Any]) -> Iterator[dict[str, Any]]:
             yield from _flatten(doc["items"])
         else:
             yield doc
+
+
+def _detached(doc: dict[str, Any]) -> Any:
+    """`doc` rebuilt from its JSON, sharing no object with the parsed file.
+
+    The models keep strings of the objects they are parsed from. Parsed straight from a
+    file's document tree, those strings pin the tree's memory arenas once it is freed (about
+    40 MB more RSS at 10,000 Services / 100,000 endpoints); parsed from a fresh copy, they sit
+    in new arenas and the whole tree goes back to the system, as the API path's pages do.
+    A document JSON cannot hold (a YAML mapping with integer keys) is parsed as it is, for
+    validation to report."""
+    try:
+        return orjson.loads(orjson.dumps(doc))
+    except orjson.JSONEncodeError:
+        return doc
 
 
 def _first_line(err: Exception) -> str:

@@ -138,3 +138,19 @@ def test_broken_json_file_is_reported_and_keeps_state(tmp_path):
     (tmp_path / "b.json").write_text('{"kind": "Namespace", "metadata": ')
     assert not source.load()
     assert s[SERVICES].keys() == ["shop/a"] and s[NAMESPACES].keys() == []
+
+
+def test_yaml_that_json_cannot_hold_is_skipped_as_invalid_and_dates_read_as_text(tmp_path):
+    """Objects are parsed from a JSON copy of the document (memory, see _detached): a
+    mapping with integer keys cannot be copied and is reported invalid like any bad object,
+    and an unquoted date in a label is read as the text it was written as."""
+    path = tmp_path / "cluster.yaml"
+    path.write_text(
+        SERVICE_A.replace("namespace: shop}", "namespace: shop, labels: {1: one}}")
+        + "---\n"
+        + SERVICE_B_NO_NAMESPACE.replace("{name: b}", "{name: b, labels: {since: 2024-01-31}}")
+    )
+    s = stores()
+    assert ManifestSource(path, s).load()
+    assert s[SERVICES].get("shop/a") is None
+    assert s[SERVICES].get("default/b").metadata.labels == {"since": "2024-01-31"}
