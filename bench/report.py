@@ -998,6 +998,25 @@ def machine_section(r: Report, machine: Doc) -> None:
     r.add(table(["machine", ""], rows))
 
 
+def _stamp(machine: Doc) -> Doc:
+    """When and from which commit a step ran: the date, commit and dirty flag of `machine`."""
+    git = machine.get("git") or {}
+    return {
+        "date": machine.get("date"),
+        "commit": git.get("commit"),
+        "uncommitted_changes": bool(git.get("uncommitted_changes")),
+    }
+
+
+def _measured(stamp: Doc) -> str:
+    """'2026-12-02 16:48 UTC, `0123456789ab`' (plus a note on uncommitted changes)."""
+    when = str(stamp.get("date") or "?")
+    with contextlib.suppress(ValueError):
+        when = dt.datetime.fromisoformat(when).strftime("%Y-%m-%d %H:%M UTC")
+    dirty = " + uncommitted changes" if stamp.get("uncommitted_changes") else ""
+    return f"{when}, `{str(stamp.get('commit') or '?')[:12]}`{dirty}"
+
+
 def how_section(r: Report, run: Doc) -> None:
     r.add("## How this report was made\n")
     steps = run.get("steps") or []
@@ -1007,15 +1026,16 @@ def how_section(r: Report, run: Doc) -> None:
                 str(i + 1),
                 s.get("name", "?"),
                 f"`{s.get('command')}`",
+                _measured(s["measured"]) if s.get("measured") else "—",
                 duration(num(s.get("seconds"))),
                 str(s.get("status")),
             ]
             for i, s in enumerate(steps)
         ]
-        r.add(table(["#", "step", "command", "took", "result"], rows))
+        r.add(table(["#", "step", "command", "measured", "took", "result"], rows))
         total = num(run.get("seconds"))
         if finite(total):
-            r.add(f"In all: {duration(total)}.\n")
+            r.add(f"The last sitting took {duration(total)}.\n")
     quick = " --quick" if run.get("quick") else ""
     out = run.get("out") or "DIR"
     r.add(
@@ -1061,8 +1081,16 @@ def render(out: Path) -> tuple[Path, list[Check]]:
     when = str(machine.get("date", "at an unrecorded date"))
     with contextlib.suppress(ValueError):
         when = dt.datetime.fromisoformat(when).strftime("%Y-%m-%d %H:%M UTC")
+    stamps = {
+        _measured(step["measured"]): None for step in run.get("steps") or [] if step.get("measured")
+    }
+    measured = f"Measured {when} from commit `{commit}`{dirty}"
+    if len(stamps) > 1:  # steps re-run with --only: say which ran when
+        measured = (
+            "Measured in several sittings (each step's under [How](#how-this-report-was-made))"
+        )
     r.add(
-        f"Measured {when} from commit `{commit}`{dirty} on "
+        f"{measured} on "
         f"{machine.get('cpus_usable', '?')} cores of {cpu}"
         f" with {machine.get('ram_gib', '?')} GiB of RAM (details under [Machine](#machine)). "
         "Each peer (knot, haproxy, the kernel's NAT) is measured in the same run as ours, "
@@ -1123,6 +1151,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no step matches {args.only}")
     out.mkdir(parents=True, exist_ok=True)
     previous = _load(out / "run.json") if args.only else {}
+    if args.only:  # steps kept from the earlier run keep the commit and date they ran at
+        earlier = _load(out / "machine.json")
+        for kept_step in previous.get("steps") or []:
+            kept_step.setdefault("measured", _stamp(earlier))
     if not args.only:  # a full run: nothing stale from an earlier one gets rendered
         for stale in (out / "results").glob("*.json"):
             stale.unlink()
@@ -1141,10 +1173,11 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     interrupted = False
     for i, step in enumerate(steps, 1):
+        stamp = {**_stamp(machine), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         try:
-            records.append(run_step(step, i, len(steps), out, started))
+            records.append({**run_step(step, i, len(steps), out, started), "measured": stamp})
         except Interrupted as stop:
-            records.append(stop.record)
+            records.append({**stop.record, "measured": stamp})
             interrupted = True
             break
     names = {rec["name"] for rec in records}

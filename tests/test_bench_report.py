@@ -351,7 +351,7 @@ def test_report_sections_machine_and_summary_line(tmp_path: Path) -> None:
     # memory table merges dnsd's sweep and kpx's programming runs by Service count
     assert "| 10,000 | 100,000 | 174.0 | 160.0 | 199.0 | 124.0 |" in md
     assert "| 10 | — | — | — | — | 60.1 |" in md
-    assert "| 1 | sync | `.venv/bin/python -m bench.sync` | 1m00s | ok |" in md
+    assert "| 1 | sync | `.venv/bin/python -m bench.sync` | — | 1m00s | ok |" in md
     for name in ("dns_qps", "latency_dns", "proxy_throughput", "latency_proxy", "memory", "sync"):
         assert f"](charts/{name}.png)" in md
 
@@ -475,3 +475,24 @@ def test_quick_plan_passes_each_benchmarks_quick_flag() -> None:
     ]
     assert full["proxy"][-5:] == ["--services", "10", "1000", "3000", "10000"]
     assert sum(s.estimate_s for s in report.plan(quick=False)) < 30 * 60
+
+
+def test_steps_rerun_with_only_say_which_commit_and_date_they_ran_at(tmp_path: Path) -> None:
+    write_all(tmp_path)
+    first = {"date": "2026-11-23T09:00:00+00:00", "commit": "a" * 40}
+    second = {"date": "2026-11-23T10:00:00+00:00", "commit": "b" * 40}
+    step = {"command": "x", "seconds": 60.0, "status": "ok"}
+    write_json(
+        tmp_path / "run.json",
+        {
+            "seconds": 60.0,
+            "steps": [
+                {**step, "name": "proxy", "measured": first},
+                {**step, "name": "dns", "measured": second},
+            ],
+        },
+    )
+    md = render(tmp_path)
+    assert "Measured in several sittings" in md
+    assert "| 1 | proxy | `x` | 2026-11-23 09:00 UTC, `aaaaaaaaaaaa` | 1m00s | ok |" in md
+    assert "| 2 | dns | `x` | 2026-11-23 10:00 UTC, `bbbbbbbbbbbb` | 1m00s | ok |" in md
