@@ -207,17 +207,25 @@ def load_settings(
         raw = env.get(f"{env_prefix}_{name.upper()}")
         if raw is not None:
             if _is_list(field.annotation):
-                values[name] = [item for v in raw.split(",") if (item := v.strip())]
+                values[name] = _comma_list(raw)
             else:
                 values[name] = raw
             origin[name] = f"environment {env_prefix}_{name.upper()}"
     for name, value in args.items():
+        if isinstance(value, list):  # a repeatable flag: each value may list several, too
+            value = [item for one in value for item in _comma_list(one)]
         values[name] = value
         origin[name] = "flag"
     try:
         return model.model_validate(values)
     except ValidationError as err:
         raise SettingsError(_explain(err, origin)) from None
+
+
+def _comma_list(raw: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']: a list option's text, from the environment or a flag
+    (as kube-proxy's --nodeport-addresses takes it). No list option's items hold a comma."""
+    return [item for part in raw.split(",") if (item := part.strip())]
 
 
 def _read_yaml(path: str) -> dict[str, Any]:

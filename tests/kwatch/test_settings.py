@@ -53,6 +53,15 @@ def test_environment_lists_ignore_blanks_around_commas():
     assert load([], {"DEMO_ZONE": " p.local, q.local ,,"}).zone == ["p.local", "q.local"]
 
 
+def test_a_list_flag_takes_commas_like_the_environment_and_can_repeat():
+    """`--zone a,b` is two zones, as DEMO_ZONE=a,b is (kube-proxy's list flags take commas)."""
+    assert load(["--zone", "p.local,q.local", "--zone", " r.local"]).zone == [
+        "p.local",
+        "q.local",
+        "r.local",
+    ]
+
+
 def test_each_bad_value_is_reported_by_flag_name_and_origin(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("pods: sometimes\n")
