@@ -1,4 +1,5 @@
-"""kpx's data path: accept, find the frontend, connect to a backend (retrying), relay with splice.
+"""kpx's data path: accept, find the frontend, hand the connect to `Dial` (kpx/dial.py), relay
+with splice, drain removed backends.
 
 Two ways in:
 - `serve_redirect(host, port)`: the nftables mode. One listener; nftables `redirect`s every
@@ -8,9 +9,10 @@ Two ways in:
   listener per frontend.
 
 Per connection everything runs as readiness callbacks on the event loop (no task, no coroutine):
-accept -> `FrontendMap.lookup` -> `Picker.candidates` -> non-blocking connect with a timeout
-ladder over the candidates -> `Relay` (kpx/splice.py). A client whose frontend has no backend, or
-whose every candidate failed, is reset at once (SO_LINGER 0), never left hanging.
+accept -> `FrontendMap.lookup` -> `Picker.candidates` -> `Dial` (non-blocking connect with a
+timeout ladder over the candidates, kpx/dial.py) -> `Relay` (kpx/splice.py). A client whose
+frontend has no backend, or whose every candidate failed, is reset at once (SO_LINGER 0), never
+left hanging.
 
 Drain: when the control path removes an endpoint it stops offering it; `close_backend` then
 takes it out of the connects under way and (optionally, with `drain_timeout`) resets the
@@ -29,7 +31,8 @@ from collections.abc import Sequence
 
 import structlog
 
-from kpx.backends import Backend, FrontendMap, Picker
+from kpx.backends import Backend, FrontendMap
+from kpx.dial import Dial
 from kpx.origdst import original_dst, unmap_ipv4
 from kpx.splice import DEFAULT_PIPE_SIZE, PipePool, Relay, RelayCounters, reset_socket
 
@@ -146,146 +149,6 @@ class Listener:
         self._proxy._hold_listener(self, False)
 
 
-class _Dial:
-    """The connect phase of one client connection: walk the candidates with the timeout ladder."""
-
-    __slots__ = (
-        "attempt",
-        "backend",
-        "candidates",
-        "client",
-        "client_ip",
-        "draining",
-        "picker",
-        "proxy",
-        "sock",
-        "timer",
-    )
-
-    def __init__(
-        self,
-        proxy: Proxy,
-        client: socket.socket,
-        client_ip: str,
-        picker: Picker,
-        candidates: list[Backend],
-    ) -> None:
-        self.proxy = proxy
-        self.client = client
-        self.client_ip = client_ip
-        self.picker = picker
-        self.candidates = candidates
-        self.attempt = 0
-        self.backend: Backend | None = None
-        self.sock: socket.socket | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        # The backend was closed (`close_backend`) while this connect was under way.
-        self.draining = False
-
-    def next_attempt(self) -> None:
-        proxy = self.proxy
-        ladder = proxy.connect_ladder
-        while self.attempt < len(self.candidates) and self.attempt < len(ladder):
-            backend = self.candidates[self.attempt]
-            timeout = ladder[self.attempt]
-            if self.attempt:
-                proxy.stats.backend_retries += 1
-            self.attempt += 1
-            self.backend = backend
-            family = socket.AF_INET6 if ":" in backend.ip else socket.AF_INET
-            try:
-                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            except OSError as exc:  # EMFILE: nothing else will work either
-                log.error("backend_socket_failed", error=exc.strerror)
-                proxy._end_dial(self, None)
-                return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = sock.connect_ex((backend.ip, backend.port))
-            if err == errno.EINPROGRESS:
-                self.sock = sock
-                proxy.loop.add_writer(sock.fileno(), self.on_connect_ready)
-                self.timer = proxy.loop.call_later(timeout, self.on_connect_timeout)
-                return
-            if err == 0:  # loopback may connect at once
-                proxy._end_dial(self, sock)
-                return
-            sock.close()
-            self.failed(errno.errorcode.get(err, str(err)))
-        self.all_failed()
-
-    def on_connect_ready(self) -> None:
-        sock = self.sock
-        assert sock is not None and self.timer is not None
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err == 0:
-            try:
-                sock.getpeername()
-            except OSError:
-                # ENOTCONN: a stale readiness event for an earlier socket that had this fd
-                # number (closed in the same loop iteration); the handshake is still running.
-                return
-        self.proxy.loop.remove_writer(sock.fileno())
-        self.timer.cancel()
-        self.timer = None
-        self.sock = None
-        if err == 0:
-            self.proxy._end_dial(self, sock)
-            return
-        sock.close()
-        self.failed(errno.errorcode.get(err, str(err)))
-        self.next_attempt()
-
-    def on_connect_timeout(self) -> None:
-        sock = self.sock
-        assert sock is not None
-        self.proxy.loop.remove_writer(sock.fileno())
-        self.timer = None
-        self.sock = None
-        sock.close()
-        self.failed("timeout")
-        self.next_attempt()
-
-    def failed(self, reason: str) -> None:
-        backend = self.backend
-        assert backend is not None
-        stats = self.proxy.stats
-        stats.backend_failures += 1
-        log.info(
-            "backend_connect_failed",
-            backend_ip=backend.ip,
-            backend_port=backend.port,
-            reason=reason,
-            attempt=self.attempt,
-            client=self.client_ip,
-        )
-        try:
-            self.picker.report_failure(backend)
-        except Exception:
-            log.exception("picker_report_failure_crashed")
-
-    def all_failed(self) -> None:
-        self.proxy.stats.backends_exhausted += 1
-        log.warning("backend_connect_exhausted", client=self.client_ip, attempts=self.attempt)
-        self.proxy._end_dial(self, None)
-
-    def forget_candidate(self, key: BackendKey) -> None:
-        """Drop backend `key` from the attempts still to come (it left every Service)."""
-        done, rest = self.candidates[: self.attempt], self.candidates[self.attempt :]
-        if any((b.ip, b.port) == key for b in rest):
-            self.candidates = done + [b for b in rest if (b.ip, b.port) != key]
-
-    def cancel(self) -> None:
-        """Give up now (proxy stop deadline): close the half-made backend socket."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        sock = self.sock
-        if sock is not None:
-            self.proxy.loop.remove_writer(sock.fileno())
-            sock.close()
-            self.sock = None
-
-
 class Proxy:
     """The userspace TCP proxy. Create it, call `serve_redirect` or `serve_port`, and `stop`."""
 
@@ -321,7 +184,7 @@ class Proxy:
         self.pool = PipePool(pipe_size)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: set[Listener] = set()
-        self._dials: set[_Dial] = set()
+        self._dials: set[Dial] = set()
         self._relays: set[Relay] = set()
         self._by_backend: dict[BackendKey, set[Relay]] = {}
         # Backends closed with a drain timeout: the relays to reset when it fires.
@@ -466,7 +329,7 @@ class Proxy:
                 self._idle.clear()
                 dial.next_attempt()
 
-    def _route(self, listener: Listener, client: socket.socket, peer_ip: str) -> _Dial | None:
+    def _route(self, listener: Listener, client: socket.socket, peer_ip: str) -> Dial | None:
         """Find the frontend and its candidates; None when the client was refused (reset)."""
         stats = self.stats
         if stats.connections_active >= self.max_connections:
@@ -497,7 +360,7 @@ class Proxy:
             reset_socket(client)
             return None
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _Dial(self, client, client_ip, picker, candidates)
+        return Dial(self, client, client_ip, picker, candidates)
 
     def _refuse_over_limit(self, client: socket.socket) -> None:
         self.stats.limit_hits += 1
@@ -514,7 +377,7 @@ class Proxy:
             self._limit_logged_at = now
             self._limit_hits_unlogged = 0
 
-    def _end_dial(self, dial: _Dial, backend_sock: socket.socket | None) -> None:
+    def _end_dial(self, dial: Dial, backend_sock: socket.socket | None) -> None:
         """The connect phase is over: relay on success, reset the client otherwise."""
         self._dials.discard(dial)
         if backend_sock is None:
