@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY
 
 from kpx import settings as kpx_settings
 from kpx.balancer import Balancer
+from kpx.endpoints import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL
 from kpx.health import (
     NodeEligibility,
     ProxierHealth,
@@ -36,7 +37,7 @@ from kpx.ports import PortsWriter
 from kpx.proxy import Proxy
 from kpx.settings import KpxSettings
 from kpx.sync import RuleSyncer, SteeringWriter
-from kpx.table import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, ServiceTable
+from kpx.table import ServiceTable
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
 from kwatch.logs import configure_logging

@@ -6,14 +6,9 @@ follows kube-proxy's pkg/proxy:
   `service.kubernetes.io/service-proxy-name`-labelled Services have no frontend; a family is
   served only when the Service has a ClusterIP of that family; externalIPs and LB ingress IPs
   of other families are dropped, and so are ingress IPs with `ipMode: Proxy` (util.IsVIPMode);
-- endpointslicecache.go: slices are joined to a Service port by port *name and protocol*, per
-  slice (a named targetPort may resolve to different numbers in different slices); only the
-  first address of an endpoint is used; `ready`/`serving` absent mean true, `terminating`
-  absent means false; endpoints are deduplicated on ip:port, a local copy winning; null ports
-  and FQDN slices are ignored;
-- topology.go (CategorizeEndpoints): ready endpoints, else serving+terminating ones
-  (cluster-wide for Cluster policy, per node for Local); zone hints are used only when every
-  ready endpoint has one and one of them names this node's zone.
+- which endpoints serve each port (endpointslicecache.go, topology.go) is decided in
+  kpx/endpoints.py;
+- nftables proxier.go: each frontend's steering verdict (`frontend_steer`).
 
 `ServiceTable` keeps one result per Service, recomputes only Services whose objects changed
 (store events mark them dirty; `sync()` does the work), and serves `lookup(ip, port)` to the
@@ -33,13 +28,20 @@ import structlog
 from kpx import metrics
 from kpx.backends import Backend, Picker
 from kpx.balancer import Balancer, ListKey, LocalTrafficPicker, RoundRobinPicker
+from kpx.endpoints import (
+    SERVICE_PROXY_NAME_LABEL,
+    NodeInfo,
+    any_usable,
+    categorize_endpoints,
+    endpoints_for_port,
+    family_of,
+    local_ready_endpoint_ips,
+)
 from kwatch.models import EndpointSlice, Node, Service
 from kwatch.store import EventType, Store, StoreEvent
 
 log = structlog.get_logger("kpx.table")
 
-SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
-HEADLESS_LABEL = "service.kubernetes.io/headless"
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds; the API server's default for ClientIP affinity
@@ -58,18 +60,6 @@ SteerKey = tuple[int, str, int]
 # - "local": externalTrafficPolicy Local, no endpoint here: redirect those from this node and
 #   the cluster CIDRs (the short-circuit to the cluster-wide endpoints), drop the rest.
 Steer = Literal["serve", "local", "drop", "reject"]
-
-
-def family_of(ip: str) -> int:
-    return 6 if ":" in ip else 4
-
-
-@dataclass(frozen=True, slots=True)
-class NodeInfo:
-    """What the table needs to know about the node kpx runs on."""
-
-    name: str
-    zone: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,22 +109,6 @@ class ServiceRules:
     no_local_external: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class _EndpointInfo:
-    ip: str
-    port: int
-    ready: bool
-    serving: bool
-    terminating: bool
-    local: bool
-    zone_hints: frozenset[str]
-    node_name: str | None
-    zone: str | None
-
-    def backend(self) -> Backend:
-        return Backend(self.ip, self.port, self.node_name, self.zone)
-
-
 # --- pure computation ---------------------------------------------------------------------------
 
 
@@ -159,88 +133,6 @@ def external_policy_local(svc: Service) -> bool:
 
 def needs_health_check(svc: Service) -> bool:
     return svc.spec.type == "LoadBalancer" and external_policy_local(svc)
-
-
-def _slice_usable(sl: EndpointSlice) -> bool:
-    labels = sl.metadata.labels
-    if SERVICE_PROXY_NAME_LABEL in labels or HEADLESS_LABEL in labels:
-        return False  # kube-proxy's informer never sees these
-    return sl.address_type in ("IPv4", "IPv6") and sl.service_name is not None
-
-
-def _endpoints_for_port(
-    slices: Iterable[EndpointSlice], port_name: str, node_name: str
-) -> dict[int, list[_EndpointInfo]]:
-    """Endpoints per family for Service port `port_name` (TCP), deduplicated on ip:port."""
-    found: dict[tuple[str, int], _EndpointInfo] = {}
-    for sl in slices:
-        if not _slice_usable(sl):
-            continue
-        slice_family = 4 if sl.address_type == "IPv4" else 6
-        for sp in sl.ports:
-            if sp.name != port_name or sp.protocol != "TCP" or sp.port is None:
-                continue
-            for ep in sl.endpoints:
-                ip = ep.addresses[0]
-                if family_of(ip) != slice_family:
-                    continue
-                cond = ep.conditions
-                local = ep.node_name is not None and ep.node_name == node_name
-                hints = ep.hints.for_zones if ep.hints is not None else []
-                info = _EndpointInfo(
-                    ip=ip,
-                    port=sp.port,
-                    ready=cond.ready is not False,
-                    # kube-proxy reads an absent `serving` as true (endpointslicecache.go),
-                    # not as "same as ready".
-                    serving=cond.serving is not False,
-                    terminating=cond.terminating is True,
-                    local=local,
-                    zone_hints=frozenset(z.name for z in hints),
-                    node_name=ep.node_name,
-                    zone=ep.zone,
-                )
-                if (ip, sp.port) not in found or local:
-                    found[(ip, sp.port)] = info
-    per_family: dict[int, list[_EndpointInfo]] = {4: [], 6: []}
-    for info in found.values():
-        per_family[family_of(info.ip)].append(info)
-    return per_family
-
-
-def _use_zone_hints(endpoints: list[_EndpointInfo], zone: str | None) -> bool:
-    """topology.go topologyModeFromHints, zone part (kwatch does not model forNodes hints)."""
-    if not zone:
-        return False
-    has_zone = False
-    for ep in endpoints:
-        if not ep.ready:
-            continue
-        if not ep.zone_hints:
-            return False
-        if zone in ep.zone_hints:
-            has_zone = True
-    return has_zone
-
-
-def categorize_endpoints(
-    endpoints: list[_EndpointInfo], node: NodeInfo, uses_cluster: bool, uses_local: bool
-) -> tuple[list[_EndpointInfo], list[_EndpointInfo]]:
-    """(cluster endpoints, local endpoints) as topology.go CategorizeEndpoints computes them."""
-    cluster: list[_EndpointInfo] = []
-    if uses_cluster:
-        zonal = _use_zone_hints(endpoints, node.zone)
-        cluster = [ep for ep in endpoints if ep.ready and (not zonal or node.zone in ep.zone_hints)]
-        if not cluster:
-            # No ready endpoint anywhere (a topology filter never empties the list: hints
-            # are only used when one matches this zone), so fall back to terminating ones.
-            cluster = [ep for ep in endpoints if ep.serving and ep.terminating]
-    local: list[_EndpointInfo] = []
-    if uses_local:
-        local = [ep for ep in endpoints if ep.local and ep.ready]
-        if not local:
-            local = [ep for ep in endpoints if ep.local and ep.serving and ep.terminating]
-    return cluster, local
 
 
 def _frontends(svc: Service, port: int, node_port: int | None) -> tuple[Frontend, ...]:
@@ -274,17 +166,6 @@ def _affinity_timeout(svc: Service) -> float | None:
     return float(DEFAULT_AFFINITY_TIMEOUT)
 
 
-def _local_ready_endpoint_ips(slices: Iterable[EndpointSlice], node_name: str) -> int:
-    ips: set[str] = set()
-    for sl in slices:
-        if not _slice_usable(sl) or not any(p.port is not None for p in sl.ports):
-            continue
-        for ep in sl.endpoints:
-            if ep.node_name == node_name and ep.conditions.ready is not False:
-                ips.add(ep.addresses[0])
-    return len(ips)
-
-
 def compute_service(
     svc: Service, slices: Iterable[EndpointSlice], node: NodeInfo
 ) -> ServiceRules | None:
@@ -305,7 +186,7 @@ def compute_service(
         if sp.protocol != "TCP":
             continue  # UDP and SCTP are left alone for now
         frontends = _frontends(svc, sp.port, sp.node_port)
-        per_family = _endpoints_for_port(slices, sp.name, node.name)
+        per_family = endpoints_for_port(slices, sp.name, node.name)
         lists: dict[ListKey, tuple[Backend, ...]] = {}
         usable: set[int] = set()
         for fam in sorted({f.family for f in frontends}):
@@ -319,7 +200,7 @@ def compute_service(
                 if external_local and internal_local:
                     # The short-circuit's list, which "internal" is not here.
                     lists[("cluster", fam)] = tuple(ep.backend() for ep in cluster)
-            if _any_usable(per_family[fam]):
+            if any_usable(per_family[fam]):
                 usable.add(fam)
                 if uses_local and not local:
                     no_local["internal"] += internal_local
@@ -333,14 +214,10 @@ def compute_service(
         key=svc.key,
         ports=tuple(ports),
         health_check_node_port=hc_port or None,
-        local_ready_endpoints=_local_ready_endpoint_ips(slices, node.name) if hc_port else 0,
+        local_ready_endpoints=local_ready_endpoint_ips(slices, node.name) if hc_port else 0,
         no_local_internal=no_local["internal"],
         no_local_external=no_local["external"],
     )
-
-
-def _any_usable(endpoints: list[_EndpointInfo]) -> bool:
-    return any(ep.ready or (ep.serving and ep.terminating) for ep in endpoints)
 
 
 def parse_trigger_time(value: str | None) -> float | None:

@@ -8,7 +8,8 @@ from prometheus_client import REGISTRY
 
 from kpx.backends import Backend
 from kpx.balancer import Balancer
-from kpx.table import NodeInfo, ServiceTable, compute_service, parse_trigger_time
+from kpx.endpoints import NodeInfo
+from kpx.table import ServiceTable, compute_service, parse_trigger_time
 from kwatch.cluster import DEFAULT_INDEXERS
 from kwatch.resources import ENDPOINTSLICES, NODES, SERVICES
 from kwatch.store import Store
