@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY
 from dnsd import forward as forward_module
 from dnsd.cache import DnsCache
 from dnsd.forward import Forwarder, read_resolv_conf
+from dnsd.forward_wire import EDNS_PAYLOAD
 
 Handler = Callable[[dnslib.DNSRecord, str], Awaitable[list[bytes] | None]]
 COOKIE = 10  # EDNS option code (RFC 7873)
@@ -650,7 +651,7 @@ async def test_answer_has_opt_exactly_when_the_query_had_one(upstream, forwarder
     fwd = forwarder(good, cache=DnsCache())
     await fwd.forward(query("other.example.com"))
     msg = parse(await fwd.forward(query("other.example.com", use_edns=0)))
-    assert msg.edns == 0 and msg.payload == forward_module.EDNS_PAYLOAD
+    assert msg.edns == 0 and msg.payload == EDNS_PAYLOAD
     assert len(good.seen) == 2
 
 
@@ -666,7 +667,7 @@ async def test_answer_opt_is_ours_not_the_upstreams(upstream, forwarder):
     cached = parse(await fwd.forward(query(use_edns=0, want_dnssec=False, options=[second])))
     for msg in (mine, cached):
         assert msg.edns == 0 and msg.options == ()
-        assert msg.payload == forward_module.EDNS_PAYLOAD
+        assert msg.payload == EDNS_PAYLOAD
     assert len(good.seen) == 1
 
 
