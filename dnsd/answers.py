@@ -162,13 +162,19 @@ class _Names(dict[bytes, int]):
         self.qname = qname if len(qname) > 1 else b""  # the root has no suffix to point at
 
 
-def _compress(names: _Names, wire_name: bytes, at: int) -> bytes:
-    """`wire_name` as written at offset `at`: its longest suffix written before becomes a
-    pointer (RFC 1035 §4.1.4), and its new suffixes are remembered where a pointer reaches."""
+def _enter_question(names: _Names, wire_name: bytes) -> None:
+    """Enter the question's suffixes (at 12) before the first name that could share one
+    (same last character; see _Names)."""
     qname = names.qname
     if qname and len(wire_name) > 1 and wire_name[-2] == qname[-2]:
         names.qname = b""
         _compress(names, qname, 12)
+
+
+def _compress(names: _Names, wire_name: bytes, at: int) -> bytes:
+    """`wire_name` as written at offset `at`: its longest suffix written before becomes a
+    pointer (RFC 1035 §4.1.4), and its new suffixes are remembered where a pointer reaches."""
+    _enter_question(names, wire_name)
     i = 0
     while wire_name[i]:
         suffix = wire_name[i:]
@@ -188,10 +194,7 @@ def _remember(names: _Names, wire_name: bytes, at: int) -> None:
     it: the targets' address records in the additional section then cost a pointer instead of
     their name, as knot writes them, and five SRV + five A records fit 512 bytes.
     """
-    qname = names.qname
-    if qname and len(wire_name) > 1 and wire_name[-2] == qname[-2]:
-        names.qname = b""
-        _compress(names, qname, 12)  # the question's suffixes stay the preferred targets
+    _enter_question(names, wire_name)  # the question's suffixes stay the preferred targets
     i = 0
     while wire_name[i] and at + i < _POINTER_LIMIT:
         names.setdefault(wire_name[i:], at + i)
