@@ -160,9 +160,10 @@ class DnsdSettings(AccessSettings):
 def _group_stub_servers(values: list[str]) -> list[str]:
     """Entries `ZONE=ADDR[,ADDR]...` however the commas were split.
 
-    The environment splits `a=1,2,b=3` at every comma (`a=1`, `2`, `b=3`), a flag or a config
-    entry keeps `a=1,2` whole; both become `a=1,2` and `b=3` here: an item without `=` is one
-    more server of the zone before it, so every source reads the same text the same way.
+    Flags and the environment arrive split at every comma (`a=1`, `2`, `b=3`, see
+    kwatch.settings), a config entry keeps `a=1,2` whole; both become `a=1,2` and `b=3` here:
+    an item without `=` is one more server of the zone before it, so every source reads the
+    same text the same way.
     """
     entries: list[str] = []
     for item in (i.strip() for v in values for i in v.split(",")):

@@ -244,9 +244,9 @@ async def _housekeeping(
         await asyncio.sleep(period)
         balancer.sweep()
         # Addresses come and go (DHCP, LB IPs bound on the node): the local-client check
-        # follows them, and so do the healthCheckNodePort listeners when they are limited to
-        # the addresses inside --nodeport-addresses (otherwise they listen on every address).
-        if local_clients.refresh() and nodeport_addresses:
+        # follows them, and so do the healthCheckNodePort listeners (a no-op without
+        # --nodeport-addresses: they listen on every address then).
+        if local_clients.refresh():
             hosts = addresses_in(nodeport_addresses, local_clients.addresses)
             await service_health.set_hosts(hosts)
 
