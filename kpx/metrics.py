@@ -77,6 +77,10 @@ FRONTENDS = Gauge(
     "drop: Local policy without endpoints here; reject: no endpoints)",
     ["state"],
 )
+SCTP_PORTS_IGNORED = Gauge(
+    "kpx_sctp_service_ports_ignored",
+    "SCTP Service ports kpx leaves alone (it proxies TCP and UDP only)",
+)
 
 
 class ProxyStatsCollector(Collector):

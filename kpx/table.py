@@ -1,4 +1,9 @@
-"""The service table: every TCP frontend this node serves and the backends it may use.
+"""The service table: every frontend of one protocol this node serves and its backends.
+
+kpx keeps one table per protocol it proxies (TCP, UDP): the same Service yields TCP frontends
+in one and UDP frontends in the other, so removing one protocol's port touches only that
+table. SCTP ports are in neither: the TCP table counts and logs them (kpx never opens an SCTP
+socket nor writes an SCTP rule, so the kernel never loads the sctp module for kpx).
 
 `compute_service` is a pure function of one Service, its EndpointSlices and this node; it
 follows kube-proxy's pkg/proxy:
@@ -48,6 +53,7 @@ DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds; the API server's default for Client
 
 FrontendKind = Literal["cluster_ip", "node_port", "external_ip", "load_balancer"]
 Scope = Literal["internal", "external"]
+Protocol = Literal["TCP", "UDP"]
 # (family, ip, port) as steered by nftables; ip is "" for a NodePort (any node address).
 SteerKey = tuple[int, str, int]
 # What the kernel does with a frontend's new connections (kube-proxy's nftables mode,
@@ -82,7 +88,8 @@ class Frontend:
 
 @dataclass(frozen=True, slots=True)
 class PortRules:
-    """One TCP Service port: its frontends and the backend list per (scope, family)."""
+    """One Service port of the table's protocol: its frontends and the backend list per
+    (scope, family)."""
 
     port_id: str  # "namespace/name:portname"
     frontends: tuple[Frontend, ...]
@@ -166,10 +173,16 @@ def _affinity_timeout(svc: Service) -> float | None:
     return float(DEFAULT_AFFINITY_TIMEOUT)
 
 
+def sctp_ports(svc: Service) -> int:
+    """How many of the Service's ports are SCTP (kpx proxies none of them)."""
+    return sum(1 for sp in svc.spec.ports if sp.protocol == "SCTP")
+
+
 def compute_service(
-    svc: Service, slices: Iterable[EndpointSlice], node: NodeInfo
+    svc: Service, slices: Iterable[EndpointSlice], node: NodeInfo, protocol: Protocol = "TCP"
 ) -> ServiceRules | None:
-    """The rules for one Service on `node`; None when kpx leaves the Service alone."""
+    """The rules for one Service's `protocol` ports on `node`; None when kpx leaves the
+    Service alone. The health check node port does not depend on the protocol."""
     if should_skip_service(svc):
         return None
     slices = list(slices)
@@ -183,10 +196,10 @@ def compute_service(
     ports: list[PortRules] = []
     no_local = {"internal": 0, "external": 0}
     for sp in svc.spec.ports:
-        if sp.protocol != "TCP":
-            continue  # UDP and SCTP are left alone for now
+        if sp.protocol != protocol:
+            continue  # another table's, or SCTP (left alone)
         frontends = _frontends(svc, sp.port, sp.node_port)
-        per_family = endpoints_for_port(slices, sp.name, node.name)
+        per_family = endpoints_for_port(slices, sp.name, node.name, protocol)
         lists: dict[ListKey, tuple[Backend, ...]] = {}
         usable: set[int] = set()
         for fam in sorted({f.family for f in frontends}):
@@ -299,7 +312,9 @@ class ServiceTable:
         on_change: Callable[[], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
         local_client: Callable[[str], bool] | None = None,
+        protocol: Protocol = "TCP",
     ) -> None:
+        self.protocol = protocol
         self._services = services
         self._slices = slices
         self._nodes = nodes
@@ -326,6 +341,8 @@ class ServiceTable:
         self.no_local_endpoints = {"internal": 0, "external": 0}
         # Kept incrementally so a sync costs O(changed Services), not O(all Services).
         self._health_checks: dict[str, tuple[int, int]] = {}
+        # SCTP ports per Service (counted by the TCP table only, logged once per Service).
+        self._sctp: dict[str, int] = {}
         services.subscribe(self._on_service)
         slices.subscribe(self._on_slice)
         if nodes is not None:
@@ -419,7 +436,10 @@ class ServiceTable:
             svc = self._services.get(key)
             rules = None
             if svc is not None:
-                rules = compute_service(svc, self._slices.by_index("service", key), node)
+                slices = self._slices.by_index("service", key)
+                rules = compute_service(svc, slices, node, self.protocol)
+            if self.protocol == "TCP":
+                self._note_sctp(key, svc)
             old = self._results.get(key)
             for backend in _unique_backends(old):
                 self._release(backend, released)
@@ -440,6 +460,16 @@ class ServiceTable:
             self._resolve(steer_key, result.steering)
         result.services = len(keys)
         return result
+
+    def _note_sctp(self, key: str, svc: Service | None) -> None:
+        count = sctp_ports(svc) if svc is not None and not should_skip_service(svc) else 0
+        old = self._sctp.pop(key, 0)
+        if count:
+            self._sctp[key] = count
+            if not old:
+                log.info("sctp_ports_ignored", service=key, ports=count)
+        if count != old:
+            metrics.SCTP_PORTS_IGNORED.inc(count - old)
 
     def _release(self, backend: Backend, released: dict[tuple[str, int], Backend]) -> None:
         addr = (backend.ip, backend.port)
