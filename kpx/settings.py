@@ -20,7 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from kwatch.settings import AccessSettings, ListenAddress, settings_or_exit
 
-DESCRIPTION = "kpx: userspace kube-proxy for TCP Services, steered by nftables"
+DESCRIPTION = "kpx: userspace kube-proxy for TCP and UDP Services, steered by nftables"
 
 # KubeProxyConfiguration field -> kpx field.
 KUBE_PROXY_FIELDS = {
@@ -32,6 +32,7 @@ KUBE_PROXY_FIELDS = {
     "syncPeriod": "sync_period",
     "hostnameOverride": "node_name",
     "clusterCIDR": "cluster_cidrs",
+    "udpIdleTimeout": "udp_timeout",  # the userspace mode's field (removed in 1.26)
 }
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -173,6 +174,15 @@ class KpxSettings(AccessSettings):
     max_connections: int | None = Field(
         None, ge=1, description="open proxied connections at most; unset: from RLIMIT_NOFILE"
     )
+    udp_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds without a datagram either way after which a UDP session "
+        "(client, frontend -> endpoint) ends; the kernel's nf_conntrack_udp_timeout",
+    )
+    udp_max_sessions: int = Field(
+        65536, ge=1, description="UDP sessions at most; the oldest idle ones make room"
+    )
     cooldown_base: float = Field(
         1.0, gt=0, description="seconds a backend is skipped after a failed connect"
     )
@@ -188,7 +198,12 @@ class KpxSettings(AccessSettings):
         return _from_kube_proxy_configuration(data, set(cls.model_fields))
 
     @field_validator(
-        "min_sync_period", "sync_period", "drain_timeout", "idle_timeout", mode="before"
+        "min_sync_period",
+        "sync_period",
+        "drain_timeout",
+        "idle_timeout",
+        "udp_timeout",
+        mode="before",
     )
     @classmethod
     def _duration(cls, value: Any) -> Any:

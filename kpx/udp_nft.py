@@ -1,0 +1,239 @@
+"""nftables steering for UDP frontends: `tproxy` to kpx's transparent UDP sockets.
+
+A table of its own, `inet kpx-udp`, next to the TCP one (kpx/nft.py), with the same four
+states per frontend and the same "only set membership changes" property:
+- `usvc4` / `unp4` (and `6`): frontends with endpoints. Datagrams from pods and from outside
+  (prerouting) are `tproxy`ed to the proxy port, unchanged: the relay's IP_TRANSPARENT socket
+  reads their original destination with IP_RECVORIGDSTADDR. REDIRECT would lose it (for UDP
+  there is no SO_ORIGINAL_DST), and it would leave a NAT binding in conntrack, the very thing
+  that makes kube-proxy's UDP sessions stale;
+- host processes' datagrams (output) get a mark in a `route` chain; a policy route
+  (`ip rule fwmark MARK lookup TABLE`, `local default dev lo` in TABLE: kpx/tproxy_routes.py)
+  loops them through `lo` into prerouting, where the tproxy rule takes them (`iif lo`);
+- `-local`: externalTrafficPolicy Local without endpoints here: tproxied for host processes and
+  the cluster CIDRs, dropped for everyone else;
+- `-drop`: dropped; `-reject`: ICMP port unreachable (kube-proxy's reject), in the filter hooks.
+  Datagrams carrying the mark were steered to kpx and pass.
+
+kpx never writes an SCTP match, so no rule makes the kernel load the sctp module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import structlog
+
+from kpx import tproxy_routes
+from kpx.nft import CLEANUP_FAILURES, ELEMENTS_PER_LINE, NftError, NftWriter
+from kpx.table import Steer, SteerKey
+from kpx.udp_relay import UdpRelay
+
+log = structlog.get_logger("kpx.udp_nft")
+
+TABLE = "inet kpx-udp"
+MARK = tproxy_routes.MARK
+SET_SUFFIX: dict[Steer, str] = {
+    "serve": "",
+    "local": "-local",
+    "drop": "-drop",
+    "reject": "-reject",
+}
+
+
+def set_name(key: SteerKey, state: Steer) -> str:
+    family, ip, _port = key
+    return (f"usvc{family}" if ip else f"unp{family}") + SET_SUFFIX[state]
+
+
+def element(key: SteerKey) -> str:
+    _family, ip, port = key
+    return f"{ip} . {port}" if ip else str(port)
+
+
+def _interval_set(name: str, addr_type: str, cidrs: list[str]) -> str:
+    return (
+        f"\tset {name} {{ type {addr_type}; flags interval; auto-merge; "
+        f"elements = {{ {', '.join(cidrs)} }}; }}"
+    )
+
+
+def _chain(name: str, rules: list[str], base: str = "") -> list[str]:
+    head = [f"\t\t{base}"] if base else []
+    return [f"\tchain {name} {{", *head, *(f"\t\t{r}" for r in rules), "\t}"]
+
+
+def _family(
+    f: int, proxy_port: int, nodeport_cidrs: list[str] | None, cluster_cidrs: list[str]
+) -> list[str]:
+    ip = "ip" if f == 4 else "ip6"
+    addr_type = "ipv4_addr" if f == 4 else "ipv6_addr"
+    lines = [
+        f"\tset usvc{f}{s} {{ type {addr_type} . inet_service; }}" for s in SET_SUFFIX.values()
+    ]
+    lines += [f"\tset unp{f}{s} {{ type inet_service; }}" for s in SET_SUFFIX.values()]
+    np_match: str | None = "fib daddr type local"
+    if nodeport_cidrs is not None:
+        np_match = None
+        if nodeport_cidrs:
+            lines.append(_interval_set(f"np-addresses{f}", addr_type, nodeport_cidrs))
+            np_match = f"fib daddr type local {ip} daddr @np-addresses{f}"
+    to_kpx = f"tproxy {ip} to :{proxy_port} meta mark set {MARK:#x} accept"
+    frontends = [f"{ip} daddr . udp dport @usvc{f}"]
+    if np_match is not None:
+        frontends.append(f"{np_match} udp dport @unp{f}")
+    steer, mark, refuse = [], [], [f"meta mark {MARK:#x} return"]
+    for match in frontends:
+        steer += [f"{match} {to_kpx}", f'iif "lo" {match}-local {to_kpx}']
+        if cluster_cidrs:
+            steer.append(f"{ip} saddr @cluster{f} {match}-local {to_kpx}")
+        mark += [f"{match} meta mark set {MARK:#x}", f"{match}-local meta mark set {MARK:#x}"]
+        refuse += [
+            f"{match}-reject reject with icmpx port-unreachable",
+            f"{match}-local drop",
+            f"{match}-drop drop",
+        ]
+    if cluster_cidrs:
+        lines.append(_interval_set(f"cluster{f}", addr_type, cluster_cidrs))
+    lines += _chain(f"steer{f}", steer) + _chain(f"mark{f}", mark) + _chain(f"refuse{f}", refuse)
+    return lines
+
+
+def render_table(
+    proxy_port: int, nodeport_cidrs: Sequence[str] = (), cluster_cidrs: Sequence[str] = ()
+) -> str:
+    split: dict[int, list[str]] | None = None
+    if nodeport_cidrs:
+        split = {4: [], 6: []}
+        for cidr in nodeport_cidrs:
+            split[6 if ":" in cidr else 4].append(cidr)
+    cluster: dict[int, list[str]] = {4: [], 6: []}
+    for cidr in cluster_cidrs:
+        cluster[6 if ":" in cidr else 4].append(cidr)
+    lines = [f"table {TABLE} {{"]
+    for f in (4, 6):
+        lines += _family(f, proxy_port, None if split is None else split[f], cluster[f])
+
+    def jump(prefix: str) -> list[str]:
+        return [
+            f"meta l4proto udp meta nfproto ipv4 jump {prefix}4",
+            f"meta l4proto udp meta nfproto ipv6 jump {prefix}6",
+        ]
+
+    lines += _chain(
+        "prerouting", jump("steer"), "type filter hook prerouting priority mangle; policy accept;"
+    )
+    lines += _chain(
+        "output", jump("mark"), "type route hook output priority mangle; policy accept;"
+    )
+    for hook in ("input", "forward", "output"):
+        lines += _chain(
+            f"filter-{hook}",
+            jump("refuse"),
+            f"type filter hook {hook} priority -10; policy accept;",
+        )
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _element_lines(verb: str, groups: Mapping[str, list[str]]) -> list[str]:
+    lines = []
+    for name in sorted(groups):
+        items = groups[name]
+        for start in range(0, len(items), ELEMENTS_PER_LINE):
+            chunk = ", ".join(items[start : start + ELEMENTS_PER_LINE])
+            lines.append(f"{verb} element {TABLE} {name} {{ {chunk} }}")
+    return lines
+
+
+def render_full(
+    steering: Mapping[SteerKey, Steer],
+    proxy_port: int,
+    nodeport_cidrs: Sequence[str] = (),
+    cluster_cidrs: Sequence[str] = (),
+) -> str:
+    groups: dict[str, list[str]] = {}
+    for key in sorted(steering):
+        groups.setdefault(set_name(key, steering[key]), []).append(element(key))
+    head = f"add table {TABLE}\ndelete table {TABLE}\n"
+    body = render_table(proxy_port, nodeport_cidrs, cluster_cidrs)
+    return head + body + "".join(line + "\n" for line in _element_lines("add", groups))
+
+
+def render_delta(
+    applied: Mapping[SteerKey, Steer], desired: Mapping[SteerKey, Steer | None]
+) -> str:
+    removals: dict[str, list[str]] = {}
+    additions: dict[str, list[str]] = {}
+    for key in sorted(desired):
+        old, new = applied.get(key), desired[key]
+        if old == new:
+            continue
+        if old is not None:
+            removals.setdefault(set_name(key, old), []).append(element(key))
+        if new is not None:
+            additions.setdefault(set_name(key, new), []).append(element(key))
+    lines = _element_lines("delete", removals) + _element_lines("add", additions)
+    return "".join(line + "\n" for line in lines)
+
+
+class UdpNftWriter(NftWriter):
+    """Keeps `inet kpx-udp` and the tproxy policy routes equal to the UDP table's steering,
+    and tells the relay after each sync (its sessions are re-checked)."""
+
+    def __init__(
+        self,
+        relay: UdpRelay,
+        proxy_port: int,
+        nodeport_cidrs: Sequence[str] = (),
+        command: Sequence[str] = ("nft",),
+        timeout: float = 30.0,
+        cluster_cidrs: Sequence[str] = (),
+        ip_command: Sequence[str] = ("ip",),
+    ) -> None:
+        super().__init__(proxy_port, nodeport_cidrs, command, timeout, cluster_cidrs)
+        self.relay = relay
+        self.ip_command = list(ip_command)
+
+    async def sync(
+        self, steering: Mapping[SteerKey, Steer], changed: Iterable[SteerKey] = ()
+    ) -> bool:
+        try:
+            return await self._sync(steering, list(changed))
+        finally:
+            self.relay.invalidate()
+
+    async def _sync(self, steering: Mapping[SteerKey, Steer], changed: list[SteerKey]) -> bool:
+        if self.needs_full:
+            await tproxy_routes.install(self.ip_command)
+            script = render_full(steering, self.proxy_port, self.nodeport_cidrs, self.cluster_cidrs)
+            await self._run_or_flag(script)
+            removed = any(key not in steering for key in self.applied)
+            self.applied = dict(steering)
+            self.needs_full = False
+            if removed:
+                self.relay.prune_frontends()
+            return True
+        desired = {key: steering.get(key) for key in changed}
+        script = render_delta(self.applied, desired)
+        if not script:
+            return False
+        await self._run_or_flag(script)
+        for key, state in desired.items():
+            if state is None:
+                self.applied.pop(key, None)
+            else:
+                self.applied[key] = state
+        if any(state is None for state in desired.values()):
+            self.relay.prune_frontends()
+        return True
+
+    async def remove(self) -> None:
+        try:
+            await self.run(f"add table {TABLE}\ndelete table {TABLE}\n")
+        except NftError as err:
+            CLEANUP_FAILURES.inc()
+            log.error("nft_cleanup_failed", table=TABLE, problem=str(err))
+        await tproxy_routes.remove(self.ip_command)
+        self.applied = {}
+        self.needs_full = True
