@@ -12,15 +12,24 @@ states per frontend and the same "only set membership changes" property:
   loops them through `lo` into prerouting, where the tproxy rule takes them (`iif lo`);
 - `-local`: externalTrafficPolicy Local without endpoints here: tproxied for host processes and
   the cluster CIDRs, dropped for everyone else;
-- `-drop`: dropped; `-reject`: ICMP port unreachable (kube-proxy's reject), in the filter hooks.
-  Datagrams carrying the mark were steered to kpx and pass.
+- `-drop`: dropped; `-reject`: ICMP port unreachable (kube-proxy's reject), in prerouting
+  (after the steering rules) and, for host processes, in the output hook. Datagrams carrying
+  the mark were steered to kpx and pass.
 
 kpx never writes an SCTP match, so no rule makes the kernel load the sctp module.
+
+Bridged pods and br_netfilter: with `net.bridge.bridge-nf-call-iptables=1` (kube-proxy's own
+requirement for bridge CNIs) the prerouting hook runs for a pod's frame inside the bridge, and
+the socket tproxy assigns there is dropped when the bridge hands the packet to IP (ip_rcv
+orphans it, and the second prerouting pass is skipped): the datagram reaches no socket. kpx logs
+`tproxy_bridge_netfilter` at start when the sysctl is on; pods on a bridge then need it off
+(routed CNIs, veth pairs without a bridge, are not affected).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import structlog
 
@@ -30,6 +39,23 @@ from kpx.table import Steer, SteerKey
 from kpx.udp_relay import UdpRelay
 
 log = structlog.get_logger("kpx.udp_nft")
+
+BRIDGE_NF_SYSCTLS = (
+    Path("/proc/sys/net/bridge/bridge-nf-call-iptables"),
+    Path("/proc/sys/net/bridge/bridge-nf-call-ip6tables"),
+)
+
+
+def bridge_netfilter_on() -> bool:
+    """Whether br_netfilter runs the IP hooks for bridged frames in this namespace."""
+    for path in BRIDGE_NF_SYSCTLS:
+        try:
+            if path.read_text().strip() == "1":
+                return True
+        except OSError:
+            continue  # br_netfilter not loaded
+    return False
+
 
 TABLE = "inet kpx-udp"
 MARK = tproxy_routes.MARK
@@ -120,18 +146,19 @@ def render_table(
             f"meta l4proto udp meta nfproto ipv6 jump {prefix}6",
         ]
 
+    # Refused in prerouting (what steer did not accept): a reject in the forward hook sends
+    # no ICMP error for a packet routed back out the interface it came in on.
     lines += _chain(
-        "prerouting", jump("steer"), "type filter hook prerouting priority mangle; policy accept;"
+        "prerouting",
+        jump("steer") + jump("refuse"),
+        "type filter hook prerouting priority mangle; policy accept;",
     )
     lines += _chain(
         "output", jump("mark"), "type route hook output priority mangle; policy accept;"
     )
-    for hook in ("input", "forward", "output"):
-        lines += _chain(
-            f"filter-{hook}",
-            jump("refuse"),
-            f"type filter hook {hook} priority -10; policy accept;",
-        )
+    lines += _chain(
+        "filter-output", jump("refuse"), "type filter hook output priority -10; policy accept;"
+    )
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -205,6 +232,12 @@ class UdpNftWriter(NftWriter):
 
     async def _sync(self, steering: Mapping[SteerKey, Steer], changed: list[SteerKey]) -> bool:
         if self.needs_full:
+            if not self.applied and bridge_netfilter_on():
+                log.warning(
+                    "tproxy_bridge_netfilter",
+                    problem="bridge-nf-call-iptables is 1: UDP from pods behind a bridge "
+                    "is not delivered to kpx",
+                )
             await tproxy_routes.install(self.ip_command)
             script = render_full(steering, self.proxy_port, self.nodeport_cidrs, self.cluster_cidrs)
             await self._run_or_flag(script)
