@@ -1,0 +1,131 @@
+"""The UDP steering ruleset (pure rendering) and the table's protocol split (SCTP left alone)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import REGISTRY
+
+from kpx.balancer import Balancer
+from kpx.endpoints import NodeInfo
+from kpx.table import ServiceTable, compute_service
+from kpx.tproxy_routes import MARK
+from kpx.udp_nft import render_delta, render_full, render_table
+from kwatch.cluster import DEFAULT_INDEXERS
+from kwatch.resources import ENDPOINTSLICES, SERVICES
+from kwatch.store import Store
+
+
+def test_serving_frontends_are_tproxied_with_the_mark_in_prerouting():
+    text = render_full({(4, "10.96.0.10", 53): "serve", (6, "", 30053): "serve"}, 10262)
+    assert text.startswith("add table inet kpx-udp\ndelete table inet kpx-udp\n")
+    mark = f"{MARK:#x}"
+    assert f"ip daddr . udp dport @usvc4 tproxy ip to :10262 meta mark set {mark} accept" in text
+    assert f"udp dport @unp6 tproxy ip6 to :10262 meta mark set {mark} accept" in text
+    assert "add element inet kpx-udp usvc4 { 10.96.0.10 . 53 }" in text
+    assert "add element inet kpx-udp unp6 { 30053 }" in text
+    # Host processes: marked in a route chain, looped through lo, tproxied there.
+    assert "type route hook output priority mangle" in text
+    assert 'iif "lo" ip daddr . udp dport @usvc4-local tproxy ip to :10262' in text
+
+
+def test_no_endpoints_is_icmp_port_unreachable_and_local_policy_drops():
+    text = render_table(10262)
+    assert "ip daddr . udp dport @usvc4-reject reject with icmpx port-unreachable" in text
+    assert "ip daddr . udp dport @usvc4-drop drop" in text
+    assert "ip daddr . udp dport @usvc4-local drop" in text
+    # What was steered (marked) passes the refusing rules.
+    assert f"meta mark {MARK:#x} return" in text
+
+
+def test_cluster_cidrs_get_the_local_short_circuit_and_nodeport_addresses_restrict():
+    text = render_table(10262, ["192.168.0.0/24"], ["10.244.0.0/16"])
+    assert "ip saddr @cluster4 ip daddr . udp dport @usvc4-local tproxy" in text
+    assert "fib daddr type local ip daddr @np-addresses4 udp dport @unp4 tproxy" in text
+    assert "udp dport @unp6 tproxy" not in text  # no IPv6 CIDR: no IPv6 NodePorts
+
+
+def test_delta_moves_a_frontend_between_sets():
+    applied = {(4, "10.96.0.10", 53): "serve"}
+    delta = render_delta(applied, {(4, "10.96.0.10", 53): "reject"})  # type: ignore[dict-item]
+    assert delta == (
+        "delete element inet kpx-udp usvc4 { 10.96.0.10 . 53 }\n"
+        "add element inet kpx-udp usvc4-reject { 10.96.0.10 . 53 }\n"
+    )
+    assert render_delta(applied, {(4, "10.96.0.10", 53): "serve"}) == ""  # type: ignore[dict-item]
+
+
+def test_no_rule_mentions_sctp():
+    # A rule matching sctp would make the kernel load the sctp module.
+    assert "sctp" not in render_table(10262, ["10.0.0.0/8"], ["10.244.0.0/16"])
+
+
+def _svc(ports: list[dict[str, Any]]) -> Any:
+    return SERVICES.parse(
+        {
+            "metadata": {"name": "mixed", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.9", "ports": ports},
+        }
+    )
+
+
+def _slice(ports: list[dict[str, Any]]) -> Any:
+    return ENDPOINTSLICES.parse(
+        {
+            "metadata": {
+                "name": "mixed-1",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "mixed"},
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.1.0.1"]}],
+            "ports": ports,
+        }
+    )
+
+
+def test_each_protocol_table_takes_its_own_ports_and_endpoints():
+    svc = _svc(
+        [
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+        ]
+    )
+    # A slice port joins on name *and* protocol: "dns" over TCP is no endpoint of UDP "dns".
+    slices = [_slice([{"name": "dns", "port": 5353, "protocol": "TCP"}])]
+    node = NodeInfo("node-a")
+    udp = compute_service(svc, slices, node, "UDP")
+    tcp = compute_service(svc, slices, node, "TCP")
+    assert udp is not None and tcp is not None
+    assert [p.port_id for p in udp.ports] == ["default/mixed:dns"]
+    assert [p.port_id for p in tcp.ports] == ["default/mixed:dns-tcp"]
+    assert udp.ports[0].backends[("internal", 4)] == ()
+    slices = [_slice([{"name": "dns", "port": 5353, "protocol": "UDP"}])]
+    udp = compute_service(svc, slices, node, "UDP")
+    assert udp is not None and [b.port for b in udp.ports[0].backends[("internal", 4)]] == [5353]
+
+
+def test_sctp_ports_are_counted_logged_once_and_never_proxied():
+    def ignored() -> float:
+        return REGISTRY.get_sample_value("kpx_sctp_service_ports_ignored") or 0.0
+
+    services: Store[Any] = Store("services")
+    slices: Store[Any] = Store("endpointslices", DEFAULT_INDEXERS[ENDPOINTSLICES])
+    tcp = ServiceTable(services, slices, None, "node-a", Balancer())
+    udp = ServiceTable(services, slices, None, "node-a", Balancer(), protocol="UDP")
+    before = ignored()
+    svc = _svc(
+        [
+            {"name": "s1", "port": 9, "protocol": "SCTP"},
+            {"name": "s2", "port": 10, "protocol": "SCTP"},
+            {"name": "u", "port": 11, "protocol": "UDP"},
+        ]
+    )
+    services.upsert(svc.key, svc)
+    tcp.sync()
+    udp.sync()  # only the TCP table counts, so nothing is counted twice
+    assert ignored() == before + 2
+    assert tcp.steering == {} and udp.steering == {(4, "10.96.0.9", 11): "reject"}
+    services.delete(svc.key)
+    tcp.sync()
+    assert ignored() == before
