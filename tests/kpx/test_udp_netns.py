@@ -83,28 +83,30 @@ def write(path: Path, docs: list[dict[str, Any]]) -> None:
 
 @contextlib.contextmanager
 def running_kpx(topo: Topology, path: Path, log_path: Path) -> Iterator[subprocess.Popen[str]]:
-    # br_netfilter (loaded on this machine) would run prerouting inside the bridge and lose
-    # tproxy's socket (kpx/udp_nft.py): the node namespace's bridge does not call it.
-    for family in ("iptables", "ip6tables"):
-        topo.node.sysctl(f"net.bridge.bridge-nf-call-{family}", "0")
-    log = log_path.open("w")
-    kpx = topo.node.popen(
-        sys.executable, "-c", KPX,
-        "--manifests", str(path), "--node-name", "node-a", "--proxy-port", str(PROXY_PORT),
-        "--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address",
-        "127.0.0.1:10249", "--min-sync-period", "0.01", "--log-format", "json",
-        "--sync-period", "1",
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    kpx = start_kpx(topo, path, log_path)
     try:
         yield kpx
     finally:
         kpx.send_signal(signal.SIGTERM)
         status = kpx.wait(timeout=40)
-        log.close()
         assert status == 0, log_path.read_text()[-4000:]
     assert "kpx-udp" not in topo.node.run("nft", "list", "tables")
     assert "10262" not in topo.node.run("ip", "rule", "show")
+
+
+def start_kpx(topo: Topology, path: Path, log_path: Path) -> subprocess.Popen[str]:
+    # br_netfilter (loaded on this machine) would run prerouting inside the bridge and lose
+    # tproxy's socket (kpx/udp_nft.py): the node namespace's bridge does not call it.
+    for family in ("iptables", "ip6tables"):
+        topo.node.sysctl(f"net.bridge.bridge-nf-call-{family}", "0")
+    return topo.node.popen(
+        sys.executable, "-c", KPX,
+        "--manifests", str(path), "--node-name", "node-a", "--proxy-port", str(PROXY_PORT),
+        "--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address",
+        "127.0.0.1:10249", "--min-sync-period", "0.01", "--log-format", "json",
+        "--sync-period", "1",
+        stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
 
 
 class Client:
@@ -337,3 +339,28 @@ def _dig(ns: Any, server: str) -> str:
         "answer.default.svc.cluster.local", "A", check=False,
     )  # fmt: skip
     return out.strip() or "no answer"
+
+
+def test_a_sigkilled_kpx_restarts_and_the_same_client_port_is_served_again(
+    netns_topology: Topology, tmp_path: Path
+) -> None:
+    topo = netns_topology
+    p1 = topo.add_pod("p1")
+    p1.spawn_python(UDP_ECHO, "p1", "5353")
+    udp = [{"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}]
+    path = tmp_path / "cluster.yaml"
+    slice_ports = [{"name": "dns", "port": 5353, "protocol": "UDP"}]
+    write(path, [service("udp", "10.96.0.20", udp), endpoint_slice("udp", [p1], slice_ports)])
+    client = Client(topo.client, port=12345)
+    try:
+        first = start_kpx(topo, path, tmp_path / "first.log")
+        assert wait_for(lambda: client.ask("10.96.0.20", 53) == "p1")
+        first.kill()  # SIGKILL: the table and the policy routes stay
+        first.wait(timeout=10)
+        assert "kpx-udp" in topo.node.run("nft", "list", "tables")
+        assert "lookup 10262" in topo.node.run("ip", "rule", "show")
+        with running_kpx(topo, path, tmp_path / "second.log"):
+            assert wait_for(lambda: client.ask("10.96.0.20", 53) == "p1", timeout=10)
+        assert topo.node.run("ip", "rule", "show").count("lookup 10262") == 0
+    finally:
+        client.close()
