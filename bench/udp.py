@@ -405,11 +405,11 @@ def main() -> None:
         for mode in ("nginx", "kpx"):
             socks, held = hold_sessions(chain, mode, pids[mode][0], args.sessions)
             try:
-                held["small_with_sessions"] = saturation(chain, mode, pids[mode], 64, args)
+                loaded = saturation(chain, mode, pids[mode], 64, args)
             finally:
                 for s in socks:
                     s.close()
-            doc["sessions"][mode] = held
+            doc["sessions"][mode] = {**held, "small_with_sessions": loaded}
         client = Api(kubeconfig)
         try:
             doc["retarget"] = retarget(chain, client, args.samples)
