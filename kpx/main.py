@@ -1,7 +1,5 @@
-"""kpx entry point: watch Services/EndpointSlices/this Node, program steering, proxy TCP and UDP.
-
-TCP and UDP each have their own service table, steering writer and syncer (kpx/table.py is
-per protocol); both share the watches, the health state and the local-client check.
+"""kpx entry point: watch Services/EndpointSlices/this Node, program steering, proxy TCP and UDP
+(the UDP parts are assembled in kpx/udp_path.py and share the watches and the health state).
 
 Start-up order follows kube-proxy: health and metrics servers first (starting up counts as
 healthy), then the watches; no rule is programmed before every store holds its first complete
@@ -34,16 +32,14 @@ from kpx.health import (
     ServiceHealthServers,
 )
 from kpx.local import LocalClients, addresses_in, local_addresses
-from kpx.metrics import register_proxy_stats, register_udp_stats
+from kpx.metrics import register_proxy_stats
 from kpx.nft import NftWriter
 from kpx.ports import PortsWriter
 from kpx.proxy import Proxy
 from kpx.settings import KpxSettings
 from kpx.sync import RuleSyncer, SteeringWriter
 from kpx.table import ServiceTable
-from kpx.udp_nft import UdpNftWriter
-from kpx.udp_ports import UdpPortsWriter
-from kpx.udp_relay import UdpRelay
+from kpx.udp_path import UdpPath
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
@@ -109,43 +105,20 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         drain_timeout=settings.drain_timeout,
         idle_timeout=settings.idle_timeout,
     )
-    udp_balancer = Balancer(
-        cooldown_base=settings.cooldown_base, cooldown_cap=settings.cooldown_max
-    )
-    udp_table = ServiceTable(
-        state.store(SERVICES),
-        state.store(ENDPOINTSLICES),
-        state.store(NODES),
-        settings.node_name,
-        udp_balancer,
-        local_client=local_clients,
-        protocol="UDP",
-    )
-    relay = UdpRelay(
-        udp_table, idle_timeout=settings.udp_timeout, max_sessions=settings.udp_max_sessions
-    )
     collector = register_proxy_stats(proxy.stats)
-    udp_collector = register_udp_stats(relay.stats, lambda: len(relay.sessions))
     health = ProxierHealth(settings.health_timeout)
+    stores = (state.store(SERVICES), state.store(ENDPOINTSLICES), state.store(NODES))
+    udp = UdpPath(settings, stores, local_clients, health)
     writer: SteeringWriter
-    udp_writer: SteeringWriter
     ports_writer: PortsWriter | None = None
-    udp_ports_writer: UdpPortsWriter | None = None
     if settings.mode == "nftables":
         writer = NftWriter(
             settings.proxy_port,
             settings.nodeport_addresses,
             cluster_cidrs=settings.cluster_cidrs,
         )
-        udp_writer = UdpNftWriter(
-            relay,
-            settings.proxy_port,
-            settings.nodeport_addresses,
-            cluster_cidrs=settings.cluster_cidrs,
-        )
     else:
         writer = ports_writer = PortsWriter(proxy, settings.ports_bind_address)
-        udp_writer = udp_ports_writer = UdpPortsWriter(relay, settings.ports_bind_address)
     service_health = ServiceHealthServers(
         health.healthy, hosts=addresses_in(settings.nodeport_addresses, addresses)
     )
@@ -158,34 +131,17 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         on_backend_added=proxy.restore_backend,
         min_sync_period=settings.min_sync_period,
     )
-    udp_syncer = RuleSyncer(
-        udp_table,
-        udp_writer,
-        health,
-        None,  # healthCheckNodePorts do not depend on the protocol: the TCP syncer serves them
-        on_backend_removed=relay.close_backend,
-        min_sync_period=settings.min_sync_period,
-        observe_programming=False,
-    )
-
-    def assignments() -> list[dict[str, object]]:
-        rows: list[dict[str, object]] = []
-        if ports_writer is not None:
-            rows += [{**row, "protocol": "TCP"} for row in ports_writer.assignments()]
-        if udp_ports_writer is not None:
-            rows += udp_ports_writer.assignments()
-        return rows
 
     async def proxy_mode(_request: web.Request) -> web.Response:
         return web.Response(text=settings.mode)
 
     async def debug_services(_request: web.Request) -> web.Response:
-        rows = assignments()
+        rows = _assignments(ports_writer, udp)
         return web.Response(text=json.dumps(rows, indent=1) + "\n", content_type="application/json")
 
     def ready() -> tuple[bool, str]:
         ok, text = state.readiness()
-        if ok and (syncer.syncs == 0 or udp_syncer.syncs == 0):
+        if ok and (syncer.syncs == 0 or not udp.synced):
             return False, "waiting for the first rule sync"
         return ok, text
 
@@ -212,8 +168,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
             # before the first sync rewrites (and the exit path deletes) its table.
             hosts = _redirect_listen_hosts()
             bound = [proxy.bind_redirect(h, settings.proxy_port) for h in hosts]
-            for host in hosts:
-                relay.serve_transparent(host, settings.proxy_port)
+            await udp.claim(hosts, settings.proxy_port)
         await healthz.start()
         await metrics_server.start()
         await state.start(settings, USER_AGENT)
@@ -233,9 +188,9 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
                 endpointslices=len(state.store(ENDPOINTSLICES)),
             )
             programmed = True
-            for each in (syncer, udp_syncer):
+            for sync_once in (syncer.sync_once, udp.sync_once):
                 try:
-                    await each.sync_once()
+                    await sync_once()
                 except Exception as err:  # run() below retries
                     log.error("sync_failed", problem=str(err) or type(err).__name__)
             release_free_memory()
@@ -245,9 +200,9 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
             for listener in bound:
                 await proxy.accept_on(listener)
             tasks.append(asyncio.create_task(syncer.run(), name="kpx-sync"))
-            tasks.append(asyncio.create_task(udp_syncer.run(), name="kpx-sync-udp"))
+            tasks.append(asyncio.create_task(udp.run(), name="kpx-sync-udp"))
             housekeeping = _housekeeping(
-                (balancer, udp_balancer),
+                (balancer, udp.balancer),
                 local_clients,
                 service_health,
                 settings.nodeport_addresses,
@@ -255,7 +210,8 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
             )
             tasks.append(asyncio.create_task(housekeeping))
             if ports_writer is not None:
-                tasks.append(asyncio.create_task(_print_assignments(syncer, assignments)))
+                printer = _print_assignments(syncer, lambda: _assignments(ports_writer, udp))
+                tasks.append(asyncio.create_task(printer))
         await stopped
         synced.cancel()
     except OSError as err:
@@ -276,15 +232,13 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         if drain is None:
             drain = DEFAULT_STOP_DRAIN
         await proxy.stop(drain if status == 0 else 0.0)
-        await relay.stop()
+        await udp.stop(programmed)
         if programmed:
             await writer.remove()
-            await udp_writer.remove()
         await service_health.stop()
         await metrics_server.stop()
         await healthz.stop()
         REGISTRY.unregister(collector)
-        REGISTRY.unregister(udp_collector)
         log.info("kpx_stopped")
     return status
 
@@ -306,6 +260,14 @@ async def _housekeeping(
         if local_clients.refresh():
             hosts = addresses_in(nodeport_addresses, local_clients.addresses)
             await service_health.set_hosts(hosts)
+
+
+def _assignments(tcp: PortsWriter | None, udp: UdpPath) -> list[dict[str, object]]:
+    """--mode ports: every frontend's local port, TCP then UDP."""
+    rows: list[dict[str, object]] = []
+    if tcp is not None:
+        rows += [{**row, "protocol": "TCP"} for row in tcp.assignments()]
+    return rows + udp.assignments()
 
 
 async def _print_assignments(

@@ -41,9 +41,10 @@ def _rule(family: str) -> list[str]:
     return [family, "rule", "{}", "fwmark", f"{MARK:#x}/{MARK:#x}", "lookup", str(ROUTE_TABLE)]
 
 
-async def install(command: Sequence[str] = ("ip",)) -> None:
-    """Add the rule and route of each family where missing. An IPv6 failure (no IPv6 here) is
-    logged, not fatal."""
+async def install(command: Sequence[str] = ("ip",)) -> bool:
+    """Add the rule and route of each family where missing. Returns whether IPv4's are in
+    place; an IPv6 failure (no IPv6 here) is logged, not fatal."""
+    ok = True
     for family, default in _FAMILIES:
         show = [a if a != "{}" else "show" for a in _rule(family)]
         code, out = await _ip(command, *show)
@@ -52,11 +53,14 @@ async def install(command: Sequence[str] = ("ip",)) -> None:
             code, out = await _ip(command, *add, "priority", str(RULE_PRIORITY))
             if code != 0:
                 log.warning("tproxy_rule_failed", family=family, problem=out)
+                ok = ok and family != "-4"
                 continue
         route = [family, "route", "replace", "local", default, "dev", "lo"]
         code, out = await _ip(command, *route, "table", str(ROUTE_TABLE))
         if code != 0:
             log.warning("tproxy_route_failed", family=family, problem=out)
+            ok = ok and family != "-4"
+    return ok
 
 
 async def remove(command: Sequence[str] = ("ip",)) -> None:

@@ -129,3 +129,41 @@ def test_sctp_ports_are_counted_logged_once_and_never_proxied():
     services.delete(svc.key)
     tcp.sync()
     assert ignored() == before
+
+
+async def test_without_a_transparent_socket_udp_is_disabled_and_tcp_unaffected(
+    monkeypatch: Any,
+) -> None:
+    from kpx.health import ProxierHealth
+    from kpx.local import LocalClients
+    from kpx.settings import KpxSettings
+    from kpx.udp_nft import UdpNftWriter
+    from kpx.udp_path import UdpPath
+
+    services: Store[Any] = Store("services")
+    slices: Store[Any] = Store("endpointslices", DEFAULT_INDEXERS[ENDPOINTSLICES])
+    nodes: Store[Any] = Store("nodes")
+    settings = KpxSettings(node_name="node-a", mode="nftables")
+    path = UdpPath(settings, (services, slices, nodes), LocalClients([], set()), ProxierHealth(60))
+    removed: list[str] = []
+    writer = UdpNftWriter(path.relay, 10262, command=["true"], ip_command=["true"])
+
+    async def remove() -> None:
+        removed.append("table")
+
+    monkeypatch.setattr(writer, "remove", remove)
+    path.writer = writer
+
+    def refuse(host: str, port: int) -> None:
+        raise PermissionError(1, "Operation not permitted")  # what a process without the cap gets
+
+    monkeypatch.setattr(path.relay, "serve_transparent", refuse)
+    try:
+        await path.claim(["0.0.0.0"], 10262)
+        assert not path.enabled and path.synced  # readiness does not wait for UDP
+        assert removed == ["table"]  # a table an earlier, capable kpx left is removed
+        assert REGISTRY.get_sample_value("kpx_udp_enabled") == 0
+        await path.sync_once()  # nothing to do, nothing raised
+        assert path.syncer.syncs == 0
+    finally:
+        await path.stop(programmed=True)

@@ -1,0 +1,127 @@
+"""The UDP half of kpx, assembled: its service table, relay, steering writer and syncer.
+
+kpx/main.py builds one `UdpPath` next to its TCP parts; both share the watches, the health
+state and the local-client check. In nftables mode UDP needs more than TCP: a transparent
+socket (IP_TRANSPARENT: CAP_NET_ADMIN in kpx's own process, not only in `nft`) and the tproxy
+policy routes. Where kpx cannot have them, `claim` logs `udp_proxy_disabled` once, removes a
+UDP table an earlier kpx may have left, and UDP Services are left alone (as before kpx
+proxied UDP) while TCP is served as usual; `kpx_udp_enabled` says which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from prometheus_client import REGISTRY, Gauge
+
+from kpx import tproxy_routes
+from kpx.balancer import Balancer
+from kpx.health import ProxierHealth
+from kpx.local import LocalClients
+from kpx.metrics import register_udp_stats
+from kpx.settings import KpxSettings
+from kpx.sync import RuleSyncer, SteeringWriter
+from kpx.table import ServiceTable
+from kpx.udp_nft import UdpNftWriter
+from kpx.udp_ports import UdpPortsWriter
+from kpx.udp_relay import UdpRelay
+from kwatch.store import Store
+
+log = structlog.get_logger("kpx.udp")
+
+UDP_ENABLED = Gauge(
+    "kpx_udp_enabled",
+    "1 when kpx proxies UDP Services, 0 when it cannot here (see udp_proxy_disabled)",
+)
+
+
+class UdpPath:
+    def __init__(
+        self,
+        settings: KpxSettings,
+        stores: tuple[Store[Any], Store[Any], Store[Any]],
+        local_clients: LocalClients,
+        health: ProxierHealth,
+    ) -> None:
+        services, slices, nodes = stores
+        self.balancer = Balancer(
+            cooldown_base=settings.cooldown_base, cooldown_cap=settings.cooldown_max
+        )
+        self.table = ServiceTable(
+            services,
+            slices,
+            nodes,
+            settings.node_name,
+            self.balancer,
+            local_client=local_clients,
+            protocol="UDP",
+        )
+        self.relay = UdpRelay(
+            self.table, idle_timeout=settings.udp_timeout, max_sessions=settings.udp_max_sessions
+        )
+        self.ports_writer: UdpPortsWriter | None = None
+        self.writer: SteeringWriter
+        if settings.mode == "nftables":
+            self.writer = UdpNftWriter(
+                self.relay,
+                settings.proxy_port,
+                settings.nodeport_addresses,
+                cluster_cidrs=settings.cluster_cidrs,
+            )
+        else:
+            self.writer = self.ports_writer = UdpPortsWriter(
+                self.relay, settings.ports_bind_address
+            )
+        self.syncer = RuleSyncer(
+            self.table,
+            self.writer,
+            health,
+            None,  # healthCheckNodePorts do not depend on the protocol: the TCP syncer's
+            on_backend_removed=self.relay.close_backend,
+            min_sync_period=settings.min_sync_period,
+            observe_programming=False,  # the TCP syncer sees the same EndpointSlice changes
+        )
+        self.enabled = True
+        UDP_ENABLED.set(1)
+        self._collector = register_udp_stats(self.relay.stats, lambda: len(self.relay.sessions))
+
+    async def claim(self, hosts: Sequence[str], port: int) -> None:
+        """nftables mode, at start: the transparent sockets and the policy routes, or UDP off."""
+        try:
+            for host in hosts:
+                self.relay.serve_transparent(host, port)
+        except OSError as err:
+            await self._disable("no transparent socket (needs CAP_NET_ADMIN in kpx)", str(err))
+            return
+        if not await tproxy_routes.install():
+            await self._disable("tproxy policy routes not installed", "see tproxy_rule_failed")
+
+    async def _disable(self, reason: str, problem: str) -> None:
+        log.error("udp_proxy_disabled", reason=reason, problem=problem)
+        self.enabled = False
+        UDP_ENABLED.set(0)
+        await self.relay.stop()
+        await self.writer.remove()  # a table a capable kpx left would steer into nothing
+
+    @property
+    def synced(self) -> bool:
+        return not self.enabled or self.syncer.syncs > 0
+
+    async def sync_once(self) -> None:
+        if self.enabled:
+            await self.syncer.sync_once()
+
+    async def run(self) -> None:
+        if self.enabled:
+            await self.syncer.run()
+
+    def assignments(self) -> list[dict[str, Any]]:
+        return self.ports_writer.assignments() if self.ports_writer is not None else []
+
+    async def stop(self, programmed: bool) -> None:
+        await self.relay.stop()
+        if programmed and self.enabled:
+            await self.writer.remove()
+        REGISTRY.unregister(self._collector)
