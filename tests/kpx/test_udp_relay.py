@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import select
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.core import Metric
 
 from kpx.balancer import Balancer
@@ -318,3 +325,60 @@ async def test_udp_metrics_are_exported(harness: Harness):
 
 def _samples(metric: Metric) -> list[Any]:
     return list(metric.samples)
+
+
+def test_kpx_in_ports_mode_relays_udp_and_lists_the_udp_frontend(tmp_path: Path) -> None:
+    """The real daemon, `--mode ports`, no root: a TCP and a UDP port of one Service on the
+    same number each get their own local port; the UDP one relays (a real UDP backend)."""
+    backend = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    backend.bind(("127.0.0.1", 0))
+    backend.settimeout(5)
+    port = backend.getsockname()[1]
+    both = [
+        {"name": "dns", "port": 53, "protocol": "UDP"},
+        {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+    ]
+    docs = [
+        {"kind": "Service", "metadata": {"name": "dns"}, "spec": {"clusterIP": VIP, "ports": both}},
+        {
+            "kind": "EndpointSlice",
+            "metadata": {"name": "dns-1", "labels": {"kubernetes.io/service-name": "dns"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["127.0.0.1"]}],
+            "ports": [
+                {"name": "dns", "port": port, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": port, "protocol": "TCP"},
+            ],
+        },
+    ]
+    manifest = tmp_path / "cluster.yaml"
+    manifest.write_text(yaml.safe_dump_all(docs))
+    code = "import sys; from kpx.main import main; sys.exit(main(sys.argv[1:]))"
+    kpx = subprocess.Popen(
+        [sys.executable, "-c", code, "--mode", "ports", "--manifests", str(manifest),
+         "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0",
+         "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=(tmp_path / "kpx.log").open("w"), text=True,
+    )  # fmt: skip
+    try:
+        assert kpx.stdout is not None
+        ready, _, _ = select.select([kpx.stdout], [], [], 20)
+        line = kpx.stdout.readline() if ready else ""
+        assert line.startswith("{"), (line, (tmp_path / "kpx.log").read_text())
+        rows = json.loads(line)["services"]
+        assert sorted((r["frontend"], r["protocol"], r["state"]) for r in rows) == [
+            (f"{VIP}:53", "TCP", "serve"),
+            (f"{VIP}:53", "UDP", "serve"),
+        ]
+        udp_port = next(r["port"] for r in rows if r["protocol"] == "UDP")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(5)
+            client.sendto(b"question", ("127.0.0.1", udp_port))
+            data, relay = backend.recvfrom(100)
+            assert data == b"question"
+            backend.sendto(b"answer", relay)
+            assert client.recvfrom(100) == (b"answer", ("127.0.0.1", udp_port))
+    finally:
+        kpx.send_signal(signal.SIGTERM)
+        assert kpx.wait(timeout=40) == 0
+        backend.close()
