@@ -2,6 +2,9 @@
 destination (`ip rule add fwmark MARK lookup TABLE`, `ip route add local default dev lo table
 TABLE`, for IPv4 and IPv6).
 
+The mark, table and preference are the ones the TCP transparent mode (issue 10) uses, so both
+share one rule and one route.
+
 Installed idempotently at start (a rule already there is kept, so a kpx restarted after SIGKILL
 takes over without a gap), left in place by a crash, removed by the clean exit.
 """
@@ -15,7 +18,7 @@ import structlog
 
 log = structlog.get_logger("kpx.tproxy_routes")
 
-MARK = 0x00200000  # one bit, clear of kube-proxy's 0x4000 (masquerade) and 0x8000 (drop)
+MARK = 0x2000  # one bit, clear of kube-proxy's 0x4000 (masquerade) and 0x8000 (drop)
 ROUTE_TABLE = 10262
 RULE_PRIORITY = 10262
 _FAMILIES = (("-4", "0.0.0.0/0"), ("-6", "::/0"))
