@@ -26,7 +26,7 @@ from kpx.sync import RuleSyncer, SteeringWriter
 from kpx.table import ServiceTable
 from kpx.udp_nft import UdpNftWriter
 from kpx.udp_ports import UdpPortsWriter
-from kpx.udp_relay import UdpRelay
+from kpx.udp_relay import SourceAddress, UdpRelay
 from kwatch.store import Store
 
 log = structlog.get_logger("kpx.udp")
@@ -44,6 +44,7 @@ class UdpPath:
         stores: tuple[Store[Any], Store[Any], Store[Any]],
         local_clients: LocalClients,
         health: ProxierHealth,
+        source_address: SourceAddress | None = None,
     ) -> None:
         services, slices, nodes = stores
         self.balancer = Balancer(
@@ -59,7 +60,10 @@ class UdpPath:
             protocol="UDP",
         )
         self.relay = UdpRelay(
-            self.table, idle_timeout=settings.udp_timeout, max_sessions=settings.udp_max_sessions
+            self.table,
+            idle_timeout=settings.udp_timeout,
+            max_sessions=settings.udp_max_sessions,
+            source_address=source_address,
         )
         self.ports_writer: UdpPortsWriter | None = None
         self.writer: SteeringWriter

@@ -82,6 +82,11 @@ class UdpFrontends(Protocol):
         ...
 
 
+# (frontend ip, frontend port, client ip) -> the address to send to the endpoint from, or None
+# for the node's own (kpx/source.py's SourceAddresses in transparent mode).
+SourceAddress = Callable[[str, int, str], "str | None"]
+
+
 class UdpStats:
     """Counters for /metrics, plain integers on the hot path."""
 
@@ -133,6 +138,13 @@ class UdpListener:
         self._relay._close_listener(self)
 
 
+def _transparent(sock: socket.socket) -> None:
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+
+
 def _original_destination(control: bytes) -> tuple[str, int] | None:
     """The IP_ORIGDSTADDR / IPV6_ORIGDSTADDR cmsg's address, from a raw control buffer."""
     if len(control) < 16 + 8:
@@ -152,8 +164,12 @@ class UdpRelay:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         clock: Callable[[], float] = time.monotonic,
+        source_address: SourceAddress | None = None,
     ) -> None:
         self.frontends = frontends
+        # Transparent mode: the address a new session's socket sends from (the client's, where
+        # kube-proxy would keep it), None for the node's own; None: always the node's.
+        self.source_address = source_address
         self.sessions = SessionTable(idle_timeout, max_sessions)
         self.stats = UdpStats()
         self.epoch = 0
@@ -381,6 +397,12 @@ class UdpRelay:
             return None
         try:
             sock.setblocking(False)
+            source = None
+            if self.source_address is not None:
+                source = self.source_address(frontend[0], frontend[1], client_ip)
+            if source is not None and source != backend.ip:  # hairpin: the node's address
+                _transparent(sock)
+                sock.bind((source, 0))
             sock.connect((backend.ip, backend.port))
         except OSError as exc:
             sock.close()

@@ -364,3 +364,81 @@ def test_a_sigkilled_kpx_restarts_and_the_same_client_port_is_served_again(
         assert topo.node.run("ip", "rule", "show").count("lookup 10262") == 0
     finally:
         client.close()
+
+
+# The relay alone in the node namespace, with the source-address hook transparent mode gives
+# it (kpx/source.py decides whose address in the daemon): every client keeps its own.
+RELAY_WITH_CLIENT_SOURCE = r"""
+import asyncio, logging, sys
+import structlog
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+from kpx.backends import Backend
+from kpx.balancer import Balancer
+from kpx.udp_relay import UdpRelay
+
+vip, backend_ip = sys.argv[1], sys.argv[2]
+pickers = Balancer().update("t/echo:u", {("internal", 4): [Backend(backend_ip, 5353)]}, None)
+
+class Frontends:
+    def lookup(self, ip, port):
+        return pickers[("internal", 4)] if (ip, port) == (vip, 53) else None
+
+async def main():
+    relay = UdpRelay(Frontends(), source_address=lambda fip, fport, client: client)
+    relay.serve_transparent("0.0.0.0", 10262)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+# Answers `<the sender's address>` so the test sees whose address the backend saw.
+UDP_PEER = r"""
+import socket
+srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+srv.bind(("0.0.0.0", 5353))
+print("ready", flush=True)
+while True:
+    data, peer = srv.recvfrom(65535)
+    srv.sendto(b"seen|" + peer[0].encode() + b"|" + data, peer)
+"""
+
+
+def test_a_session_can_send_from_the_clients_address_and_hairpin_from_the_nodes(
+    netns_topology: Topology,
+) -> None:
+    from kpx import tproxy_routes
+    from kpx.udp_nft import render_full
+
+    # The endpoint sits behind a routed link (as on another node): its answers to a pod come
+    # back through this node, where kpx takes them. (On one bridge they would go straight to
+    # the pod, the same-node case the transparent mode handles on its own.)
+    topo = netns_topology
+    backend = topo.add_external("backend")
+    backend.spawn_python(UDP_PEER)
+    for family in ("iptables", "ip6tables"):
+        topo.node.sysctl(f"net.bridge.bridge-nf-call-{family}", "0")
+    mark = f"{tproxy_routes.MARK:#x}"
+    topo.node.ip("rule", "add", "fwmark", f"{mark}/{mark}", "lookup", "10262")
+    topo.node.ip("route", "add", "local", "default", "dev", "lo", "table", "10262")
+    topo.node.nft(render_full({(4, "10.96.0.40", 53): "serve"}, 10262))
+    topo.node.spawn_python(RELAY_WITH_CLIENT_SOURCE, "10.96.0.40", "10.245.1.2")
+    client, hairpin = Client(topo.client), Client(backend)
+    try:
+        # The pod on the bridge: the backend sees its address, the answer comes from the VIP.
+        def answer(c: Client, data: bytes) -> Any:
+            c.sock.settimeout(0.5)
+            c.sock.sendto(data, ("10.96.0.40", 53))
+            try:
+                return c.sock.recvfrom(100)
+            except TimeoutError:
+                return None
+
+        assert wait_for(lambda: answer(client, b"hi") is not None)
+        assert answer(client, b"who") == (b"seen|10.244.0.2|who", ("10.96.0.40", 53))
+        # The endpoint calling its own Service: from the node's address (kube-proxy's hairpin
+        # masquerade), or its answer would never leave the pod.
+        assert answer(hairpin, b"me") == (b"seen|10.245.1.1|me", ("10.96.0.40", 53))
+    finally:
+        client.close()
+        hairpin.close()
