@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 
 from dnsd.cache import DnsCache
 from dnsd.controller import ZoneController
+from dnsd.endpoint_names import EndpointNames
 from dnsd.forward import Forwarder, read_resolv_conf
 from dnsd.handler import Handler, PodMode
 from dnsd.metrics import DnsCollector, DnsStats
@@ -44,15 +45,16 @@ class Daemon:
             resources.append(PODS)  # verified mode watches every pod, as CoreDNS does
         self.state = ClusterState(resources)
         self.index = ZoneIndex(settings.zone, settings.ttl)
+        options = RecordOptions(
+            zones=tuple(settings.zone),
+            ttl=settings.ttl,
+            endpoint_pod_names=settings.endpoint_pod_names,
+            ignore_empty_service=settings.ignore_empty_service,
+            endpoint_ptrs=settings.endpoint_ptrs,
+        )
         self.controller = ZoneController(
             self.index,
-            RecordOptions(
-                zones=tuple(settings.zone),
-                ttl=settings.ttl,
-                endpoint_pod_names=settings.endpoint_pod_names,
-                ignore_empty_service=settings.ignore_empty_service,
-                endpoint_ptrs=settings.endpoint_ptrs,
-            ),
+            options,
             self.state.store(SERVICES),
             self.state.store(ENDPOINTSLICES),
             self.state.store(NAMESPACES),
@@ -77,6 +79,16 @@ class Daemon:
             timeout=settings.forward_timeout,
             max_inflight=settings.max_concurrent,
         )
+        lazy = []
+        if settings.endpoint_names:
+            lazy.append(
+                EndpointNames(
+                    self.state.store(SERVICES),
+                    self.state.store(ENDPOINTSLICES),
+                    options,
+                    self.controller._exposed,
+                )
+            )
         self.stats = DnsStats()
         self.handler = Handler(
             self.index,
@@ -85,6 +97,7 @@ class Daemon:
             pod_exists=self.controller.pod_exists,
             max_udp_size=settings.max_udp_size,
             stats=self.stats,
+            lazy=tuple(lazy),
         )
         self.server = DnsServer(
             self.handler,

@@ -71,6 +71,11 @@ class DnsdSettings(AccessSettings):
         description="also answer PTR for the ready endpoint IPs of ClusterIP Services, "
         "as CoreDNS does (about 0.3 KB of memory per endpoint IP)",
     )
+    endpoint_names: bool = Field(
+        True,
+        description="answer <hostname or dashed IP>.<svc>.<ns>.svc.<zone> for the ready "
+        "endpoints of ClusterIP Services too, as CoreDNS does (looked up when asked)",
+    )
     ignore_empty_service: bool = Field(
         False, description="NXDOMAIN for ClusterIP services without ready endpoints"
     )
