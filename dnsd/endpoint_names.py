@@ -57,7 +57,7 @@ class EndpointNames:
         )
 
     def answer(
-        self, name_key: bytes, offsets: list[int], qtype: int, nodata: Answer
+        self, name_key: bytes, offsets: list[int], zone_offset: int, qtype: int, nodata: Answer
     ) -> Answer | None:
         """The A/AAAA answer, NODATA for a name that exists without records of `qtype`, or
         None: no such name."""

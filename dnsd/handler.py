@@ -52,7 +52,7 @@ class LazyNames(Protocol):
     def claims(self, name_key: bytes, offsets: list[int], zone_offset: int) -> bool: ...
 
     def answer(
-        self, name_key: bytes, offsets: list[int], qtype: int, nodata: Answer
+        self, name_key: bytes, offsets: list[int], zone_offset: int, qtype: int, nodata: Answer
     ) -> Answer | None: ...
 
 
@@ -282,7 +282,9 @@ class Handler:
         offsets = query.label_offsets
         for names in self.lazy:
             if names.claims(query.name_key, offsets, zone_offset):
-                lazy = names.answer(query.name_key, offsets, query.qtype, index.nodata[zid])
+                lazy = names.answer(
+                    query.name_key, offsets, zone_offset, query.qtype, index.nodata[zid]
+                )
                 if lazy is not None:
                     return respond(query, lazy, limit, self.max_udp_size)
         if (

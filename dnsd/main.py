@@ -17,11 +17,12 @@ from dnsd.cache import DnsCache
 from dnsd.controller import ZoneController
 from dnsd.endpoint_names import EndpointNames
 from dnsd.forward import Forwarder, read_resolv_conf
-from dnsd.handler import Handler, PodMode
+from dnsd.handler import Handler, LazyNames, PodMode
 from dnsd.metrics import DnsCollector, DnsStats
 from dnsd.records import RecordOptions
 from dnsd.server import DnsServer
 from dnsd.settings import DnsdSettings, load
+from dnsd.zonal import ZonalNames
 from dnsd.zone import ZoneIndex
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
@@ -79,16 +80,12 @@ class Daemon:
             timeout=settings.forward_timeout,
             max_inflight=settings.max_concurrent,
         )
-        lazy = []
+        lazy: list[LazyNames] = []
+        stores = (self.state.store(SERVICES), self.state.store(ENDPOINTSLICES))
         if settings.endpoint_names:
-            lazy.append(
-                EndpointNames(
-                    self.state.store(SERVICES),
-                    self.state.store(ENDPOINTSLICES),
-                    options,
-                    self.controller._exposed,
-                )
-            )
+            lazy.append(EndpointNames(*stores, options, self.controller._exposed))
+        if settings.zonal:
+            lazy.append(ZonalNames(*stores, options, self.controller._exposed))
         self.stats = DnsStats()
         self.handler = Handler(
             self.index,

@@ -76,6 +76,12 @@ class DnsdSettings(AccessSettings):
         description="answer <hostname or dashed IP>.<svc>.<ns>.svc.<zone> for the ready "
         "endpoints of ClusterIP Services too, as CoreDNS does (looked up when asked)",
     )
+    zonal: bool = Field(
+        False,
+        description="answer <topology-zone>.pin._zone.<svc>.<ns>.svc.<zone> and "
+        "<topology-zone>.prefer._zone... for headless Services: their endpoints in that zone "
+        "(pin: none -> NODATA; prefer: none -> all), as CoreDNS's zonal option",
+    )
     ignore_empty_service: bool = Field(
         False, description="NXDOMAIN for ClusterIP services without ready endpoints"
     )
