@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from dnsd import answers as enc
+from dnsd import external
 from dnsd.handler import PodMode
 from dnsd.metrics import DNS_PROGRAMMING, ZONE_SYNC
 from dnsd.records import RecordOptions, ServiceRecords, service_records
@@ -195,7 +196,10 @@ class ZoneController:
             return None
         slices = self.slices.by_index("service", key)
         try:
-            return service_records(service, slices, self.options)
+            records = service_records(service, slices, self.options)
+            if self.options.external_zones:
+                external.add_service(records, service, slices, self.options)
+            return records
         except ValueError as err:
             # A name dnslib/the wire form cannot carry (e.g. a label over 63 bytes).
             log.warning("service_skipped", key=key, problem=str(err))
@@ -229,6 +233,15 @@ class ZoneController:
                 records.names.add(name)
             for name, _ in answers:
                 records.names.add(name)
+        if self.options.external_zones:
+            outside = external.outside_addresses(dns_service)[0] if dns_service else []
+            for zone in self.options.external_zones:
+                apex = external.apex_records(
+                    zone, self.options.ttl, self.index.serial, outside or ns_ips
+                )
+                records.answers.update(apex.answers)
+                records.additional.update(apex.additional)
+                records.names |= apex.names
         return records
 
     def pod_exists(self, ip: str, namespace: str) -> bool:

@@ -279,6 +279,9 @@ class Handler:
         existing = index.existing.get(query.name_key)
         if existing is not None:
             return respond(query, index.nodata[existing], limit, self.max_udp_size)
+        if zid >= len(index.zones):
+            # An --external-zone (dnsd.external): no pod or endpoint names in there.
+            return respond(query, index.nxdomain[zid], limit, self.max_udp_size)
         offsets = query.label_offsets
         for names in self.lazy:
             if names.claims(query.name_key, offsets, zone_offset):

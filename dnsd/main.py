@@ -45,13 +45,15 @@ class Daemon:
         if settings.pods is PodMode.VERIFIED:
             resources.append(PODS)  # verified mode watches every pod, as CoreDNS does
         self.state = ClusterState(resources)
-        self.index = ZoneIndex(settings.zone, settings.ttl)
+        self.index = ZoneIndex(settings.zone, settings.ttl, settings.external_zone)
         options = RecordOptions(
             zones=tuple(settings.zone),
             ttl=settings.ttl,
             endpoint_pod_names=settings.endpoint_pod_names,
             ignore_empty_service=settings.ignore_empty_service,
             endpoint_ptrs=settings.endpoint_ptrs,
+            external_zones=tuple(settings.external_zone),
+            external_headless=settings.external_headless,
         )
         self.controller = ZoneController(
             self.index,

@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from dnsd.handler import PodMode
 from dnsd.names import to_wire
@@ -82,6 +82,16 @@ class DnsdSettings(AccessSettings):
         "<topology-zone>.prefer._zone... for headless Services: their endpoints in that zone "
         "(pin: none -> NODATA; prefer: none -> all), as CoreDNS's zonal option",
     )
+    external_zone: list[str] = Field(
+        default_factory=list,
+        description="outside zone answering <svc>.<ns>.<ZONE> with the Service's externalIPs "
+        "and LoadBalancer ingress addresses, with its own SOA and NS (CoreDNS k8s_external)",
+    )
+    external_headless: bool = Field(
+        False,
+        description="in the --external-zone, headless Services without external addresses "
+        "answer their ready endpoints (CoreDNS k8s_external headless)",
+    )
     ignore_empty_service: bool = Field(
         False, description="NXDOMAIN for ClusterIP services without ready endpoints"
     )
@@ -128,6 +138,22 @@ class DnsdSettings(AccessSettings):
         for zone in zones:
             zone = zone.lower().strip(".")
             to_wire(zone)  # ValueError names the bad label
+            out.append(zone)
+        return out
+
+    @field_validator("external_zone")
+    @classmethod
+    def _valid_external_zones(cls, zones: list[str], info: ValidationInfo) -> list[str]:
+        cluster = info.data.get("zone") or []
+        out: list[str] = []
+        for zone in zones:
+            zone = zone.lower().strip(".")
+            to_wire(zone)  # ValueError names the bad label
+            for other in [*cluster, "in-addr.arpa", "ip6.arpa", *out]:
+                if zone == other or zone.endswith("." + other) or other.endswith("." + zone):
+                    raise ValueError(f"external zone {zone!r} overlaps the zone {other!r}")
+            if not zone:
+                raise ValueError("the root cannot be an external zone")
             out.append(zone)
         return out
 
