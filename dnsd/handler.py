@@ -279,8 +279,8 @@ class Handler:
         existing = index.existing.get(query.name_key)
         if existing is not None:
             return respond(query, index.nodata[existing], limit, self.max_udp_size)
-        if zid >= len(index.zones):
-            # An --external-zone (dnsd.external): no pod or endpoint names in there.
+        if zid >= index.service_zones:
+            # A --multicluster or --external-zone: no pod or endpoint names in there.
             return respond(query, index.nxdomain[zid], limit, self.max_udp_size)
         offsets = query.label_offsets
         for names in self.lazy:

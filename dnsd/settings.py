@@ -82,6 +82,11 @@ class DnsdSettings(AccessSettings):
         "<topology-zone>.prefer._zone... for headless Services: their endpoints in that zone "
         "(pin: none -> NODATA; prefer: none -> all), as CoreDNS's zonal option",
     )
+    multicluster: list[str] = Field(
+        default_factory=list,
+        description="zone answering the Multi-Cluster Services API's ServiceImports "
+        "(usually clusterset.local), as CoreDNS's multicluster option; watches ServiceImports",
+    )
     external_zone: list[str] = Field(
         default_factory=list,
         description="outside zone answering <svc>.<ns>.<ZONE> with the Service's externalIPs "
@@ -141,17 +146,18 @@ class DnsdSettings(AccessSettings):
             out.append(zone)
         return out
 
-    @field_validator("external_zone")
+    @field_validator("multicluster", "external_zone")
     @classmethod
-    def _valid_external_zones(cls, zones: list[str], info: ValidationInfo) -> list[str]:
-        cluster = info.data.get("zone") or []
+    def _valid_other_zones(cls, zones: list[str], info: ValidationInfo) -> list[str]:
+        """Zones that must not overlap the cluster zones, the reverse ones or each other."""
+        cluster = [*(info.data.get("zone") or []), *(info.data.get("multicluster") or [])]
         out: list[str] = []
         for zone in zones:
             zone = zone.lower().strip(".")
             to_wire(zone)  # ValueError names the bad label
             for other in [*cluster, "in-addr.arpa", "ip6.arpa", *out]:
                 if zone == other or zone.endswith("." + other) or other.endswith("." + zone):
-                    raise ValueError(f"external zone {zone!r} overlaps the zone {other!r}")
+                    raise ValueError(f"zone {zone!r} overlaps the zone {other!r}")
             if not zone:
                 raise ValueError("the root cannot be an external zone")
             out.append(zone)

@@ -65,8 +65,18 @@ class Applied:
 
 
 class ZoneIndex:
-    def __init__(self, zones: list[str], ttl: int, external_zones: Sequence[str] = ()) -> None:
-        self.zones = [z.lower().strip(".") for z in zones]
+    def __init__(
+        self,
+        zones: list[str],
+        ttl: int,
+        external_zones: Sequence[str] = (),
+        multicluster_zones: Sequence[str] = (),
+    ) -> None:
+        # The cluster zones, then the --multicluster ones (dnsd.multicluster): served alike
+        # (SOA, NS, namespaces), but only the first `service_zones` hold the cluster's own
+        # Service, pod and endpoint names.
+        self.zones = [z.lower().strip(".") for z in (*zones, *multicluster_zones)]
+        self.service_zones = len(zones)
         self.primary = self.zones[0]
         self.ttl = ttl
         # Cluster zones first, then the reverse zones (which we only partly own: names nobody
