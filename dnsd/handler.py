@@ -220,8 +220,9 @@ class Handler:
             and name_key[offsets[2] : offsets[3]] == _POD_LABEL
         ):
             return None
-        if self.lazy and any(n.claims(name_key, offsets, zone_offset) for n in self.lazy):
-            return None
+        for names in self.lazy:  # none unless an option needs them
+            if names.claims(name_key, offsets, zone_offset):
+                return None
         return index.nxdomain[zid]
 
     def full(self, data: bytes, tcp: bool = False) -> Result:
