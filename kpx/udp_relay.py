@@ -39,7 +39,18 @@ import structlog
 
 from kpx.backends import Backend
 from kpx.udp_sessions import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, Session, SessionTable
-from kwatch.mmsg import PEER_ERRORS, RecvBatch, SendBatch, sockaddr_to_python
+from kwatch.mmsg import (
+    CONTROLLEN_I,
+    FLAGS_I,
+    LEN_I,
+    MSG_TRUNC,
+    NAME_SIZE,
+    NAMELEN_I,
+    PEER_ERRORS,
+    RecvBatch,
+    SendBatch,
+    sockaddr_to_python,
+)
 
 log = structlog.get_logger("kpx.udp")
 
@@ -294,7 +305,11 @@ class UdpRelay:
                 return
 
     def _from_clients(self, listener: UdpListener, n: int) -> None:
+        # The batch's buffers are read in place (RecvBatch's accessors, inlined: this loop runs
+        # once per datagram).
         rx = self._rx
+        ints, view, names, controls = rx.ints, rx.view, rx.names_view, rx.controls_view
+        size, control_size = rx.size, rx.control
         table = self.sessions.sessions
         stats = self.stats
         epoch = self.epoch
@@ -304,12 +319,15 @@ class UdpRelay:
         sent = sent_bytes = 0
         control = b""
         for i in range(n):
-            if rx.truncated(i):
+            base = 16 * i
+            if ints[base + FLAGS_I] & MSG_TRUNC:
                 stats.drops["truncated"] += 1
                 continue
-            name = rx.name(i)
+            start = i * NAME_SIZE
+            name = names[start : start + ints[base + NAMELEN_I]].tobytes()
             if transparent:
-                control = rx.control_data(i)
+                start = i * control_size
+                control = controls[start : start + ints[base + CONTROLLEN_I]].tobytes()
                 key = name + control
             else:
                 key = name + tag
@@ -319,7 +337,8 @@ class UdpRelay:
                 if session is None:
                     continue
             session.last = now
-            data = rx.data(i)
+            start = i * size
+            data = view[start : start + ints[base + LEN_I]]
             try:
                 session.sock.send(data)
             except BlockingIOError:

@@ -130,6 +130,8 @@ class RecvBatch:
         self.view = memoryview(self._buf.data)
         self.names = self._names.data
         self.controls = self._ctl.data
+        self.names_view = memoryview(self.names)
+        self.controls_view = memoryview(self.controls)
         self.ints = memoryview(self._msgs.data).cast("I")
         iov = memoryview(self._iov.data).cast("Q")
         msgs = memoryview(self._msgs.data).cast("Q")
