@@ -99,6 +99,9 @@ def start_kpx(topo: Topology, path: Path, log_path: Path) -> subprocess.Popen[st
     # tproxy's socket (kpx/udp_nft.py): the node namespace's bridge does not call it.
     for family in ("iptables", "ip6tables"):
         topo.node.sysctl(f"net.bridge.bridge-nf-call-{family}", "0")
+    # The per-host ICMP budget (1/s, burst 6) is spent by the redirects the node sends while a
+    # client polls a not yet programmed ClusterIP; the rejects checked later must not wait.
+    topo.node.sysctl("net.ipv4.icmp_ratelimit", "0")
     return topo.node.popen(
         sys.executable, "-c", KPX,
         "--manifests", str(path), "--node-name", "node-a", "--proxy-port", str(PROXY_PORT),
@@ -160,6 +163,9 @@ def test_udp_through_cluster_ip_node_port_and_local_policy_while_pods_cycle(
             endpoint_slice("local", local_pods, slice_ports, node="node-a"),
             service("empty", "10.96.0.21", cluster_only),
             endpoint_slice("empty", empty_pods, slice_ports),
+            # internalTrafficPolicy Local served on another node only: dropped, not rejected.
+            service("elsewhere", "10.96.0.23", cluster_only, internalTrafficPolicy="Local"),
+            endpoint_slice("elsewhere", [p1], slice_ports, node="node-b"),
         ]  # fmt: skip
 
     path = tmp_path / "cluster.yaml"
@@ -186,6 +192,10 @@ def test_udp_through_cluster_ip_node_port_and_local_policy_while_pods_cycle(
                 raise AssertionError("a Service without endpoints answered")
             except ConnectionRefusedError:
                 pass  # ICMP port unreachable, as kube-proxy's reject
+            elsewhere = Client(topo.client)
+            elsewhere.sock.connect(("10.96.0.23", 53))
+            assert elsewhere.ask("10.96.0.23", 53) == "timeout"  # dropped: no ICMP error
+            elsewhere.close()
 
             # The pod cycles: p1 goes away and p2 takes over; every client keeps its source
             # port and must reach p2 (conntrack.go: within a minute; here within seconds).

@@ -167,3 +167,46 @@ async def test_without_a_transparent_socket_udp_is_disabled_and_tcp_unaffected(
         assert path.syncer.syncs == 0
     finally:
         await path.stop(programmed=True)
+
+
+def test_a_udp_only_local_policy_load_balancer_keeps_its_health_check_and_local_endpoints():
+    svc = SERVICES.parse(
+        {
+            "metadata": {"name": "game", "namespace": "default"},
+            "spec": {
+                "type": "LoadBalancer",
+                "clusterIP": "10.96.0.8",
+                "externalTrafficPolicy": "Local",
+                "healthCheckNodePort": 32000,
+                "ports": [{"name": "g", "port": 7777, "protocol": "UDP", "nodePort": 30777}],
+            },
+        }
+    )
+    slices = [
+        ENDPOINTSLICES.parse(
+            {
+                "metadata": {
+                    "name": "game-1",
+                    "namespace": "default",
+                    "labels": {"kubernetes.io/service-name": "game"},
+                },
+                "addressType": "IPv4",
+                "endpoints": [
+                    {"addresses": ["10.1.0.1"], "nodeName": "node-a"},
+                    {"addresses": ["10.1.0.2"], "nodeName": "node-b"},
+                ],
+                "ports": [{"name": "g", "port": 7777, "protocol": "UDP"}],
+            }
+        )
+    ]
+    node = NodeInfo("node-a")
+    tcp = compute_service(svc, slices, node, "TCP")
+    udp = compute_service(svc, slices, node, "UDP")
+    assert tcp is not None and udp is not None
+    # The health check belongs to the Service, whatever its protocols: the TCP table, which
+    # serves them, has it although the Service has no TCP port.
+    assert tcp.ports == () and tcp.health_check_node_port == 32000
+    assert tcp.local_ready_endpoints == 1
+    (port,) = udp.ports
+    assert [b.ip for b in port.backends[("external", 4)]] == ["10.1.0.1"]  # local only
+    assert sorted(b.ip for b in port.backends[("internal", 4)]) == ["10.1.0.1", "10.1.0.2"]
