@@ -31,14 +31,18 @@ from kpx.health import (
     ProxierHealthServer,
     ServiceHealthServers,
 )
+from kpx.links import SharedLinks
 from kpx.local import LocalClients, addresses_in, local_addresses
-from kpx.metrics import register_proxy_stats
+from kpx.metrics import SOURCE_ADDRESS_MODE, register_proxy_stats
 from kpx.nft import NftWriter
+from kpx.policyroute import PolicyRouteError, PolicyRouting
 from kpx.ports import PortsWriter
 from kpx.proxy import Proxy
 from kpx.settings import KpxSettings
+from kpx.source import SourceAddresses
 from kpx.sync import RuleSyncer, SteeringWriter
 from kpx.table import ServiceTable
+from kpx.transparent import transparent_problem
 from kpx.udp_path import UdpPath
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
@@ -72,8 +76,37 @@ def _redirect_listen_hosts() -> list[str]:
         return ["0.0.0.0"]
 
 
+async def _transparent_mode(settings: KpxSettings, routing: PolicyRouting) -> bool | None:
+    """Whether kpx keeps clients' addresses (installing the policy routing it needs);
+    None: `--source-address-mode transparent` was asked for and cannot be had (exit)."""
+    if settings.mode != "nftables" or settings.source_address_mode == "node":
+        return False
+    problem = await transparent_problem()
+    if problem is None:
+        try:
+            await routing.install()
+        except PolicyRouteError as err:
+            problem = f"policy routing: {err}"
+    if problem is None:
+        return True
+    if settings.source_address_mode == "transparent":
+        log.error("kpx_start_failed", problem=problem, source_address_mode="transparent")
+        return None
+    # The one line that says why backends see the node's address on this node.
+    log.warning("transparent_mode_unavailable", problem=problem, source_address_mode="node")
+    return False
+
+
 async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int:
     stop = stop or stop_event()
+    listen_hosts = _redirect_listen_hosts()
+    routing = PolicyRouting(6 if ":" in host else 4 for host in listen_hosts)
+    transparent = await _transparent_mode(settings, routing)
+    if transparent is None:
+        return 1
+    source_mode = "transparent" if transparent else "node"
+    for name in ("transparent", "node"):
+        SOURCE_ADDRESS_MODE.labels(name).set(1 if name == source_mode else 0)
     state = ClusterState(
         [SERVICES, ENDPOINTSLICES, NODES],
         selectors={
@@ -98,17 +131,29 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         balancer,
         local_client=local_clients,
     )
+    shared_links = SharedLinks()
+    if transparent:
+        shared_links.refresh()
+    source = SourceAddresses(
+        table.frontend_class,
+        lambda: local_clients.addresses,
+        local_clients.in_cluster if settings.cluster_cidrs else None,
+        settings.masquerade_all,
+    )
     proxy = Proxy(
         table,
         connect_ladder=settings.connect_timeouts,
         max_connections=settings.max_connections,
         drain_timeout=settings.drain_timeout,
         idle_timeout=settings.idle_timeout,
+        transparent=transparent,
+        source_address=source if transparent else None,
+        same_link=shared_links,
     )
     collector = register_proxy_stats(proxy.stats)
     health = ProxierHealth(settings.health_timeout)
     stores = (state.store(SERVICES), state.store(ENDPOINTSLICES), state.store(NODES))
-    udp = UdpPath(settings, stores, local_clients, health)
+    udp = UdpPath(settings, stores, local_clients, health, transparent, shared_links)
     writer: SteeringWriter
     ports_writer: PortsWriter | None = None
     if settings.mode == "nftables":
@@ -116,6 +161,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
             settings.proxy_port,
             settings.nodeport_addresses,
             cluster_cidrs=settings.cluster_cidrs,
+            transparent=transparent,
         )
     else:
         writer = ports_writer = PortsWriter(proxy, settings.ports_bind_address)
@@ -166,15 +212,15 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         if settings.mode == "nftables":
             # Claim the proxy port before anything else: if another kpx holds it, fail here,
             # before the first sync rewrites (and the exit path deletes) its table.
-            hosts = _redirect_listen_hosts()
-            bound = [proxy.bind_redirect(h, settings.proxy_port) for h in hosts]
-            await udp.claim(hosts, settings.proxy_port)
+            bound = [proxy.bind_redirect(h, settings.proxy_port) for h in listen_hosts]
+            await udp.claim(listen_hosts, settings.proxy_port, routing, transparent)
         await healthz.start()
         await metrics_server.start()
         await state.start(settings, USER_AGENT)
         log.info(
             "kpx_started",
             mode=settings.mode,
+            source_address_mode=source_mode,
             node=settings.node_name,
             proxy_port=settings.proxy_port,
         )
@@ -207,6 +253,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
                 service_health,
                 settings.nodeport_addresses,
                 settings.sync_period,
+                shared_links if transparent else None,
             )
             tasks.append(asyncio.create_task(housekeeping))
             if ports_writer is not None:
@@ -235,6 +282,8 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         await udp.stop(programmed)
         if programmed:
             await writer.remove()
+            if settings.mode == "nftables":  # also a transparent run's leftovers
+                await routing.remove()
         await service_health.stop()
         await metrics_server.stop()
         await healthz.stop()
@@ -249,11 +298,14 @@ async def _housekeeping(
     service_health: ServiceHealthServers,
     nodeport_addresses: Sequence[str],
     period: float,
+    shared_links: SharedLinks | None = None,
 ) -> None:
     while True:
         await asyncio.sleep(period)
         for balancer in balancers:
             balancer.sweep()
+        if shared_links is not None:
+            shared_links.refresh()
         # Addresses come and go (DHCP, LB IPs bound on the node): the local-client check
         # follows them, and so do the healthCheckNodePort listeners (a no-op without
         # --nodeport-addresses: they listen on every address then).

@@ -52,6 +52,11 @@ NETWORK_PROGRAMMING = Histogram(
     "In Cluster Network Programming Latency in seconds",
     buckets=PROGRAMMING_BUCKETS,
 )
+SOURCE_ADDRESS_MODE = Gauge(
+    "kpx_source_address_mode",
+    "1 for the mode kpx runs in: transparent (backends see clients' addresses) or node",
+    ["mode"],
+)
 LAST_SYNC = Gauge(
     "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
     "The last time proxy rules were successfully synced",

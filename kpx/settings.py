@@ -3,8 +3,8 @@
 `--config` takes either kpx's own keys (`proxy_port: 10262` or `proxy-port: 10262`) or a
 KubeProxyConfiguration (`kubeproxy.config.k8s.io/v1alpha1`): its camelCase fields that mean
 the same thing here (mode, healthzBindAddress, metricsBindAddress, nodePortAddresses,
-minSyncPeriod, syncPeriod, hostnameOverride) are mapped, Go durations ("1s", "250ms") parsed,
-and every other field ignored with the file still accepted.
+minSyncPeriod, syncPeriod, hostnameOverride, clusterCIDR, masqueradeAll) are mapped, Go
+durations ("1s", "250ms") parsed, and every other field ignored with the file still accepted.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ KUBE_PROXY_FIELDS = {
     "hostnameOverride": "node_name",
     "clusterCIDR": "cluster_cidrs",
     "udpIdleTimeout": "udp_timeout",  # the userspace mode's field (removed in 1.26)
+    "masqueradeAll": "masquerade_all",
 }
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -118,6 +119,17 @@ class KpxSettings(AccessSettings):
         "nftables",
         description="nftables: steer Service traffic to the proxy with nftables (root); "
         "ports: bind every frontend on a local port instead (no root, development)",
+    )
+    source_address_mode: Literal["auto", "transparent", "node"] = Field(
+        "auto",
+        description="whose address backends see: transparent keeps the client's where "
+        "kube-proxy would (nftables tproxy, IP_TRANSPARENT; exits if unavailable), node "
+        "connects from the node's, auto is transparent where possible, else node",
+    )
+    masquerade_all: bool = Field(
+        False,
+        description="backends always see the node's address, never the client's "
+        "(kube-proxy's --masquerade-all)",
     )
     node_name: str = Field(
         default_factory=socket.gethostname,

@@ -42,6 +42,7 @@ from kpx.endpoints import (
     family_of,
     local_ready_endpoint_ips,
 )
+from kpx.source import FrontendClass
 from kwatch.models import EndpointSlice, Node, Service
 from kwatch.store import EventType, Store, StoreEvent
 
@@ -84,6 +85,12 @@ class Frontend:
     @property
     def steer_key(self) -> SteerKey:
         return (self.family, self.ip, self.port)
+
+    def source_class(self, external_local: bool) -> FrontendClass:
+        """kube-proxy's masquerade class of this frontend (kpx/source.py)."""
+        if self.scope == "internal":
+            return "internal"
+        return "external_local" if external_local else "external_cluster"
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,9 +334,12 @@ class ServiceTable:
         self._started = wall_clock()
         self._results: dict[str, ServiceRules] = {}
         # Per steering key, per Service port claiming it: its picker and its steering.
-        self._owners: dict[SteerKey, dict[str, tuple[FrontendPicker, Steer]]] = {}
+        self._owners: dict[SteerKey, dict[str, tuple[FrontendPicker, Steer, FrontendClass]]] = {}
         self._by_address: dict[tuple[str, int], Picker] = {}
         self._by_node_port: dict[tuple[int, int], Picker] = {}
+        # Keyed like the two maps above ((ip, port) or (family, port)): transparent mode's
+        # per-connection question "whose address may the backend see" (kpx/source.py).
+        self._classes: dict[Any, FrontendClass] = {}
         self.steering: dict[SteerKey, Steer] = {}
         self._dirty: set[str] = set()
         self._all_dirty = True
@@ -357,6 +367,15 @@ class ServiceTable:
         if ip.startswith("::ffff:") and "." in ip:  # IPv4-mapped, from a dual-stack socket
             return self.lookup(ip[7:], port)
         return self._by_node_port.get((6 if ":" in ip else 4, port))
+
+    def frontend_class(self, ip: str, port: int) -> FrontendClass | None:
+        """The masquerade class of the frontend `lookup(ip, port)` finds (kpx/source.py)."""
+        found = self._classes.get((ip, port))
+        if found is not None:
+            return found
+        if ip.startswith("::ffff:") and "." in ip:
+            return self.frontend_class(ip[7:], port)
+        return self._classes.get((6 if ":" in ip else 4, port))
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -509,7 +528,8 @@ class ServiceTable:
                         inside = pickers[short_circuit_list(port, fe.family)]
                         picker = LocalTrafficPicker(plain, inside, self._local_client)
                     steer = frontend_steer(port, fe, short_circuit)
-                    self._owners.setdefault(fe.steer_key, {})[port.port_id] = (picker, steer)
+                    owner = (picker, steer, fe.source_class(port.external_local))
+                    self._owners.setdefault(fe.steer_key, {})[port.port_id] = owner
                     touched.add(fe.steer_key)
             self._results[key] = new
         return touched
@@ -520,18 +540,21 @@ class ServiceTable:
         owners = self._owners.get(steer_key)
         picker: FrontendPicker | None = None
         state: Steer | None = None
+        source_class: FrontendClass = "internal"
         if owners:
             # Two Services claiming one address:port is a user error; the lowest port id wins
             # deterministically, and the other takes over if the winner goes away.
-            picker, state = owners[min(owners)]
+            picker, state, source_class = owners[min(owners)]
         else:
             self._owners.pop(steer_key, None)
         target = self._by_address if ip else self._by_node_port
         lookup_key: Any = (ip, port) if ip else (family, port)
         if picker is None:
             target.pop(lookup_key, None)
+            self._classes.pop(lookup_key, None)
         else:
             target[lookup_key] = picker
+            self._classes[lookup_key] = source_class
         if self.steering.get(steer_key) != state:
             if state is None:
                 self.steering.pop(steer_key, None)

@@ -8,7 +8,7 @@ states per frontend and the same "only set membership changes" property:
   there is no SO_ORIGINAL_DST), and it would leave a NAT binding in conntrack, the very thing
   that makes kube-proxy's UDP sessions stale;
 - host processes' datagrams (output) get a mark in a `route` chain; a policy route
-  (`ip rule fwmark MARK lookup TABLE`, `local default dev lo` in TABLE: kpx/tproxy_routes.py)
+  (`ip rule fwmark MARK lookup TABLE`, `local default dev lo` in TABLE: kpx/policyroute.py)
   loops them through `lo` into prerouting, where the tproxy rule takes them (`iif lo`);
 - `-local`: externalTrafficPolicy Local without endpoints here: tproxied for host processes and
   the cluster CIDRs, dropped for everyone else;
@@ -35,8 +35,7 @@ from pathlib import Path
 
 import structlog
 
-from kpx import tproxy_routes
-from kpx.nft import CLEANUP_FAILURES, ELEMENTS_PER_LINE, NftError, NftWriter
+from kpx.nft import CLEANUP_FAILURES, ELEMENTS_PER_LINE, TPROXY_MARK, NftError, NftWriter
 from kpx.table import Steer, SteerKey
 from kpx.udp_relay import UdpRelay
 
@@ -60,7 +59,7 @@ def bridge_netfilter_on() -> bool:
 
 
 TABLE = "inet kpx-udp"
-MARK = tproxy_routes.MARK
+MARK = TPROXY_MARK  # kpx/policyroute.py delivers it locally
 SET_SUFFIX: dict[Steer, str] = {
     "serve": "",
     "local": "-local",
@@ -212,8 +211,8 @@ def render_delta(
 
 
 class UdpNftWriter(NftWriter):
-    """Keeps `inet kpx-udp` and the tproxy policy routes equal to the UDP table's steering,
-    and tells the relay after each sync (its sessions are re-checked)."""
+    """Keeps `inet kpx-udp` equal to the UDP table's steering, and tells the relay after each
+    sync (its sessions are re-checked). The policy routes are kpx/policyroute.py's."""
 
     def __init__(
         self,
@@ -223,11 +222,9 @@ class UdpNftWriter(NftWriter):
         command: Sequence[str] = ("nft",),
         timeout: float = 30.0,
         cluster_cidrs: Sequence[str] = (),
-        ip_command: Sequence[str] = ("ip",),
     ) -> None:
         super().__init__(proxy_port, nodeport_cidrs, command, timeout, cluster_cidrs)
         self.relay = relay
-        self.ip_command = list(ip_command)
 
     async def sync(
         self, steering: Mapping[SteerKey, Steer], changed: Iterable[SteerKey] = ()
@@ -245,7 +242,6 @@ class UdpNftWriter(NftWriter):
                     problem="bridge-nf-call-iptables is 1: UDP from pods behind a bridge "
                     "is not delivered to kpx",
                 )
-            await tproxy_routes.install(self.ip_command)
             script = render_full(steering, self.proxy_port, self.nodeport_cidrs, self.cluster_cidrs)
             await self._run_or_flag(script)
             removed = any(key not in steering for key in self.applied)
@@ -274,6 +270,5 @@ class UdpNftWriter(NftWriter):
         except NftError as err:
             CLEANUP_FAILURES.inc()
             log.error("nft_cleanup_failed", table=TABLE, problem=str(err))
-        await tproxy_routes.remove(self.ip_command)
         self.applied = {}
         self.needs_full = True

@@ -1,11 +1,14 @@
 """The UDP half of kpx, assembled: its service table, relay, steering writer and syncer.
 
 kpx/main.py builds one `UdpPath` next to its TCP parts; both share the watches, the health
-state and the local-client check. In nftables mode UDP needs more than TCP: a transparent
-socket (IP_TRANSPARENT: CAP_NET_ADMIN in kpx's own process, not only in `nft`) and the tproxy
-policy routes. Where kpx cannot have them, `claim` logs `udp_proxy_disabled` once, removes a
-UDP table an earlier kpx may have left, and UDP Services are left alone (as before kpx
-proxied UDP) while TCP is served as usual; `kpx_udp_enabled` says which.
+state, the local-client check and the policy routing (kpx/policyroute.py). In nftables mode
+UDP always needs what TCP needs only for `--source-address-mode transparent`: a transparent
+socket (IP_TRANSPARENT: CAP_NET_ADMIN in kpx's own process, not only in `nft`) and the
+policy routes, since REDIRECT loses a datagram's original destination. Where kpx cannot have
+them, `claim` logs `udp_proxy_disabled` once, removes a UDP table an earlier kpx may have
+left, and UDP Services are left alone while TCP is served as usual; `kpx_udp_enabled` says
+which. In transparent mode sessions send from the client's address where kube-proxy would keep
+it (kpx/source.py, the same decision as for TCP).
 """
 
 from __future__ import annotations
@@ -16,17 +19,19 @@ from typing import Any
 import structlog
 from prometheus_client import REGISTRY, Gauge
 
-from kpx import tproxy_routes
 from kpx.balancer import Balancer
 from kpx.health import ProxierHealth
+from kpx.links import SharedLinks
 from kpx.local import LocalClients
 from kpx.metrics import register_udp_stats
+from kpx.policyroute import PolicyRouteError, PolicyRouting
 from kpx.settings import KpxSettings
+from kpx.source import SourceAddresses
 from kpx.sync import RuleSyncer, SteeringWriter
 from kpx.table import ServiceTable
 from kpx.udp_nft import UdpNftWriter
 from kpx.udp_ports import UdpPortsWriter
-from kpx.udp_relay import SourceAddress, UdpRelay
+from kpx.udp_relay import UdpRelay
 from kwatch.store import Store
 
 log = structlog.get_logger("kpx.udp")
@@ -44,7 +49,8 @@ class UdpPath:
         stores: tuple[Store[Any], Store[Any], Store[Any]],
         local_clients: LocalClients,
         health: ProxierHealth,
-        source_address: SourceAddress | None = None,
+        transparent: bool = False,
+        same_link: SharedLinks | None = None,
     ) -> None:
         services, slices, nodes = stores
         self.balancer = Balancer(
@@ -59,11 +65,18 @@ class UdpPath:
             local_client=local_clients,
             protocol="UDP",
         )
+        source = SourceAddresses(
+            self.table.frontend_class,
+            lambda: local_clients.addresses,
+            local_clients.in_cluster if settings.cluster_cidrs else None,
+            settings.masquerade_all,
+        )
         self.relay = UdpRelay(
             self.table,
             idle_timeout=settings.udp_timeout,
             max_sessions=settings.udp_max_sessions,
-            source_address=source_address,
+            source_address=source if transparent else None,
+            same_link=same_link,
         )
         self.ports_writer: UdpPortsWriter | None = None
         self.writer: SteeringWriter
@@ -91,16 +104,22 @@ class UdpPath:
         UDP_ENABLED.set(1)
         self._collector = register_udp_stats(self.relay.stats, lambda: len(self.relay.sessions))
 
-    async def claim(self, hosts: Sequence[str], port: int) -> None:
-        """nftables mode, at start: the transparent sockets and the policy routes, or UDP off."""
+    async def claim(
+        self, hosts: Sequence[str], port: int, routing: PolicyRouting, routed: bool
+    ) -> None:
+        """nftables mode, at start: the transparent sockets and the policy routes (`routed`:
+        transparent mode installed them already), or UDP off."""
         try:
             for host in hosts:
                 self.relay.serve_transparent(host, port)
         except OSError as err:
             await self._disable("no transparent socket (needs CAP_NET_ADMIN in kpx)", str(err))
             return
-        if not await tproxy_routes.install():
-            await self._disable("tproxy policy routes not installed", "see tproxy_rule_failed")
+        if not routed:
+            try:
+                await routing.install()  # removed with the TCP ones on a clean exit
+            except PolicyRouteError as err:
+                await self._disable("policy routing", str(err))
 
     async def _disable(self, reason: str, problem: str) -> None:
         log.error("udp_proxy_disabled", reason=reason, problem=problem)

@@ -176,11 +176,15 @@ class UdpRelay:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         clock: Callable[[], float] = time.monotonic,
         source_address: SourceAddress | None = None,
+        same_link: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.frontends = frontends
         # Transparent mode: the address a new session's socket sends from (the client's, where
         # kube-proxy would keep it), None for the node's own; None: always the node's.
         self.source_address = source_address
+        # Whether two addresses share a link (kpx/links.py): such an endpoint would answer the
+        # client directly, so its session sends from the node's address.
+        self.same_link = same_link
         self.sessions = SessionTable(idle_timeout, max_sessions)
         self.stats = UdpStats()
         self.epoch = 0
@@ -419,7 +423,11 @@ class UdpRelay:
             source = None
             if self.source_address is not None:
                 source = self.source_address(frontend[0], frontend[1], client_ip)
-            if source is not None and source != backend.ip:  # hairpin: the node's address
+            if (
+                source is not None
+                and source != backend.ip  # hairpin: the node's address
+                and (self.same_link is None or not self.same_link(source, backend.ip))
+            ):
                 _transparent(sock)
                 sock.bind((source, 0))
             sock.connect((backend.ip, backend.port))

@@ -417,7 +417,7 @@ while True:
 def test_a_session_can_send_from_the_clients_address_and_hairpin_from_the_nodes(
     netns_topology: Topology,
 ) -> None:
-    from kpx import tproxy_routes
+    from kpx.nft import TPROXY_MARK
     from kpx.udp_nft import render_full
 
     # The endpoint sits behind a routed link (as on another node): its answers to a pod come
@@ -428,7 +428,7 @@ def test_a_session_can_send_from_the_clients_address_and_hairpin_from_the_nodes(
     backend.spawn_python(UDP_PEER)
     for family in ("iptables", "ip6tables"):
         topo.node.sysctl(f"net.bridge.bridge-nf-call-{family}", "0")
-    mark = f"{tproxy_routes.MARK:#x}"
+    mark = f"{TPROXY_MARK:#x}"
     topo.node.ip("rule", "add", "fwmark", f"{mark}/{mark}", "lookup", "10262")
     topo.node.ip("route", "add", "local", "default", "dev", "lo", "table", "10262")
     topo.node.nft(render_full({(4, "10.96.0.40", 53): "serve"}, 10262))

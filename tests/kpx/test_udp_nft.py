@@ -8,8 +8,8 @@ from prometheus_client import REGISTRY
 
 from kpx.balancer import Balancer
 from kpx.endpoints import NodeInfo
+from kpx.nft import TPROXY_MARK as MARK
 from kpx.table import ServiceTable, compute_service
-from kpx.tproxy_routes import MARK
 from kpx.udp_nft import render_delta, render_full, render_table
 from kwatch.cluster import DEFAULT_INDEXERS
 from kwatch.resources import ENDPOINTSLICES, SERVICES
@@ -136,6 +136,7 @@ async def test_without_a_transparent_socket_udp_is_disabled_and_tcp_unaffected(
 ) -> None:
     from kpx.health import ProxierHealth
     from kpx.local import LocalClients
+    from kpx.policyroute import PolicyRouting
     from kpx.settings import KpxSettings
     from kpx.udp_nft import UdpNftWriter
     from kpx.udp_path import UdpPath
@@ -146,7 +147,7 @@ async def test_without_a_transparent_socket_udp_is_disabled_and_tcp_unaffected(
     settings = KpxSettings(node_name="node-a", mode="nftables")
     path = UdpPath(settings, (services, slices, nodes), LocalClients([], set()), ProxierHealth(60))
     removed: list[str] = []
-    writer = UdpNftWriter(path.relay, 10262, command=["true"], ip_command=["true"])
+    writer = UdpNftWriter(path.relay, 10262, command=["true"])
 
     async def remove() -> None:
         removed.append("table")
@@ -159,7 +160,7 @@ async def test_without_a_transparent_socket_udp_is_disabled_and_tcp_unaffected(
 
     monkeypatch.setattr(path.relay, "serve_transparent", refuse)
     try:
-        await path.claim(["0.0.0.0"], 10262)
+        await path.claim(["0.0.0.0"], 10262, PolicyRouting([4], command=["true"]), False)
         assert not path.enabled and path.synced  # readiness does not wait for UDP
         assert removed == ["table"]  # a table an earlier, capable kpx left is removed
         assert REGISTRY.get_sample_value("kpx_udp_enabled") == 0

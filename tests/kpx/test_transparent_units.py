@@ -1,0 +1,105 @@
+"""Transparent mode's pure parts: whose address a backend sees (kpx/source.py), the shared-link
+check (kpx/links.py), the policy-routing listing check and the transparent ruleset text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kpx.links import SharedLinks, connected_routes
+from kpx.nft import TPROXY_MARK, render_table
+from kpx.policyroute import rule_present
+from kpx.source import FrontendClass, SourceAddresses, keeps_client_address
+
+
+@pytest.mark.parametrize(
+    ("frontend", "node", "in_cluster", "masq", "kept"),
+    [
+        ("internal", False, True, False, True),  # pod -> ClusterIP
+        ("internal", False, None, False, True),  # cluster CIDRs unknown: kube-proxy keeps it
+        ("internal", False, False, False, False),  # off-cluster -> ClusterIP: masqueraded
+        ("internal", True, None, False, False),  # host client
+        ("external_local", False, False, False, True),  # outside -> ETP Local
+        ("external_local", False, True, False, True),  # pod -> ETP Local (short-circuit)
+        ("external_local", True, False, False, False),  # host -> ETP Local
+        ("external_cluster", False, False, False, False),  # ETP Cluster
+        ("external_cluster", False, True, False, False),
+        ("internal", False, True, True, False),  # --masquerade-all
+        ("external_local", False, False, True, False),
+    ],
+)
+def test_kube_proxys_masquerade_decisions(
+    frontend: FrontendClass, node: bool, in_cluster: bool | None, masq: bool, kept: bool
+) -> None:
+    assert keeps_client_address(frontend, node, in_cluster, masq) is kept
+
+
+def test_source_addresses_per_connection() -> None:
+    classes: dict[tuple[str, int], FrontendClass] = {
+        ("10.96.0.10", 80): "internal",
+        ("192.168.100.10", 80): "external_local",
+        ("10.0.0.1", 30040): "external_cluster",
+    }
+    source = SourceAddresses(
+        lambda ip, port: classes.get((ip, port)),
+        lambda: {"10.0.0.1"},
+        lambda ip: ip.startswith("10.244."),
+    )
+    assert source("10.96.0.10", 80, "10.244.1.11") == "10.244.1.11"
+    assert source("10.96.0.10", 80, "172.30.0.2") is None  # off-cluster
+    assert source("10.96.0.10", 80, "10.0.0.1") is None  # the node itself
+    assert source("10.96.0.10", 80, "127.0.0.1") is None
+    assert source("192.168.100.10", 80, "172.30.0.2") == "172.30.0.2"
+    assert source("10.0.0.1", 30040, "172.30.0.2") is None
+    assert source("10.96.9.9", 80, "10.244.1.11") is None  # unknown frontend
+    masq = SourceAddresses(lambda ip, port: "internal", set, None, masquerade_all=True)
+    assert masq("10.96.0.10", 80, "10.244.1.11") is None
+
+
+def test_shared_links_from_connected_routes() -> None:
+    v4 = json.dumps(
+        [
+            {"dst": "default", "gateway": "192.168.50.1", "dev": "eth0"},
+            {"dst": "default", "dev": "br0", "scope": "link"},
+            {"dst": "10.244.0.0/24", "dev": "cbr0", "scope": "link"},
+            {"dst": "10.244.1.11", "dev": "vp1", "scope": "link"},
+            {"dst": "10.244.1.12", "dev": "vp2", "scope": "link"},
+            {"dst": "10.244.2.0/24", "gateway": "192.168.50.12", "dev": "eth0"},
+            {"dst": "192.168.50.0/24", "dev": "eth0", "scope": "link"},
+        ]
+    )
+    v6 = json.dumps([{"dst": "fe80::/64", "dev": "vp1"}, {"dst": "fd00:1::/64", "dev": "cbr0"}])
+    links = SharedLinks(connected_routes([v4, v6]))
+    assert links("10.244.0.5", "10.244.0.6")  # one bridge
+    assert links("fd00:1::5", "fd00:1::6")
+    assert not links("10.244.1.11", "10.244.1.12")  # routed veths
+    assert not links("10.244.2.5", "10.244.2.6")  # via a gateway: not a link of ours
+    assert not links("10.244.0.5", "fd00:1::6")
+    assert not links("172.30.0.2", "172.30.0.3")  # only the default route covers them
+    assert not links("garbage", "garbage")
+
+
+def test_rule_listing_check() -> None:
+    mark = f"{TPROXY_MARK:#x}/{TPROXY_MARK:#x}"
+    assert rule_present(f"10262:\tfrom all fwmark {mark} lookup 10262 \n")
+    assert not rule_present("")
+    assert not rule_present(f"10262:\tfrom all fwmark {mark} lookup 99\n")
+    assert not rule_present(
+        f"10262:\tfrom all fwmark {mark} lookup 10262\n10262:\tfrom all lookup 10262\n"
+    )
+
+
+def test_transparent_ruleset_tproxies_prerouting_and_redirects_the_rest() -> None:
+    plain = render_table(10262)
+    assert "tproxy" not in plain and "socket" not in plain
+    text = render_table(10262, cluster_cidrs=["10.244.0.0/16"], transparent=True)
+    mark = f"meta mark set meta mark | {TPROXY_MARK:#x}"
+    assert f"meta l4proto tcp socket transparent 1 {mark} accept" in text
+    assert f"ip daddr . tcp dport @svc4 tproxy ip to :10262 {mark} accept" in text
+    assert f"ip6 daddr . tcp dport @svc6 tproxy ip6 to :10262 {mark} accept" in text
+    assert "ip saddr @cluster4 ip daddr . tcp dport @svc4-local tproxy ip to :10262" in text
+    # Host processes and bridged pods are still redirected; tproxied packets skip the refusals.
+    assert 'meta iifkind "bridge" meta nfproto ipv4 jump steer4' in text
+    assert "chain nat-output" in text and "redirect to :10262" in text
+    assert f"ct state new meta mark & {TPROXY_MARK:#x} == 0 meta nfproto ipv4 jump refuse4" in text
