@@ -211,8 +211,9 @@ def render_table(
         mark = f"meta mark set meta mark | {TPROXY_MARK:#x}"
         tproxy = (
             # Packets of connections kpx holds transparently (clients' later packets, the
-            # backends' replies to a client's address): delivered to kpx, not forwarded.
-            f"meta l4proto tcp socket transparent 1 {mark} accept\n"
+            # backends' replies to a client's address): delivered to kpx, not forwarded. UDP
+            # too: the answers to UDP sessions sent from a client's address (kpx/udp_nft.py).
+            f"meta l4proto {{ tcp, udp }} socket transparent 1 {mark} accept\n"
             f"{_BRIDGE} return\n"
             "meta nfproto ipv4 jump tproxy4\nmeta nfproto ipv6 jump tproxy6"
         )

@@ -12,8 +12,9 @@ states per frontend and the same "only set membership changes" property:
   loops them through `lo` into prerouting, where the tproxy rule takes them (`iif lo`);
 - `-local`: externalTrafficPolicy Local without endpoints here: tproxied for host processes and
   the cluster CIDRs, dropped for everyone else;
-- answers to sessions that send from the client's address (transparent mode, issue 10) match
-  `socket transparent` and get the mark too, so they reach kpx instead of the client;
+- answers to sessions that send from the client's address (transparent mode) are marked by
+  the TCP table's `socket transparent` rule (kpx/nft.py), which matches UDP too: a second
+  such rule for IPv6 in this table was seen to stop IPv6 TCP replies from being taken back;
 - `-drop`: dropped; `-reject`: ICMP port unreachable (kube-proxy's reject), in prerouting
   (after the steering rules) and, for host processes, in the output hook. Datagrams carrying
   the mark were steered to kpx and pass.
@@ -149,14 +150,9 @@ def render_table(
 
     # Refused in prerouting (what steer did not accept): a reject in the forward hook sends
     # no ICMP error for a packet routed back out the interface it came in on.
-    # An endpoint's answer to a session that sends from the client's address (transparent
-    # mode) is addressed to that client: the `socket` match finds kpx's transparent socket
-    # and the mark delivers it locally. After steer and refuse, so a client's datagram to a
-    # frontend never lands on the socket answers leave from (it is bound to the frontend).
-    answers = [f"meta l4proto udp socket transparent 1 meta mark set {MARK:#x} accept"]
     lines += _chain(
         "prerouting",
-        jump("steer") + jump("refuse") + answers,
+        jump("steer") + jump("refuse"),
         "type filter hook prerouting priority mangle; policy accept;",
     )
     lines += _chain(

@@ -418,6 +418,7 @@ def test_a_session_can_send_from_the_clients_address_and_hairpin_from_the_nodes(
     netns_topology: Topology,
 ) -> None:
     from kpx.nft import TPROXY_MARK
+    from kpx.nft import render_full as render_tcp_table
     from kpx.udp_nft import render_full
 
     # The endpoint sits behind a routed link (as on another node): its answers to a pod come
@@ -432,6 +433,8 @@ def test_a_session_can_send_from_the_clients_address_and_hairpin_from_the_nodes(
     topo.node.ip("rule", "add", "fwmark", f"{mark}/{mark}", "lookup", "10262")
     topo.node.ip("route", "add", "local", "default", "dev", "lo", "table", "10262")
     topo.node.nft(render_full({(4, "10.96.0.40", 53): "serve"}, 10262))
+    # The TCP table in transparent mode marks what belongs to a transparent socket, UDP too.
+    topo.node.nft(render_tcp_table({}, 10262, transparent=True))
     topo.node.spawn_python(RELAY_WITH_CLIENT_SOURCE, "10.96.0.40", "10.245.1.2")
     client, hairpin = Client(topo.client), Client(backend)
     try:
