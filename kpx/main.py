@@ -313,3 +313,7 @@ async def _print_assignments(syncer: RuleSyncer, writer: PortsWriter) -> None:
         if rows != last and syncer.syncs:
             last = rows
             print(json.dumps({"services": rows}), file=sys.stdout, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

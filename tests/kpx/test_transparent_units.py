@@ -4,12 +4,13 @@ check (kpx/links.py), the policy-routing listing check and the transparent rules
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 
 from kpx.links import SharedLinks, connected_routes
 from kpx.nft import TPROXY_MARK, render_table
-from kpx.policyroute import rule_present
+from kpx.policyroute import ack_error, route_message, rule_message
 from kpx.source import FrontendClass, SourceAddresses, keeps_client_address
 
 
@@ -80,14 +81,17 @@ def test_shared_links_from_connected_routes() -> None:
     assert not links("garbage", "garbage")
 
 
-def test_rule_listing_check() -> None:
-    mark = f"{TPROXY_MARK:#x}/{TPROXY_MARK:#x}"
-    assert rule_present(f"10262:\tfrom all fwmark {mark} lookup 10262 \n")
-    assert not rule_present("")
-    assert not rule_present(f"10262:\tfrom all fwmark {mark} lookup 99\n")
-    assert not rule_present(
-        f"10262:\tfrom all fwmark {mark} lookup 10262\n10262:\tfrom all lookup 10262\n"
-    )
+def test_netlink_messages_and_acks() -> None:
+    rule = rule_message(4, seq=7)
+    length, kind, flags, seq, _pid = struct.unpack_from("=IHHII", rule)
+    assert (length, kind, seq) == (len(rule), 32, 7)  # RTM_NEWRULE
+    assert flags & 0x200  # NLM_F_EXCL: an identical rule answers EEXIST, kept as it is
+    assert struct.pack("=HHI", 8, 10, TPROXY_MARK) in rule  # FRA_FWMARK
+    route = route_message(6, 1, delete=True, seq=8)
+    assert struct.unpack_from("=H", route, 4)[0] == 25  # RTM_DELROUTE
+    ack = struct.pack("=IHHII", 36, 2, 0, 8, 0) + struct.pack("=i", -17) + bytes(16)
+    assert ack_error(ack, 8) == 17  # EEXIST
+    assert ack_error(ack, 9) is None
 
 
 def test_transparent_ruleset_tproxies_prerouting_and_redirects_the_rest() -> None:
