@@ -314,3 +314,34 @@ def test_node_mode_and_fallback_without_capability(cluster: Cluster, workdir: Pa
     assert kpx.proc.wait(timeout=30) == 1
     assert "kpx_start_failed" in kpx.events()
     assert not kpx_table_exists(n1)
+
+
+def test_nodeport_addresses_primary_from_a_kube_proxy_configuration(
+    cluster: Cluster, workdir: Path
+) -> None:
+    """`nodePortAddresses: [primary]` in a KubeProxyConfiguration: NodePorts answer on the
+    Node's InternalIP only, not on the node's other addresses."""
+    pods = start_pods(cluster)
+    n1 = cluster.nodes[0]
+    # A second address on n1, routed to it from outside like the first.
+    n1.ip("addr", "add", "192.168.60.11/24", "dev", "eth0")
+    cluster.router.ip("route", "add", "192.168.60.0/24", "via", cluster.node_ipv4(1))
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "n1"},
+        "status": {"addresses": [{"type": "InternalIP", "address": cluster.node_ipv4(1)}]},
+    }
+    (workdir / "cluster.yaml").write_text(manifest(pods) + "---\n" + yaml.safe_dump(node))
+    config = workdir / "kube-proxy.yaml"
+    config.write_text(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+        "kind: KubeProxyConfiguration\n"
+        "nodePortAddresses: [primary]\n"
+    )
+    kpx = Kpx(cluster, workdir, "--config", str(config))
+    x = cluster.external
+    assert wait_for(lambda: ask(x, cluster.node_ipv4(1), 30040, 0.5).startswith("b1"))
+    assert ask(x, "192.168.60.11", 30040) in ("refused", "timeout", "reset")
+    assert "nodeport_addresses_primary" in kpx.events()
+    assert kpx.stop() == 0
