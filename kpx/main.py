@@ -165,6 +165,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
             nodeport_cidrs,
             cluster_cidrs=settings.cluster_cidrs,
             transparent=transparent,
+            firewall=lambda: table.firewall,
         )
     else:
         writer = ports_writer = PortsWriter(proxy, settings.ports_bind_address)

@@ -9,9 +9,12 @@ import struct
 import pytest
 
 from kpx.links import SharedLinks, connected_routes
-from kpx.nft import TPROXY_MARK, render_table
+from kpx.nft import TPROXY_MARK, render_firewall_delta, render_table
 from kpx.policyroute import ack_error, route_message, rule_message
 from kpx.source import FrontendClass, SourceAddresses, keeps_client_address
+from kpx.table import source_ranges
+from kwatch.models import Service
+from kwatch.resources import SERVICES
 
 
 @pytest.mark.parametrize(
@@ -107,3 +110,32 @@ def test_transparent_ruleset_tproxies_prerouting_and_redirects_the_rest() -> Non
     assert 'meta iifkind "bridge" meta nfproto ipv4 jump steer4' in text
     assert "chain nat-output" in text and "redirect to :10262" in text
     assert f"ct state new meta mark & {TPROXY_MARK:#x} == 0 meta nfproto ipv4 jump refuse4" in text
+
+
+def test_firewall_elements_follow_the_ranges() -> None:
+    key = (4, "192.168.100.10", 80)
+    assert render_firewall_delta({}, {}) == []
+    added = render_firewall_delta({}, {key: ("10.0.0.0/8",)})
+    assert added == [
+        "add element inet kpx lbfw-allow4 { 192.168.100.10 . 80 . 10.0.0.0/8 }",
+        "add element inet kpx lbfw4 { 192.168.100.10 . 80 }",
+    ]
+    changed = render_firewall_delta({key: ("10.0.0.0/8",)}, {key: ()})
+    assert "delete element inet kpx lbfw-allow4 { 192.168.100.10 . 80 . 10.0.0.0/8 }" in changed
+    assert "add element inet kpx lbfw4 { 192.168.100.10 . 80 }" in changed  # all dropped now
+    text = render_table(10262)
+    rule = "ip daddr . tcp dport @lbfw4 ip daddr . tcp dport . ip saddr != @lbfw-allow4 drop"
+    assert rule in text
+
+
+def test_source_ranges_are_collapsed_per_family_and_only_for_load_balancers() -> None:
+    def svc(kind: str, ranges: list[str]) -> Service:
+        spec = {"type": kind, "clusterIP": "10.96.0.1", "loadBalancerSourceRanges": ranges}
+        meta = {"name": "s", "namespace": "d"}
+        parsed: Service = SERVICES.parse({"metadata": meta, "spec": spec})
+        return parsed
+
+    ranged = svc("LoadBalancer", ["10.1.0.0/16", "10.0.0.0/8", "fd00::1/64", "nonsense"])
+    assert source_ranges(ranged) == ("10.0.0.0/8", "fd00::/64")
+    assert source_ranges(svc("LoadBalancer", [])) is None
+    assert source_ranges(svc("NodePort", ["10.0.0.0/8"])) is None
