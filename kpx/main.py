@@ -13,10 +13,12 @@ remove the rules (only rules this process wrote), exit.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -49,6 +51,7 @@ from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
 from kwatch.resources import ENDPOINTSLICES, NODES, SERVICES
 from kwatch.runtime import release_free_memory, run, stop_event
+from kwatch.store import Store
 
 log = structlog.get_logger("kpx.main")
 
@@ -156,17 +159,22 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
     udp = UdpPath(settings, stores, local_clients, health, transparent, shared_links)
     writer: SteeringWriter
     ports_writer: PortsWriter | None = None
+    # `primary` becomes this Node's InternalIPs once the Node is listed (`_primary_cidrs`);
+    # updated in place, so the housekeeping loop sees it too.
+    nodeport_cidrs = [] if settings.nodeport_primary else list(settings.nodeport_addresses)
+    nft_writer: NftWriter | None = None
     if settings.mode == "nftables":
-        writer = NftWriter(
+        writer = nft_writer = NftWriter(
             settings.proxy_port,
-            settings.nodeport_addresses,
+            nodeport_cidrs,
             cluster_cidrs=settings.cluster_cidrs,
             transparent=transparent,
+            firewall=lambda: table.firewall,
         )
     else:
         writer = ports_writer = PortsWriter(proxy, settings.ports_bind_address)
     service_health = ServiceHealthServers(
-        health.healthy, hosts=addresses_in(settings.nodeport_addresses, addresses)
+        health.healthy, hosts=addresses_in(nodeport_cidrs, addresses)
     )
     syncer = RuleSyncer(
         table,
@@ -233,6 +241,13 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
                 services=len(state.store(SERVICES)),
                 endpointslices=len(state.store(ENDPOINTSLICES)),
             )
+            if settings.nodeport_primary:
+                nodeport_cidrs[:] = _primary_cidrs(state.store(NODES), settings.node_name)
+                if nft_writer is not None:
+                    nft_writer.nodeport_cidrs = list(nodeport_cidrs)
+                udp.set_nodeport_cidrs(nodeport_cidrs)
+                hosts = addresses_in(nodeport_cidrs, local_clients.addresses)
+                await service_health.set_hosts(hosts)
             programmed = True
             for sync_once in (syncer.sync_once, udp.sync_once):
                 try:
@@ -251,7 +266,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
                 (balancer, udp.balancer),
                 local_clients,
                 service_health,
-                settings.nodeport_addresses,
+                nodeport_cidrs,
                 settings.sync_period,
                 shared_links if transparent else None,
             )
@@ -290,6 +305,25 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         REGISTRY.unregister(collector)
         log.info("kpx_stopped")
     return status
+
+
+def _primary_cidrs(nodes: Store[Any], node_name: str) -> list[str]:
+    """`--nodeport-addresses primary`: this Node's InternalIPs as host CIDRs, read once at
+    start as kube-proxy does; none known: every local address, said in one warning."""
+    node = nodes.get(node_name)
+    found = []
+    for address in node.status.addresses if node is not None else ():
+        if address.type != "InternalIP":
+            continue
+        try:
+            found.append(str(ipaddress.ip_network(address.address)))
+        except ValueError:
+            continue
+    if not found:
+        log.warning("nodeport_primary_unknown", node=node_name, fallback="all local addresses")
+    else:
+        log.info("nodeport_addresses_primary", addresses=found)
+    return found
 
 
 async def _housekeeping(
@@ -333,3 +367,7 @@ async def _print_assignments(
         if rows != last and syncer.syncs:
             last = rows
             print(json.dumps({"services": rows}), file=sys.stdout, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

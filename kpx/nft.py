@@ -34,6 +34,12 @@ Clients behind a bridge (the ingress device is a bridge, as with bridge CNIs) ar
 too: tproxy does not work for them (see `_BRIDGE`); the proxy still connects from their
 address where their backend is not on the same bridge (kpx/links.py).
 
+`loadBalancerSourceRanges` (kube-proxy's `firewall-ips`): `lbfw4` holds the LB IP . port
+frontends with ranges, `lbfw-allow4` (interval) the LB IP . port . allowed range triples; a
+new or established packet to a firewalled frontend from any other source is dropped in
+prerouting and output before it is steered (priority -110, ahead of the nat and tproxy hooks'
+verdicts taking effect). Changed only when a Service's ranges or LB IPs change.
+
 So an endpoint change costs nothing in the kernel, a new frontend costs one set element, and a
 frontend losing its last endpoint moves between two sets. Every change is one `nft -f`
 transaction (atomic); startup rewrites the table from scratch (`add table; delete table;
@@ -46,12 +52,15 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import structlog
 from prometheus_client import Counter
 
 from kpx.table import Steer, SteerKey
+
+# LB frontend -> the source ranges allowed to reach it (ServiceTable.firewall).
+Firewall = Mapping[SteerKey, tuple[str, ...]]
 
 log = structlog.get_logger("kpx.nft")
 
@@ -129,6 +138,10 @@ def _family_chains(
         f"\tset svc{f}{sfx} {{ type {addr_type} . inet_service; }}" for sfx in SET_SUFFIX.values()
     ]
     lines += [f"\tset np{f}{sfx} {{ type inet_service; }}" for sfx in SET_SUFFIX.values()]
+    lines.append(f"\tset lbfw{f} {{ type {addr_type} . inet_service; }}")
+    lines.append(
+        f"\tset lbfw-allow{f} {{ type {addr_type} . inet_service . {addr_type}; flags interval; }}"
+    )
     np_match: str | None = "fib daddr type local"
     if nodeport_cidrs is not None:
         if nodeport_cidrs:
@@ -225,6 +238,13 @@ def render_table(
         # dstnat (-100) for the redirects; filter - 10 so the reset comes before other firewalls.
         lines += _base_chain("nat-prerouting", "nat", "prerouting", -100, steer)
     lines += _base_chain("nat-output", "nat", "output", -100, steer + "\n" + host)
+    firewall = "\n".join(
+        f"meta nfproto ipv{f} {ip} daddr . tcp dport @lbfw{f} "
+        f"{ip} daddr . tcp dport . {ip} saddr != @lbfw-allow{f} drop"
+        for f, ip in ((4, "ip"), (6, "ip6"))
+    )
+    for hook in ("prerouting", "output"):
+        lines += _base_chain(f"firewall-{hook}", "filter", hook, -110, firewall)
     for hook in ("input", "forward", "output"):
         lines += _base_chain(f"filter-{hook}", "filter", hook, -10, refuse)
     lines.append("}")
@@ -241,17 +261,47 @@ def _element_lines(verb: str, groups: Mapping[str, list[str]]) -> list[str]:
     return lines
 
 
+def _firewall_elements(key: SteerKey, ranges: tuple[str, ...]) -> dict[str, list[str]]:
+    family, ip, port = key
+    return {
+        f"lbfw{family}": [f"{ip} . {port}"],
+        f"lbfw-allow{family}": [f"{ip} . {port} . {cidr}" for cidr in ranges],
+    }
+
+
+def render_firewall_delta(applied: Firewall, desired: Firewall) -> list[str]:
+    """Element deletes and adds turning the applied firewall into the desired one."""
+    removals: dict[str, list[str]] = {}
+    additions: dict[str, list[str]] = {}
+    for key in sorted(set(applied) | set(desired)):
+        old, new = applied.get(key), desired.get(key)
+        if old == new:
+            continue
+        if old is not None:
+            for name, items in _firewall_elements(key, old).items():
+                removals.setdefault(name, []).extend(items)
+        if new is not None:
+            for name, items in _firewall_elements(key, new).items():
+                additions.setdefault(name, []).extend(items)
+    return _element_lines("delete", removals) + _element_lines("add", additions)
+
+
 def render_full(
     steering: Mapping[SteerKey, Steer],
     proxy_port: int,
     nodeport_cidrs: Sequence[str] = (),
     cluster_cidrs: Sequence[str] = (),
     transparent: bool = False,
+    firewall: Firewall | None = None,
 ) -> str:
     """One transaction that replaces whatever kpx table exists with the desired one."""
     groups: dict[str, list[str]] = {}
     for key in sorted(steering):
         groups.setdefault(set_name(key, steering[key]), []).append(element(key))
+    for key in sorted(firewall or {}):
+        assert firewall is not None
+        for name, items in _firewall_elements(key, firewall[key]).items():
+            groups.setdefault(name, []).extend(items)
     # `add table` first so that `delete table` cannot fail on a fresh node.
     head = f"add table {TABLE}\ndelete table {TABLE}\n"
     body = render_table(proxy_port, nodeport_cidrs, cluster_cidrs, transparent)
@@ -294,8 +344,13 @@ class NftWriter:
         timeout: float = 30.0,
         cluster_cidrs: Sequence[str] = (),
         transparent: bool = False,
+        firewall: Callable[[], Firewall] | None = None,
     ) -> None:
         self.proxy_port = proxy_port
+        # The table's current loadBalancerSourceRanges (read whole each sync: it is small and
+        # changes only with Services, so comparing it costs little).
+        self.firewall = firewall
+        self.applied_firewall: dict[SteerKey, tuple[str, ...]] = {}
         # tproxy from prerouting (kpx keeps clients' addresses) instead of redirect.
         self.transparent = transparent
         self.nodeport_cidrs = list(nodeport_cidrs)
@@ -311,6 +366,7 @@ class NftWriter:
     ) -> bool:
         """Apply the changes for `changed` keys (everything on the first call or after a
         failure). Returns whether the kernel was touched; raises NftError on failure."""
+        firewall = dict(self.firewall()) if self.firewall is not None else {}
         if self.needs_full:
             script = render_full(
                 steering,
@@ -318,16 +374,22 @@ class NftWriter:
                 self.nodeport_cidrs,
                 self.cluster_cidrs,
                 self.transparent,
+                firewall,
             )
             await self._run_or_flag(script)
             self.applied = dict(steering)
+            self.applied_firewall = firewall
             self.needs_full = False
             return True
         desired = {key: steering.get(key) for key in changed}
         script = render_delta(self.applied, desired)
+        if firewall != self.applied_firewall:
+            lines = render_firewall_delta(self.applied_firewall, firewall)
+            script += "".join(line + "\n" for line in lines)
         if not script:
             return False
         await self._run_or_flag(script)
+        self.applied_firewall = firewall
         for key, state in desired.items():
             if state is None:
                 self.applied.pop(key, None)
@@ -343,6 +405,7 @@ class NftWriter:
             CLEANUP_FAILURES.inc()
             log.error("nft_cleanup_failed", problem=str(err))
         self.applied = {}
+        self.applied_firewall = {}
         self.needs_full = True
 
     async def _run_or_flag(self, script: str) -> None:

@@ -91,6 +91,17 @@ def parse_durations(value: Any) -> list[float]:
     return out
 
 
+def _parse_cidrs(value: list[str]) -> list[str]:
+    out = []
+    for item in value:
+        for cidr in (c.strip() for c in item.split(",") if c.strip()):
+            try:
+                out.append(str(ipaddress.ip_network(cidr, strict=False)))
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a CIDR") from None
+    return out
+
+
 def _from_kube_proxy_configuration(data: dict[str, Any], fields: set[str]) -> dict[str, Any]:
     if str(data.get("kind", "")) != "KubeProxyConfiguration":
         return data
@@ -102,8 +113,6 @@ def _from_kube_proxy_configuration(data: dict[str, Any], fields: set[str]) -> di
             continue
         if name == "mode" and value in ("", "iptables", "nftables", "ipvs"):
             value = "nftables"  # every kernel mode means "kpx with nftables steering"
-        if name == "nodeport_addresses" and value == ["primary"]:
-            continue  # kube-proxy's nftables default; kpx's default is all local addresses
         if value in ("", None):
             continue
         if name == "cluster_cidrs" and isinstance(value, str):
@@ -137,7 +146,8 @@ class KpxSettings(AccessSettings):
     )
     nodeport_addresses: list[str] = Field(
         default_factory=list,
-        description="CIDRs of the local addresses that accept NodePorts; none means all",
+        description="CIDRs of the local addresses that accept NodePorts; none means all; "
+        "primary: only this Node's InternalIPs (kube-proxy's nftables default)",
     )
     cluster_cidrs: list[str] = Field(
         default_factory=list,
@@ -226,17 +236,20 @@ class KpxSettings(AccessSettings):
     def _durations(cls, value: Any) -> list[float]:
         return parse_durations(value)
 
-    @field_validator("nodeport_addresses", "cluster_cidrs")
+    @field_validator("nodeport_addresses")
+    @classmethod
+    def _nodeport_addresses(cls, value: list[str]) -> list[str]:
+        items = [c.strip() for item in value for c in item.split(",") if c.strip()]
+        if "primary" in items:
+            if items != ["primary"]:
+                raise ValueError("primary stands alone (not with CIDRs)")
+            return items
+        return _parse_cidrs(items)
+
+    @field_validator("cluster_cidrs")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
-        out = []
-        for item in value:
-            for cidr in (c.strip() for c in item.split(",") if c.strip()):
-                try:
-                    out.append(str(ipaddress.ip_network(cidr, strict=False)))
-                except ValueError:
-                    raise ValueError(f"{cidr!r} is not a CIDR") from None
-        return out
+        return _parse_cidrs(value)
 
     @field_validator("node_name")
     @classmethod
@@ -246,6 +259,11 @@ class KpxSettings(AccessSettings):
         if not value:
             raise ValueError("must not be empty")
         return value
+
+    @property
+    def nodeport_primary(self) -> bool:
+        """`--nodeport-addresses primary`: NodePorts on this Node's InternalIPs only."""
+        return self.nodeport_addresses == ["primary"]
 
     @property
     def health_timeout(self) -> float:

@@ -22,6 +22,7 @@ proxy as the `FrontendMap`.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -106,6 +107,9 @@ class PortRules:
     # Families with a usable (ready, or serving and terminating) endpoint on any node:
     # kube-proxy's hasEndpoints, which decides between "drop" and "reject".
     usable_families: frozenset[int] = frozenset()
+    # loadBalancerSourceRanges of a LoadBalancer Service (collapsed CIDRs, both families);
+    # None: no firewall. Only the LB IPs are filtered, as kube-proxy does.
+    source_ranges: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +175,29 @@ def _frontends(svc: Service, port: int, node_port: int | None) -> tuple[Frontend
     return tuple(out)
 
 
+def source_ranges(svc: Service) -> tuple[str, ...] | None:
+    """A LoadBalancer Service's `loadBalancerSourceRanges`, collapsed per family (nftables
+    interval sets refuse overlaps); None without any. Malformed entries are skipped."""
+    if svc.spec.type != "LoadBalancer" or not svc.spec.load_balancer_source_ranges:
+        return None
+    nets: dict[int, list[Any]] = {4: [], 6: []}
+    for text in svc.spec.load_balancer_source_ranges:
+        try:
+            net = ipaddress.ip_network(text.strip(), strict=False)
+        except ValueError:
+            log.warning("source_range_invalid", service=svc.key, source_range=text)
+            continue
+        nets[net.version].append(net)
+    return tuple(str(n) for f in (4, 6) for n in ipaddress.collapse_addresses(nets[f]))
+
+
+def frontend_firewall(port: PortRules, fe: Frontend) -> tuple[str, ...] | None:
+    """The source ranges allowed to reach `fe` (its family only); None: everyone."""
+    if fe.kind != "load_balancer" or port.source_ranges is None:
+        return None
+    return tuple(r for r in port.source_ranges if (":" in r) == (fe.family == 6))
+
+
 def _affinity_timeout(svc: Service) -> float | None:
     if svc.spec.session_affinity != "ClientIP":
         return None
@@ -200,6 +227,7 @@ def compute_service(
     uses_cluster = not internal_local or externally_accessible(svc)
     uses_local = internal_local or external_local
     affinity = _affinity_timeout(svc)
+    ranges = source_ranges(svc)
     ports: list[PortRules] = []
     no_local = {"internal": 0, "external": 0}
     for sp in svc.spec.ports:
@@ -227,7 +255,9 @@ def compute_service(
                     no_local["external"] += external_local and has_external
         port_id = f"{svc.key}:{sp.name}"
         ports.append(
-            PortRules(port_id, frontends, lists, affinity, external_local, frozenset(usable))
+            PortRules(
+                port_id, frontends, lists, affinity, external_local, frozenset(usable), ranges
+            )
         )
     hc_port = svc.spec.health_check_node_port if needs_health_check(svc) else None
     return ServiceRules(
@@ -261,6 +291,9 @@ def _unique_backends(rules: ServiceRules | None) -> set[Backend]:
 
 
 FrontendPicker = RoundRobinPicker | LocalTrafficPicker
+# What one Service port claims for a steering key: its picker, steering, masquerade class and
+# firewall (loadBalancerSourceRanges of this family; None: no firewall).
+_Owner = tuple[FrontendPicker, Steer, FrontendClass, tuple[str, ...] | None]
 
 
 def short_circuit_list(port: PortRules, family: int) -> ListKey:
@@ -334,13 +367,16 @@ class ServiceTable:
         self._started = wall_clock()
         self._results: dict[str, ServiceRules] = {}
         # Per steering key, per Service port claiming it: its picker and its steering.
-        self._owners: dict[SteerKey, dict[str, tuple[FrontendPicker, Steer, FrontendClass]]] = {}
+        self._owners: dict[SteerKey, dict[str, _Owner]] = {}
         self._by_address: dict[tuple[str, int], Picker] = {}
         self._by_node_port: dict[tuple[int, int], Picker] = {}
         # Keyed like the two maps above ((ip, port) or (family, port)): transparent mode's
         # per-connection question "whose address may the backend see" (kpx/source.py).
         self._classes: dict[Any, FrontendClass] = {}
         self.steering: dict[SteerKey, Steer] = {}
+        # LB frontends with loadBalancerSourceRanges -> the ranges allowed (kpx/nft.py's
+        # firewall sets); read whole by the nftables writer, which applies the difference.
+        self.firewall: dict[SteerKey, tuple[str, ...]] = {}
         self._dirty: set[str] = set()
         self._all_dirty = True
         self._triggers: dict[str, list[float]] = {}
@@ -528,7 +564,12 @@ class ServiceTable:
                         inside = pickers[short_circuit_list(port, fe.family)]
                         picker = LocalTrafficPicker(plain, inside, self._local_client)
                     steer = frontend_steer(port, fe, short_circuit)
-                    owner = (picker, steer, fe.source_class(port.external_local))
+                    owner = (
+                        picker,
+                        steer,
+                        fe.source_class(port.external_local),
+                        frontend_firewall(port, fe),
+                    )
                     self._owners.setdefault(fe.steer_key, {})[port.port_id] = owner
                     touched.add(fe.steer_key)
             self._results[key] = new
@@ -541,12 +582,17 @@ class ServiceTable:
         picker: FrontendPicker | None = None
         state: Steer | None = None
         source_class: FrontendClass = "internal"
+        firewall: tuple[str, ...] | None = None
         if owners:
             # Two Services claiming one address:port is a user error; the lowest port id wins
             # deterministically, and the other takes over if the winner goes away.
-            picker, state, source_class = owners[min(owners)]
+            picker, state, source_class, firewall = owners[min(owners)]
         else:
             self._owners.pop(steer_key, None)
+        if firewall is None:
+            self.firewall.pop(steer_key, None)
+        else:
+            self.firewall[steer_key] = firewall
         target = self._by_address if ip else self._by_node_port
         lookup_key: Any = (ip, port) if ip else (family, port)
         if picker is None:

@@ -81,11 +81,10 @@ class UdpPath:
         self.ports_writer: UdpPortsWriter | None = None
         self.writer: SteeringWriter
         if settings.mode == "nftables":
+            # `primary` is resolved by kpx/main.py once the Node is listed: set_nodeport_cidrs.
+            cidrs = [] if settings.nodeport_primary else settings.nodeport_addresses
             self.writer = UdpNftWriter(
-                self.relay,
-                settings.proxy_port,
-                settings.nodeport_addresses,
-                cluster_cidrs=settings.cluster_cidrs,
+                self.relay, settings.proxy_port, cidrs, cluster_cidrs=settings.cluster_cidrs
             )
         else:
             self.writer = self.ports_writer = UdpPortsWriter(
@@ -127,6 +126,11 @@ class UdpPath:
         UDP_ENABLED.set(0)
         await self.relay.stop()
         await self.writer.remove()  # a table a capable kpx left would steer into nothing
+
+    def set_nodeport_cidrs(self, cidrs: Sequence[str]) -> None:
+        """`--nodeport-addresses primary`, resolved: the next (first) sync renders them."""
+        if isinstance(self.writer, UdpNftWriter):
+            self.writer.nodeport_cidrs = list(cidrs)
 
     @property
     def synced(self) -> bool:

@@ -317,3 +317,73 @@ def test_node_mode_and_fallback_without_capability(cluster: Cluster, workdir: Pa
     assert kpx.proc.wait(timeout=30) == 1
     assert "kpx_start_failed" in kpx.events()
     assert not kpx_table_exists(n1)
+
+
+def test_nodeport_addresses_primary_from_a_kube_proxy_configuration(
+    cluster: Cluster, workdir: Path
+) -> None:
+    """`nodePortAddresses: [primary]` in a KubeProxyConfiguration: NodePorts answer on the
+    Node's InternalIP only, not on the node's other addresses."""
+    pods = start_pods(cluster)
+    n1 = cluster.nodes[0]
+    # A second address on n1, routed to it from outside like the first.
+    n1.ip("addr", "add", "192.168.60.11/24", "dev", "eth0")
+    cluster.router.ip("route", "add", "192.168.60.0/24", "via", cluster.node_ipv4(1))
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "n1"},
+        "status": {"addresses": [{"type": "InternalIP", "address": cluster.node_ipv4(1)}]},
+    }
+    (workdir / "cluster.yaml").write_text(manifest(pods) + "---\n" + yaml.safe_dump(node))
+    config = workdir / "kube-proxy.yaml"
+    config.write_text(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+        "kind: KubeProxyConfiguration\n"
+        "nodePortAddresses: [primary]\n"
+    )
+    kpx = Kpx(cluster, workdir, "--config", str(config))
+    x = cluster.external
+    assert wait_for(lambda: ask(x, cluster.node_ipv4(1), 30040, 0.5).startswith("b1"))
+    assert ask(x, "192.168.60.11", 30040) in ("refused", "timeout", "reset")
+    assert "nodeport_addresses_primary" in kpx.events()
+    assert kpx.stop() == 0
+
+
+def ranged_manifest(pods: dict[str, ClusterPod], ranges: list[str]) -> str:
+    svc = _service(
+        "ranged",
+        ["10.96.0.60"],
+        type="LoadBalancer",
+        externalTrafficPolicy="Local",
+        loadBalancerSourceRanges=ranges,
+        ports=[{"name": "http", "port": 80, "nodePort": 30060}],
+    )
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": "192.168.100.11"}]}}
+    return yaml.safe_dump_all([svc, _slice("ranged", [pods["a2"]], 4)])
+
+
+def test_load_balancer_source_ranges_are_enforced_in_the_table(
+    cluster: Cluster, workdir: Path
+) -> None:
+    """Only clients inside loadBalancerSourceRanges reach the LB IP (dropped otherwise, as
+    kube-proxy's firewall); the NodePort is not filtered; a change applies without restart."""
+    pods = start_pods(cluster)
+    a1, x = pods["a1"], cluster.external
+    path = workdir / "cluster.yaml"
+    path.write_text(ranged_manifest(pods, ["10.0.0.0/8", "10.244.0.0/16", "bogus"]))
+    kpx = Kpx(cluster, workdir)
+    assert wait_for(lambda: ask(a1, "192.168.100.11", 80, 0.5) == f"a2 {a1.ipv4}")
+    assert ask(x, "192.168.100.11", 80, 1.0) == "timeout"  # outside the ranges: dropped
+    assert ask(x, cluster.node_ipv4(1), 30060) == f"a2 {EXTERNAL_V4}"  # NodePort: not filtered
+    write_atomically(path, ranged_manifest(pods, [f"{EXTERNAL_V4}/32"]))
+    assert wait_for(lambda: ask(x, "192.168.100.11", 80, 0.5) == f"a2 {EXTERNAL_V4}")
+    assert ask(a1, "192.168.100.11", 80, 1.0) == "timeout"
+    assert "source_range_invalid" in kpx.events()
+    assert kpx.stop() == 0
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)

@@ -4,13 +4,17 @@ check (kpx/links.py), the policy-routing listing check and the transparent rules
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 
 from kpx.links import SharedLinks, connected_routes
-from kpx.nft import TPROXY_MARK, render_table
-from kpx.policyroute import rule_present
+from kpx.nft import TPROXY_MARK, render_firewall_delta, render_table
+from kpx.policyroute import ack_error, route_message, rule_message
 from kpx.source import FrontendClass, SourceAddresses, keeps_client_address
+from kpx.table import source_ranges
+from kwatch.models import Service
+from kwatch.resources import SERVICES
 
 
 @pytest.mark.parametrize(
@@ -80,14 +84,17 @@ def test_shared_links_from_connected_routes() -> None:
     assert not links("garbage", "garbage")
 
 
-def test_rule_listing_check() -> None:
-    mark = f"{TPROXY_MARK:#x}/{TPROXY_MARK:#x}"
-    assert rule_present(f"10262:\tfrom all fwmark {mark} lookup 10262 \n")
-    assert not rule_present("")
-    assert not rule_present(f"10262:\tfrom all fwmark {mark} lookup 99\n")
-    assert not rule_present(
-        f"10262:\tfrom all fwmark {mark} lookup 10262\n10262:\tfrom all lookup 10262\n"
-    )
+def test_netlink_messages_and_acks() -> None:
+    rule = rule_message(4, seq=7)
+    length, kind, flags, seq, _pid = struct.unpack_from("=IHHII", rule)
+    assert (length, kind, seq) == (len(rule), 32, 7)  # RTM_NEWRULE
+    assert flags & 0x200  # NLM_F_EXCL: an identical rule answers EEXIST, kept as it is
+    assert struct.pack("=HHI", 8, 10, TPROXY_MARK) in rule  # FRA_FWMARK
+    route = route_message(6, 1, delete=True, seq=8)
+    assert struct.unpack_from("=H", route, 4)[0] == 25  # RTM_DELROUTE
+    ack = struct.pack("=IHHII", 36, 2, 0, 8, 0) + struct.pack("=i", -17) + bytes(16)
+    assert ack_error(ack, 8) == 17  # EEXIST
+    assert ack_error(ack, 9) is None
 
 
 def test_transparent_ruleset_tproxies_prerouting_and_redirects_the_rest() -> None:
@@ -103,3 +110,32 @@ def test_transparent_ruleset_tproxies_prerouting_and_redirects_the_rest() -> Non
     assert 'meta iifkind "bridge" meta nfproto ipv4 jump steer4' in text
     assert "chain nat-output" in text and "redirect to :10262" in text
     assert f"ct state new meta mark & {TPROXY_MARK:#x} == 0 meta nfproto ipv4 jump refuse4" in text
+
+
+def test_firewall_elements_follow_the_ranges() -> None:
+    key = (4, "192.168.100.10", 80)
+    assert render_firewall_delta({}, {}) == []
+    added = render_firewall_delta({}, {key: ("10.0.0.0/8",)})
+    assert added == [
+        "add element inet kpx lbfw-allow4 { 192.168.100.10 . 80 . 10.0.0.0/8 }",
+        "add element inet kpx lbfw4 { 192.168.100.10 . 80 }",
+    ]
+    changed = render_firewall_delta({key: ("10.0.0.0/8",)}, {key: ()})
+    assert "delete element inet kpx lbfw-allow4 { 192.168.100.10 . 80 . 10.0.0.0/8 }" in changed
+    assert "add element inet kpx lbfw4 { 192.168.100.10 . 80 }" in changed  # all dropped now
+    text = render_table(10262)
+    rule = "ip daddr . tcp dport @lbfw4 ip daddr . tcp dport . ip saddr != @lbfw-allow4 drop"
+    assert rule in text
+
+
+def test_source_ranges_are_collapsed_per_family_and_only_for_load_balancers() -> None:
+    def svc(kind: str, ranges: list[str]) -> Service:
+        spec = {"type": kind, "clusterIP": "10.96.0.1", "loadBalancerSourceRanges": ranges}
+        meta = {"name": "s", "namespace": "d"}
+        parsed: Service = SERVICES.parse({"metadata": meta, "spec": spec})
+        return parsed
+
+    ranged = svc("LoadBalancer", ["10.1.0.0/16", "10.0.0.0/8", "fd00::1/64", "nonsense"])
+    assert source_ranges(ranged) == ("10.0.0.0/8", "fd00::/64")
+    assert source_ranges(svc("LoadBalancer", [])) is None
+    assert source_ranges(svc("NodePort", ["10.0.0.0/8"])) is None

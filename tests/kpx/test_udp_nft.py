@@ -160,7 +160,7 @@ async def test_without_a_transparent_socket_udp_is_disabled_and_tcp_unaffected(
 
     monkeypatch.setattr(path.relay, "serve_transparent", refuse)
     try:
-        await path.claim(["0.0.0.0"], 10262, PolicyRouting([4], command=["true"]), False)
+        await path.claim(["0.0.0.0"], 10262, PolicyRouting([4]), True)
         assert not path.enabled and path.synced  # readiness does not wait for UDP
         assert removed == ["table"]  # a table an earlier, capable kpx left is removed
         assert REGISTRY.get_sample_value("kpx_udp_enabled") == 0
