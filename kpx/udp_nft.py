@@ -19,6 +19,9 @@ states per frontend and the same "only set membership changes" property:
   (after the steering rules) and, for host processes, in the output hook. Datagrams carrying
   the mark were steered to kpx and pass.
 
+`loadBalancerSourceRanges`: the same `lbfw4` / `lbfw-allow4` sets and drop rule as the TCP
+table's (kpx/nft.py), for UDP ports, fed by the UDP table's firewall.
+
 kpx never writes an SCTP match, so no rule makes the kernel load the sctp module.
 
 Bridged pods and br_netfilter: with `net.bridge.bridge-nf-call-iptables=1` (kube-proxy's own
@@ -31,12 +34,20 @@ orphans it, and the second prerouting pass is skipped): the datagram reaches no 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
 
-from kpx.nft import CLEANUP_FAILURES, ELEMENTS_PER_LINE, TPROXY_MARK, NftError, NftWriter
+from kpx.nft import (
+    CLEANUP_FAILURES,
+    ELEMENTS_PER_LINE,
+    TPROXY_MARK,
+    Firewall,
+    NftError,
+    NftWriter,
+    _firewall_elements,
+)
 from kpx.table import Steer, SteerKey
 from kpx.udp_relay import UdpRelay
 
@@ -123,6 +134,10 @@ def _family(
         ]
     if cluster_cidrs:
         lines.append(_interval_set(f"cluster{f}", addr_type, cluster_cidrs))
+    lines.append(f"\tset lbfw{f} {{ type {addr_type} . inet_service; }}")
+    lines.append(
+        f"\tset lbfw-allow{f} {{ type {addr_type} . inet_service . {addr_type}; flags interval; }}"
+    )
     lines += _chain(f"steer{f}", steer) + _chain(f"mark{f}", mark) + _chain(f"refuse{f}", refuse)
     return lines
 
@@ -161,6 +176,16 @@ def render_table(
     lines += _chain(
         "filter-output", jump("refuse"), "type filter hook output priority -10; policy accept;"
     )
+    # Sources outside a LoadBalancer's ranges: dropped before anything steers them.
+    firewall = [
+        f"meta nfproto ipv{f} {ip} daddr . udp dport @lbfw{f} "
+        f"{ip} daddr . udp dport . {ip} saddr != @lbfw-allow{f} drop"
+        for f, ip in ((4, "ip"), (6, "ip6"))
+    ]
+    for hook in ("prerouting", "output"):
+        lines += _chain(
+            f"firewall-{hook}", firewall, f"type filter hook {hook} priority -110; policy accept;"
+        )
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -175,15 +200,35 @@ def _element_lines(verb: str, groups: Mapping[str, list[str]]) -> list[str]:
     return lines
 
 
+def render_firewall_delta(applied: Firewall, desired: Firewall) -> list[str]:
+    """Element deletes and adds turning the applied UDP firewall into the desired one."""
+    removals: dict[str, list[str]] = {}
+    additions: dict[str, list[str]] = {}
+    for key in sorted(set(applied) | set(desired)):
+        old, new = applied.get(key), desired.get(key)
+        if old == new:
+            continue
+        for ranges, groups in ((old, removals), (new, additions)):
+            if ranges is not None:
+                for name, items in _firewall_elements(key, ranges).items():
+                    groups.setdefault(name, []).extend(items)
+    return _element_lines("delete", removals) + _element_lines("add", additions)
+
+
 def render_full(
     steering: Mapping[SteerKey, Steer],
     proxy_port: int,
     nodeport_cidrs: Sequence[str] = (),
     cluster_cidrs: Sequence[str] = (),
+    firewall: Firewall | None = None,
 ) -> str:
     groups: dict[str, list[str]] = {}
     for key in sorted(steering):
         groups.setdefault(set_name(key, steering[key]), []).append(element(key))
+    for key in sorted(firewall or {}):
+        assert firewall is not None
+        for name, items in _firewall_elements(key, firewall[key]).items():
+            groups.setdefault(name, []).extend(items)
     head = f"add table {TABLE}\ndelete table {TABLE}\n"
     body = render_table(proxy_port, nodeport_cidrs, cluster_cidrs)
     return head + body + "".join(line + "\n" for line in _element_lines("add", groups))
@@ -218,8 +263,11 @@ class UdpNftWriter(NftWriter):
         command: Sequence[str] = ("nft",),
         timeout: float = 30.0,
         cluster_cidrs: Sequence[str] = (),
+        firewall: Callable[[], Firewall] | None = None,
     ) -> None:
-        super().__init__(proxy_port, nodeport_cidrs, command, timeout, cluster_cidrs)
+        super().__init__(
+            proxy_port, nodeport_cidrs, command, timeout, cluster_cidrs, firewall=firewall
+        )
         self.relay = relay
 
     async def sync(
@@ -231,6 +279,7 @@ class UdpNftWriter(NftWriter):
             self.relay.invalidate()
 
     async def _sync(self, steering: Mapping[SteerKey, Steer], changed: list[SteerKey]) -> bool:
+        firewall = dict(self.firewall()) if self.firewall is not None else {}
         if self.needs_full:
             if not self.applied and bridge_netfilter_on():
                 log.warning(
@@ -238,19 +287,26 @@ class UdpNftWriter(NftWriter):
                     problem="bridge-nf-call-iptables is 1: UDP from pods behind a bridge "
                     "is not delivered to kpx",
                 )
-            script = render_full(steering, self.proxy_port, self.nodeport_cidrs, self.cluster_cidrs)
+            script = render_full(
+                steering, self.proxy_port, self.nodeport_cidrs, self.cluster_cidrs, firewall
+            )
             await self._run_or_flag(script)
             removed = any(key not in steering for key in self.applied)
             self.applied = dict(steering)
+            self.applied_firewall = firewall
             self.needs_full = False
             if removed:
                 self.relay.prune_frontends()
             return True
         desired = {key: steering.get(key) for key in changed}
         script = render_delta(self.applied, desired)
+        if firewall != self.applied_firewall:
+            lines = render_firewall_delta(self.applied_firewall, firewall)
+            script += "".join(line + "\n" for line in lines)
         if not script:
             return False
         await self._run_or_flag(script)
+        self.applied_firewall = firewall
         for key, state in desired.items():
             if state is None:
                 self.applied.pop(key, None)
@@ -267,4 +323,5 @@ class UdpNftWriter(NftWriter):
             CLEANUP_FAILURES.inc()
             log.error("nft_cleanup_failed", table=TABLE, problem=str(err))
         self.applied = {}
+        self.applied_firewall = {}
         self.needs_full = True

@@ -83,8 +83,13 @@ class UdpPath:
         if settings.mode == "nftables":
             # `primary` is resolved by kpx/main.py once the Node is listed: set_nodeport_cidrs.
             cidrs = [] if settings.nodeport_primary else settings.nodeport_addresses
+            table = self.table
             self.writer = UdpNftWriter(
-                self.relay, settings.proxy_port, cidrs, cluster_cidrs=settings.cluster_cidrs
+                self.relay,
+                settings.proxy_port,
+                cidrs,
+                cluster_cidrs=settings.cluster_cidrs,
+                firewall=lambda: table.firewall,
             )
         else:
             self.writer = self.ports_writer = UdpPortsWriter(

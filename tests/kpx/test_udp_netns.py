@@ -455,3 +455,28 @@ def test_a_session_can_send_from_the_clients_address_and_hairpin_from_the_nodes(
     finally:
         client.close()
         hairpin.close()
+
+
+def test_load_balancer_source_ranges_filter_udp_too(
+    netns_topology: Topology, tmp_path: Path
+) -> None:
+    topo = netns_topology
+    p1 = topo.add_pod("p1")
+    p1.spawn_python(UDP_ECHO, "p1", "5353")
+    ext = topo.add_external("x")
+    udp = [{"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP", "nodePort": 30053}]
+    lb = service("lb", "10.96.0.50", udp, type="LoadBalancer")
+    lb["spec"]["loadBalancerSourceRanges"] = ["10.245.1.0/24"]
+    lb["status"] = {"loadBalancer": {"ingress": [{"ip": "192.0.2.50"}]}}
+    slice_ports = [{"name": "dns", "port": 5353, "protocol": "UDP"}]
+    path = tmp_path / "cluster.yaml"
+    write(path, [lb, endpoint_slice("lb", [p1], slice_ports)])
+    outside, pod = Client(ext), Client(topo.client)
+    try:
+        with running_kpx(topo, path, tmp_path / "kpx.log"):
+            assert wait_for(lambda: outside.ask("192.0.2.50", 53) == "p1")  # inside the ranges
+            assert pod.ask("192.0.2.50", 53) == "timeout"  # outside them: dropped
+            assert pod.ask("10.96.0.50", 53) == "p1"  # the ClusterIP is not filtered
+    finally:
+        outside.close()
+        pod.close()

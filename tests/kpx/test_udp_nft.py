@@ -10,7 +10,7 @@ from kpx.balancer import Balancer
 from kpx.endpoints import NodeInfo
 from kpx.nft import TPROXY_MARK as MARK
 from kpx.table import ServiceTable, compute_service
-from kpx.udp_nft import render_delta, render_full, render_table
+from kpx.udp_nft import render_delta, render_firewall_delta, render_full, render_table
 from kwatch.cluster import DEFAULT_INDEXERS
 from kwatch.resources import ENDPOINTSLICES, SERVICES
 from kwatch.store import Store
@@ -53,6 +53,20 @@ def test_delta_moves_a_frontend_between_sets():
         "add element inet kpx-udp usvc4-reject { 10.96.0.10 . 53 }\n"
     )
     assert render_delta(applied, {(4, "10.96.0.10", 53): "serve"}) == ""  # type: ignore[dict-item]
+
+
+def test_load_balancer_source_ranges_get_the_firewall_sets_for_udp():
+    firewall = {(4, "192.0.2.50", 53): ("10.245.1.0/24",)}
+    text = render_full({(4, "192.0.2.50", 53): "serve"}, 10262, firewall=firewall)
+    assert "add element inet kpx-udp lbfw4 { 192.0.2.50 . 53 }" in text
+    assert "add element inet kpx-udp lbfw-allow4 { 192.0.2.50 . 53 . 10.245.1.0/24 }" in text
+    assert (
+        "ip daddr . udp dport @lbfw4 ip daddr . udp dport . ip saddr != @lbfw-allow4 drop" in text
+    )
+    assert render_firewall_delta(firewall, {}) == [
+        "delete element inet kpx-udp lbfw-allow4 { 192.0.2.50 . 53 . 10.245.1.0/24 }",
+        "delete element inet kpx-udp lbfw4 { 192.0.2.50 . 53 }",
+    ]
 
 
 def test_no_rule_mentions_sctp():
