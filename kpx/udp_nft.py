@@ -27,9 +27,11 @@ kpx never writes an SCTP match, so no rule makes the kernel load the sctp module
 Bridged pods and br_netfilter: with `net.bridge.bridge-nf-call-iptables=1` (kube-proxy's own
 requirement for bridge CNIs) the prerouting hook runs for a pod's frame inside the bridge, and
 the socket tproxy assigns there is dropped when the bridge hands the packet to IP (ip_rcv
-orphans it, and the second prerouting pass is skipped): the datagram reaches no socket. kpx logs
-`tproxy_bridge_netfilter` at start when the sysctl is on; pods on a bridge then need it off
-(routed CNIs, veth pairs without a bridge, are not affected).
+orphans it, and the second prerouting pass is skipped). So datagrams that come in through a
+bridge (`meta iifkind "bridge"`) to a ClusterIP, externalIP or LB IP are only marked: the policy
+route delivers them locally and the socket lookup finds the relay's transparent socket bound to
+exactly that frontend address (kpx/udp_relay.py `frontend_socket`, opened by this writer). A
+bridged pod calling a NodePort still needs the sysctl off: kpx logs `tproxy_bridge_netfilter`.
 """
 
 from __future__ import annotations
@@ -121,7 +123,14 @@ def _family(
     frontends = [f"{ip} daddr . udp dport @usvc{f}"]
     if np_match is not None:
         frontends.append(f"{np_match} udp dport @unp{f}")
-    steer, mark, refuse = [], [], [f"meta mark {MARK:#x} return"]
+    # A datagram that came in through a bridge (a bridge CNI's pods) is not delivered to the
+    # socket tproxy assigns when br_netfilter runs prerouting inside the bridge: it is only
+    # marked, routed locally, and reaches the relay's socket bound to its frontend address.
+    bridged = f'meta iifkind "bridge" {ip} daddr . udp dport @usvc{f}'
+    steer = [f"{bridged} meta mark set {MARK:#x} accept"]
+    if cluster_cidrs:
+        steer.append(f"{bridged}-local {ip} saddr @cluster{f} meta mark set {MARK:#x} accept")
+    mark, refuse = [], [f"meta mark {MARK:#x} return"]
     for match in frontends:
         steer += [f"{match} {to_kpx}", f'iif "lo" {match}-local {to_kpx}']
         if cluster_cidrs:
@@ -285,7 +294,7 @@ class UdpNftWriter(NftWriter):
                 log.warning(
                     "tproxy_bridge_netfilter",
                     problem="bridge-nf-call-iptables is 1: UDP from pods behind a bridge "
-                    "is not delivered to kpx",
+                    "to a NodePort is not delivered to kpx",
                 )
             script = render_full(
                 steering, self.proxy_port, self.nodeport_cidrs, self.cluster_cidrs, firewall
@@ -297,6 +306,7 @@ class UdpNftWriter(NftWriter):
             self.needs_full = False
             if removed:
                 self.relay.prune_frontends()
+            self._open_frontend_sockets(steering, steering)
             return True
         desired = {key: steering.get(key) for key in changed}
         script = render_delta(self.applied, desired)
@@ -314,7 +324,17 @@ class UdpNftWriter(NftWriter):
                 self.applied[key] = state
         if any(state is None for state in desired.values()):
             self.relay.prune_frontends()
+        self._open_frontend_sockets(steering, desired)
         return True
+
+    def _open_frontend_sockets(
+        self, steering: Mapping[SteerKey, Steer], keys: Iterable[SteerKey]
+    ) -> None:
+        """A socket on each served frontend address, for what comes in without tproxy."""
+        for key in keys:
+            _family, ip, port = key
+            if ip and steering.get(key) in ("serve", "local"):
+                self.relay.frontend_socket((ip, port))
 
     async def remove(self) -> None:
         try:

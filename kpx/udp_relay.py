@@ -195,7 +195,9 @@ class UdpRelay:
         self._backend_rx = RecvBatch(BATCH, MAX_DATAGRAM)
         self._tx = SendBatch(BATCH, MAX_DATAGRAM)
         # Transparent mode: one socket per frontend address that answers leave from.
-        self._reply_socks: dict[tuple[str, int], socket.socket] = {}
+        # Each is also read: what reaches the frontend address without tproxy (a bridged pod's
+        # datagram, marked and routed locally: kpx/udp_nft.py) arrives on it.
+        self._reply_socks: dict[tuple[str, int], UdpListener] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     @property
@@ -248,13 +250,15 @@ class UdpRelay:
             raise
         return sock
 
-    def _start(self, sock: socket.socket, frontend: tuple[str, int] | None) -> UdpListener:
+    def _start(
+        self, sock: socket.socket, frontend: tuple[str, int] | None, quiet: bool = False
+    ) -> UdpListener:
         listener = UdpListener(self, sock, frontend)
         self._listeners.add(listener)
         self.loop.add_reader(listener.fd, self._on_client_readable, listener)
         if self._sweeper is None:
             self._schedule_sweep()
-        log.info(
+        (log.debug if quiet else log.info)(
             "udp_listening",
             address=sock.getsockname()[0],
             port=listener.port,
@@ -445,32 +449,36 @@ class UdpRelay:
         return new
 
     def _reply_fd(self, frontend: tuple[str, int]) -> int:
-        """The transparent socket bound to exactly `frontend` that answers leave from."""
-        sock = self._reply_socks.get(frontend)
-        if sock is not None:
-            return sock.fileno()
+        listener = self.frontend_socket(frontend)
+        return -1 if listener is None else listener.fd
+
+    def frontend_socket(self, frontend: tuple[str, int]) -> UdpListener | None:
+        """The transparent socket bound to exactly `frontend` (VIP:port, LB IP:port): answers
+        leave from it, and datagrams delivered to that address without tproxy arrive on it.
+        The UDP writer opens them as frontends appear; a session opens a missing one."""
+        listener = self._reply_socks.get(frontend)
+        if listener is not None:
+            return listener
         ip, port = frontend
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_DGRAM)
         except OSError:
-            return -1
+            return None
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
-            # Never read: keep what the kernel could queue on it small.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            _transparent(sock)
             sock.bind((ip, port))
         except OSError as exc:
             sock.close()
             log.warning("udp_reply_socket_failed", frontend=f"{ip}:{port}", error=exc.strerror)
-            return -1
-        self._reply_socks[frontend] = sock
-        return sock.fileno()
+            return None
+        listener = self._start(sock, frontend, quiet=True)
+        self._reply_socks[frontend] = listener
+        return listener
 
     # -- endpoint -> client (hot path) ---------------------------------------------------------
 
@@ -544,9 +552,7 @@ class UdpRelay:
             self._close_listener(listener)
         for session in self.sessions:
             self._end(session)
-        for sock in self._reply_socks.values():
-            sock.close()
-        self._reply_socks.clear()
+        self._reply_socks.clear()  # closed with the listeners
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

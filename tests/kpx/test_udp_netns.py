@@ -82,8 +82,10 @@ def write(path: Path, docs: list[dict[str, Any]]) -> None:
 
 
 @contextlib.contextmanager
-def running_kpx(topo: Topology, path: Path, log_path: Path) -> Iterator[subprocess.Popen[str]]:
-    kpx = start_kpx(topo, path, log_path)
+def running_kpx(
+    topo: Topology, path: Path, log_path: Path, bridge_netfilter: bool = False
+) -> Iterator[subprocess.Popen[str]]:
+    kpx = start_kpx(topo, path, log_path, bridge_netfilter)
     try:
         yield kpx
     finally:
@@ -94,11 +96,13 @@ def running_kpx(topo: Topology, path: Path, log_path: Path) -> Iterator[subproce
     assert "10262" not in topo.node.run("ip", "rule", "show")
 
 
-def start_kpx(topo: Topology, path: Path, log_path: Path) -> subprocess.Popen[str]:
-    # br_netfilter (loaded on this machine) would run prerouting inside the bridge and lose
-    # tproxy's socket (kpx/udp_nft.py): the node namespace's bridge does not call it.
+def start_kpx(
+    topo: Topology, path: Path, log_path: Path, bridge_netfilter: bool = False
+) -> subprocess.Popen[str]:
+    # br_netfilter (loaded on this machine) runs prerouting inside the bridge, where tproxy's
+    # socket is lost (kpx/udp_nft.py): off unless a test checks the bridged path.
     for family in ("iptables", "ip6tables"):
-        topo.node.sysctl(f"net.bridge.bridge-nf-call-{family}", "0")
+        topo.node.sysctl(f"net.bridge.bridge-nf-call-{family}", "1" if bridge_netfilter else "0")
     # The per-host ICMP budget (1/s, burst 6) is spent by the redirects the node sends while a
     # client polls a not yet programmed ClusterIP; the rejects checked later must not wait.
     topo.node.sysctl("net.ipv4.icmp_ratelimit", "0")
@@ -396,6 +400,7 @@ class Frontends:
 async def main():
     relay = UdpRelay(Frontends(), source_address=lambda fip, fport, client: client)
     relay.serve_transparent("0.0.0.0", 10262)
+    relay.frontend_socket((vip, 53))  # as kpx/udp_nft.py's writer opens it
     print("ready", flush=True)
     await asyncio.Event().wait()
 
@@ -480,3 +485,33 @@ def test_load_balancer_source_ranges_filter_udp_too(
     finally:
         outside.close()
         pod.close()
+
+
+def test_bridged_pods_reach_udp_services_with_br_netfilter_on(
+    netns_topology: Topology, tmp_path: Path
+) -> None:
+    """bridge-nf-call-iptables=1 (kube-proxy's requirement with bridge CNIs): a pod's datagram
+    crosses prerouting inside the bridge, so tproxy cannot hand it over; it is marked and
+    reaches the relay's socket bound to the ClusterIP instead, answered from there."""
+    topo = netns_topology
+    if not Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
+        import pytest
+
+        pytest.skip("br_netfilter is not loaded here")
+    p1, p2 = topo.add_pod("p1"), topo.add_pod("p2")
+    servers = {p.pod_name: p.spawn_python(UDP_ECHO, p.pod_name, "5353") for p in (p1, p2)}
+    udp = [{"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}]
+    slice_ports = [{"name": "dns", "port": 5353, "protocol": "UDP"}]
+    path = tmp_path / "cluster.yaml"
+    write(path, [service("udp", "10.96.0.60", udp), endpoint_slice("udp", [p1], slice_ports)])
+    client = Client(topo.client, port=12345)
+    try:
+        with running_kpx(topo, path, tmp_path / "kpx.log", bridge_netfilter=True):
+            assert wait_for(lambda: client.ask("10.96.0.60", 53) == "p1")  # source checked
+            servers["p1"].kill()
+            write(
+                path, [service("udp", "10.96.0.60", udp), endpoint_slice("udp", [p2], slice_ports)]
+            )
+            assert wait_for(lambda: client.ask("10.96.0.60", 53) == "p2", timeout=10)
+    finally:
+        client.close()
