@@ -261,6 +261,7 @@ def test_backends_see_whom_kube_proxy_would_show_them(cluster: Cluster, workdir:
     # --masquerade-all) takes over and steers again.
     assert kpx.stop(signal.SIGKILL) == -signal.SIGKILL
     assert kpx_table_exists(n1) and policy_routing(n1).count("lookup 10262") == 2
+    assert ask(a1, "10.96.0.10", 80) in ("refused", "reset")  # no kpx: reset at once
     kpx = Kpx(cluster, workdir, "--masquerade-all")
     assert wait_for(lambda: ask(a1, "10.96.0.10", 80, 0.5).startswith(("a2", "b1")))
     assert policy_routing(n1).count("lookup 10262") == 2  # idempotent: not doubled
