@@ -12,7 +12,11 @@ from the client, measured in the same run (mode order rotated per run):
            kube-proxy's nftables mode does per packet)
   haproxy  client -> 10.233.1.1, haproxy `mode tcp` in the node ns (its default threads and
            no splicing; `--haproxy-threads N`, `--haproxy-splice` to change that)
-  kpx      client -> 10.96.0.10, `kpx --mode nftables --manifests DIR` in the node ns
+  kpx      client -> 10.96.0.10, `kpx --mode nftables --manifests DIR` in the node ns, with
+           `--source-address-mode node` (the server sees the node's address)
+  kpx-tp   the same with `--source-address-mode transparent` (nftables tproxy, the server sees
+           the client's address): one kpx owns the table at a time, so kpx is restarted in the
+           other mode whenever the pass switches between the two (not timed)
 Each path gets:
 - bulk throughput, iperf3 -P 1 and -P 8 (`--duration` s; Gbit/s received);
 - proxy CPU seconds per GB moved in the 8-stream pass (utime+stime of the proxy process from
@@ -84,7 +88,9 @@ HTTP_PORT, IPERF_PORT, WHOAMI_PORT = 8080, 5201, 9000
 HAPROXY_HTTP, HAPROXY_IPERF = 18080, 15201
 KPX_METRICS = "127.0.0.1:10249"
 
-MODES = ("direct", "nat", "haproxy", "kpx")
+MODES = ("direct", "nat", "haproxy", "kpx", "kpx-tp")
+# kpx's --source-address-mode per kpx pass.
+KPX_SOURCE_MODES = {"kpx": "node", "kpx-tp": "transparent"}
 TARGETS = {
     "direct": {"http": (SERVER_IP, HTTP_PORT), "iperf": (SERVER_IP, IPERF_PORT)},
     "nat": {"http": (NAT_VIP, 80), "iperf": (NAT_VIP, IPERF_PORT)},
@@ -93,6 +99,7 @@ TARGETS = {
         "iperf": (NODE_CLIENT_SIDE_IP, HAPROXY_IPERF),
     },
     "kpx": {"http": (KPX_VIP, 80), "iperf": (KPX_VIP, IPERF_PORT)},
+    "kpx-tp": {"http": (KPX_VIP, 80), "iperf": (KPX_VIP, IPERF_PORT)},
 }
 
 ORIGIN_CFG = f"""global
@@ -282,13 +289,20 @@ def http_ok_in(ns: Ns, url: str) -> bool:
 
 
 def start_kpx(
-    chain: Chain, source: list[str], tmp: Path, label: str, timeout: float
+    chain: Chain,
+    source: list[str],
+    tmp: Path,
+    label: str,
+    timeout: float,
+    source_address_mode: str = "node",
 ) -> subprocess.Popen[Any]:
     log = open(tmp / f"{label}.log", "w")
     proc = chain.node.popen(
         KPX,
         "--mode",
         "nftables",
+        "--source-address-mode",
+        source_address_mode,
         *source,
         "--node-name",
         "node",
@@ -671,7 +685,7 @@ def main() -> None:
         kpx = start_kpx(
             chain, ["--manifests", str(tmp / "manifests")], tmp, "kpx", args.ready_timeout
         )
-        owner = {"direct": origin, "nat": origin, "haproxy": haproxy, "kpx": kpx}
+        owner = {"direct": origin, "nat": origin, "haproxy": haproxy, "kpx": kpx, "kpx-tp": kpx}
         for mode in MODES:
             for what, (ip, port) in TARGETS[mode].items():
                 wait_until(
@@ -681,6 +695,31 @@ def main() -> None:
                     args.ready_timeout / 4,
                 )
         pids = {"direct": None, "nat": None, "haproxy": haproxy.pid, "kpx": kpx.pid}
+        pids["kpx-tp"] = kpx.pid
+        kpx_mode = "kpx"  # which of the two kpx passes the running kpx serves
+
+        def switch_kpx(mode: str) -> None:
+            nonlocal kpx, kpx_mode
+            if mode not in KPX_SOURCE_MODES or mode == kpx_mode:
+                return
+            _stop(kpx, 40)
+            kpx = start_kpx(
+                chain,
+                ["--manifests", str(tmp / "manifests")],
+                tmp,
+                mode,
+                args.ready_timeout,
+                KPX_SOURCE_MODES[mode],
+            )
+            wait_until(
+                f"{mode} serving",
+                lambda: connects(chain.client, KPX_VIP, 80),
+                kpx,
+                args.ready_timeout / 4,
+            )
+            kpx_mode = mode
+            pids["kpx"] = pids["kpx-tp"] = kpx.pid
+
         threads = haproxy_threads(haproxy.pid)
         doc: dict[str, Any] = {
             "benchmark": "proxy",
@@ -705,6 +744,7 @@ def main() -> None:
         for run in range(args.runs):
             order = MODES[run % len(MODES) :] + MODES[: run % len(MODES)]
             for mode in order:
+                switch_kpx(mode)
                 r = measure_mode(chain, mode, pids[mode], args)
                 results[mode].append(r)
                 print(f"run {run + 1} {mode:8} " + ", ".join(f"{k}={fmt(v)}" for k, v in r.items()))
@@ -720,6 +760,7 @@ def main() -> None:
                 a[key] / b[key] for a, b in zip(results["kpx"], results[peer], strict=True)
             )
 
+        switch_kpx("kpx")  # the idle and programming passes measure node mode
         doc["runs"] = results
         doc["medians"] = {
             m: {k: statistics.median(r[k] for r in results[m]) for k in keys} for m in MODES
@@ -727,6 +768,15 @@ def main() -> None:
         doc["ratios"] = {  # kpx / peer, median of per-run ratios
             peer: {k: _safe(lambda k=k, peer=peer: ratio(k, peer)) for k in keys}
             for peer in ("haproxy", "nat", "direct")
+        }
+        # Transparent mode's cost (issue 10): kpx-tp / kpx, target within 5 %.
+        doc["ratios"]["transparent_vs_node"] = {
+            k: _safe(
+                lambda k=k: statistics.median(
+                    a[k] / b[k] for a, b in zip(results["kpx-tp"], results["kpx"], strict=True)
+                )
+            )
+            for k in keys
         }
         _save(args.json, doc)
 
@@ -740,6 +790,12 @@ def main() -> None:
         print(
             f"  kpx / kernel NAT: 8-stream {ratio('gbps_8', 'nat'):.2f}x, "
             f"conn/s {ratio('conn_per_s', 'nat'):.2f}x"
+        )
+        tp = doc["ratios"]["transparent_vs_node"]
+        print(
+            "  kpx transparent / node address (median of per-run ratios): "
+            f"8-stream throughput {tp['gbps_8']:.2f}x, CPU per GB "
+            f"{tp['proxy_cpu_s_per_gb']:.2f}x, conn/s {tp['conn_per_s']:.2f}x (each within 5 %)"
         )
 
         print(f"\nidle connections ({args.idle:,} requested, each answered once, then held):")

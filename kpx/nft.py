@@ -174,7 +174,10 @@ def _family_chains(
         (f"refuse{f}", refuse),
     ]
     if transparent:
-        chains.append((f"tproxy{f}", [r.format(v=tproxy) for r in steer]))
+        # tproxy finds no socket while no kpx listens (killed, restarting): reset the client
+        # then, as `redirect` to a closed port does, instead of forwarding its packet on.
+        tproxied = [rule for r in steer for rule in (r.format(v=tproxy), r.format(v=reset))]
+        chains.append((f"tproxy{f}", tproxied))
     for name, rules in chains:
         lines += [f"\tchain {name} {{", *(f"\t\t{rule}" for rule in rules), "\t}"]
     return lines

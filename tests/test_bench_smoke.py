@@ -88,8 +88,9 @@ def test_bench_proxy_quick(tmp_path: Path) -> None:
     assert "medians of 1 runs" in text
     assert "network programming latency" in text
     doc = _json(tmp_path / "proxy.json")
-    assert set(doc["medians"]) == {"direct", "nat", "haproxy", "kpx"}
+    assert set(doc["medians"]) == {"direct", "nat", "haproxy", "kpx", "kpx-tp"}
     assert doc["ratios"]["haproxy"]["gbps_8"] > 0
+    assert doc["ratios"]["transparent_vs_node"]["conn_per_s"] > 0  # both kpx modes measured
     assert set(doc["idle"]) == {"requested", "haproxy", "kpx"}
     assert [p["services"] for p in doc["programming"]] == [10, 50]
     prefix = text.split("netns chain ", 1)[1].split("-*", 1)[0]

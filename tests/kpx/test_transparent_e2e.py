@@ -103,8 +103,17 @@ def manifest(pods: dict[str, ClusterPod]) -> str:
         _slice("cluster-np", [b1], 4),
         _service("hairpin", ["10.96.0.50"]),
         _slice("hairpin", [a1], 4),
+        _service(
+            "remote-local",
+            ["10.96.0.70"],
+            type="LoadBalancer",
+            externalTrafficPolicy="Local",
+            ports=[{"name": "http", "port": 80, "nodePort": 30070}],
+        ),
+        _slice("remote-local", [b1], 4),
     ]
     docs[5]["status"] = {"loadBalancer": {"ingress": [{"ip": LB_V4}]}}
+    docs[-2]["status"] = {"loadBalancer": {"ingress": [{"ip": "192.168.100.12"}]}}
     return yaml.safe_dump_all(docs)
 
 
@@ -247,6 +256,10 @@ def test_backends_see_whom_kube_proxy_would_show_them(cluster: Cluster, workdir:
     assert ask(cluster.external, cluster.node_ipv4(1), 30040) == f"b1 {cluster.node_ipv4(1)}"
     # A pod to an externalTrafficPolicy Local LB IP: its own (kube-proxy's short-circuit).
     assert ask(a3, LB_V4, 80) == f"a2 {a3.ipv4}"
+    # ... from a node without a local endpoint: short-circuited to the other node's, still
+    # with the pod's address (the reply is routed back through n1); outsiders are dropped.
+    assert ask(a1, "192.168.100.12", 80) == f"b1 {a1.ipv4}"
+    assert ask(cluster.external, "192.168.100.12", 80, 1.0) == "timeout"
     # A pod to a Cluster-policy NodePort: the node's.
     assert ask(a3, cluster.node_ipv4(1), 30040) == f"b1 {cluster.node_ipv4(1)}"
     # Hairpin: a1 reaching itself through a Service sees a node address.
@@ -261,6 +274,7 @@ def test_backends_see_whom_kube_proxy_would_show_them(cluster: Cluster, workdir:
     # --masquerade-all) takes over and steers again.
     assert kpx.stop(signal.SIGKILL) == -signal.SIGKILL
     assert kpx_table_exists(n1) and policy_routing(n1).count("lookup 10262") == 2
+    assert ask(a1, "10.96.0.10", 80) in ("refused", "reset")  # no kpx: reset at once
     kpx = Kpx(cluster, workdir, "--masquerade-all")
     assert wait_for(lambda: ask(a1, "10.96.0.10", 80, 0.5).startswith(("a2", "b1")))
     assert policy_routing(n1).count("lookup 10262") == 2  # idempotent: not doubled

@@ -15,6 +15,7 @@ from kpx.source import FrontendClass, SourceAddresses, keeps_client_address
 from kpx.table import source_ranges
 from kwatch.models import Service
 from kwatch.resources import SERVICES
+from tests.kpx.test_table import Env, ep, eps, svc
 
 
 @pytest.mark.parametrize(
@@ -139,3 +140,39 @@ def test_source_ranges_are_collapsed_per_family_and_only_for_load_balancers() ->
     assert source_ranges(ranged) == ("10.0.0.0/8", "fd00::/64")
     assert source_ranges(svc("LoadBalancer", [])) is None
     assert source_ranges(svc("NodePort", ["10.0.0.0/8"])) is None
+
+
+def test_the_table_classes_frontends_and_keeps_their_firewall() -> None:
+    env = Env()
+    env.put(
+        svc(
+            type="LoadBalancer",
+            externalTrafficPolicy="Local",
+            loadBalancerSourceRanges=["10.0.0.0/8", "fd00::/64"],
+            ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+            status={"loadBalancer": {"ingress": [{"ip": "192.168.100.10"}]}},
+        )
+    )
+    env.put(eps([ep("10.1.0.1", node="node-a")]))
+    env.table.sync()
+    table = env.table
+    assert table.frontend_class("10.96.0.10", 80) == "internal"
+    assert table.frontend_class("192.168.100.10", 80) == "external_local"
+    assert table.frontend_class("192.168.50.11", 30080) == "external_local"  # NodePort
+    assert table.frontend_class("::ffff:10.96.0.10", 80) == "internal"
+    assert table.frontend_class("10.96.0.99", 80) is None
+    assert table.firewall == {(4, "192.168.100.10", 80): ("10.0.0.0/8",)}
+    # The ranges go: so does the firewall (a Service change, the steering unchanged).
+    env.put(
+        svc(
+            type="LoadBalancer",
+            ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+            status={"loadBalancer": {"ingress": [{"ip": "192.168.100.10"}]}},
+        )
+    )
+    result = env.table.sync()
+    assert table.firewall == {} and not result.steering
+    assert table.frontend_class("192.168.100.10", 80) == "external_cluster"
+    env.services.delete("default/web")
+    env.table.sync()
+    assert table.frontend_class("10.96.0.10", 80) is None
