@@ -21,6 +21,7 @@ from dnsd.metrics import DnsCollector, DnsStats
 from dnsd.records import RecordOptions
 from dnsd.server import DnsServer
 from dnsd.settings import DnsdSettings, load
+from dnsd.transfer import ZoneTransfer, parse_networks
 from dnsd.zone import ZoneIndex
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
@@ -86,6 +87,11 @@ class Daemon:
             max_udp_size=settings.max_udp_size,
             stats=self.stats,
         )
+        transfer = (
+            ZoneTransfer(self.index, parse_networks(settings.transfer_to))
+            if settings.transfer_to
+            else None
+        )
         self.server = DnsServer(
             self.handler,
             settings.listen_addresses(),
@@ -93,6 +99,7 @@ class Daemon:
             tcp_idle_timeout=settings.tcp_idle_timeout,
             tcp_max_connections=settings.tcp_max_connections,
             query_log_sample=settings.query_log_sample,
+            transfer=transfer,
         )
         self.health: HealthServer | None = None
         self._collector = DnsCollector(self.stats, self.controller.zone_info)

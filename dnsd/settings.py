@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 
 from dnsd.handler import PodMode
 from dnsd.names import to_wire
+from dnsd.transfer import parse_networks
 from kwatch.health import parse_listen
 from kwatch.settings import AccessSettings, ListenAddress, settings_or_exit
 
@@ -107,6 +108,18 @@ class DnsdSettings(AccessSettings):
     query_log_sample: float = Field(
         0.0, ge=0.0, le=1.0, description="fraction of queries written to the query log"
     )
+
+    transfer_to: list[str] = Field(
+        default_factory=list,
+        description="CIDR (or IP, or *) allowed to transfer the cluster zones (AXFR/IXFR over "
+        "TCP); everyone else is REFUSED. CoreDNS transfer `to`",
+    )
+
+    @field_validator("transfer_to")
+    @classmethod
+    def _valid_transfer_to(cls, values: list[str]) -> list[str]:
+        parse_networks(values)
+        return values
 
     @field_validator("zone")
     @classmethod
