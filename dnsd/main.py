@@ -67,6 +67,10 @@ class Daemon:
                 max_entries=settings.cache_size,
                 max_ttl=settings.cache_max_ttl,
                 max_negative_ttl=settings.cache_max_negative_ttl,
+                prefetch=settings.prefetch,
+                prefetch_duration=settings.prefetch_duration,
+                prefetch_percentage=settings.prefetch_percentage,
+                stale_for=settings.serve_stale,
             )
             if settings.cache_size > 0
             else None

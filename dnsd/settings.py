@@ -109,6 +109,24 @@ class DnsdSettings(AccessSettings):
         0.0, ge=0.0, le=1.0, description="fraction of queries written to the query log"
     )
 
+    prefetch: int = Field(
+        0,
+        ge=0,
+        description="refresh a forwarded answer asked this many times (no gap of "
+        "--prefetch-duration) before it expires; 0: never. CoreDNS cache `prefetch AMOUNT`",
+    )
+    prefetch_duration: float = Field(
+        60.0, gt=0, description="longest gap between the hits that make an answer popular (s)"
+    )
+    prefetch_percentage: int = Field(
+        10, ge=10, le=90, description="prefetch when this % of the answer's TTL is left"
+    )
+    serve_stale: float = Field(
+        0.0,
+        ge=0,
+        description="serve expired forwarded answers (TTL 30) for up to this many seconds "
+        "after they expired when every upstream fails (RFC 8767); 0: never",
+    )
     transfer_to: list[str] = Field(
         default_factory=list,
         description="CIDR (or IP, or *) allowed to transfer the cluster zones (AXFR/IXFR over "
