@@ -4,24 +4,56 @@ on 127.0.0.x that the tests start and stop; the cache's clock is the only thing 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import dns.rcode
 import pytest
 
 from dnsd.cache import STALE_TTL, DnsCache
+from dnsd.forward import Forwarder
 from dnsd.main import Daemon
 from tests.dnsd.conftest import make_settings
-from tests.dnsd.test_forward import (  # noqa: F401 (fixtures)
+from tests.dnsd.test_forward import (
     Clock,
     FakeUpstream,
+    Handler,
     addresses,
     answering,
-    forwarder,
     metric,
     parse,
     query,
-    upstream,
 )
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Callable[..., Awaitable[FakeUpstream]]]:
+    """Real DNS servers on 127.0.0.x (UDP and TCP), closed at the end (or by the test)."""
+    started: list[FakeUpstream] = []
+
+    async def start(handler: Handler, host: str = "127.0.0.2") -> FakeUpstream:
+        fake = await FakeUpstream(host, handler).start()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        await fake.close()
+
+
+@pytest.fixture
+async def forwarder() -> AsyncIterator[Callable[..., Forwarder]]:
+    made: list[Forwarder] = []
+
+    def make(*upstreams: FakeUpstream, **kwargs: Any) -> Forwarder:
+        kwargs.setdefault("timeout", 0.25)
+        fwd = Forwarder([u.address for u in upstreams], policy="sequential", **kwargs)
+        made.append(fwd)
+        return fwd
+
+    yield make
+    for fwd in made:
+        await fwd.close()
 
 
 async def wait_for(condition, within: float = 2.0) -> None:  # type: ignore[no-untyped-def]
@@ -167,8 +199,10 @@ async def test_a_working_upstream_is_preferred_to_a_stale_answer(upstream, forwa
     [
         ([], (0, 60.0, 10, 0.0)),
         (
-            ["--prefetch", "10", "--prefetch-duration", "30", "--prefetch-percentage", "20"]
-            + ["--serve-stale", "3600"],
+            [
+                *("--prefetch", "10", "--prefetch-duration", "30"),
+                *("--prefetch-percentage", "20", "--serve-stale", "3600"),
+            ],
             (10, 30.0, 20, 3600.0),
         ),
     ],
