@@ -13,10 +13,13 @@ from collections.abc import Sequence
 import structlog
 from prometheus_client import REGISTRY
 
+from dnsd.autopath import AutoPath, read_resolv_search
 from dnsd.cache import DnsCache
+from dnsd.clients import PodClients
 from dnsd.controller import ZoneController
 from dnsd.forward import Forwarder, read_resolv_conf
 from dnsd.handler import Handler, PodMode
+from dnsd.isolation import NamespaceIsolation
 from dnsd.metrics import DnsCollector, DnsStats
 from dnsd.records import RecordOptions
 from dnsd.server import DnsServer
@@ -41,10 +44,17 @@ class Daemon:
         self.settings = settings
         self.worker = worker
         resources = [SERVICES, ENDPOINTSLICES, NAMESPACES]
-        if settings.pods is PodMode.VERIFIED:
-            resources.append(PODS)  # verified mode watches every pod, as CoreDNS does
+        per_client = settings.autopath or settings.namespace_isolation
+        if settings.pods is PodMode.VERIFIED or per_client:
+            # Verified mode watches every pod, as CoreDNS does; autopath and isolation need
+            # each pod's IP and namespace (a compact index, dnsd/clients.py).
+            resources.append(PODS)
         self.state = ClusterState(resources)
         self.index = ZoneIndex(settings.zone, settings.ttl)
+        self.clients: PodClients | None = None
+        if per_client:
+            self.clients = PodClients()
+            self.state.store(PODS).subscribe(self.clients.on_pod)
         self.controller = ZoneController(
             self.index,
             RecordOptions(
@@ -90,6 +100,17 @@ class Daemon:
             pod_exists=self.controller.pod_exists,
             max_udp_size=settings.max_udp_size,
             stats=self.stats,
+            clients=self.clients,
+            autopath=(
+                AutoPath(settings.zone, read_resolv_search(settings.resolv_conf))
+                if settings.autopath
+                else None
+            ),
+            isolation=(
+                NamespaceIsolation(self.index, settings.shared_namespaces)
+                if settings.namespace_isolation
+                else None
+            ),
         )
         transfer = (
             ZoneTransfer(self.index, parse_networks(settings.transfer_to))

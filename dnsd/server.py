@@ -129,6 +129,22 @@ class UdpListener:
                 _log_query(data, io.address(i), "udp", result)
             return result
 
+        if self.handler.isolation is not None:
+            # --namespace-isolation: a pod's question for a name it may not see goes to the
+            # full path (a separate closure, so the path without the option is unchanged).
+            allows = self.handler.fast_allows_packed
+            plain = answer
+
+            def answer(data: bytes, i: int) -> bytes | None:
+                try:
+                    if not allows(data, io.client_packed(i)):
+                        return None
+                except Exception:
+                    log.exception("query_failed", proto="udp")
+                    self.handler.stats.drop("internal_error")
+                    return None
+                return plain(data, i)
+
         def leftover(data: bytes, i: int) -> None:
             address = io.address(i)
             if address is None:  # woken by close()
@@ -148,6 +164,7 @@ class UdpListener:
         to_loop = self._loop.call_soon_threadsafe
         full = self._full
         counts = stats.fast_counts(False)
+        isolation = self.handler.isolation
         while not self._closed:
             try:
                 data, addr = recv(_UDP_MAX)
@@ -162,7 +179,11 @@ class UdpListener:
             if addr is None:  # woken by close()
                 continue
             try:
-                result = fast(data, False, counts)
+                result = (
+                    fast(data, False, counts)
+                    if isolation is None or self.handler.fast_allows(data, addr[0])
+                    else None
+                )
             except Exception:
                 log.exception("query_failed", proto="udp")
                 stats.drop("internal_error")
@@ -185,7 +206,7 @@ class UdpListener:
         if self._closed:
             return
         try:
-            result = self.handler.full(data, False)
+            result = self.handler.full(data, False, addr[0])
         except Exception:
             log.exception("query_failed", proto="udp")
             self.handler.stats.drop("internal_error")
@@ -337,7 +358,8 @@ class TcpConnection(asyncio.Protocol):
         if self.server.transfer is not None and self._transfer(message):
             return
         try:
-            result = self.server.handler.handle(message, True)
+            client = str(self.peer[0]) if self.peer else None
+            result = self.server.handler.handle(message, True, client)
         except Exception:
             log.exception("query_failed", proto="tcp")
             self.server.handler.stats.drop("internal_error")

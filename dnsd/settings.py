@@ -127,6 +127,21 @@ class DnsdSettings(AccessSettings):
         description="serve expired forwarded answers (TTL 30) for up to this many seconds "
         "after they expired when every upstream fails (RFC 8767); 0: never",
     )
+    autopath: bool = Field(
+        False,
+        description="complete a pod's search path on the server: a missing name below "
+        "<its ns>.svc.<zone> is answered by the first search-list candidate that exists "
+        "(CNAME + answer); watches every Pod for its IP. CoreDNS `autopath @kubernetes`",
+    )
+    namespace_isolation: bool = Field(
+        False,
+        description="answer a pod only the cluster names of its own namespace and of "
+        "--shared-namespaces (others NXDOMAIN); watches every Pod for its IP",
+    )
+    shared_namespaces: list[str] = Field(
+        default_factory=list,
+        description="with --namespace-isolation: namespaces every pod sees (e.g. kube-system)",
+    )
     transfer_to: list[str] = Field(
         default_factory=list,
         description="CIDR (or IP, or *) allowed to transfer the cluster zones (AXFR/IXFR over "
