@@ -251,10 +251,7 @@ class DnsCache:
             return False
         left = entry.ttl - (self.clock() - entry.stored_at)
         threshold = math.ceil(self.prefetch_percentage / 100 * entry.ttl)
-        if 0 < left <= threshold:
-            CACHE_PREFETCHES.inc()
-            return True
-        return False
+        return 0 < left <= threshold
 
     def stale(self, key: CacheKey, *, failed: bool = False) -> bytes | None:
         """An expired entry within `stale_for`, every TTL `STALE_TTL`; None if there is none.

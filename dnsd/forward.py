@@ -47,7 +47,7 @@ import dnslib
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
-from dnsd.cache import RCODE_NOERROR, RCODE_SERVFAIL, CacheKey, DnsCache
+from dnsd.cache import CACHE_PREFETCHES, RCODE_NOERROR, RCODE_SERVFAIL, CacheKey, DnsCache
 from dnsd.forward_wire import (
     ParsedQuery,
     build_answer,
@@ -306,6 +306,7 @@ class Forwarder:
             return  # already being asked
         # Kept apart from _pending: a client must not wait on it (a failed prefetch answers
         # nothing, the client then asks the upstreams itself).
+        CACHE_PREFETCHES.inc()
         task = asyncio.ensure_future(self._exchange(query, prefetch=True))
         self._prefetching[key] = task
         task.add_done_callback(lambda _: self._prefetching.pop(key, None))

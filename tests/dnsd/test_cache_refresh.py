@@ -78,6 +78,7 @@ async def test_a_popular_entry_is_refreshed_before_it_expires(upstream, forwarde
     clock.now += 8.5  # 0.5 s left: within 10 % of 10 s (ceil: the last second)
     answer = await fwd.forward(query())  # hit 2: popular and about to expire
     assert parse(answer).answer[0].ttl == 1  # the client still gets the cached answer
+    await fwd.forward(query())  # asked again while the refresh is under way: no second one
     await wait_for(lambda: len(good.seen) == 2)
     assert metric("dnsd_cache_prefetch_total") == before + 1
     clock.now += 3  # past the old entry's expiry: the refreshed one answers

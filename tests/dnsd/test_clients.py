@@ -290,3 +290,12 @@ async def test_without_the_options_no_pod_is_watched(start_dnsd):
     assert run.daemon.handler.isolation is None and run.daemon.handler.autopath is None
     reply = await ask_from(run.port, SHOP_POD, f"db.data.svc.{Z}")
     assert reply.answer
+
+
+@pytest.mark.parametrize("name", [f"db.data.shop.svc.{Z}", f"www.example.org.shop.svc.{Z}"])
+async def test_autopath_answers_carry_opt_when_the_query_did(autopath, name):
+    query = dns.message.make_query(name, "A", use_edns=0, payload=1232)
+    reply = await dns.asyncquery.udp(query, "127.0.0.1", port=autopath.port, source=SHOP_POD)
+    assert reply.edns == 0
+    assert records(reply)[0][:2] == (name, "CNAME")
+    assert reply.question[0].name.to_text() == name + "."
