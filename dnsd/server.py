@@ -385,9 +385,11 @@ class TcpConnection(asyncio.Protocol):
         except wire.Reject:
             return False
         request = transfer.request(query)
-        if request is None or self.peer is None or not transfer.permits(str(self.peer[0])):
-            if request is not None:
-                log.info("zone_transfer_refused", client=str(self.peer and self.peer[0]))
+        if request is None:
+            return False
+        client = str(self.peer[0]) if self.peer else ""
+        if not transfer.permits(client):
+            transfer.refused(client, request)
             return False
         task = asyncio.get_running_loop().create_task(
             self._stream(transfer.messages(query, request))

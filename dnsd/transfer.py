@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import structlog
 from dnslib import QTYPE, RR, SOA, DNSBuffer, DNSHeader, DNSQuestion, DNSRecord
+from prometheus_client import Counter
 
 from dnsd import answers as enc
 from dnsd import wire
@@ -37,6 +38,12 @@ log = structlog.get_logger("dnsd.transfer")
 MAX_RECORDS = 500  # records per message (CoreDNS transfer: a message is sent above 500)
 MAX_MESSAGE = 60000  # bytes per message, below the 65535 a TCP length prefix allows
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+TRANSFERS = Counter(
+    "dnsd_zone_transfers_total",
+    "AXFR/IXFR requests over TCP by outcome (sent, up_to_date, refused)",
+    ["result"],
+)
 
 
 def parse_networks(values: Sequence[str]) -> list[Network]:
@@ -68,7 +75,6 @@ class ZoneTransfer:
     def __init__(self, index: ZoneIndex, allowed: Sequence[Network]) -> None:
         self.index = index
         self.allowed = list(allowed)
-        self.transfers = 0  # transfers started (for tests and logs)
 
     def permits(self, client_ip: str) -> bool:
         try:
@@ -78,6 +84,11 @@ class ZoneTransfer:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return any(address in network for network in self.allowed)
+
+    def refused(self, client: str, request: XfrRequest) -> None:
+        """A client outside `--transfer-to` asked: the handler answers REFUSED."""
+        TRANSFERS.labels("refused").inc()
+        log.info("zone_transfer_refused", client=client, zone=request.zone)
 
     def request(self, query: wire.Query) -> XfrRequest | None:
         """The transfer `query` asks for, or None when it is no transfer of a cluster zone
@@ -89,7 +100,7 @@ class ZoneTransfer:
             return None
         serial = None
         if query.qtype == wire.TYPE_IXFR:
-            serial = _ixfr_serial(query.data, query.question_end)
+            serial = _ixfr_serial(query.data)
         return XfrRequest(self.index.zones[zid], query.qtype, serial)
 
     async def messages(self, query: wire.Query, request: XfrRequest) -> AsyncIterator[bytes]:
@@ -109,9 +120,10 @@ class ZoneTransfer:
         )
         if request.serial is not None and request.serial >= serial:
             # RFC 1995 section 2: the client is up to date, our SOA alone says so.
+            TRANSFERS.labels("up_to_date").inc()
             yield self._message(query, [soa_rr])
             return
-        self.transfers += 1
+        TRANSFERS.labels("sent").inc()
         # Snapshot now: the zone may change between the chunks below.
         zone_wire = to_wire(request.zone)
         answers = sorted(
@@ -174,7 +186,7 @@ def _packed_size(rr: RR) -> int:
     return len(buffer.data)
 
 
-def _ixfr_serial(data: bytes, at: int) -> int | None:
+def _ixfr_serial(data: bytes) -> int | None:
     """The serial of the SOA in an IXFR query's authority section (RFC 1995 section 3)."""
     try:
         nscount = struct.unpack_from("!H", data, 8)[0]

@@ -12,6 +12,7 @@ import dns.rdatatype
 import dns.xfr
 import dns.zone
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.dnsd.helpers import ask, endpoint, endpoint_slice, namespace, service
 
@@ -109,9 +110,12 @@ async def test_a_large_zone_is_sent_in_several_messages_of_at_most_500_records(s
 
 async def test_clients_outside_transfer_to_are_refused(start_dnsd):
     run = await start_dnsd(CLUSTER, "--transfer-to", "127.0.0.1/32")
+    before = REGISTRY.get_sample_value("dnsd_zone_transfers_total", {"result": "refused"}) or 0
     with pytest.raises(dns.xfr.TransferError) as refused:
         await asyncio.to_thread(xfr_records, run.port, "127.0.0.2")
     assert refused.value.rcode == dns.rcode.REFUSED
+    after = REGISTRY.get_sample_value("dnsd_zone_transfers_total", {"result": "refused"})
+    assert after == before + 1
 
 
 async def test_without_transfer_to_everyone_is_refused(start_dnsd):
