@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from dnsd.handler import PodMode
 from dnsd.names import to_wire
@@ -147,6 +147,16 @@ class DnsdSettings(AccessSettings):
         description="CIDR (or IP, or *) allowed to transfer the cluster zones (AXFR/IXFR over "
         "TCP); everyone else is REFUSED. CoreDNS transfer `to`",
     )
+
+    @field_validator("shared_namespaces")
+    @classmethod
+    def _valid_shared(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        if values and "namespace_isolation" in info.data and not info.data["namespace_isolation"]:
+            raise ValueError("only used with --namespace-isolation, which is not set")
+        for value in values:
+            if not 0 < len(value) <= 63 or "." in value:
+                raise ValueError(f"expected a namespace name (a DNS label), got {value!r}")
+        return [v.lower() for v in values]
 
     @field_validator("transfer_to")
     @classmethod
