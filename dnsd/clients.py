@@ -2,10 +2,12 @@
 
 `--autopath` and `--namespace-isolation` decide per client, and all they need to know of a
 client is the namespace of the pod that has its address. CoreDNS keeps every Pod object for
-this (`pods verified`, about three times the memory of its Service cache); this index keeps one
-dict entry per pod IP: the packed address (4 or 16 bytes, what the UDP thread reads from the
-kernel without making a string) to the pod's store key `namespace/name`, a string the store
-already holds.
+this (`pods verified`, about three times the memory of its Service cache). dnsd watches Pods
+through its own slim model, `PodAddress` (name, namespace, resourceVersion and the packed IPs
+that count, nothing else: no labels, no node), and keeps one dict entry per pod IP: the packed
+address (4 or 16 bytes, what the UDP thread reads from the kernel without making a string) to
+the pod's store key `namespace/name`, a string the store already holds. With `--pods verified`
+the full Pod watch is there anyway, and the index is fed from it instead (one watch either way).
 
 Pods counted: those with an IP that are neither host-network (their IP is the node's: a node is
 no pod client) nor finished (Succeeded/Failed: the IP may already be another pod's). When two
@@ -16,8 +18,13 @@ pod's deletion removes the IP only if it is still that pod's.
 from __future__ import annotations
 
 import socket
+from typing import Any
 
-from kwatch.models import Pod
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass
+
+from kwatch.models import CONFIG, InternedStr, Pod
+from kwatch.resources import Resource
 from kwatch.store import EventType, StoreEvent
 
 _FINISHED = frozenset({"Succeeded", "Failed"})
@@ -33,8 +40,52 @@ def pack_ip(ip: str) -> bytes | None:
         return None
 
 
-def _client_ips(pod: Pod) -> list[bytes]:
-    if pod.spec.host_network or pod.status.phase in _FINISHED:
+def _counted(host_network: Any, phase: Any) -> bool:
+    """A pod whose IP makes a client a pod client (see the module docstring)."""
+    return not host_network and phase not in _FINISHED
+
+
+@dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)
+class PodMeta:
+    name: str
+    namespace: InternedStr = ""
+    resource_version: str = Field(default="", alias="resourceVersion")
+
+
+@dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)
+class PodAddress:
+    """What the client index needs of a Pod; `ips` are packed, empty for pods not counted."""
+
+    metadata: PodMeta
+    ips: tuple[bytes, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _addresses(cls, value: Any) -> Any:
+        """A raw Pod (API JSON) -> {metadata, ips}; IPs that do not parse are left out."""
+        if not isinstance(value, dict) or "ips" in value:
+            return value
+        spec = value.get("spec") or {}
+        status = value.get("status") or {}
+        ips: list[bytes] = []
+        if isinstance(spec, dict) and isinstance(status, dict):
+            if _counted(spec.get("hostNetwork"), status.get("phase")):
+                texts = [p.get("ip") for p in status.get("podIPs") or [] if isinstance(p, dict)]
+                if not texts and status.get("podIP"):
+                    texts = [status.get("podIP")]
+                packed = (pack_ip(t) for t in texts if isinstance(t, str))
+                ips = [p for p in packed if p is not None]
+        return {"metadata": value.get("metadata"), "ips": tuple(ips)}
+
+
+# The Pod watch of --autopath / --namespace-isolation (without --pods verified).
+POD_ADDRESSES = Resource("pods", "Pod", "v1", True, PodAddress)
+
+
+def _client_ips(pod: Pod | PodAddress) -> list[bytes]:
+    if isinstance(pod, PodAddress):
+        return list(pod.ips)
+    if not _counted(pod.spec.host_network, pod.status.phase):
         return []
     packed = (pack_ip(ip) for ip in pod.ips)
     return [p for p in packed if p is not None]
@@ -49,7 +100,7 @@ class PodClients:
     def __len__(self) -> int:
         return len(self._by_ip)
 
-    def on_pod(self, event: StoreEvent[Pod]) -> None:
+    def on_pod(self, event: StoreEvent[Pod] | StoreEvent[PodAddress]) -> None:
         """Store subscriber: keep the index in step with one Pod event."""
         old = _client_ips(event.old) if event.old is not None else []
         new = _client_ips(event.obj) if event.type is not EventType.DELETED else []

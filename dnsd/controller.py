@@ -11,6 +11,7 @@ import asyncio
 import gc
 import itertools
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +43,7 @@ class ZoneController:
         namespaces: Store[Namespace],
         *,
         pods: Store[Pod] | None = None,
+        waits_for: Sequence[Store[Any]] = (),
         pod_mode: PodMode = PodMode.DISABLED,
         only_namespaces: frozenset[str] = frozenset(),
     ) -> None:
@@ -66,6 +68,9 @@ class ZoneController:
         stores: list[Store[Any]] = [services, slices, namespaces]
         if pods is not None:
             stores.append(pods)
+        # Stores the zone does not read but must not be served before (the pod addresses of
+        # --namespace-isolation: until they are in, every pod would look like a node).
+        stores += waits_for
         self._stores = stores
         for store in stores:
             store.on_synced(self._wake.set)

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from dnsd.autopath import AutoPath, read_resolv_search
 from dnsd.cache import DnsCache
-from dnsd.clients import PodClients
+from dnsd.clients import POD_ADDRESSES, PodClients
 from dnsd.controller import ZoneController
 from dnsd.forward import Forwarder, read_resolv_conf
 from dnsd.handler import Handler, PodMode
@@ -45,16 +45,17 @@ class Daemon:
         self.worker = worker
         resources = [SERVICES, ENDPOINTSLICES, NAMESPACES]
         per_client = settings.autopath or settings.namespace_isolation
+        # Verified mode watches every pod, as CoreDNS does; autopath and isolation need only
+        # each pod's IP and namespace: the same watch when it is there, else a slim one.
+        pod_watch = PODS if settings.pods is PodMode.VERIFIED else POD_ADDRESSES
         if settings.pods is PodMode.VERIFIED or per_client:
-            # Verified mode watches every pod, as CoreDNS does; autopath and isolation need
-            # each pod's IP and namespace (a compact index, dnsd/clients.py).
-            resources.append(PODS)
+            resources.append(pod_watch)
         self.state = ClusterState(resources)
         self.index = ZoneIndex(settings.zone, settings.ttl)
         self.clients: PodClients | None = None
         if per_client:
             self.clients = PodClients()
-            self.state.store(PODS).subscribe(self.clients.on_pod)
+            self.state.store(pod_watch).subscribe(self.clients.on_pod)
         self.controller = ZoneController(
             self.index,
             RecordOptions(
@@ -68,6 +69,9 @@ class Daemon:
             self.state.store(ENDPOINTSLICES),
             self.state.store(NAMESPACES),
             pods=self.state.store(PODS) if PODS in self.state.stores else None,
+            waits_for=[self.state.store(POD_ADDRESSES)]
+            if POD_ADDRESSES in self.state.stores
+            else [],
             pod_mode=settings.pods,
             only_namespaces=frozenset(settings.namespaces),
         )

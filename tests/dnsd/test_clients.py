@@ -15,7 +15,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from dnsd.clients import PodClients, pack_ip
+from dnsd.clients import POD_ADDRESSES, PodAddress, PodClients, pack_ip
 from dnsd.server import UdpListener
 from kwatch.models import Pod
 from kwatch.resources import PODS
@@ -106,6 +106,51 @@ def test_pod_index_maps_ips_to_namespaces_and_forgets_what_goes():
     clients.on_pod(_event(EventType.DELETED, new, new))
     assert clients.namespace_of("10.0.0.2") is None
     assert len(clients) == 1
+
+
+def test_the_slim_pod_model_keeps_only_name_namespace_version_and_counted_ips():
+    raw = {
+        "metadata": {
+            "name": "a",
+            "namespace": "shop",
+            "resourceVersion": "7",
+            "labels": {"app": "web", "pod-template-hash": "abc"},
+            "uid": "u",
+        },
+        "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "x"}]},
+        "status": {
+            "phase": "Running",
+            "podIP": "10.0.0.1",
+            "podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}],
+        },
+    }
+    address = POD_ADDRESSES.parse(raw)
+    assert isinstance(address, PodAddress)
+    assert address.metadata.resource_version == "7"
+    assert address.ips == (pack_ip("10.0.0.1"), pack_ip("fd00::1"))
+    assert not hasattr(address.metadata, "labels")
+    host = POD_ADDRESSES.parse({**raw, "spec": {"hostNetwork": True}})
+    pending_without_ip = POD_ADDRESSES.parse({**raw, "status": {"phase": "Pending"}})
+    failed = POD_ADDRESSES.parse({**raw, "status": {**raw["status"], "phase": "Failed"}})
+    assert host.ips == pending_without_ip.ips == failed.ips == ()
+    clients = PodClients()
+    clients.on_pod(StoreEvent(EventType.ADDED, "shop/a", address, None))
+    assert clients.namespace_of("fd00::1") == "shop"
+
+
+@pytest.mark.parametrize(
+    ("flags", "model"),
+    [(["--autopath"], PodAddress), (["--autopath", "--pods", "verified"], Pod)],
+    ids=["slim-watch", "shared-with-pods-verified"],
+)
+async def test_one_pod_watch_feeds_the_index(start_dnsd, flags, model):
+    run = await start_dnsd(CLUSTER, *flags)
+    pod_stores = [s for r, s in run.daemon.state.stores.items() if r.name == "pods"]
+    assert len(pod_stores) == 1
+    assert all(isinstance(obj, model) for obj in pod_stores[0])
+    assert run.daemon.clients is not None
+    assert run.daemon.clients.namespace_of(SHOP_POD) == "shop"
+    assert run.daemon.clients.namespace_of(HOST_POD) is None
 
 
 # --- autopath ----------------------------------------------------------------------------------
