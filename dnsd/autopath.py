@@ -78,6 +78,8 @@ class AutoPath:
 
     def applies(self, query: Query, namespace: str, zid: int) -> bool:
         """The name lies strictly below the client's `<ns>.svc.<zone>` (firstInSearchPath)."""
+        if zid >= len(self.zones):
+            return False  # a --multicluster or --external-zone: no pod search list there
         first = self.first(namespace, zid)
         key = query.name_key
         return bool(first) and len(key) > len(first) and key.endswith(first)

@@ -11,13 +11,14 @@ import asyncio
 import gc
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from dnsd import answers as enc
+from dnsd import external
 from dnsd.handler import PodMode
 from dnsd.metrics import DNS_PROGRAMMING, ZONE_SYNC
 from dnsd.records import RecordOptions, ServiceRecords, service_records
@@ -33,6 +34,18 @@ CHUNK = 500  # services re-encoded between two yields to the event loop (~60 ms 
 NS_SERVICE = "kube-system/kube-dns"  # its ClusterIPs are the glue of ns.dns.<zone> (CoreDNS ns.go)
 
 
+class ExtraSource(Protocol):
+    """Zone sources besides Services, namespaces and the apex (dnsd.multicluster)."""
+
+    stores: list[Store[Any]]  # synced before the first build
+
+    def on_change(self, wake: Callable[[], None]) -> None: ...
+
+    def take_dirty(self) -> set[str]: ...  # everything on the first call
+
+    def records(self, source: str) -> ServiceRecords | None: ...
+
+
 class ZoneController:
     def __init__(
         self,
@@ -46,6 +59,7 @@ class ZoneController:
         waits_for: Sequence[Store[Any]] = (),
         pod_mode: PodMode = PodMode.DISABLED,
         only_namespaces: frozenset[str] = frozenset(),
+        extra: tuple[ExtraSource, ...] = (),
     ) -> None:
         self.index = index
         self.options = options
@@ -68,6 +82,10 @@ class ZoneController:
         stores: list[Store[Any]] = [services, slices, namespaces]
         if pods is not None:
             stores.append(pods)
+        self.extra = extra
+        for source in extra:
+            source.on_change(self._wake.set)
+            stores.extend(source.stores)
         # Stores the zone does not read but must not be served before (the pod addresses of
         # --namespace-isolation: until they are in, every pod would look like a node).
         stores += waits_for
@@ -132,8 +150,9 @@ class ZoneController:
         else:
             self._dirty_services = set()
         namespaces, self._dirty_namespaces = self._dirty_namespaces, set()
+        extra = [(source, source.take_dirty()) for source in self.extra]
         more = bool(self._dirty_services)
-        if not (services or namespaces or first):
+        if not (services or namespaces or first or any(keys for _, keys in extra)):
             return more
         # A batch allocates many small objects and frees them again, none in reference cycles:
         # with the collector on, each allocation burst walks every tracked object (the stores'
@@ -144,6 +163,9 @@ class ZoneController:
             self.index.begin_batch()
             for key in services:
                 self._set_service(key)
+            for source, keys in extra:
+                for key in keys:
+                    self._set_extra(source, key)
             for name in namespaces:
                 self.index.set_source(f"namespace:{name}", self._namespace_records(name))
             self.index.set_source(APEX, self._apex_records())
@@ -191,6 +213,12 @@ class ZoneController:
             # stop the zone: its last good records stay, everything else is updated.
             log.warning("service_skipped", key=key, problem=repr(err))
 
+    def _set_extra(self, source: ExtraSource, key: str) -> None:
+        try:
+            self.index.set_source(key, source.records(key))
+        except Exception as err:
+            log.warning("source_skipped", key=key, problem=repr(err))
+
     def _exposed(self, namespace: str) -> bool:
         return not self.only_namespaces or namespace in self.only_namespaces
 
@@ -200,7 +228,10 @@ class ZoneController:
             return None
         slices = self.slices.by_index("service", key)
         try:
-            return service_records(service, slices, self.options)
+            records = service_records(service, slices, self.options)
+            if self.options.external_zones:
+                external.add_service(records, service, slices, self.options)
+            return records
         except ValueError as err:
             # A name dnslib/the wire form cannot carry (e.g. a label over 63 bytes).
             log.warning("service_skipped", key=key, problem=str(err))
@@ -212,9 +243,9 @@ class ZoneController:
         if name not in self.namespaces or not self._exposed(name):
             return None
         records = ServiceRecords()
-        for zone in self.options.zones:
+        for zone in self.index.zones:  # the --multicluster zones too
             records.names.add(f"{name}.svc.{zone}".lower())
-            if self.pod_mode is not PodMode.DISABLED:
+            if self.pod_mode is not PodMode.DISABLED and zone in self.options.zones:
                 records.names.add(f"{name}.pod.{zone}".lower())
         return records
 
@@ -223,7 +254,7 @@ class ZoneController:
         dns_service = self.services.get(NS_SERVICE)
         ns_ips = dns_service.cluster_ips if dns_service is not None else []
         primary = self.options.zones[0]
-        for zone in self.options.zones:
+        for zone in self.index.zones:  # the --multicluster zones too
             zone = zone.lower()
             answers, additional = enc.apex_rrsets(
                 zone, primary, self.options.ttl, self.index.serial, ns_ips
@@ -234,6 +265,15 @@ class ZoneController:
                 records.names.add(name)
             for name, _ in answers:
                 records.names.add(name)
+        if self.options.external_zones:
+            outside = external.outside_addresses(dns_service)[0] if dns_service else []
+            for zone in self.options.external_zones:
+                apex = external.apex_records(
+                    zone, self.options.ttl, self.index.serial, outside or ns_ips
+                )
+                records.answers.update(apex.answers)
+                records.additional.update(apex.additional)
+                records.names |= apex.names
         return records
 
     def pod_exists(self, ip: str, namespace: str) -> bool:

@@ -4,7 +4,8 @@ With `--namespace-isolation`, a query from a pod (its address is a known pod IP)
 another namespace is answered as if the name did not exist: NXDOMAIN with the zone's SOA, for
 every type. A name's namespace is the label before `svc.<zone>` or `pod.<zone>`
 (`web.shop.svc.<zone>`, `_http._tcp.web.shop.svc.<zone>`, `shop.svc.<zone>` itself,
-`10-0-0-1.shop.pod.<zone>`); names without one (the apex, `svc.<zone>`, `ns.dns.<zone>`,
+`10-0-0-1.shop.pod.<zone>`, the --multicluster zones alike), or before an --external-zone
+(`web.shop.<external zone>`); names without one (the apex, `svc.<zone>`, `ns.dns.<zone>`,
 `dns-version.<zone>`) and names outside the cluster zones are answered as to anyone. A reverse
 name of the cluster (PTR of a ClusterIP or endpoint) keeps only the targets the pod may see; with
 none left it is NXDOMAIN with the reverse zone's SOA. Clients that are no pod (nodes, host-network
@@ -24,7 +25,7 @@ from dnsd import wire
 from dnsd.names import from_wire, label_offsets, to_wire
 from dnsd.records import ptr_rr
 from dnsd.wire import Answer, Query
-from dnsd.zone import ZoneIndex
+from dnsd.zone import REVERSE_ZONES, ZoneIndex
 
 _SVC = b"\x03svc"
 _POD = b"\x03pod"
@@ -36,8 +37,11 @@ def namespace_label(index: ZoneIndex, name_key: bytes, offsets: list[int]) -> by
     found = index.zone_of(name_key, offsets)
     if found is None:
         return None
-    zone_offset = found[1]
+    zid, zone_offset = found
     k = offsets.index(zone_offset)
+    if zid >= len(index.zones):
+        # An --external-zone: `<svc>.<ns>.<zone>`, `<ns>.<zone>`, `<ep>.<svc>.<ns>.<zone>`.
+        return name_key[offsets[k - 1] : zone_offset] if k >= 1 else None
     if k >= 2 and name_key[offsets[k - 1] : zone_offset] in (_SVC, _POD):
         return name_key[offsets[k - 2] : offsets[k - 1]]
     return None
@@ -93,7 +97,7 @@ class NamespaceIsolation:
             label = namespace_label(index, key, query.label_offsets)
             return None if self.sees(label, client) else index.nxdomain[found[0]]
         zid = index.existing.get(key)
-        if zid is None or zid < len(index.zones):
+        if zid is None or not len(index.zones) <= zid < len(index.zones) + len(REVERSE_ZONES):
             return None  # outside every zone: forwarded as for anyone
         ptr = index.answers.get(key + _PTR)
         if ptr is None:

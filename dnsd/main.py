@@ -16,20 +16,23 @@ from prometheus_client import REGISTRY
 from dnsd.autopath import AutoPath, read_resolv_search
 from dnsd.cache import DnsCache
 from dnsd.clients import POD_ADDRESSES, PodClients
-from dnsd.controller import ZoneController
+from dnsd.controller import ExtraSource, ZoneController
+from dnsd.endpoint_names import EndpointNames
 from dnsd.forward import Forwarder, read_resolv_conf
-from dnsd.handler import Handler, PodMode
+from dnsd.handler import Handler, LazyNames, PodMode
 from dnsd.isolation import NamespaceIsolation
 from dnsd.metrics import DnsCollector, DnsStats
+from dnsd.multicluster import MulticlusterRecords
 from dnsd.records import RecordOptions
 from dnsd.server import DnsServer
 from dnsd.settings import DnsdSettings, load
 from dnsd.transfer import ZoneTransfer, parse_networks
+from dnsd.zonal import ZonalNames
 from dnsd.zone import ZoneIndex
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
-from kwatch.resources import ENDPOINTSLICES, NAMESPACES, PODS, SERVICES
+from kwatch.resources import ENDPOINTSLICES, NAMESPACES, PODS, SERVICEIMPORTS, SERVICES
 from kwatch.runtime import run, stop_event
 
 log = structlog.get_logger("dnsd")
@@ -50,21 +53,45 @@ class Daemon:
         pod_watch = PODS if settings.pods is PodMode.VERIFIED else POD_ADDRESSES
         if settings.pods is PodMode.VERIFIED or per_client:
             resources.append(pod_watch)
+        if settings.multicluster:
+            resources.append(SERVICEIMPORTS)
         self.state = ClusterState(resources)
-        self.index = ZoneIndex(settings.zone, settings.ttl)
+        self.index = ZoneIndex(
+            settings.zone, settings.ttl, settings.external_zone, settings.multicluster
+        )
         self.clients: PodClients | None = None
         if per_client:
             self.clients = PodClients()
             self.state.store(pod_watch).subscribe(self.clients.on_pod)
+        options = RecordOptions(
+            zones=tuple(settings.zone),
+            ttl=settings.ttl,
+            endpoint_pod_names=settings.endpoint_pod_names,
+            ignore_empty_service=settings.ignore_empty_service,
+            endpoint_ptrs=settings.endpoint_ptrs,
+            external_zones=tuple(settings.external_zone),
+            external_headless=settings.external_headless,
+        )
+        only = frozenset(settings.namespaces)
+
+        def exposed(namespace: str) -> bool:
+            return not only or namespace in only
+
+        stores = (self.state.store(SERVICES), self.state.store(ENDPOINTSLICES))
+        extra: tuple[ExtraSource, ...] = ()
+        if settings.multicluster:
+            extra = (
+                MulticlusterRecords(
+                    self.state.store(SERVICEIMPORTS),
+                    stores[1],
+                    options,
+                    tuple(settings.multicluster),
+                    exposed,
+                ),
+            )
         self.controller = ZoneController(
             self.index,
-            RecordOptions(
-                zones=tuple(settings.zone),
-                ttl=settings.ttl,
-                endpoint_pod_names=settings.endpoint_pod_names,
-                ignore_empty_service=settings.ignore_empty_service,
-                endpoint_ptrs=settings.endpoint_ptrs,
-            ),
+            options,
             self.state.store(SERVICES),
             self.state.store(ENDPOINTSLICES),
             self.state.store(NAMESPACES),
@@ -73,7 +100,8 @@ class Daemon:
             if POD_ADDRESSES in self.state.stores
             else [],
             pod_mode=settings.pods,
-            only_namespaces=frozenset(settings.namespaces),
+            only_namespaces=only,
+            extra=extra,
         )
         upstreams = settings.upstream_addresses() or read_resolv_conf(settings.resolv_conf)
         cache = (
@@ -96,6 +124,11 @@ class Daemon:
             timeout=settings.forward_timeout,
             max_inflight=settings.max_concurrent,
         )
+        lazy: list[LazyNames] = []
+        if settings.endpoint_names:
+            lazy.append(EndpointNames(*stores, options, exposed))
+        if settings.zonal:
+            lazy.append(ZonalNames(*stores, options, exposed))
         self.stats = DnsStats()
         self.handler = Handler(
             self.index,
@@ -104,6 +137,7 @@ class Daemon:
             pod_exists=self.controller.pod_exists,
             max_udp_size=settings.max_udp_size,
             stats=self.stats,
+            lazy=tuple(lazy),
             clients=self.clients,
             autopath=(
                 AutoPath(settings.zone, read_resolv_search(settings.resolv_conf))

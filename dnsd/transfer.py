@@ -96,8 +96,8 @@ class ZoneTransfer:
         if query.qtype not in (wire.TYPE_AXFR, wire.TYPE_IXFR):
             return None
         zid = self.index.zone_ids.get(query.name_key)
-        if zid is None:
-            return None
+        if zid is None or zid >= len(self.index.zones):
+            return None  # a reverse zone or an --external-zone: not transferred
         serial = None
         if query.qtype == wire.TYPE_IXFR:
             serial = _ixfr_serial(query.data)

@@ -19,6 +19,7 @@ DEPLOY = ROOT / "deploy"
 KUSTOMIZATIONS = ["base", "overlays/kind", "kube-dns"]
 COMPONENTS = [
     "components/dnsd-pods-verified",
+    "components/dnsd-multicluster",
     "components/dnsd-autopath",
     "components/dnsd-namespace-isolation",
 ]

@@ -344,3 +344,34 @@ async def test_autopath_answers_carry_opt_when_the_query_did(autopath, name):
     assert reply.edns == 0
     assert records(reply)[0][:2] == (name, "CNAME")
     assert reply.question[0].name.to_text() == name + "."
+
+
+# --- with the other zones of issue 15 ----------------------------------------------------------
+
+EXTERNAL = "example.net"
+
+
+def _with_external_ip(obj: dict, ip: str) -> dict:  # type: ignore[type-arg]
+    obj["spec"]["externalIPs"] = [ip]
+    return obj
+
+
+async def test_isolation_covers_external_zone_names_and_autopath_ignores_them(start_dnsd):
+    cluster = [
+        *[o for o in CLUSTER if o["metadata"]["name"] not in ("web", "db")],
+        _with_external_ip(service("web", "shop", ips=["10.96.1.1"]), "192.0.2.1"),
+        _with_external_ip(service("db", "data", ips=["10.96.2.1"]), "192.0.2.2"),
+    ]
+    run = await start_dnsd(
+        cluster, "--external-zone", EXTERNAL, "--namespace-isolation", "--autopath"
+    )
+    own = await ask_from(run.port, SHOP_POD, f"web.shop.{EXTERNAL}")
+    assert records(own) == [(f"web.shop.{EXTERNAL}", "A", "192.0.2.1")]
+    other = await ask_from(run.port, SHOP_POD, f"db.data.{EXTERNAL}")
+    assert other.rcode() == dns.rcode.NXDOMAIN
+    assert records(other, "authority")[0][:2] == (EXTERNAL, "SOA")
+    node = await ask_from(run.port, NODE, f"db.data.{EXTERNAL}")
+    assert records(node) == [(f"db.data.{EXTERNAL}", "A", "192.0.2.2")]
+    # No search list in an external zone: a missing name there stays NXDOMAIN.
+    missing = await ask_from(run.port, SHOP_POD, f"nothing.shop.{EXTERNAL}")
+    assert missing.rcode() == dns.rcode.NXDOMAIN

@@ -176,3 +176,9 @@ async def test_dig_axfr(start_dnsd):
     lines = [line.split() for line in text.splitlines() if line and not line.startswith(";")]
     assert lines[0][3] == "SOA" and lines[-1][3] == "SOA"
     assert [f"web.default.svc.{Z}.", "5", "IN", "A", "10.96.0.5"] in lines
+
+
+async def test_an_external_zone_is_not_transferred(start_dnsd):
+    run = await start_dnsd(CLUSTER, "--transfer-to", "127.0.0.1/32", "--external-zone", "ex.net")
+    reply = await ask(run.port, "ex.net", "AXFR", tcp=True)
+    assert reply.rcode() == dns.rcode.REFUSED
