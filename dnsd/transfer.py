@@ -10,9 +10,10 @@ plugin/kubernetes/transfer.go):
 - records are sent in messages of at most 500 records (CoreDNS flushes above 500), and
   never over the 64 KiB a TCP message can carry.
 
-The records are those dnsd answers: every precomputed answer under the zone (A, AAAA, SRV,
-TXT, CNAME of ExternalName Services, the answers of in-cluster CNAME chases), each record
-once. The zone is snapshot when the transfer starts; the messages are built a chunk at a time
+The records are every precomputed answer under the zone (A, AAAA, SRV, TXT, CNAME of
+ExternalName Services, the answers of in-cluster CNAME chases), each record once; names built
+only when asked (dnsd.endpoint_names, dnsd.zonal) are not in it, as CoreDNS's transfer leaves
+out the endpoints of ClusterIP Services. The zone is snapshot when the transfer starts; the messages are built a chunk at a time
 between yields to the event loop, so a large zone does not stall queries.
 """
 
