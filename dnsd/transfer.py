@@ -13,8 +13,9 @@ plugin/kubernetes/transfer.go):
 The records are every precomputed answer under the zone (A, AAAA, SRV, TXT, CNAME of
 ExternalName Services, the answers of in-cluster CNAME chases), each record once; names built
 only when asked (dnsd.endpoint_names, dnsd.zonal) are not in it, as CoreDNS's transfer leaves
-out the endpoints of ClusterIP Services. The zone is snapshot when the transfer starts; the messages are built a chunk at a time
-between yields to the event loop, so a large zone does not stall queries.
+out the endpoints of ClusterIP Services. The zone is snapshot when the transfer starts; the
+messages are built a chunk at a time between yields to the event loop, so a large zone does not
+stall queries.
 """
 
 from __future__ import annotations

@@ -14,12 +14,17 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dnsd.clients import POD_ADDRESSES, PodAddress, PodClients, pack_ip
+from dnsd.handler import Handler
+from dnsd.isolation import NamespaceIsolation
 from dnsd.server import UdpListener
 from kwatch.models import Pod
 from kwatch.resources import PODS
 from kwatch.store import EventType, StoreEvent
+from tests.dnsd import test_fuzz as fuzz
 from tests.dnsd.helpers import (
     endpoint,
     endpoint_slice,
@@ -375,3 +380,67 @@ async def test_isolation_covers_external_zone_names_and_autopath_ignores_them(st
     # No search list in an external zone: a missing name there stays NXDOMAIN.
     missing = await ask_from(run.port, SHOP_POD, f"nothing.shop.{EXTERNAL}")
     assert missing.rcode() == dns.rcode.NXDOMAIN
+
+
+# --- the fast path decides as the full path does, per client -------------------------------------
+
+_ISOLATED: Handler | None = None
+POD_OF_EMPTY, POD_OF_DEFAULT = "10.9.0.1", "10.9.0.2"
+CLUSTER_REVERSE = ("5.0.96.10.in-addr.arpa", "1.0.1.10.in-addr.arpa")  # web, db-0
+
+
+def isolated_handler() -> Handler:
+    """The fuzz tests' cluster (namespaces default and empty), answered per client."""
+    global _ISOLATED
+    if _ISOLATED is None:
+        base = fuzz.cluster()
+        clients = PodClients()
+        for name, ns, ip in (("a", "empty", POD_OF_EMPTY), ("b", "default", POD_OF_DEFAULT)):
+            clients.on_pod(StoreEvent(EventType.ADDED, f"{ns}/{name}", _pod(name, ns, ip), None))
+        _ISOLATED = Handler(
+            base.index,
+            upstream=base.upstream,
+            clients=clients,
+            isolation=NamespaceIsolation(base.index),
+        )
+    return _ISOLATED
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.one_of(
+        # Names of the cluster's shape, most of them real: <prefix>.<svc>.<ns>.<svc|pod>.<zone>
+        st.tuples(
+            st.lists(
+                st.sampled_from(["db-0", "10-1-0-2", "_http._tcp", "_pg._tcp", "x"]), max_size=1
+            ),
+            st.lists(st.sampled_from(["web", "db", "ext", "alias", "nosuch", "WEB"]), max_size=1),
+            st.sampled_from(["default", "empty", "nosuch", "Default"]),
+            st.sampled_from(["svc", "pod"]),
+            st.sampled_from(["cluster.local", "CLUSTER.local"]),
+        ).map(lambda p: ".".join([*p[0], *p[1], p[2], p[3], p[4]])),
+        # Reverse names of ClusterIPs and endpoints, and names of any shape.
+        st.sampled_from(
+            ["5.0.96.10.in-addr.arpa", "1.0.1.10.in-addr.arpa", "9.9.9.10.in-addr.arpa"]
+        ),
+        st.lists(st.sampled_from(fuzz.LABELS), max_size=5).map(
+            lambda labels: ".".join([*labels, "cluster.local"])
+        ),
+    ),
+    st.sampled_from(fuzz.QTYPES),
+    st.sampled_from([None, 0]),
+    st.booleans(),
+    st.sampled_from([POD_OF_EMPTY, POD_OF_DEFAULT, "10.9.0.3"]),
+)
+def test_with_isolation_fast_and_full_path_give_the_same_answer(name, qtype, edns, tcp, client):
+    query = dns.message.make_query(name, qtype, use_edns=False if edns is None else edns)
+    data = query.to_wire()
+    handler = isolated_handler()
+    fast = fuzz.finish(handler.handle(data, tcp, client))
+    full = fuzz.finish(handler.full(data, tcp, client))
+    assert fast == full, name
+    if client == POD_OF_EMPTY and fast is not None:
+        lowered = name.lower()
+        if ".default.svc.cluster.local" in lowered or lowered in CLUSTER_REVERSE:
+            # Never another namespace's data (the cluster's PTRs all point into default).
+            assert dns.message.from_wire(fast).answer == [], name
