@@ -11,7 +11,7 @@ import asyncio
 import gc
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -56,6 +56,7 @@ class ZoneController:
         namespaces: Store[Namespace],
         *,
         pods: Store[Pod] | None = None,
+        waits_for: Sequence[Store[Any]] = (),
         pod_mode: PodMode = PodMode.DISABLED,
         only_namespaces: frozenset[str] = frozenset(),
         extra: tuple[ExtraSource, ...] = (),
@@ -85,6 +86,9 @@ class ZoneController:
         for source in extra:
             source.on_change(self._wake.set)
             stores.extend(source.stores)
+        # Stores the zone does not read but must not be served before (the pod addresses of
+        # --namespace-isolation: until they are in, every pod would look like a node).
+        stores += waits_for
         self._stores = stores
         for store in stores:
             store.on_synced(self._wake.set)

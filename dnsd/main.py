@@ -13,16 +13,20 @@ from collections.abc import Sequence
 import structlog
 from prometheus_client import REGISTRY
 
+from dnsd.autopath import AutoPath, read_resolv_search
 from dnsd.cache import DnsCache
+from dnsd.clients import POD_ADDRESSES, PodClients
 from dnsd.controller import ExtraSource, ZoneController
 from dnsd.endpoint_names import EndpointNames
 from dnsd.forward import Forwarder, read_resolv_conf
 from dnsd.handler import Handler, LazyNames, PodMode
+from dnsd.isolation import NamespaceIsolation
 from dnsd.metrics import DnsCollector, DnsStats
 from dnsd.multicluster import MulticlusterRecords
 from dnsd.records import RecordOptions
 from dnsd.server import DnsServer
 from dnsd.settings import DnsdSettings, load
+from dnsd.transfer import ZoneTransfer, parse_networks
 from dnsd.zonal import ZonalNames
 from dnsd.zone import ZoneIndex
 from kwatch.cluster import ClusterState
@@ -43,14 +47,22 @@ class Daemon:
         self.settings = settings
         self.worker = worker
         resources = [SERVICES, ENDPOINTSLICES, NAMESPACES]
-        if settings.pods is PodMode.VERIFIED:
-            resources.append(PODS)  # verified mode watches every pod, as CoreDNS does
+        per_client = settings.autopath or settings.namespace_isolation
+        # Verified mode watches every pod, as CoreDNS does; autopath and isolation need only
+        # each pod's IP and namespace: the same watch when it is there, else a slim one.
+        pod_watch = PODS if settings.pods is PodMode.VERIFIED else POD_ADDRESSES
+        if settings.pods is PodMode.VERIFIED or per_client:
+            resources.append(pod_watch)
         if settings.multicluster:
             resources.append(SERVICEIMPORTS)
         self.state = ClusterState(resources)
         self.index = ZoneIndex(
             settings.zone, settings.ttl, settings.external_zone, settings.multicluster
         )
+        self.clients: PodClients | None = None
+        if per_client:
+            self.clients = PodClients()
+            self.state.store(pod_watch).subscribe(self.clients.on_pod)
         options = RecordOptions(
             zones=tuple(settings.zone),
             ttl=settings.ttl,
@@ -84,6 +96,9 @@ class Daemon:
             self.state.store(ENDPOINTSLICES),
             self.state.store(NAMESPACES),
             pods=self.state.store(PODS) if PODS in self.state.stores else None,
+            waits_for=[self.state.store(POD_ADDRESSES)]
+            if POD_ADDRESSES in self.state.stores
+            else [],
             pod_mode=settings.pods,
             only_namespaces=only,
             extra=extra,
@@ -94,6 +109,10 @@ class Daemon:
                 max_entries=settings.cache_size,
                 max_ttl=settings.cache_max_ttl,
                 max_negative_ttl=settings.cache_max_negative_ttl,
+                prefetch=settings.prefetch,
+                prefetch_duration=settings.prefetch_duration,
+                prefetch_percentage=settings.prefetch_percentage,
+                stale_for=settings.serve_stale,
             )
             if settings.cache_size > 0
             else None
@@ -119,6 +138,22 @@ class Daemon:
             max_udp_size=settings.max_udp_size,
             stats=self.stats,
             lazy=tuple(lazy),
+            clients=self.clients,
+            autopath=(
+                AutoPath(settings.zone, read_resolv_search(settings.resolv_conf))
+                if settings.autopath
+                else None
+            ),
+            isolation=(
+                NamespaceIsolation(self.index, settings.shared_namespaces)
+                if settings.namespace_isolation
+                else None
+            ),
+        )
+        transfer = (
+            ZoneTransfer(self.index, parse_networks(settings.transfer_to))
+            if settings.transfer_to
+            else None
         )
         self.server = DnsServer(
             self.handler,
@@ -127,6 +162,7 @@ class Daemon:
             tcp_idle_timeout=settings.tcp_idle_timeout,
             tcp_max_connections=settings.tcp_max_connections,
             query_log_sample=settings.query_log_sample,
+            transfer=transfer,
         )
         self.health: HealthServer | None = None
         self._collector = DnsCollector(self.stats, self.controller.zone_info)

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from kwatch import metrics
 from kwatch.models import describe_error, object_key
-from kwatch.resources import BY_KIND, Resource
+from kwatch.resources import Resource
 from kwatch.store import Store
 
 log = structlog.get_logger("kwatch.manifest")
@@ -47,6 +47,9 @@ class ManifestSource:
     ) -> None:
         self.path = path
         self.stores = stores
+        # By kind among the stores given: a daemon may watch a kind through its own Resource
+        # (a slimmer model of the same API objects, as dnsd's pod addresses).
+        self._by_kind = {r.kind: r for r in stores}
         self.poll_interval = poll_interval
         self.settle_seconds = min(0.2, poll_interval / 2)
         self._signature: tuple[tuple[str, int, int], ...] | None = None
@@ -100,7 +103,7 @@ class ManifestSource:
         return True
 
     def _parse_into(self, doc: dict[str, Any], out: dict[Resource, dict[str, Any]]) -> None:
-        resource = BY_KIND.get(str(doc.get("kind", "")))
+        resource = self._by_kind.get(str(doc.get("kind", "")))
         if resource is None or resource not in out:
             return  # Deployments, ConfigMaps, ...: not ours to read
         if resource.namespaced:
