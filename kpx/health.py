@@ -83,9 +83,16 @@ class NodeEligibility:
 class ProxierHealth:
     """Tracks queued vs applied changes; unhealthy when one waits longer than `timeout`."""
 
-    def __init__(self, timeout: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        timeout: float,
+        clock: Callable[[], float] = time.time,
+        alive: Callable[[], tuple[bool, str]] | None = None,
+    ) -> None:
         self.timeout = timeout
         self._clock = clock
+        # The supervisor's liveness: a dead, crash-looping or wedged background task.
+        self._alive = alive
         self.last_updated = 0.0
         self._oldest_pending: float | None = None
         # Shutting down: kpx accepts no new connection while it drains, so load balancers
@@ -108,6 +115,8 @@ class ProxierHealth:
 
     def healthy(self) -> bool:
         if self._stopping:
+            return False
+        if self._alive is not None and not self._alive()[0]:
             return False
         pending = self._oldest_pending
         return pending is None or self._clock() - pending < self.timeout
