@@ -164,8 +164,8 @@ class ApiClient:
 
 
 def parse_list(body: bytes) -> ListPage:
-    """A list response body -> ListPage; raises BadResponse for anything but a List object.
-    Items that are not objects are dropped here (the reflector logs what it skips)."""
+    """A list response body -> ListPage; raises BadResponse for anything but a List object
+    of objects."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as err:
@@ -179,6 +179,10 @@ def parse_list(body: bytes) -> ListPage:
         items = []
     if not isinstance(items, list):
         raise BadResponse(f"list items is a JSON {type(items).__name__}, not an array")
+    if not all(isinstance(item, dict) for item in items):
+        # A page with junk in it is not trusted at all: replacing the store with the rest
+        # would delete every object the junk stands for.
+        raise BadResponse("list items that are not objects")
     rv = meta.get("resourceVersion")
     if not isinstance(rv, str | int) or isinstance(rv, bool) or not str(rv):
         raise BadResponse("list without metadata.resourceVersion")

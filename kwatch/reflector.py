@@ -146,10 +146,7 @@ class Reflector:
             metrics.LIST_REQUESTS.labels(self._name).inc()
             page = await self.client.list_page(self.resource, params)
             for raw in page.items:
-                if isinstance(raw, dict):
-                    self._parse_into(raw, objects)
-                else:
-                    self._skip({}, f"list item is a JSON {type(raw).__name__}")
+                self._parse_into(raw, objects)
             if not page.continue_token:
                 break
             continue_token = page.continue_token
