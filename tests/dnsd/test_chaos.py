@@ -5,9 +5,13 @@ manifest's, and /healthz says when a task is wedged."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 from typing import Any
 
 import aiohttp
+import dns.message
 import pytest
 from prometheus_client import REGISTRY
 
@@ -177,3 +181,45 @@ async def test_healthz_is_503_while_changes_wait_past_the_deadline_then_200(
             await asyncio.sleep(0.05)
         assert (code, text) == (200, "ok\n")
     assert await a_of(run.port, "web") == ["10.96.0.90"]
+
+
+def _wire(name: str, qid: int) -> bytes:
+    msg = dns.message.make_query(name, "A", use_edns=False)
+    msg.id = qid
+    return msg.to_wire()
+
+
+async def test_a_flood_of_slow_path_queries_is_shed_and_cluster_names_stay_fast(
+    start_dnsd: StartDnsd,
+) -> None:
+    """The event loop is blocked (as a flood of forwarded names keeps it busy): the UDP
+    thread hands it at most --slow-queue queries, drops the rest (counted), and answers
+    cluster names from the precomputed zone meanwhile."""
+    run = await start_dnsd(cluster(), "--slow-queue", "5")
+    port = run.port
+    out: dict[str, float] = {}
+
+    def client() -> None:
+        time.sleep(0.1)  # the loop is blocked by now
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood:
+            for i in range(100):
+                flood.sendto(_wire(f"x{i}.flood.example.org", i), ("127.0.0.1", port))
+        time.sleep(0.1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.settimeout(0.3)
+            began = time.perf_counter()
+            probe.sendto(_wire(f"web.default.svc.{Z}", 7), ("127.0.0.1", port))
+            probe.recv(512)
+            out["cluster_ms"] = (time.perf_counter() - began) * 1000
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    time.sleep(0.6)  # noqa: ASYNC251 - blocks the event loop on purpose
+    thread.join()
+    shed = sum(d.get("udp_queue_full", 0) for d in run.daemon.stats.thread_dropped)
+    assert shed >= 90
+    assert out["cluster_ms"] < 250  # answered while the loop was still blocked
+    # Once the loop runs again, forwarding works as before.
+    assert await a_of(run.port, "web") == ["10.96.0.5"]
+    reply = await ask(run.port, "www.example.org")
+    assert rdatas(reply, "A") == ["192.0.2.80"]
