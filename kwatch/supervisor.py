@@ -8,7 +8,8 @@ dirty set), so a restarted task resumes from what it had instead of starting ove
 
 Liveness (`liveness()`, served as `/healthz` and `/livez`) fails when a task is
 - dead: it returned although it should run forever, or it failed `crash_loop_failures` times in
-  a row without a healthy run in between (restarting the process is the next remedy), or
+  a row without a healthy run in between and waits for its next restart (restarting the process
+  is the next remedy), or
 - wedged: it said it had work (`Progress.pending()`) and did not finish it
   (`Progress.done()`) within `wedge_deadline` seconds.
 An unreachable API server makes neither: reflectors keep retrying inside their task, and the
@@ -71,6 +72,7 @@ class _Supervised:
     task: asyncio.Task[None] | None = None
     failures: int = 0  # consecutive failures without a healthy run in between
     finished: bool = False  # returned; dead when `forever`
+    running: bool = False  # inside the factory now (not waiting out a backoff)
     last_problem: str = ""
     seen_problems: set[str] = field(default_factory=set)
 
@@ -116,11 +118,13 @@ class Supervisor:
     async def _run(self, entry: _Supervised) -> None:
         while True:
             started = self._clock()
+            entry.running = True
             try:
                 await entry.factory()
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # the point of a supervisor
+                entry.running = False
                 if self._clock() - started >= HEALTHY_RUN_SECONDS:
                     entry.failures = 0
                     entry.backoff.reset()
@@ -130,6 +134,7 @@ class Supervisor:
                 metrics.TASK_RESTARTS.labels(entry.name).inc()
                 await asyncio.sleep(delay)
                 continue
+            entry.running = False
             entry.finished = True
             if entry.forever and not self._stopping:
                 log.error("task_ended", task=entry.name)
@@ -168,7 +173,9 @@ class Supervisor:
             ended = entry.finished or (entry.task is not None and entry.task.done())
             if entry.forever and ended and not self._stopping:
                 problems.append(f"task {entry.name} is dead")
-            elif entry.failures >= self.crash_loop_failures:
+            elif entry.failures >= self.crash_loop_failures and not entry.running:
+                # Crash-looping: waiting out a backoff after the last of many failures. Once
+                # restarted it counts as alive again (kubelet must not kill a recovered task).
                 problems.append(
                     f"task {entry.name} failed {entry.failures} times in a row: "
                     f"{entry.last_problem}"

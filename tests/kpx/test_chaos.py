@@ -199,3 +199,65 @@ def test_the_affinity_table_is_bounded_and_evicts_the_least_recently_used():
     assert len(table) == 3
     assert table.get("b", 0) is None and table.get("a", 0) is backend
     assert counter("kpx_affinity_evictions_total") - before == 1
+
+
+async def test_livez_is_503_while_a_background_task_crash_loops(tmp_path: Path, monkeypatch):
+    import aiohttp
+
+    import kpx.main
+    from kpx.settings import load
+    from kwatch.backoff import Backoff
+    from kwatch.supervisor import Supervisor
+    from tests.kpx.test_main import free_port
+
+    failing = {"on": True}
+    real_housekeeping = kpx.main._housekeeping
+
+    async def housekeeping(*args: Any) -> None:
+        if failing["on"]:
+            raise RuntimeError("injected: housekeeping bug")
+        await real_housekeeping(*args)
+
+    monkeypatch.setattr(kpx.main, "_housekeeping", housekeeping)
+    monkeypatch.setattr(
+        kpx.main,
+        "Supervisor",
+        lambda **kw: Supervisor(backoff=lambda: Backoff(0.02, 0.05, jitter=0.1), **kw),
+    )
+    path = tmp_path / "cluster.yaml"
+    path.write_text("")
+    healthz, metrics = free_port(), free_port()
+    settings = load(
+        ["--mode", "ports", "--manifests", str(path), "--node-name", "node-a",
+         "--healthz-bind-address", f"127.0.0.1:{healthz}",
+         "--metrics-bind-address", f"127.0.0.1:{metrics}", "--drain-timeout", "0"]
+    )  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(kpx.main.serve(settings, stop))
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def status(url: str) -> int:
+                try:
+                    async with http.get(url) as resp:
+                        return resp.status
+                except aiohttp.ClientError:
+                    return 0
+
+            livez = f"http://127.0.0.1:{healthz}/livez"
+            for _ in range(200):
+                if await status(livez) == 503:
+                    break
+                await asyncio.sleep(0.05)
+            assert await status(livez) == 503
+            assert await status(f"http://127.0.0.1:{metrics}/healthz") == 503
+            failing["on"] = False  # the next restart runs; a healthy run clears the verdict
+            for _ in range(200):
+                if await status(livez) == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert await status(livez) == 200  # restarted and running: alive again
+    finally:
+        stop.set()
+        async with asyncio.timeout(20):
+            await task
