@@ -17,7 +17,8 @@ flood (goal: p99 <= 1 ms under the flood), the flood's answered queries and thei
 dnsd's RSS growth over the flood (goal <= 10 MB). Forwarded names the upstream never answers
 are SERVFAIL after `--forward-timeout` (2 s) by design; the wait that matters is that of the
 answers dnsd gives at once (REFUSED above `--max-concurrent`), per rcode in the output.
-Figures from a shared machine are noise: the lead runs the real one. `--quick`: 4 s, 300 outstanding, probe at 200 qps (a smoke test).
+Figures from a shared machine are noise: the lead runs the real one. `--quick`: 4 s, 300
+outstanding, probe at 200 qps (a smoke test).
 """
 
 from __future__ import annotations
