@@ -256,7 +256,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 k: drops_after.get(k, 0) - drops_before.get(k, 0) for k in sorted(drops_after)
             },
             "rss_growth_mb": (rss_after - rss_before) / 1024,
-            "logs": str(tmp),
         }
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -267,6 +266,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             proc.wait()
         silent.close()
         log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
@@ -301,7 +301,6 @@ def main() -> None:
     print(f"malformed packets sent: {result['malformed_sent']}")
     print("dnsd dropped during the flood:", result["dropped"] or "nothing")
     print(f"dnsd RSS growth over the flood: {result['rss_growth_mb']:+.1f} MB")
-    print("logs:", result["logs"])
     if args.json:
         write_json(args.json, result)
     sys.stdout.flush()
