@@ -98,31 +98,48 @@ class RuleSyncer:
         was applied is unknown) and the table keeps what it did not apply."""
         try:
             await self._sync()
-        except BaseException:
+        except Exception:
             metrics.SYNC_FAILURES.inc()
+            self.writer.needs_full = True
+            raise
+        except BaseException:  # cancelled half-way: what reached the kernel is unknown
             self.writer.needs_full = True
             raise
 
     async def _recompute(self) -> SyncResult:
-        """The table's pending changes, CHUNK Services at a time, yielding in between."""
-        result = self.table.sync(max_services=CHUNK)
-        while self.table.pending:
-            await asyncio.sleep(0)
-            result.merge(self.table.sync(max_services=CHUNK))
-        return result
+        """The table's pending changes, CHUNK Services at a time, yielding in between. When
+        a chunk raises, the backends already removed or added are still reported."""
+        total = SyncResult()
+        try:
+            while True:
+                chunk = SyncResult()
+                try:
+                    self.table.sync(max_services=CHUNK, result=chunk)
+                finally:
+                    total.merge(chunk)
+                if not self.table.pending:
+                    return total
+                await asyncio.sleep(0)
+        except BaseException:
+            self._backends_changed(total)
+            self._trigger_times.extend(total.trigger_times)  # observed once applied
+            raise
 
-    async def _sync(self) -> None:
-        started = time.monotonic()
-        self._last_sync = started
-        result = await self._recompute()
+    def _backends_changed(self, result: SyncResult) -> None:
         # The pickers stopped offering these backends just now, whatever the kernel update
-        # below does: drain them now (a failed update must not make them be forgotten).
+        # does: drain them now (a failed update must not make them be forgotten).
         if self.on_backend_removed is not None:
             for backend in result.removed_backends:
                 self.on_backend_removed(backend)
         if self.on_backend_added is not None:
             for backend in result.added_backends:
                 self.on_backend_added(backend)
+
+    async def _sync(self) -> None:
+        started = time.monotonic()
+        self._last_sync = started
+        result = await self._recompute()
+        self._backends_changed(result)
         # Kept until a kernel update succeeds: the latency counts until the change is in.
         self._trigger_times.extend(result.trigger_times)
         # A writer that must rewrite everything (startup, after a failure) makes a full sync.

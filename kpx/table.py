@@ -420,14 +420,17 @@ class ServiceTable:
         self._zone = node.zone if node is not None else None
         return NodeInfo(self.node_name, self._zone)
 
-    def sync(self, max_services: int | None = None) -> SyncResult:
+    def sync(self, max_services: int | None = None, result: SyncResult | None = None) -> SyncResult:
         """Recompute dirty Services, at most `max_services` of them (`pending` stays true for
-        the rest); returns what changed for the kernel and metrics.
+        the rest); returns what changed for the kernel and metrics (written into `result`
+        when given, so that a caller still learns what was applied when this raises).
 
         A Service leaves the dirty set only once its rules are applied: an exception half-way
         leaves the rest (and the one that failed) for the next call. A Service whose rules
         cannot be computed keeps its last good rules (logged, counted)."""
-        result = SyncResult(full=self._all_dirty)
+        if result is None:
+            result = SyncResult()
+        result.full = self._all_dirty
         node = self._node_info()
         if self._all_dirty:
             self._dirty |= set(self._results) | set(self._services.keys())
@@ -442,6 +445,7 @@ class ServiceTable:
             for key in keys:
                 rules = self._compute(key, node)
                 old = self._results.get(key)
+                touched |= self._apply(key, rules)  # raises before changing anything
                 for backend in _unique_backends(old):
                     self._release(backend, released)
                 for backend in _unique_backends(rules):
@@ -450,7 +454,6 @@ class ServiceTable:
                     if count == 0:
                         added[addr] = backend
                     self._backend_refs[addr] = count + 1
-                touched |= self._apply(key, rules)
                 self._dirty.discard(key)
                 result.trigger_times.extend(self._triggers.pop(key, ()))
                 result.services += 1
@@ -487,6 +490,21 @@ class ServiceTable:
             self._backend_refs[addr] = count
 
     def _apply(self, key: str, new: ServiceRules | None) -> set[SteerKey]:
+        """Make `new` the applied rules of `key`. What can fail (the balancer, the pickers)
+        runs before the table changes, so a failure leaves `key` as it was (still dirty)."""
+        planned: list[tuple[SteerKey, str, FrontendPicker, Steer]] = []
+        if new is not None:
+            short_circuit = self._local_client is not None
+            for port in new.ports:
+                pickers = self.balancer.update(port.port_id, port.backends, port.affinity_timeout)
+                for fe in port.frontends:
+                    plain = pickers[(fe.scope, fe.family)]
+                    picker: FrontendPicker = plain
+                    if fe.scope == "external" and port.external_local and self._local_client:
+                        inside = pickers[short_circuit_list(port, fe.family)]
+                        picker = LocalTrafficPicker(plain, inside, self._local_client)
+                    steer = frontend_steer(port, fe, short_circuit)
+                    planned.append((fe.steer_key, port.port_id, picker, steer))
         touched: set[SteerKey] = set()
         old = self._results.pop(key, None)
         for rules, sign in ((old, -1), (new, 1)):
@@ -504,19 +522,10 @@ class ServiceTable:
                     touched.add(fe.steer_key)
                 if port.port_id not in new_ids:
                     self.balancer.remove(port.port_id)
+        for steer_key, port_id, picker, steer in planned:
+            self._owners.setdefault(steer_key, {})[port_id] = (picker, steer)
+            touched.add(steer_key)
         if new is not None:
-            for port in new.ports:
-                pickers = self.balancer.update(port.port_id, port.backends, port.affinity_timeout)
-                short_circuit = self._local_client is not None
-                for fe in port.frontends:
-                    plain = pickers[(fe.scope, fe.family)]
-                    picker: FrontendPicker = plain
-                    if fe.scope == "external" and port.external_local and self._local_client:
-                        inside = pickers[short_circuit_list(port, fe.family)]
-                        picker = LocalTrafficPicker(plain, inside, self._local_client)
-                    steer = frontend_steer(port, fe, short_circuit)
-                    self._owners.setdefault(fe.steer_key, {})[port.port_id] = (picker, steer)
-                    touched.add(fe.steer_key)
             self._results[key] = new
         return touched
 

@@ -261,3 +261,34 @@ async def test_livez_is_503_while_a_background_task_crash_loops(tmp_path: Path, 
         stop.set()
         async with asyncio.timeout(20):
             await task
+
+
+async def test_backends_removed_before_a_failing_chunk_are_still_drained(monkeypatch):
+    services, slices = stores()
+    balancer = Balancer()
+    table = ServiceTable(services, slices, None, "node-a", balancer)
+    removed: list[str] = []
+    syncer = RuleSyncer(
+        table, FakeWriter(), ProxierHealth(60), on_backend_removed=lambda b: removed.append(b.ip)
+    )
+    monkeypatch.setattr("kpx.sync.CHUNK", 2)
+    fill(services, slices, 4)
+    await syncer.sync_once()
+    real_update = balancer.update
+    calls = {"n": 0}
+
+    def fails_in_second_chunk(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected: second chunk fails")
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(balancer, "update", fails_in_second_chunk)
+    fill(services, slices, 4, prefix="10.0.8")
+    with pytest.raises(RuntimeError):
+        await syncer.sync_once()
+    # The first chunk (s0, s1) moved to new endpoints: the old ones are drained already.
+    assert sorted(removed) == ["10.0.0.1", "10.0.0.2"]
+    await syncer.sync_once()
+    assert sorted(removed) == ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
+    assert not table.pending
