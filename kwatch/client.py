@@ -7,6 +7,7 @@ doubles as the daemons' health/metrics server: one HTTP stack per process.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,34 @@ from kwatch.resources import Resource
 MAX_WATCH_LINE = 32 * 1024 * 1024
 # A Retry-After beyond this is not honoured in full: a typo must not silence a watch for hours.
 MAX_RETRY_AFTER = 300.0
+# TCP keepalive on every API connection: an idle watch whose packets are dropped (a dead NAT
+# entry, a cut link: no reset ever comes) fails after KEEPALIVE_IDLE + KEEPALIVE_COUNT x
+# KEEPALIVE_INTERVAL = 30 s, where client-go's HTTP/2 health check takes 30 s read idle + 15 s
+# ping timeout. TCP_USER_TIMEOUT does the same for a connection with unacknowledged data (a
+# request sent into the blackhole). The watch's read-idle deadline covers a server that is
+# reachable but silent.
+KEEPALIVE_IDLE = 15
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+USER_TIMEOUT_MS = 30_000
+
+
+def keepalive_socket(addr_info: Any) -> socket.socket:
+    """aiohttp's socket factory: a TCP socket with the keepalive settings above."""
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    options = (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        ("TCP_USER_TIMEOUT", USER_TIMEOUT_MS),
+    )
+    for name, value in options:
+        option = getattr(socket, name, None)
+        if option is not None:  # Linux has them all; elsewhere the system defaults stay
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    return sock
 
 
 class ApiError(Exception):
@@ -118,7 +147,9 @@ class ApiClient:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=self.access.ssl_context or False, limit=32)
+            connector = aiohttp.TCPConnector(
+                ssl=self.access.ssl_context or False, limit=32, socket_factory=keepalive_socket
+            )
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 headers={"User-Agent": self.user_agent, "Accept": "application/json"},
