@@ -223,3 +223,16 @@ async def test_a_flood_of_slow_path_queries_is_shed_and_cluster_names_stay_fast(
     assert await a_of(run.port, "web") == ["10.96.0.5"]
     reply = await ask(run.port, "www.example.org")
     assert rdatas(reply, "A") == ["192.0.2.80"]
+
+
+async def test_objects_with_null_in_every_optional_field_are_served(
+    start_dnsd: StartDnsd,
+) -> None:
+    from tests.kwatch.test_reflector_garbage import NULLS
+
+    run = await start_dnsd([*cluster(), *NULLS])
+    reply = await ask(run.port, f"all-null.nulls.svc.{Z}")
+    assert rdatas(reply, "A") == ["10.96.5.1"]
+    srv = await ask(run.port, f"_http._tcp.all-null.nulls.svc.{Z}", "SRV")
+    assert srv.rcode() == 3  # the port has no name (null): no SRV name, as unnamed ports
+    assert await a_of(run.port, "web") == ["10.96.0.5"]

@@ -292,3 +292,21 @@ async def test_backends_removed_before_a_failing_chunk_are_still_drained(monkeyp
     await syncer.sync_once()
     assert sorted(removed) == ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
     assert not table.pending
+
+
+def test_objects_with_null_in_every_optional_field_are_served():
+    from kwatch.resources import SERVICES
+    from tests.kwatch.test_reflector_garbage import NULLS
+
+    services, slices = stores()
+    table = ServiceTable(services, slices, None, "node-a", Balancer())
+    for obj in NULLS:
+        store = {"Service": services, "EndpointSlice": slices}.get(obj["kind"])
+        if store is not None:
+            parse = SERVICES.parse if obj["kind"] == "Service" else ENDPOINTSLICES.parse
+            parsed = parse(obj)
+            store.upsert(parsed.metadata.key, parsed)
+    table.sync()
+    # conditions null = ready; a port with a null name matches the Service's unnamed port.
+    assert sorted(backends_of(table, "10.96.5.1")) == ["10.0.5.1", "10.0.5.2"]
+    assert table.steering[(4, "10.96.5.1", 80)] == "serve"
