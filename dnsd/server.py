@@ -79,7 +79,7 @@ class UdpListener:
         handler: Handler,
         sample: float,
         batch: int = udpbatch.BATCH,
-        slow_queue: int = 500,
+        slow_queue: int = 256,
     ) -> None:
         self.sock = sock
         self.handler = handler
@@ -426,7 +426,7 @@ class DnsServer:
         tcp_idle_timeout: float = 10.0,
         tcp_max_connections: int = 1000,
         query_log_sample: float = 0.0,
-        slow_queue: int = 500,
+        slow_queue: int = 256,
     ) -> None:
         self.handler = handler
         self.slow_queue = slow_queue

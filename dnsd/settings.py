@@ -93,7 +93,7 @@ class DnsdSettings(AccessSettings):
     forward_timeout: float = Field(2.0, gt=0, description="seconds to wait for one upstream")
     max_concurrent: int = Field(1000, ge=1, description="forwarded queries in flight at most")
     slow_queue: int = Field(
-        500,
+        256,
         ge=1,
         description="UDP queries the fast path leaves (forwarded names, malformed packets)"
         " waiting for the event loop at most; more are dropped (udp_queue_full)",
