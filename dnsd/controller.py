@@ -11,12 +11,14 @@ import asyncio
 import gc
 import itertools
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from dnsd import answers as enc
+from dnsd import external
 from dnsd.handler import PodMode
 from dnsd.metrics import DNS_PROGRAMMING, RECORDS_KEPT, ZONE_SYNC
 from dnsd.records import RecordOptions, ServiceRecords, service_records
@@ -33,6 +35,18 @@ CHUNK = 500  # services re-encoded between two yields to the event loop (~60 ms 
 NS_SERVICE = "kube-system/kube-dns"  # its ClusterIPs are the glue of ns.dns.<zone> (CoreDNS ns.go)
 
 
+class ExtraSource(Protocol):
+    """Zone sources besides Services, namespaces and the apex (dnsd.multicluster)."""
+
+    stores: list[Store[Any]]  # synced before the first build
+
+    def on_change(self, wake: Callable[[], None]) -> None: ...
+
+    def take_dirty(self) -> set[str]: ...  # everything on the first call
+
+    def records(self, source: str) -> ServiceRecords | None: ...
+
+
 class ZoneController:
     def __init__(
         self,
@@ -45,6 +59,7 @@ class ZoneController:
         pods: Store[Pod] | None = None,
         pod_mode: PodMode = PodMode.DISABLED,
         only_namespaces: frozenset[str] = frozenset(),
+        extra: tuple[ExtraSource, ...] = (),
         progress: Progress | None = None,
     ) -> None:
         self.index = index
@@ -70,6 +85,12 @@ class ZoneController:
         stores: list[Store[Any]] = [services, slices, namespaces]
         if pods is not None:
             stores.append(pods)
+        self.extra = extra
+        # Keys an extra source handed over for a batch that failed: taken again next time.
+        self._extra_retry: dict[int, set[str]] = {}
+        for source in extra:
+            source.on_change(self._noted)
+            stores.extend(source.stores)
         self._stores = stores
         for store in stores:
             store.on_synced(self._wake.set)
@@ -121,7 +142,7 @@ class ZoneController:
             if more:
                 self._wake.set()  # come straight back for the rest
                 await asyncio.sleep(0)
-            elif not self._dirty_services and not self._dirty_namespaces:
+            elif not (self._dirty_services or self._dirty_namespaces or self._extra_retry):
                 self.progress.done()
 
     def apply_pending(self, max_services: int | None = None) -> bool:
@@ -140,15 +161,21 @@ class ZoneController:
         else:
             self._dirty_services = set()
         namespaces, self._dirty_namespaces = self._dirty_namespaces, set()
+        extra = [
+            (source, source.take_dirty() | self._extra_retry.pop(i, set()))
+            for i, source in enumerate(self.extra)
+        ]
         more = bool(self._dirty_services)
-        if not (services or namespaces or first):
+        if not (services or namespaces or first or any(keys for _, keys in extra)):
             return more
         try:
-            self._apply_batch(services, namespaces)
+            self._apply_batch(services, namespaces, extra)
         except BaseException:
             # Nothing is forgotten before it is applied: the next run takes it all again.
             self._dirty_services |= services
             self._dirty_namespaces |= namespaces
+            for i, (_, keys) in enumerate(extra):
+                self._extra_retry.setdefault(i, set()).update(keys)
             raise
         if not more:
             # Only a complete zone is served: until then cluster names are SERVFAIL.
@@ -168,7 +195,12 @@ class ZoneController:
         )
         return more
 
-    def _apply_batch(self, services: set[str], namespaces: set[str]) -> None:
+    def _apply_batch(
+        self,
+        services: set[str],
+        namespaces: set[str],
+        extra: list[tuple[ExtraSource, set[str]]],
+    ) -> None:
         # A batch allocates many small objects and frees them again, none in reference cycles:
         # with the collector on, each allocation burst walks every tracked object (the stores'
         # included) for nothing. Measured: ~10% of a full build. Off only for the batch.
@@ -178,6 +210,9 @@ class ZoneController:
             self.index.begin_batch()
             for key in services:
                 self._set_service(key)
+            for source, keys in extra:
+                for key in keys:
+                    self._set_extra(source, key)
             for name in namespaces:
                 self.index.set_source(f"namespace:{name}", self._namespace_records(name))
             self.index.set_source(APEX, self._apex_records())
@@ -216,6 +251,12 @@ class ZoneController:
                 previous="kept" if key in self.index.sources() else "none",
             )
 
+    def _set_extra(self, source: ExtraSource, key: str) -> None:
+        try:
+            self.index.set_source(key, source.records(key))
+        except Exception as err:
+            log.warning("source_skipped", key=key, problem=repr(err))
+
     def _exposed(self, namespace: str) -> bool:
         return not self.only_namespaces or namespace in self.only_namespaces
 
@@ -226,7 +267,10 @@ class ZoneController:
         slices = self.slices.by_index("service", key)
         # Raises ValueError for a name the wire form cannot carry: _set_service keeps the
         # last good records then (returning None here would delete them).
-        return service_records(service, slices, self.options)
+        records = service_records(service, slices, self.options)
+        if self.options.external_zones:
+            external.add_service(records, service, slices, self.options)
+        return records
 
     def _namespace_records(self, name: str) -> ServiceRecords | None:
         """`<ns>.svc.<zone>` exists for an existing namespace (dns-features 3.3); in the pod
@@ -234,9 +278,9 @@ class ZoneController:
         if name not in self.namespaces or not self._exposed(name):
             return None
         records = ServiceRecords()
-        for zone in self.options.zones:
+        for zone in self.index.zones:  # the --multicluster zones too
             records.names.add(f"{name}.svc.{zone}".lower())
-            if self.pod_mode is not PodMode.DISABLED:
+            if self.pod_mode is not PodMode.DISABLED and zone in self.options.zones:
                 records.names.add(f"{name}.pod.{zone}".lower())
         return records
 
@@ -245,7 +289,7 @@ class ZoneController:
         dns_service = self.services.get(NS_SERVICE)
         ns_ips = dns_service.cluster_ips if dns_service is not None else []
         primary = self.options.zones[0]
-        for zone in self.options.zones:
+        for zone in self.index.zones:  # the --multicluster zones too
             zone = zone.lower()
             answers, additional = enc.apex_rrsets(
                 zone, primary, self.options.ttl, self.index.serial, ns_ips
@@ -256,6 +300,15 @@ class ZoneController:
                 records.names.add(name)
             for name, _ in answers:
                 records.names.add(name)
+        if self.options.external_zones:
+            outside = external.outside_addresses(dns_service)[0] if dns_service else []
+            for zone in self.options.external_zones:
+                apex = external.apex_records(
+                    zone, self.options.ttl, self.index.serial, outside or ns_ips
+                )
+                records.answers.update(apex.answers)
+                records.additional.update(apex.additional)
+                records.names |= apex.names
         return records
 
     def pod_exists(self, ip: str, namespace: str) -> bool:

@@ -45,6 +45,17 @@ class PodLookup(Protocol):
     def __call__(self, ip: str, namespace: str) -> bool: ...
 
 
+class LazyNames(Protocol):
+    """Names answered on the control path, looked up when asked instead of encoded ahead
+    (dnsd.endpoint_names). A name one of them claims never takes the fast negative answer."""
+
+    def claims(self, name_key: bytes, offsets: list[int], zone_offset: int) -> bool: ...
+
+    def answer(
+        self, name_key: bytes, offsets: list[int], zone_offset: int, qtype: int, nodata: Answer
+    ) -> Answer | None: ...
+
+
 _POD_LABEL = b"\x03pod"
 _A = struct.pack("!H", wire.TYPE_A)
 _ONE_QUESTION = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # QD, AN, NS, AR counts
@@ -62,8 +73,10 @@ class Handler:
         pod_exists: PodLookup | None = None,
         max_udp_size: int = 1232,
         stats: DnsStats | None = None,
+        lazy: tuple[LazyNames, ...] = (),
     ) -> None:
         self.index = index
+        self.lazy = lazy  # empty unless an option that needs it is on
         self.upstream = upstream
         self.pod_mode = pod_mode
         self.pod_exists = pod_exists
@@ -207,6 +220,9 @@ class Handler:
             and name_key[offsets[2] : offsets[3]] == _POD_LABEL
         ):
             return None
+        for names in self.lazy:  # none unless an option needs them
+            if names.claims(name_key, offsets, zone_offset):
+                return None
         return index.nxdomain[zid]
 
     def full(self, data: bytes, tcp: bool = False) -> Result:
@@ -264,7 +280,17 @@ class Handler:
         existing = index.existing.get(query.name_key)
         if existing is not None:
             return respond(query, index.nodata[existing], limit, self.max_udp_size)
+        if zid >= index.service_zones:
+            # A --multicluster or --external-zone: no pod or endpoint names in there.
+            return respond(query, index.nxdomain[zid], limit, self.max_udp_size)
         offsets = query.label_offsets
+        for names in self.lazy:
+            if names.claims(query.name_key, offsets, zone_offset):
+                lazy = names.answer(
+                    query.name_key, offsets, zone_offset, query.qtype, index.nodata[zid]
+                )
+                if lazy is not None:
+                    return respond(query, lazy, limit, self.max_udp_size)
         if (
             len(offsets) > 3
             and offsets[3] == zone_offset

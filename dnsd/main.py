@@ -14,18 +14,21 @@ import structlog
 from prometheus_client import REGISTRY
 
 from dnsd.cache import DnsCache
-from dnsd.controller import ZoneController
+from dnsd.controller import ExtraSource, ZoneController
+from dnsd.endpoint_names import EndpointNames
 from dnsd.forward import Forwarder, read_resolv_conf
-from dnsd.handler import Handler, PodMode
+from dnsd.handler import Handler, LazyNames, PodMode
 from dnsd.metrics import DnsCollector, DnsStats
+from dnsd.multicluster import MulticlusterRecords
 from dnsd.records import RecordOptions
 from dnsd.server import DnsServer
 from dnsd.settings import DnsdSettings, load
+from dnsd.zonal import ZonalNames
 from dnsd.zone import ZoneIndex
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
-from kwatch.resources import ENDPOINTSLICES, NAMESPACES, PODS, SERVICES
+from kwatch.resources import ENDPOINTSLICES, NAMESPACES, PODS, SERVICEIMPORTS, SERVICES
 from kwatch.runtime import run, stop_event
 from kwatch.supervisor import Supervisor
 
@@ -43,26 +46,51 @@ class Daemon:
         resources = [SERVICES, ENDPOINTSLICES, NAMESPACES]
         if settings.pods is PodMode.VERIFIED:
             resources.append(PODS)  # verified mode watches every pod, as CoreDNS does
+        if settings.multicluster:
+            resources.append(SERVICEIMPORTS)
         # Every background task (watches, the zone controller) runs under it; /healthz is
         # its liveness.
         self.supervisor = Supervisor(wedge_deadline=settings.task_deadline)
         self.state = ClusterState(resources, supervisor=self.supervisor)
-        self.index = ZoneIndex(settings.zone, settings.ttl)
+        self.index = ZoneIndex(
+            settings.zone, settings.ttl, settings.external_zone, settings.multicluster
+        )
+        options = RecordOptions(
+            zones=tuple(settings.zone),
+            ttl=settings.ttl,
+            endpoint_pod_names=settings.endpoint_pod_names,
+            ignore_empty_service=settings.ignore_empty_service,
+            endpoint_ptrs=settings.endpoint_ptrs,
+            external_zones=tuple(settings.external_zone),
+            external_headless=settings.external_headless,
+        )
+        only = frozenset(settings.namespaces)
+
+        def exposed(namespace: str) -> bool:
+            return not only or namespace in only
+
+        stores = (self.state.store(SERVICES), self.state.store(ENDPOINTSLICES))
+        extra: tuple[ExtraSource, ...] = ()
+        if settings.multicluster:
+            extra = (
+                MulticlusterRecords(
+                    self.state.store(SERVICEIMPORTS),
+                    stores[1],
+                    options,
+                    tuple(settings.multicluster),
+                    exposed,
+                ),
+            )
         self.controller = ZoneController(
             self.index,
-            RecordOptions(
-                zones=tuple(settings.zone),
-                ttl=settings.ttl,
-                endpoint_pod_names=settings.endpoint_pod_names,
-                ignore_empty_service=settings.ignore_empty_service,
-                endpoint_ptrs=settings.endpoint_ptrs,
-            ),
+            options,
             self.state.store(SERVICES),
             self.state.store(ENDPOINTSLICES),
             self.state.store(NAMESPACES),
             pods=self.state.store(PODS) if PODS in self.state.stores else None,
             pod_mode=settings.pods,
-            only_namespaces=frozenset(settings.namespaces),
+            only_namespaces=only,
+            extra=extra,
             progress=self.supervisor.progress("zone-controller"),
         )
         upstreams = settings.upstream_addresses() or read_resolv_conf(settings.resolv_conf)
@@ -82,6 +110,11 @@ class Daemon:
             timeout=settings.forward_timeout,
             max_inflight=settings.max_concurrent,
         )
+        lazy: list[LazyNames] = []
+        if settings.endpoint_names:
+            lazy.append(EndpointNames(*stores, options, exposed))
+        if settings.zonal:
+            lazy.append(ZonalNames(*stores, options, exposed))
         self.stats = DnsStats()
         self.handler = Handler(
             self.index,
@@ -90,6 +123,7 @@ class Daemon:
             pod_exists=self.controller.pod_exists,
             max_udp_size=settings.max_udp_size,
             stats=self.stats,
+            lazy=tuple(lazy),
         )
         self.server = DnsServer(
             self.handler,

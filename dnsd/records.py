@@ -108,6 +108,10 @@ class RecordOptions:
     # PTR for the ready endpoint IPs of ClusterIP Services too (CoreDNS does; the spec does not
     # ask for it). About 0.3 KB of RSS per endpoint IP (answers are encoded ahead), so opt-in.
     endpoint_ptrs: bool = False
+    # CoreDNS k8s_external (dnsd.external): zones answering Services' outside addresses, and
+    # whether headless Services without any answer their endpoints there.
+    external_zones: tuple[str, ...] = ()
+    external_headless: bool = False
 
 
 class PtrRank(IntEnum):

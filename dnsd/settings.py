@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from dnsd.handler import PodMode
 from dnsd.names import to_wire
@@ -71,6 +71,32 @@ class DnsdSettings(AccessSettings):
         description="also answer PTR for the ready endpoint IPs of ClusterIP Services, "
         "as CoreDNS does (about 0.3 KB of memory per endpoint IP)",
     )
+    endpoint_names: bool = Field(
+        True,
+        description="answer <hostname or dashed IP>.<svc>.<ns>.svc.<zone> for the ready "
+        "endpoints of ClusterIP Services too, as CoreDNS does (looked up when asked)",
+    )
+    zonal: bool = Field(
+        False,
+        description="answer <topology-zone>.pin._zone.<svc>.<ns>.svc.<zone> and "
+        "<topology-zone>.prefer._zone... for headless Services: their endpoints in that zone "
+        "(pin: none -> NODATA; prefer: none -> all), as CoreDNS's zonal option",
+    )
+    multicluster: list[str] = Field(
+        default_factory=list,
+        description="zone answering the Multi-Cluster Services API's ServiceImports "
+        "(usually clusterset.local), as CoreDNS's multicluster option; watches ServiceImports",
+    )
+    external_zone: list[str] = Field(
+        default_factory=list,
+        description="outside zone answering <svc>.<ns>.<ZONE> with the Service's externalIPs "
+        "and LoadBalancer ingress addresses, with its own SOA and NS (CoreDNS k8s_external)",
+    )
+    external_headless: bool = Field(
+        False,
+        description="in the --external-zone, headless Services without external addresses "
+        "answer their ready endpoints (CoreDNS k8s_external headless)",
+    )
     ignore_empty_service: bool = Field(
         False, description="NXDOMAIN for ClusterIP services without ready endpoints"
     )
@@ -123,6 +149,23 @@ class DnsdSettings(AccessSettings):
         for zone in zones:
             zone = zone.lower().strip(".")
             to_wire(zone)  # ValueError names the bad label
+            out.append(zone)
+        return out
+
+    @field_validator("multicluster", "external_zone")
+    @classmethod
+    def _valid_other_zones(cls, zones: list[str], info: ValidationInfo) -> list[str]:
+        """Zones that must not overlap the cluster zones, the reverse ones or each other."""
+        cluster = [*(info.data.get("zone") or []), *(info.data.get("multicluster") or [])]
+        out: list[str] = []
+        for zone in zones:
+            zone = zone.lower().strip(".")
+            to_wire(zone)  # ValueError names the bad label
+            for other in [*cluster, "in-addr.arpa", "ip6.arpa", *out]:
+                if zone == other or zone.endswith("." + other) or other.endswith("." + zone):
+                    raise ValueError(f"zone {zone!r} overlaps the zone {other!r}")
+            if not zone:
+                raise ValueError("the root cannot be an external zone")
             out.append(zone)
         return out
 

@@ -16,12 +16,13 @@ ClusterIP does not answer the extension PTRs of the endpoints that have it.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dnslib import CNAME, QTYPE, RR
 
 from dnsd import answers as enc
-from dnsd import wire
+from dnsd import external, wire
 from dnsd.names import from_wire, to_wire
 from dnsd.records import PtrRank, ServiceRecords, cname_rr, ptr_rr
 from dnsd.wire import Answer
@@ -64,18 +65,33 @@ class Applied:
 
 
 class ZoneIndex:
-    def __init__(self, zones: list[str], ttl: int) -> None:
-        self.zones = [z.lower().strip(".") for z in zones]
+    def __init__(
+        self,
+        zones: list[str],
+        ttl: int,
+        external_zones: Sequence[str] = (),
+        multicluster_zones: Sequence[str] = (),
+    ) -> None:
+        # The cluster zones, then the --multicluster ones (dnsd.multicluster): served alike
+        # (SOA, NS, namespaces), but only the first `service_zones` hold the cluster's own
+        # Service, pod and endpoint names.
+        self.zones = [z.lower().strip(".") for z in (*zones, *multicluster_zones)]
+        self.service_zones = len(zones)
         self.primary = self.zones[0]
         self.ttl = ttl
         # Cluster zones first, then the reverse zones (which we only partly own: names nobody
-        # owns there are forwarded, CoreDNS `fallthrough in-addr.arpa ip6.arpa`).
-        self.soa_zones = self.zones + list(REVERSE_ZONES)
+        # owns there are forwarded, CoreDNS `fallthrough in-addr.arpa ip6.arpa`), then the
+        # `--external-zone`s (dnsd.external), each with its own SOA.
+        self.external_zones = [z.lower().strip(".") for z in external_zones]
+        self.soa_zones = self.zones + list(REVERSE_ZONES) + self.external_zones
         self._soa_suffixes = [(z, "." + z) for z in self.soa_zones]
         self.zone_ids: dict[bytes, int] = {to_wire(z): i for i, z in enumerate(self.zones)}
         self.reverse_ids: dict[bytes, int] = {
             to_wire(z): len(self.zones) + i for i, z in enumerate(REVERSE_ZONES)
         }
+        first_external = len(self.zones) + len(REVERSE_ZONES)
+        for i, zone in enumerate(self.external_zones):
+            self.zone_ids[to_wire(zone)] = first_external + i
         self.answers: dict[bytes, Answer] = {}
         self.existing: dict[bytes, int] = {}  # name -> soa zone id, for NODATA
         self.aliases: dict[bytes, Alias] = {}
@@ -286,6 +302,16 @@ class ZoneIndex:
             enc.negative(z, self.primary, self.ttl, self.serial, wire.NOERROR)
             for z in self.soa_zones
         ]
+        if self.external_zones:
+            cut = len(self.soa_zones) - len(self.external_zones)
+            self.nxdomain[cut:] = [
+                external.negative(z, self.ttl, self.serial, wire.NXDOMAIN)
+                for z in self.external_zones
+            ]
+            self.nodata[cut:] = [
+                external.negative(z, self.ttl, self.serial, wire.NOERROR)
+                for z in self.external_zones
+            ]
 
     def _alias(self, owner: str, target: str) -> Alias:
         return Alias(

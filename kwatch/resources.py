@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from kwatch.mcs import ServiceImport
 from kwatch.models import EndpointSlice, Namespace, Node, Pod, Service
 
 
@@ -86,7 +87,11 @@ ENDPOINTSLICES = Resource(
 PODS = Resource("pods", "Pod", "v1", True, Pod)
 NAMESPACES = Resource("namespaces", "Namespace", "v1", False, Namespace)
 NODES = Resource("nodes", "Node", "v1", False, Node)
+# Multi-Cluster Services API (dnsd --multicluster)
+SERVICEIMPORTS = Resource(
+    "serviceimports", "ServiceImport", "multicluster.x-k8s.io/v1alpha1", True, ServiceImport
+)
 
-ALL_RESOURCES = (SERVICES, ENDPOINTSLICES, PODS, NAMESPACES, NODES)
+ALL_RESOURCES = (SERVICES, ENDPOINTSLICES, PODS, NAMESPACES, NODES, SERVICEIMPORTS)
 BY_KIND = {r.kind: r for r in ALL_RESOURCES}
 BY_NAME = {r.name: r for r in ALL_RESOURCES}

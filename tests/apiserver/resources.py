@@ -48,6 +48,10 @@ RESOURCES: tuple[ResourceType, ...] = (
     ResourceType("namespaces", "Namespace", "", "v1", namespaced=False, fields=("status.phase",)),
     ResourceType("nodes", "Node", "", "v1", namespaced=False, fields=("spec.unschedulable",)),
     ResourceType("endpointslices", "EndpointSlice", "discovery.k8s.io", "v1", namespaced=True),
+    # Multi-Cluster Services API (KEP-1645), a CRD in real clusters.
+    ResourceType(
+        "serviceimports", "ServiceImport", "multicluster.x-k8s.io", "v1alpha1", namespaced=True
+    ),
 )
 
 BY_RESOURCE: dict[str, ResourceType] = {r.resource: r for r in RESOURCES}

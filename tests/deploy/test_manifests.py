@@ -277,3 +277,20 @@ def test_the_pods_verified_component_grants_pods_and_switches_the_mode(tmp_path:
     assert {"name": "DNSD_PODS", "value": "verified"} in env
     base_rules = find(build("base"), "ClusterRole", "kpx-dnsd:dnsd")["rules"]
     assert all("pods" not in rule["resources"] for rule in base_rules)
+
+
+def test_the_multicluster_component_grants_serviceimports_and_sets_the_zone(
+    tmp_path: Path,
+) -> None:
+    objects = build_with_component("components/dnsd-multicluster", tmp_path)
+    rules = find(objects, "ClusterRole", "kpx-dnsd:dnsd")["rules"]
+    grant = {
+        "apiGroups": ["multicluster.x-k8s.io"],
+        "resources": ["serviceimports"],
+        "verbs": ["list", "watch"],
+    }
+    assert grant in rules
+    args = container(find(objects, "DaemonSet", "dnsd"), "dnsd")["args"]
+    assert "--multicluster=clusterset.local" in args
+    base_rules = find(build("base"), "ClusterRole", "kpx-dnsd:dnsd")["rules"]
+    assert all("serviceimports" not in rule["resources"] for rule in base_rules)

@@ -154,6 +154,8 @@ def dnsd_requests(
         # Loopback instead of the node's addresses; everything else as deployed.
         "--listen", f"127.0.0.1:{free_port()}", "--http-listen", f"127.0.0.1:{http}",
         "--upstream", f"127.0.0.1:{free_port()}", "--log-format", "json",
+        # The deployed arguments a component adds (--multicluster=...).
+        *[a for a in main.get("args", []) if not a.startswith(("--config", "--log-format"))],
     ]  # fmt: skip
     return run_until_synced(
         argv, literal_env(main), f"http://127.0.0.1:{http}/readyz", api, tmp_path / "dnsd.log"
@@ -173,6 +175,16 @@ def test_dnsd_role_with_pods_verified_is_exactly_what_dnsd_requests(
     objects = build_with_component("components/dnsd-pods-verified", tmp_path)
     requests = dnsd_requests(objects, server, tmp_path)
     assert any(r.resource == "pods" for r in requests)
+    check_least_privilege(find(objects, "ClusterRole", "kpx-dnsd:dnsd")["rules"], requests)
+
+
+def test_dnsd_role_with_multicluster_is_exactly_what_dnsd_requests(
+    server: FakeApiServer, tmp_path: Path
+) -> None:
+    objects = build_with_component("components/dnsd-multicluster", tmp_path)
+    requests = dnsd_requests(objects, server, tmp_path)
+    imports = [r for r in requests if r.resource == "serviceimports"]
+    assert {r.verb for r in imports} == {"list", "watch"}
     check_least_privilege(find(objects, "ClusterRole", "kpx-dnsd:dnsd")["rules"], requests)
 
 
