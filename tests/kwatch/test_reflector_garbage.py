@@ -255,3 +255,35 @@ async def test_objects_with_null_in_every_optional_field_are_taken_as_unset(
         assert [list(e.addresses) for e in eps.endpoints] == [["10.0.5.1"], ["10.0.5.2"]]
     finally:
         await state.stop()
+
+
+async def test_a_crashed_watch_restarts_from_the_store_it_had_without_a_relist(
+    api_server: FakeApiServer, kubeconfig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kwatch.reflector import Reflector
+
+    api_server.load([service("a", "10.96.0.1")])
+    state = await start(kubeconfig, [SERVICES])
+    real_apply = Reflector._apply
+    crashes = {"left": 1}
+
+    def apply_crashes_once(self: Reflector, event: dict[str, Any], rv: str) -> str:
+        if crashes["left"] and event.get("type") == "ADDED":
+            crashes["left"] -= 1
+            raise RuntimeError("injected: a bug in the reflector")
+        return real_apply(self, event, rv)
+
+    monkeypatch.setattr(Reflector, "_apply", apply_crashes_once)
+    before = restarts()
+    lists = api_server.count("list", "services")
+    try:
+        await eventually(lambda: api_server.watch_count() == 1)
+        api_server.create(service("b", "10.96.0.2"))
+        await eventually(lambda: restarts() > before, within=5)
+        await eventually(
+            lambda: store_view(state, SERVICES) == api_view(api_server, "services"), within=10
+        )
+        assert api_server.count("list", "services") == lists  # resumed, not relisted
+        assert state.supervisor.liveness() == (True, "ok")
+    finally:
+        await state.stop()
