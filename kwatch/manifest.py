@@ -54,7 +54,8 @@ class ManifestSource:
     async def run(self) -> None:
         """Load now, then reload whenever a file changes; never raises on bad input."""
         while True:
-            signature = self._current_signature()
+            # A folder walk and a stat per file: in a thread too, as the parse below.
+            signature = await asyncio.to_thread(self._current_signature)
             if signature != self._signature:
                 signature = await self._settled(signature)
                 self._signature = signature
@@ -72,7 +73,7 @@ class ManifestSource:
         fewer objects, which would briefly delete Services."""
         for _ in range(20):  # bounded: a file rewritten forever is loaded as it stands
             await asyncio.sleep(self.settle_seconds)
-            again = self._current_signature()
+            again = await asyncio.to_thread(self._current_signature)
             if again == signature:
                 break
             signature = again
