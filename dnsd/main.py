@@ -34,6 +34,7 @@ from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
 from kwatch.resources import ENDPOINTSLICES, NAMESPACES, PODS, SERVICEIMPORTS, SERVICES
 from kwatch.runtime import run, stop_event
+from kwatch.supervisor import Supervisor
 
 log = structlog.get_logger("dnsd")
 
@@ -55,7 +56,10 @@ class Daemon:
             resources.append(pod_watch)
         if settings.multicluster:
             resources.append(SERVICEIMPORTS)
-        self.state = ClusterState(resources)
+        # Every background task (watches, the zone controller) runs under it; /healthz is
+        # its liveness.
+        self.supervisor = Supervisor(wedge_deadline=settings.task_deadline)
+        self.state = ClusterState(resources, supervisor=self.supervisor)
         self.index = ZoneIndex(
             settings.zone, settings.ttl, settings.external_zone, settings.multicluster
         )
@@ -102,6 +106,7 @@ class Daemon:
             pod_mode=settings.pods,
             only_namespaces=only,
             extra=extra,
+            progress=self.supervisor.progress("zone-controller"),
         )
         upstreams = settings.upstream_addresses() or read_resolv_conf(settings.resolv_conf)
         cache = (
@@ -163,10 +168,10 @@ class Daemon:
             tcp_max_connections=settings.tcp_max_connections,
             query_log_sample=settings.query_log_sample,
             transfer=transfer,
+            slow_queue=settings.slow_queue,
         )
         self.health: HealthServer | None = None
         self._collector = DnsCollector(self.stats, self.controller.zone_info)
-        self._tasks: list[asyncio.Task[None]] = []
 
     def readiness(self) -> tuple[bool, str]:
         """Ready = every store synced, the zone built, and the DNS sockets bound."""
@@ -180,20 +185,21 @@ class Daemon:
         return True, "ok"
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         if self.worker == 0:
             # The first process binds at once: a port conflict fails the start, and clients
             # get SERVFAIL for cluster names until the first sync, as CoreDNS does.
             await self.server.start()
         await self.state.start(self.settings, USER_AGENT)
-        self._tasks.append(loop.create_task(self.controller.run()))
+        self.supervisor.spawn("zone-controller", self.controller.run)
         if self.worker != 0:
             # Extra workers join the SO_REUSEPORT group only with a complete zone: bound
             # earlier, the kernel would hash some clients to a worker that can only SERVFAIL.
-            self._tasks.append(loop.create_task(self._listen_when_ready()))
+            self.supervisor.spawn("listen", self._listen_when_ready, forever=False)
         if self.worker == 0:
             REGISTRY.register(self._collector)
-            self.health = HealthServer(self.settings.http_listen, ready=self.readiness)
+            self.health = HealthServer(
+                self.settings.http_listen, ready=self.readiness, alive=self.supervisor.liveness
+            )
             await self.health.start()
             log.info("http_listening", address=self.health.host, port=self.health.port)
 
@@ -215,9 +221,7 @@ class Daemon:
 
     async def stop(self) -> None:
         await self.server.stop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.supervisor.stop()
         await self.state.stop()
         await self.forwarder.close()
         if self.health is not None:

@@ -75,7 +75,12 @@ class UdpListener:
     """
 
     def __init__(
-        self, sock: socket.socket, handler: Handler, sample: float, batch: int = udpbatch.BATCH
+        self,
+        sock: socket.socket,
+        handler: Handler,
+        sample: float,
+        batch: int = udpbatch.BATCH,
+        slow_queue: int = 256,
     ) -> None:
         self.sock = sock
         self.handler = handler
@@ -87,6 +92,15 @@ class UdpListener:
         self._closed = False
         # Answers from the event loop waiting for room in the socket's send buffer.
         self._backlog: collections.deque[tuple[bytes, Any]] = collections.deque()
+        # The hand-off to the event loop is bounded: queries handed over and not yet taken
+        # up are `_handed - _taken` (each counter has one writer: the thread, the loop). A
+        # query beyond `slow_queue` is dropped at once (counted `udp_queue_full`): a flood of
+        # slow-path queries then costs the loop a bounded amount of work, and the fast path,
+        # which shares the GIL with it, keeps answering cluster names without delay.
+        self.slow_queue = slow_queue
+        self._handed = 0
+        self._taken = 0
+        self._shed = handler.stats.thread_drops()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -149,8 +163,12 @@ class UdpListener:
             address = io.address(i)
             if address is None:  # woken by close()
                 return
+            if self._handed - self._taken >= self.slow_queue:
+                self._shed["udp_queue_full"] = self._shed.get("udp_queue_full", 0) + 1
+                return
             with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
                 to_loop(full, data, address)
+                self._handed += 1
 
         io.serve(answer, leftover, self.handler.stats.drop, lambda: not self._closed)
 
@@ -189,10 +207,14 @@ class UdpListener:
                 stats.drop("internal_error")
                 continue
             if result is None:
+                if self._handed - self._taken >= self.slow_queue:
+                    self._shed["udp_queue_full"] = self._shed.get("udp_queue_full", 0) + 1
+                    continue
                 try:
                     to_loop(full, data, addr)
                 except RuntimeError:
                     return
+                self._handed += 1
                 continue
             try:
                 sendto(result, addr)
@@ -203,6 +225,7 @@ class UdpListener:
 
     def _full(self, data: bytes, addr: Any) -> None:
         """On the event loop: a query the fast path left."""
+        self._taken += 1
         if self._closed:
             return
         try:
@@ -471,9 +494,11 @@ class DnsServer:
         tcp_max_connections: int = 1000,
         query_log_sample: float = 0.0,
         transfer: ZoneTransfer | None = None,
+        slow_queue: int = 256,
     ) -> None:
         self.handler = handler
         self.transfer = transfer  # None: no client may transfer the zone (the default)
+        self.slow_queue = slow_queue
         self.addresses = addresses
         self.reuse_port = reuse_port
         self.tcp_idle_timeout = tcp_idle_timeout
@@ -491,7 +516,7 @@ class DnsServer:
         for host, port in self.addresses:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             udp_sock, tcp_sock = self._bind_pair(family, host, port)
-            listener = UdpListener(udp_sock, self.handler, self.sample)
+            listener = UdpListener(udp_sock, self.handler, self.sample, slow_queue=self.slow_queue)
             listener.start(loop)
             self._udp.append(listener)
             tcp_sock.listen(1024)

@@ -119,6 +119,12 @@ class DnsdSettings(AccessSettings):
     )
     forward_timeout: float = Field(2.0, gt=0, description="seconds to wait for one upstream")
     max_concurrent: int = Field(1000, ge=1, description="forwarded queries in flight at most")
+    slow_queue: int = Field(
+        256,
+        ge=1,
+        description="UDP queries the fast path leaves (forwarded names, malformed packets)"
+        " waiting for the event loop at most; more are dropped (udp_queue_full)",
+    )
     listen: list[ListenAddress] = Field(
         default_factory=lambda: ["0.0.0.0:53"], description="UDP and TCP listen ADDR:PORT"
     )

@@ -21,6 +21,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import REGISTRY
 
+from kpx import metrics
 from kpx import settings as kpx_settings
 from kpx.balancer import Balancer
 from kpx.endpoints import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL
@@ -43,6 +44,7 @@ from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
 from kwatch.resources import ENDPOINTSLICES, NODES, SERVICES
 from kwatch.runtime import release_free_memory, run, stop_event
+from kwatch.supervisor import Supervisor
 
 log = structlog.get_logger("kpx.main")
 
@@ -72,6 +74,9 @@ def _redirect_listen_hosts() -> list[str]:
 
 async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int:
     stop = stop or stop_event()
+    # Every background task (watches, sync loop, housekeeping) runs under it: restarted after
+    # an unexpected exception, and visible in /healthz and /livez when dead or crash-looping.
+    supervisor = Supervisor(wedge_deadline=settings.task_deadline)
     state = ClusterState(
         [SERVICES, ENDPOINTSLICES, NODES],
         selectors={
@@ -80,13 +85,16 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
             # Only our own Node: its zone label drives topology hints.
             NODES: (None, f"metadata.name={settings.node_name}"),
         },
+        supervisor=supervisor,
     )
     balancer = Balancer(
         max_candidates=len(settings.connect_timeouts),
         cooldown_base=settings.cooldown_base,
         cooldown_cap=settings.cooldown_max,
+        affinity_max_entries=settings.affinity_max_entries,
     )
-    addresses = local_addresses()
+    metrics.AFFINITY_ENTRIES.set_function(balancer.affinity_entries)
+    addresses = await asyncio.to_thread(local_addresses)
     local_clients = LocalClients(settings.cluster_cidrs, addresses)
     table = ServiceTable(
         state.store(SERVICES),
@@ -104,7 +112,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         idle_timeout=settings.idle_timeout,
     )
     collector = register_proxy_stats(proxy.stats)
-    health = ProxierHealth(settings.health_timeout)
+    health = ProxierHealth(settings.health_timeout, alive=supervisor.liveness)
     writer: SteeringWriter
     ports_writer: PortsWriter | None = None
     if settings.mode == "nftables":
@@ -126,6 +134,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         on_backend_removed=proxy.close_backend,
         on_backend_added=proxy.restore_backend,
         min_sync_period=settings.min_sync_period,
+        on_synced=lambda: supervisor.mark_healthy("kpx-sync"),
     )
 
     async def proxy_mode(_request: web.Request) -> web.Response:
@@ -144,6 +153,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
     metrics_server = HealthServer(
         settings.metrics_bind_address,
         ready=ready,
+        alive=supervisor.liveness,
         extra_routes=[
             web.get("/proxyMode", proxy_mode),
             web.get("/debug/services", debug_services),
@@ -154,7 +164,6 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         health,
         NodeEligibility(state.store(NODES), settings.node_name),
     )
-    tasks: list[asyncio.Task[None]] = []
     status = 0
     programmed = False  # this process wrote steering rules, so it removes them on exit
     try:
@@ -192,17 +201,20 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
             # unknown frontend.
             for listener in bound:
                 await proxy.accept_on(listener)
-            tasks.append(asyncio.create_task(syncer.run(), name="kpx-sync"))
-            housekeeping = _housekeeping(
-                balancer,
-                local_clients,
-                service_health,
-                settings.nodeport_addresses,
-                settings.sync_period,
+            supervisor.spawn("kpx-sync", syncer.run)
+            supervisor.spawn(
+                "housekeeping",
+                lambda: _housekeeping(
+                    balancer,
+                    local_clients,
+                    service_health,
+                    settings.nodeport_addresses,
+                    settings.sync_period,
+                ),
             )
-            tasks.append(asyncio.create_task(housekeeping))
             if ports_writer is not None:
-                tasks.append(asyncio.create_task(_print_assignments(syncer, ports_writer)))
+                writer_ = ports_writer
+                supervisor.spawn("print-assignments", lambda: _print_assignments(syncer, writer_))
         await stopped
         synced.cancel()
     except OSError as err:
@@ -213,9 +225,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         # From now on nothing new is accepted: /healthz and the healthCheckNodePorts say so
         # (503) for the whole drain, so load balancers stop sending clients here.
         health.stopping()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await supervisor.stop()
         await state.stop()
         # Stop accepting and drain while the rules stay: new connections are steered to a
         # closed port and reset at once instead of hanging; then the table goes.
@@ -246,7 +256,7 @@ async def _housekeeping(
         # Addresses come and go (DHCP, LB IPs bound on the node): the local-client check
         # follows them, and so do the healthCheckNodePort listeners (a no-op without
         # --nodeport-addresses: they listen on every address then).
-        if local_clients.refresh():
+        if await local_clients.refresh_off_loop():
             hosts = addresses_in(nodeport_addresses, local_clients.addresses)
             await service_health.set_hosts(hosts)
 
