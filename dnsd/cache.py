@@ -13,6 +13,14 @@
   because an answer fetched with checking disabled must not reach a client that wants it checked.
 - At `max_entries` the least recently used entry is evicted (CoreDNS evicts at random; LRU keeps
   the popular names).
+- Prefetch (CoreDNS `cache { prefetch AMOUNT DURATION PERCENTAGE% }`): an entry asked `amount`
+  times with no gap of `prefetch_duration` or more, hit when at most `prefetch_percentage` % of
+  its TTL is left (ceil, so at least its last second), is due for a refresh; the forwarder
+  refreshes it in the background and the new entry keeps the count.
+- Serve stale (RFC 8767): with `stale_for` > 0 an expired entry is kept that much longer; when
+  every upstream failed to refresh it, it is served with every TTL set to `STALE_TTL` (RFC 8767
+  section 4: 30 s), and for the next `STALE_TTL` seconds it is served at once without asking the
+  upstreams again (the "failure recheck timer", section 5).
 
 The module is pure: wire bytes in, wire bytes out, time from an injectable clock. It also holds
 the small wire walker (`ResponseLayout`) the forwarder needs to splice answers.
@@ -20,6 +28,7 @@ the small wire walker (`ResponseLayout`) the forwarder needs to splice answers.
 
 from __future__ import annotations
 
+import math
 import struct
 import time
 from collections import OrderedDict
@@ -45,6 +54,17 @@ CACHE_ENTRIES = Gauge("dnsd_cache_entries", "Answers held in the cache", ["type"
 CACHE_EVICTIONS = Counter(
     "dnsd_cache_evictions_total", "Live entries evicted to make room (max_entries)", ["type"]
 )
+
+CACHE_PREFETCHES = Counter(
+    "dnsd_cache_prefetch_total", "Popular entries refreshed before they expired (--prefetch)"
+)
+CACHE_SERVED_STALE = Counter(
+    "dnsd_cache_served_stale_total",
+    "Answers served from expired entries because every upstream failed (--serve-stale)",
+)
+# RFC 8767 section 4: the TTL of a stale answer (and section 5: how long a failed refresh is
+# not tried again).
+STALE_TTL = 30
 
 # Entry kinds, also the `type` label of the metrics (CoreDNS: success / denial).
 SUCCESS = "success"
@@ -157,6 +177,9 @@ class _Entry:
     stored_at: float
     ttl: int  # seconds the entry lives
     kind: str  # SUCCESS or DENIAL
+    hits: int = 0  # hits with no gap of prefetch_duration or more (prefetch only)
+    last_hit: float = 0.0
+    stale_until: float = 0.0  # serve stale without asking upstream until then (a failed refresh)
 
 
 class DnsCache:
@@ -170,9 +193,18 @@ class DnsCache:
         min_ttl: int = 0,
         servfail_ttl: int = 5,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        prefetch: int = 0,
+        prefetch_duration: float = 60.0,
+        prefetch_percentage: int = 10,
+        stale_for: float = 0.0,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
+        self.prefetch = prefetch  # hits that make an entry popular; 0: no prefetch
+        self.prefetch_duration = prefetch_duration
+        self.prefetch_percentage = prefetch_percentage
+        self.stale_for = stale_for  # seconds an expired entry may still be served; 0: never
         self.max_entries = max_entries
         self.max_ttl = max_ttl
         self.max_negative_ttl = max_negative_ttl
@@ -196,14 +228,59 @@ class DnsCache:
         if entry is None:
             CACHE_MISSES.inc()
             return None
-        age = max(self.clock() - entry.stored_at, 0.0)
+        now = self.clock()
+        age = max(now - entry.stored_at, 0.0)
         if age >= entry.ttl:
-            self._remove(key, entry)
+            if age >= entry.ttl + self.stale_for:
+                self._remove(key, entry)
             CACHE_MISSES.inc()
             return None
         self._entries.move_to_end(key)
         CACHE_HITS.labels(entry.kind).inc()
-        elapsed = int(age)
+        if self.prefetch:
+            if now - entry.last_hit >= self.prefetch_duration:
+                entry.hits = 0
+            entry.hits += 1
+            entry.last_hit = now
+        return self._aged(entry, int(age))
+
+    def prefetch_due(self, key: CacheKey) -> bool:
+        """True when `key` is popular and close to expiring (after a hit from `get`)."""
+        entry = self._entries.get(key)
+        if entry is None or not self.prefetch or entry.hits < self.prefetch:
+            return False
+        left = entry.ttl - (self.clock() - entry.stored_at)
+        threshold = math.ceil(self.prefetch_percentage / 100 * entry.ttl)
+        return 0 < left <= threshold
+
+    def stale(self, key: CacheKey, *, failed: bool = False) -> bytes | None:
+        """An expired entry within `stale_for`, every TTL `STALE_TTL`; None if there is none.
+
+        Without `failed` only an entry whose refresh failed less than STALE_TTL ago (RFC 8767
+        section 5: do not ask again at once); with `failed` (the upstreams just failed) any
+        expired entry, and that failure starts the recheck timer.
+        """
+        if not self.stale_for:
+            return None
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        now = self.clock()
+        age = now - entry.stored_at
+        if age < entry.ttl or age >= entry.ttl + self.stale_for:
+            return None
+        if failed:
+            entry.stale_until = now + STALE_TTL
+        elif now >= entry.stale_until:
+            return None
+        CACHE_SERVED_STALE.inc()
+        wire = bytearray(entry.wire)
+        for offset, _ in entry.ttl_fields:
+            struct.pack_into("!I", wire, offset, STALE_TTL)
+        return bytes(wire)
+
+    def _aged(self, entry: _Entry, elapsed: int) -> bytes:
+        """The stored answer with its TTLs counted down by `elapsed` seconds."""
         if elapsed == 0 or not entry.ttl_fields:
             return entry.wire
         wire = bytearray(entry.wire)
@@ -235,7 +312,10 @@ class DnsCache:
         wire = bytearray(response[: layout.end])
         for offset, record_ttl in fields:  # served as stored at age 0 too: capped at `ttl`
             struct.pack_into("!I", wire, offset, record_ttl)
-        self._entries[key] = _Entry(bytes(wire), fields, self.clock(), ttl, kind)
+        entry = _Entry(bytes(wire), fields, self.clock(), ttl, kind)
+        if old is not None:  # a refresh (prefetch) keeps how popular the name is
+            entry.hits, entry.last_hit = old.hits, old.last_hit
+        self._entries[key] = entry
         self._counts[kind] += 1
         self._publish()
         return True

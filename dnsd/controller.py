@@ -11,7 +11,7 @@ import asyncio
 import gc
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -20,12 +20,13 @@ import structlog
 from dnsd import answers as enc
 from dnsd import external
 from dnsd.handler import PodMode
-from dnsd.metrics import DNS_PROGRAMMING, ZONE_SYNC
+from dnsd.metrics import DNS_PROGRAMMING, RECORDS_KEPT, ZONE_SYNC
 from dnsd.records import RecordOptions, ServiceRecords, service_records
 from dnsd.zone import ZoneIndex
 from kwatch.models import EndpointSlice, Namespace, Pod, Service
 from kwatch.runtime import release_free_memory
 from kwatch.store import EventType, Store, StoreEvent
+from kwatch.supervisor import Progress
 
 log = structlog.get_logger("dnsd.controller")
 
@@ -56,9 +57,11 @@ class ZoneController:
         namespaces: Store[Namespace],
         *,
         pods: Store[Pod] | None = None,
+        waits_for: Sequence[Store[Any]] = (),
         pod_mode: PodMode = PodMode.DISABLED,
         only_namespaces: frozenset[str] = frozenset(),
         extra: tuple[ExtraSource, ...] = (),
+        progress: Progress | None = None,
     ) -> None:
         self.index = index
         self.options = options
@@ -73,6 +76,8 @@ class ZoneController:
         self._triggers: dict[str, float] = {}  # service key -> earliest unapplied change time
         self._building = False  # the first full build has started
         self._wake = asyncio.Event()
+        # Told when a change waits and when it is in: the supervisor's liveness watches it.
+        self.progress = progress or Progress()
         self.batches = 0
         self.last_batch_seconds = 0.0
         services.subscribe(self._on_service)
@@ -82,9 +87,14 @@ class ZoneController:
         if pods is not None:
             stores.append(pods)
         self.extra = extra
+        # Keys an extra source handed over for a batch that failed: taken again next time.
+        self._extra_retry: dict[int, set[str]] = {}
         for source in extra:
-            source.on_change(self._wake.set)
+            source.on_change(self._noted)
             stores.extend(source.stores)
+        # Stores the zone does not read but must not be served before (the pod addresses of
+        # --namespace-isolation: until they are in, every pod would look like a node).
+        stores += waits_for
         self._stores = stores
         for store in stores:
             store.on_synced(self._wake.set)
@@ -93,7 +103,7 @@ class ZoneController:
 
     def _on_service(self, event: StoreEvent[Service]) -> None:
         self._dirty_services.add(event.key)
-        self._wake.set()
+        self._noted()
 
     def _on_slice(self, event: StoreEvent[EndpointSlice]) -> None:
         for obj in (event.obj, event.old):
@@ -105,10 +115,15 @@ class ZoneController:
             if trigger is not None:
                 key = f"{new.metadata.namespace}/{new.service_name}"
                 self._triggers[key] = min(trigger, self._triggers.get(key, trigger))
-        self._wake.set()
+        self._noted()
 
     def _on_namespace(self, event: StoreEvent[Namespace]) -> None:
         self._dirty_namespaces.add(event.key)
+        self._noted()
+
+    def _noted(self) -> None:
+        if self.index.ready:  # before the first build, readiness (not liveness) says so
+            self.progress.pending()
         self._wake.set()
 
     # --- applying -------------------------------------------------------------------------
@@ -118,6 +133,8 @@ class ZoneController:
         return all(s.synced for s in self._stores)
 
     async def run(self) -> None:
+        # Restarted by the supervisor after a failure: whatever is still noted is applied.
+        self._wake.set()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -129,6 +146,8 @@ class ZoneController:
             if more:
                 self._wake.set()  # come straight back for the rest
                 await asyncio.sleep(0)
+            elif not (self._dirty_services or self._dirty_namespaces or self._extra_retry):
+                self.progress.done()
 
     def apply_pending(self, max_services: int | None = None) -> bool:
         """Apply the changes noted so far (the first call takes everything); True when some
@@ -146,10 +165,46 @@ class ZoneController:
         else:
             self._dirty_services = set()
         namespaces, self._dirty_namespaces = self._dirty_namespaces, set()
-        extra = [(source, source.take_dirty()) for source in self.extra]
+        extra = [
+            (source, source.take_dirty() | self._extra_retry.pop(i, set()))
+            for i, source in enumerate(self.extra)
+        ]
         more = bool(self._dirty_services)
         if not (services or namespaces or first or any(keys for _, keys in extra)):
             return more
+        try:
+            self._apply_batch(services, namespaces, extra)
+        except BaseException:
+            # Nothing is forgotten before it is applied: the next run takes it all again.
+            self._dirty_services |= services
+            self._dirty_namespaces |= namespaces
+            for i, (_, keys) in enumerate(extra):
+                self._extra_retry.setdefault(i, set()).update(keys)
+            raise
+        if not more:
+            # Only a complete zone is served: until then cluster names are SERVFAIL.
+            if not self.index.ready:
+                release_free_memory()
+            self.index.ready = True
+        self.batches += 1
+        self.last_batch_seconds = time.perf_counter() - started
+        ZONE_SYNC.observe(self.last_batch_seconds)
+        self._observe_programming(services, first)
+        log.debug(
+            "zone_updated",
+            services=len(services),
+            namespaces=len(namespaces),
+            answers=len(self.index.answers),
+            seconds=round(self.last_batch_seconds, 4),
+        )
+        return more
+
+    def _apply_batch(
+        self,
+        services: set[str],
+        namespaces: set[str],
+        extra: list[tuple[ExtraSource, set[str]]],
+    ) -> None:
         # A batch allocates many small objects and frees them again, none in reference cycles:
         # with the collector on, each allocation burst walks every tracked object (the stores'
         # included) for nothing. Measured: ~10% of a full build. Off only for the batch.
@@ -169,23 +224,6 @@ class ZoneController:
         finally:
             if collecting:
                 gc.enable()
-        if not more:
-            # Only a complete zone is served: until then cluster names are SERVFAIL.
-            if not self.index.ready:
-                release_free_memory()
-            self.index.ready = True
-        self.batches += 1
-        self.last_batch_seconds = time.perf_counter() - started
-        ZONE_SYNC.observe(self.last_batch_seconds)
-        self._observe_programming(services, first)
-        log.debug(
-            "zone_updated",
-            services=len(services),
-            namespaces=len(namespaces),
-            answers=len(self.index.answers),
-            seconds=round(self.last_batch_seconds, 4),
-        )
-        return more
 
     def _observe_programming(self, services: set[str], first: bool) -> None:
         if first:
@@ -203,11 +241,19 @@ class ZoneController:
 
     def _set_service(self, key: str) -> None:
         try:
-            self.index.set_source(key, self._records_for(key))
+            records = self._records_for(key)
+            self.index.set_source(key, records)
         except Exception as err:
-            # One Service whose records cannot be encoded (a name dnslib refuses) must not
-            # stop the zone: its last good records stay, everything else is updated.
-            log.warning("service_skipped", key=key, problem=repr(err))
+            # One Service whose records cannot be built or encoded (a label over 63 bytes, a
+            # name the wire form refuses) must not stop the zone: its last good records stay
+            # (set_source touches nothing before everything is encoded), the rest is updated.
+            RECORDS_KEPT.inc()
+            log.warning(
+                "service_records_kept",
+                key=key,
+                problem=f"{type(err).__name__}: {err}",
+                previous="kept" if key in self.index.sources() else "none",
+            )
 
     def _set_extra(self, source: ExtraSource, key: str) -> None:
         try:
@@ -223,15 +269,12 @@ class ZoneController:
         if service is None or not self._exposed(service.metadata.namespace):
             return None
         slices = self.slices.by_index("service", key)
-        try:
-            records = service_records(service, slices, self.options)
-            if self.options.external_zones:
-                external.add_service(records, service, slices, self.options)
-            return records
-        except ValueError as err:
-            # A name dnslib/the wire form cannot carry (e.g. a label over 63 bytes).
-            log.warning("service_skipped", key=key, problem=str(err))
-            return None
+        # Raises ValueError for a name the wire form cannot carry: _set_service keeps the
+        # last good records then (returning None here would delete them).
+        records = service_records(service, slices, self.options)
+        if self.options.external_zones:
+            external.add_service(records, service, slices, self.options)
+        return records
 
     def _namespace_records(self, name: str) -> ServiceRecords | None:
         """`<ns>.svc.<zone>` exists for an existing namespace (dns-features 3.3); in the pod

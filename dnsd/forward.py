@@ -13,6 +13,9 @@
 - Health (CoreDNS `max_fails 2`, health check every 0.5 s): two transport failures in a row mark
   an upstream unhealthy and start a probe (`. IN NS`) until it answers. One log line per
   transition, never one per query.
+- Cache (dnsd/cache.py): hits answered at once; a popular entry close to expiring is
+  refreshed in the background (`prefetch`); when every upstream failed, an expired entry is
+  served instead of SERVFAIL (serve-stale, RFC 8767).
 - At most `max_inflight` client queries wait for upstreams; above that REFUSED (CoreDNS
   `max_concurrent`). Identical concurrent questions share one upstream exchange.
 - EDNS: the client's OPT record is forwarded upstream as is. The answer carries an OPT exactly
@@ -44,7 +47,7 @@ import dnslib
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
-from dnsd.cache import RCODE_NOERROR, RCODE_SERVFAIL, CacheKey, DnsCache
+from dnsd.cache import CACHE_PREFETCHES, RCODE_NOERROR, RCODE_SERVFAIL, CacheKey, DnsCache
 from dnsd.forward_wire import (
     ParsedQuery,
     build_answer,
@@ -191,6 +194,7 @@ class Forwarder:
             key=lambda item: -len(item[0]),
         )
         self._pending: dict[CacheKey, asyncio.Task[bytes]] = {}
+        self._prefetching: dict[CacheKey, asyncio.Task[bytes]] = {}
         self._inflight = 0
         self._next = 0  # round_robin position
         self._closed = False
@@ -209,10 +213,17 @@ class Forwarder:
             return None
         if parsed.opcode != 0:
             return error_answer(parsed, RCODE_NOTIMP)
-        if self.cache is not None:
-            cached = self.cache.get(parsed.key)
+        cache = self.cache
+        if cache is not None:
+            cached = cache.get(parsed.key)
             if cached is not None:
+                if cache.prefetch and cache.prefetch_due(parsed.key):
+                    self._prefetch(parsed)
                 return build_answer(parsed, cached)
+            if cache.stale_for:
+                stale = cache.stale(parsed.key)  # a refresh failed moments ago: no retry yet
+                if stale is not None:
+                    return build_answer(parsed, stale)
         if self._inflight >= self.max_inflight:
             FORWARD_REJECTS.inc()
             return error_answer(parsed, RCODE_REFUSED)
@@ -250,6 +261,7 @@ class Forwarder:
         """Stop health probes and abandon exchanges still waiting for upstreams."""
         self._closed = True
         tasks: list[asyncio.Task[Any]] = list(self._pending.values())
+        tasks += self._prefetching.values()
         tasks += [up.probe for up in self._by_address.values() if up.probe is not None]
         for task in tasks:
             task.cancel()
@@ -287,17 +299,38 @@ class Forwarder:
         # Shielded: a client that goes away must not cancel the answer others wait for.
         return await asyncio.shield(task)
 
+    def _prefetch(self, query: ParsedQuery) -> None:
+        """Refresh a popular entry in the background (CoreDNS cache `prefetch`)."""
+        key = query.key
+        if key in self._pending or key in self._prefetching or self._closed:
+            return  # already being asked
+        # Kept apart from _pending: a client must not wait on it (a failed prefetch answers
+        # nothing, the client then asks the upstreams itself).
+        CACHE_PREFETCHES.inc()
+        task = asyncio.ensure_future(self._exchange(query, prefetch=True))
+        self._prefetching[key] = task
+        task.add_done_callback(lambda _: self._prefetching.pop(key, None))
+
     def _forget(self, key: CacheKey, task: asyncio.Task[bytes]) -> None:
         if self._pending.get(key) is task:
             del self._pending[key]
 
-    async def _exchange(self, query: ParsedQuery) -> bytes:
-        """Ask the upstreams in turn; the response to cache and answer with, SERVFAIL if none."""
+    async def _exchange(self, query: ParsedQuery, prefetch: bool = False) -> bytes:
+        """Ask the upstreams in turn; the response to cache and answer with, SERVFAIL if none
+        (or, with serve-stale, the expired answer). A failed prefetch changes nothing: the
+        entry it meant to refresh is still good."""
         try:
             response = await self._ask_upstreams(query)
         except Exception:
             log.exception("forward_failed")
             response = None
+        if response is None and prefetch:
+            return b""
+        if response is None and self.cache is not None and self.cache.stale_for:
+            # RFC 8767: every upstream failed, an expired answer is better than none.
+            stale = self.cache.stale(query.key, failed=True)
+            if stale is not None:
+                return stale
         if response is None:
             FORWARD_SERVFAILS.inc()
             header = struct.pack("!HHHHHH", 0, 0x8180 | RCODE_SERVFAIL, 1, 0, 0, 0)

@@ -17,6 +17,9 @@ from dnslib import RR
 
 from dnsd import answers as enc
 from dnsd import wire
+from dnsd.autopath import AutoPath
+from dnsd.clients import PodClients
+from dnsd.isolation import NamespaceIsolation
 from dnsd.metrics import DnsStats
 from dnsd.names import ip_from_dashed
 from dnsd.wire import Answer, Query, Reject, parse_query, respond
@@ -73,6 +76,9 @@ class Handler:
         pod_exists: PodLookup | None = None,
         max_udp_size: int = 1232,
         stats: DnsStats | None = None,
+        clients: PodClients | None = None,
+        autopath: AutoPath | None = None,
+        isolation: NamespaceIsolation | None = None,
         lazy: tuple[LazyNames, ...] = (),
     ) -> None:
         self.index = index
@@ -80,6 +86,11 @@ class Handler:
         self.upstream = upstream
         self.pod_mode = pod_mode
         self.pod_exists = pod_exists
+        # Per-client answers (--autopath, --namespace-isolation): who is a pod of which
+        # namespace. All None when both are off, and then no query pays for them.
+        self.clients = clients if autopath is not None or isolation is not None else None
+        self.autopath = autopath if clients is not None else None
+        self.isolation = isolation if clients is not None else None
         # Largest UDP answer we send and the size we advertise in our OPT; the client's own
         # size is honoured below it (RFC 6891 §6.2.5; DNS Flag Day 2020 suggests 1232).
         self.max_udp_size = max(max_udp_size, wire.UDP_PLAIN_LIMIT)
@@ -92,12 +103,31 @@ class Handler:
         self._answers = index.answers  # the zone updates this dict in place, never replaces it
         self._counts = (self.stats.fast_counts(False), self.stats.fast_counts(True))
 
-    def handle(self, data: bytes, tcp: bool = False) -> Result:
-        """Answer one DNS message; None means drop it."""
-        fast = self.fast(data, tcp)
-        if fast is not None:
-            return fast
-        return self.full(data, tcp)
+    def handle(self, data: bytes, tcp: bool = False, client: str | None = None) -> Result:
+        """Answer one DNS message from `client` (its IP); None means drop it."""
+        if self.isolation is None or self.fast_allows(data, client):
+            fast = self.fast(data, tcp)
+            if fast is not None:
+                return fast
+        return self.full(data, tcp, client)
+
+    def fast_allows_packed(self, data: bytes, packed: bytes) -> bool:
+        """`fast_allows` for the UDP thread, which has the client's IP as packed bytes."""
+        assert self.isolation is not None and self.clients is not None
+        namespace = self.clients.namespace_of_packed(packed)
+        if namespace is None:
+            return True
+        return self.isolation.fast_allows(data, self.isolation.client_label(namespace))
+
+    def fast_allows(self, data: bytes, client: str | None) -> bool:
+        """--namespace-isolation: may the fast path answer this client (no pod, or a name its
+        namespace may see)? False leaves the decision to `full`."""
+        if self.isolation is None or self.clients is None or client is None:
+            return True
+        namespace = self.clients.namespace_of(client)
+        if namespace is None:
+            return True
+        return self.isolation.fast_allows(data, self.isolation.client_label(namespace))
 
     def fast(
         self, data: bytes, tcp: bool = False, counts: dict[int, int] | None = None
@@ -210,8 +240,8 @@ class Handler:
         if i != last or last > 254:
             return None
         found = index.zone_of(name_key, offsets)
-        if found is None:
-            return None
+        if found is None or self.autopath is not None:
+            return None  # (autopath: a pod's NXDOMAIN may become an answer)
         zid, zone_offset = found
         if (
             self.pod_mode is not PodMode.DISABLED
@@ -225,7 +255,7 @@ class Handler:
                 return None
         return index.nxdomain[zid]
 
-    def full(self, data: bytes, tcp: bool = False) -> Result:
+    def full(self, data: bytes, tcp: bool = False, client: str | None = None) -> Result:
         """Every case, decided by parsing the message; `fast` is a shortcut through it."""
         started = time.perf_counter()
         try:
@@ -244,19 +274,34 @@ class Handler:
         if query.qclass != wire.CLASS_IN:
             # CoreDNS without the chaos plugin refuses other classes (dns-features 3.10).
             return self._done(query, tcp, started, self._rcode(query, wire.REFUSED))
-        answer = self.index.answers.get(
-            query.name_key + data[query.question_end - 4 : query.question_end - 2]
-        )
-        if answer is not None and self.index.ready:
-            return self._done(query, tcp, started, respond(query, answer, limit, self.max_udp_size))
-        result = self._miss(query, limit, tcp)
+        namespace = None
+        if self.clients is not None and client is not None:
+            namespace = self.clients.namespace_of(client)
+        result = self._answer(query, limit, tcp, namespace, True)
         if result is None or isinstance(result, bytes):
             return self._done(query, tcp, started, result)
         return self._count_later(query, tcp, started, result)
 
+    def _answer(
+        self, query: Query, limit: int, tcp: bool, namespace: str | None, complete: bool
+    ) -> Result:
+        """The answer to a parsed query from a pod of `namespace` (None: not a pod client);
+        `complete`: search-path completion may apply (not for its own candidates)."""
+        if namespace is not None and self.isolation is not None:
+            hidden = self.isolation.hidden(query, self.isolation.client_label(namespace))
+            if hidden is not None and self.index.ready:
+                return respond(query, hidden, limit, self.max_udp_size)
+        data = query.data
+        answer = self.index.answers.get(
+            query.name_key + data[query.question_end - 4 : query.question_end - 2]
+        )
+        if answer is not None and self.index.ready:
+            return respond(query, answer, limit, self.max_udp_size)
+        return self._miss(query, limit, tcp, namespace if complete else None)
+
     # --- not a precomputed (name, type) ---------------------------------------------------
 
-    def _miss(self, query: Query, limit: int, tcp: bool) -> Result:
+    def _miss(self, query: Query, limit: int, tcp: bool, namespace: str | None = None) -> Result:
         index = self.index
         found = index.zone_of(query.name_key, query.label_offsets)
         if found is None:
@@ -299,7 +344,35 @@ class Handler:
             pod = self._pod(query, offsets)
             if pod is not None:
                 return respond(query, pod, limit, self.max_udp_size)
-        return respond(query, index.nxdomain[zid], limit, self.max_udp_size)
+        nxdomain = respond(query, index.nxdomain[zid], limit, self.max_udp_size)
+        if (
+            namespace is not None
+            and self.autopath is not None
+            and self.autopath.applies(query, namespace, zid)
+        ):
+            return self._complete(query, limit, tcp, namespace, zid, nxdomain)
+        return nxdomain
+
+    async def _complete(
+        self, query: Query, limit: int, tcp: bool, namespace: str, zid: int, nxdomain: bytes
+    ) -> bytes | None:
+        """--autopath: the first search-list candidate that exists (dnsd/autopath.py)."""
+        assert self.autopath is not None
+
+        async def lookup(candidate: bytes) -> bytes | None:
+            try:
+                parsed = parse_query(candidate)
+            except Reject:
+                return None
+            result = self._answer(parsed, wire.TCP_LIMIT, True, namespace, False)
+            if result is None or isinstance(result, bytes):
+                return result
+            return await result
+
+        response = await self.autopath.complete(query, namespace, zid, nxdomain, lookup)
+        if response is not None and not tcp:
+            response = wire.truncate_foreign(query, response, limit, self.max_udp_size)
+        return response
 
     def _pod(self, query: Query, offsets: list[int]) -> Answer | None:
         """`<dashed-ip>.<ns>.pod.<zone>` (dns-features 2.1/2.2); None -> NXDOMAIN."""

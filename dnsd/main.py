@@ -13,16 +13,20 @@ from collections.abc import Sequence
 import structlog
 from prometheus_client import REGISTRY
 
+from dnsd.autopath import AutoPath, read_resolv_search
 from dnsd.cache import DnsCache
+from dnsd.clients import POD_ADDRESSES, PodClients
 from dnsd.controller import ExtraSource, ZoneController
 from dnsd.endpoint_names import EndpointNames
 from dnsd.forward import Forwarder, read_resolv_conf
 from dnsd.handler import Handler, LazyNames, PodMode
+from dnsd.isolation import NamespaceIsolation
 from dnsd.metrics import DnsCollector, DnsStats
 from dnsd.multicluster import MulticlusterRecords
 from dnsd.records import RecordOptions
 from dnsd.server import DnsServer
 from dnsd.settings import DnsdSettings, load
+from dnsd.transfer import ZoneTransfer, parse_networks
 from dnsd.zonal import ZonalNames
 from dnsd.zone import ZoneIndex
 from kwatch.cluster import ClusterState
@@ -30,6 +34,7 @@ from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
 from kwatch.resources import ENDPOINTSLICES, NAMESPACES, PODS, SERVICEIMPORTS, SERVICES
 from kwatch.runtime import run, stop_event
+from kwatch.supervisor import Supervisor
 
 log = structlog.get_logger("dnsd")
 
@@ -43,14 +48,25 @@ class Daemon:
         self.settings = settings
         self.worker = worker
         resources = [SERVICES, ENDPOINTSLICES, NAMESPACES]
-        if settings.pods is PodMode.VERIFIED:
-            resources.append(PODS)  # verified mode watches every pod, as CoreDNS does
+        per_client = settings.autopath or settings.namespace_isolation
+        # Verified mode watches every pod, as CoreDNS does; autopath and isolation need only
+        # each pod's IP and namespace: the same watch when it is there, else a slim one.
+        pod_watch = PODS if settings.pods is PodMode.VERIFIED else POD_ADDRESSES
+        if settings.pods is PodMode.VERIFIED or per_client:
+            resources.append(pod_watch)
         if settings.multicluster:
             resources.append(SERVICEIMPORTS)
-        self.state = ClusterState(resources)
+        # Every background task (watches, the zone controller) runs under it; /healthz is
+        # its liveness.
+        self.supervisor = Supervisor(wedge_deadline=settings.task_deadline)
+        self.state = ClusterState(resources, supervisor=self.supervisor)
         self.index = ZoneIndex(
             settings.zone, settings.ttl, settings.external_zone, settings.multicluster
         )
+        self.clients: PodClients | None = None
+        if per_client:
+            self.clients = PodClients()
+            self.state.store(pod_watch).subscribe(self.clients.on_pod)
         options = RecordOptions(
             zones=tuple(settings.zone),
             ttl=settings.ttl,
@@ -84,9 +100,13 @@ class Daemon:
             self.state.store(ENDPOINTSLICES),
             self.state.store(NAMESPACES),
             pods=self.state.store(PODS) if PODS in self.state.stores else None,
+            waits_for=[self.state.store(POD_ADDRESSES)]
+            if POD_ADDRESSES in self.state.stores
+            else [],
             pod_mode=settings.pods,
             only_namespaces=only,
             extra=extra,
+            progress=self.supervisor.progress("zone-controller"),
         )
         upstreams = settings.upstream_addresses() or read_resolv_conf(settings.resolv_conf)
         cache = (
@@ -94,6 +114,10 @@ class Daemon:
                 max_entries=settings.cache_size,
                 max_ttl=settings.cache_max_ttl,
                 max_negative_ttl=settings.cache_max_negative_ttl,
+                prefetch=settings.prefetch,
+                prefetch_duration=settings.prefetch_duration,
+                prefetch_percentage=settings.prefetch_percentage,
+                stale_for=settings.serve_stale,
             )
             if settings.cache_size > 0
             else None
@@ -119,6 +143,22 @@ class Daemon:
             max_udp_size=settings.max_udp_size,
             stats=self.stats,
             lazy=tuple(lazy),
+            clients=self.clients,
+            autopath=(
+                AutoPath(settings.zone, read_resolv_search(settings.resolv_conf))
+                if settings.autopath
+                else None
+            ),
+            isolation=(
+                NamespaceIsolation(self.index, settings.shared_namespaces)
+                if settings.namespace_isolation
+                else None
+            ),
+        )
+        transfer = (
+            ZoneTransfer(self.index, parse_networks(settings.transfer_to))
+            if settings.transfer_to
+            else None
         )
         self.server = DnsServer(
             self.handler,
@@ -127,10 +167,11 @@ class Daemon:
             tcp_idle_timeout=settings.tcp_idle_timeout,
             tcp_max_connections=settings.tcp_max_connections,
             query_log_sample=settings.query_log_sample,
+            transfer=transfer,
+            slow_queue=settings.slow_queue,
         )
         self.health: HealthServer | None = None
         self._collector = DnsCollector(self.stats, self.controller.zone_info)
-        self._tasks: list[asyncio.Task[None]] = []
 
     def readiness(self) -> tuple[bool, str]:
         """Ready = every store synced, the zone built, and the DNS sockets bound."""
@@ -144,20 +185,21 @@ class Daemon:
         return True, "ok"
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         if self.worker == 0:
             # The first process binds at once: a port conflict fails the start, and clients
             # get SERVFAIL for cluster names until the first sync, as CoreDNS does.
             await self.server.start()
         await self.state.start(self.settings, USER_AGENT)
-        self._tasks.append(loop.create_task(self.controller.run()))
+        self.supervisor.spawn("zone-controller", self.controller.run)
         if self.worker != 0:
             # Extra workers join the SO_REUSEPORT group only with a complete zone: bound
             # earlier, the kernel would hash some clients to a worker that can only SERVFAIL.
-            self._tasks.append(loop.create_task(self._listen_when_ready()))
+            self.supervisor.spawn("listen", self._listen_when_ready, forever=False)
         if self.worker == 0:
             REGISTRY.register(self._collector)
-            self.health = HealthServer(self.settings.http_listen, ready=self.readiness)
+            self.health = HealthServer(
+                self.settings.http_listen, ready=self.readiness, alive=self.supervisor.liveness
+            )
             await self.health.start()
             log.info("http_listening", address=self.health.host, port=self.health.port)
 
@@ -179,9 +221,7 @@ class Daemon:
 
     async def stop(self) -> None:
         await self.server.stop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.supervisor.stop()
         await self.state.stop()
         await self.forwarder.close()
         if self.health is not None:

@@ -11,7 +11,7 @@ import bisect
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -59,6 +59,10 @@ DNS_PROGRAMMING = Histogram(
     ["service_kind"],
     buckets=PROGRAMMING_BUCKETS,
 )
+RECORDS_KEPT = Counter(
+    "dnsd_records_kept_total",
+    "Services whose new records could not be encoded: their last good records stay served",
+)
 ZONE_SYNC = Histogram(
     "dnsd_zone_sync_duration_seconds",
     "Time to apply one batch of store changes to the zone index (re-encoding included)",
@@ -79,9 +83,18 @@ class DnsStats:
         self.requests: dict[tuple[bool, int], int] = {}  # (tcp, qtype) -> count
         self.responses: dict[tuple[bool, int], int] = {}  # (tcp, rcode) -> count
         self.dropped: dict[str, int] = {}  # reason -> count
+        # Drops counted by the UDP threads themselves (queries shed before reaching the event
+        # loop): one dict per thread, like `fast`, so no two threads write one counter.
+        self.thread_dropped: list[dict[str, int]] = []
         self.durations = [[0] * (len(DURATION_BUCKETS) + 1) for _ in range(2)]
         self.duration_sum = [0.0, 0.0]
         self.response_bytes = [0, 0]
+
+    def thread_drops(self) -> dict[str, int]:
+        """A new drop counter dict (reason -> count) for one UDP thread."""
+        counts: dict[str, int] = {}
+        self.thread_dropped.append(counts)
+        return counts
 
     def fast_counts(self, tcp: bool) -> dict[int, int]:
         """A new fast-path counter dict for one writer (a thread, or the event loop)."""
@@ -159,7 +172,11 @@ class DnsCollector(Collector):
         dropped = CounterMetricFamily(
             "dnsd_dns_dropped", "Queries dropped without an answer, by reason", labels=["reason"]
         )
-        for reason, count in sorted(stats.dropped.items()):
+        by_reason = dict(stats.dropped)
+        for counts in list(stats.thread_dropped):
+            for reason, count in list(counts.items()):
+                by_reason[reason] = by_reason.get(reason, 0) + count
+        for reason, count in sorted(by_reason.items()):
             dropped.add_metric([reason], count)
         yield dropped
         duration = HistogramMetricFamily(

@@ -14,7 +14,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, cast
 
 import structlog
@@ -22,6 +22,7 @@ import structlog
 from dnsd import udpbatch, wire
 from dnsd.handler import Handler
 from dnsd.names import from_wire
+from dnsd.transfer import ZoneTransfer
 
 log = structlog.get_logger("dnsd.server")
 query_log = structlog.get_logger("dnsd.query")
@@ -74,7 +75,12 @@ class UdpListener:
     """
 
     def __init__(
-        self, sock: socket.socket, handler: Handler, sample: float, batch: int = udpbatch.BATCH
+        self,
+        sock: socket.socket,
+        handler: Handler,
+        sample: float,
+        batch: int = udpbatch.BATCH,
+        slow_queue: int = 256,
     ) -> None:
         self.sock = sock
         self.handler = handler
@@ -86,6 +92,15 @@ class UdpListener:
         self._closed = False
         # Answers from the event loop waiting for room in the socket's send buffer.
         self._backlog: collections.deque[tuple[bytes, Any]] = collections.deque()
+        # The hand-off to the event loop is bounded: queries handed over and not yet taken
+        # up are `_handed - _taken` (each counter has one writer: the thread, the loop). A
+        # query beyond `slow_queue` is dropped at once (counted `udp_queue_full`): a flood of
+        # slow-path queries then costs the loop a bounded amount of work, and the fast path,
+        # which shares the GIL with it, keeps answering cluster names without delay.
+        self.slow_queue = slow_queue
+        self._handed = 0
+        self._taken = 0
+        self._shed = handler.stats.thread_drops()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -128,12 +143,32 @@ class UdpListener:
                 _log_query(data, io.address(i), "udp", result)
             return result
 
+        if self.handler.isolation is not None:
+            # --namespace-isolation: a pod's question for a name it may not see goes to the
+            # full path (a separate closure, so the path without the option is unchanged).
+            allows = self.handler.fast_allows_packed
+            plain = answer
+
+            def answer(data: bytes, i: int) -> bytes | None:
+                try:
+                    if not allows(data, io.client_packed(i)):
+                        return None
+                except Exception:
+                    log.exception("query_failed", proto="udp")
+                    self.handler.stats.drop("internal_error")
+                    return None
+                return plain(data, i)
+
         def leftover(data: bytes, i: int) -> None:
             address = io.address(i)
             if address is None:  # woken by close()
                 return
+            if self._handed - self._taken >= self.slow_queue:
+                self._shed["udp_queue_full"] = self._shed.get("udp_queue_full", 0) + 1
+                return
             with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
                 to_loop(full, data, address)
+                self._handed += 1
 
         io.serve(answer, leftover, self.handler.stats.drop, lambda: not self._closed)
 
@@ -147,6 +182,7 @@ class UdpListener:
         to_loop = self._loop.call_soon_threadsafe
         full = self._full
         counts = stats.fast_counts(False)
+        isolation = self.handler.isolation
         while not self._closed:
             try:
                 data, addr = recv(_UDP_MAX)
@@ -161,16 +197,24 @@ class UdpListener:
             if addr is None:  # woken by close()
                 continue
             try:
-                result = fast(data, False, counts)
+                result = (
+                    fast(data, False, counts)
+                    if isolation is None or self.handler.fast_allows(data, addr[0])
+                    else None
+                )
             except Exception:
                 log.exception("query_failed", proto="udp")
                 stats.drop("internal_error")
                 continue
             if result is None:
+                if self._handed - self._taken >= self.slow_queue:
+                    self._shed["udp_queue_full"] = self._shed.get("udp_queue_full", 0) + 1
+                    continue
                 try:
                     to_loop(full, data, addr)
                 except RuntimeError:
                     return
+                self._handed += 1
                 continue
             try:
                 sendto(result, addr)
@@ -181,10 +225,11 @@ class UdpListener:
 
     def _full(self, data: bytes, addr: Any) -> None:
         """On the event loop: a query the fast path left."""
+        self._taken += 1
         if self._closed:
             return
         try:
-            result = self.handler.full(data, False)
+            result = self.handler.full(data, False, addr[0])
         except Exception:
             log.exception("query_failed", proto="udp")
             self.handler.stats.drop("internal_error")
@@ -281,6 +326,8 @@ class TcpConnection(asyncio.Protocol):
         self.peer: Any = None
         self._idle: asyncio.TimerHandle | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._writable = asyncio.Event()  # clear while the transport's buffer is full
+        self._writable.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -294,6 +341,7 @@ class TcpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self._writable.set()
         if self._idle is not None:
             self._idle.cancel()
         for task in self._pending:
@@ -330,8 +378,11 @@ class TcpConnection(asyncio.Protocol):
             self._answer(message)
 
     def _answer(self, message: bytes) -> None:
+        if self.server.transfer is not None and self._transfer(message):
+            return
         try:
-            result = self.server.handler.handle(message, True)
+            client = str(self.peer[0]) if self.peer else None
+            result = self.server.handler.handle(message, True, client)
         except Exception:
             log.exception("query_failed", proto="tcp")
             self.server.handler.stats.drop("internal_error")
@@ -346,6 +397,43 @@ class TcpConnection(asyncio.Protocol):
         task = asyncio.get_running_loop().create_task(self._write_later(result))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    def _transfer(self, message: bytes) -> bool:
+        """An allowed AXFR/IXFR of a cluster zone: stream it; False leaves the message to
+        the handler (which refuses transfers, CoreDNS's answer to a client not allowed)."""
+        transfer = self.server.transfer
+        assert transfer is not None
+        try:
+            query = wire.parse_query(message)
+        except wire.Reject:
+            return False
+        request = transfer.request(query)
+        if request is None:
+            return False
+        client = str(self.peer[0]) if self.peer else ""
+        if not transfer.permits(client):
+            transfer.refused(client, request)
+            return False
+        task = asyncio.get_running_loop().create_task(
+            self._stream(transfer.messages(query, request))
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return True
+
+    async def _stream(self, messages: AsyncIterator[bytes]) -> None:
+        """Write a transfer's messages, waiting while the client has not read the last ones."""
+        try:
+            async for response in messages:
+                self._write(response)
+                self._arm_idle()
+                await self._writable.wait()  # the transport's high-water mark paused us
+                if self.transport is None or self.transport.is_closing():
+                    return
+                await asyncio.sleep(0)  # let queries in between two chunks
+        except Exception:
+            log.exception("zone_transfer_failed")
+            self.server.handler.stats.drop("internal_error")
 
     async def _write_later(self, pending: Coroutine[Any, Any, bytes | None]) -> None:
         try:
@@ -362,10 +450,12 @@ class TcpConnection(asyncio.Protocol):
 
     # Backpressure: a client that does not read its answers stops being read.
     def pause_writing(self) -> None:
+        self._writable.clear()
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._writable.set()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -403,8 +493,12 @@ class DnsServer:
         tcp_idle_timeout: float = 10.0,
         tcp_max_connections: int = 1000,
         query_log_sample: float = 0.0,
+        transfer: ZoneTransfer | None = None,
+        slow_queue: int = 256,
     ) -> None:
         self.handler = handler
+        self.transfer = transfer  # None: no client may transfer the zone (the default)
+        self.slow_queue = slow_queue
         self.addresses = addresses
         self.reuse_port = reuse_port
         self.tcp_idle_timeout = tcp_idle_timeout
@@ -422,7 +516,7 @@ class DnsServer:
         for host, port in self.addresses:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             udp_sock, tcp_sock = self._bind_pair(family, host, port)
-            listener = UdpListener(udp_sock, self.handler, self.sample)
+            listener = UdpListener(udp_sock, self.handler, self.sample, slow_queue=self.slow_queue)
             listener.start(loop)
             self._udp.append(listener)
             tcp_sock.listen(1024)

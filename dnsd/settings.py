@@ -10,6 +10,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from dnsd.handler import PodMode
 from dnsd.names import to_wire
+from dnsd.transfer import parse_networks
 from kwatch.health import parse_listen
 from kwatch.settings import AccessSettings, ListenAddress, settings_or_exit
 
@@ -118,6 +119,12 @@ class DnsdSettings(AccessSettings):
     )
     forward_timeout: float = Field(2.0, gt=0, description="seconds to wait for one upstream")
     max_concurrent: int = Field(1000, ge=1, description="forwarded queries in flight at most")
+    slow_queue: int = Field(
+        256,
+        ge=1,
+        description="UDP queries the fast path leaves (forwarded names, malformed packets)"
+        " waiting for the event loop at most; more are dropped (udp_queue_full)",
+    )
     listen: list[ListenAddress] = Field(
         default_factory=lambda: ["0.0.0.0:53"], description="UDP and TCP listen ADDR:PORT"
     )
@@ -133,6 +140,61 @@ class DnsdSettings(AccessSettings):
     query_log_sample: float = Field(
         0.0, ge=0.0, le=1.0, description="fraction of queries written to the query log"
     )
+
+    prefetch: int = Field(
+        0,
+        ge=0,
+        description="refresh a forwarded answer asked this many times (no gap of "
+        "--prefetch-duration) before it expires; 0: never. CoreDNS cache `prefetch AMOUNT`",
+    )
+    prefetch_duration: float = Field(
+        60.0, gt=0, description="longest gap between the hits that make an answer popular (s)"
+    )
+    prefetch_percentage: int = Field(
+        10, ge=10, le=90, description="prefetch when this % of the answer's TTL is left"
+    )
+    serve_stale: float = Field(
+        0.0,
+        ge=0,
+        description="serve expired forwarded answers (TTL 30) for up to this many seconds "
+        "after they expired when every upstream fails (RFC 8767); 0: never",
+    )
+    autopath: bool = Field(
+        False,
+        description="complete a pod's search path on the server: a missing name below "
+        "<its ns>.svc.<zone> is answered by the first search-list candidate that exists "
+        "(CNAME + answer); watches every Pod for its IP. CoreDNS `autopath @kubernetes`",
+    )
+    namespace_isolation: bool = Field(
+        False,
+        description="answer a pod only the cluster names of its own namespace and of "
+        "--shared-namespaces (others NXDOMAIN); watches every Pod for its IP",
+    )
+    shared_namespaces: list[str] = Field(
+        default_factory=list,
+        description="with --namespace-isolation: namespaces every pod sees (e.g. kube-system)",
+    )
+    transfer_to: list[str] = Field(
+        default_factory=list,
+        description="CIDR (or IP, or *) allowed to transfer the cluster zones (AXFR/IXFR over "
+        "TCP); everyone else is REFUSED. CoreDNS transfer `to`",
+    )
+
+    @field_validator("shared_namespaces")
+    @classmethod
+    def _valid_shared(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        if values and "namespace_isolation" in info.data and not info.data["namespace_isolation"]:
+            raise ValueError("only used with --namespace-isolation, which is not set")
+        for value in values:
+            if not 0 < len(value) <= 63 or "." in value:
+                raise ValueError(f"expected a namespace name (a DNS label), got {value!r}")
+        return [v.lower() for v in values]
+
+    @field_validator("transfer_to")
+    @classmethod
+    def _valid_transfer_to(cls, values: list[str]) -> list[str]:
+        parse_networks(values)
+        return values
 
     @field_validator("zone")
     @classmethod

@@ -89,6 +89,18 @@ class BatchIO:
             return None
         return sockaddr_to_python(bytes(self._names.data[i * _NAME : i * _NAME + length]))
 
+    def client_packed(self, i: int) -> bytes:
+        """The sender's IP of datagram i as 4 or 16 packed bytes (b"" if unknown): cheaper
+        than `address` where only the IP matters (per-client answers)."""
+        start = i * _NAME
+        names = self._names.data
+        family = names[start] | (names[start + 1] << 8)  # sa_family, little-endian (Linux)
+        if family == socket.AF_INET:
+            return bytes(names[start + 4 : start + 8])
+        if family == socket.AF_INET6:
+            return bytes(names[start + 8 : start + 24])
+        return b""
+
     def serve(
         self,
         answer: Callable[[bytes, int], bytes | None],

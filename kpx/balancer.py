@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -93,13 +94,29 @@ class _Pin:
     last_used: float
 
 
-class AffinityTable:
-    """ClientIP -> endpoint pins of one Service port (shared by all its frontends)."""
+# Pins per Service port at most: the size of kube-proxy's nftables affinity sets (an nft set's
+# default size). Beyond it the least recently used pin goes (its client is balanced anew).
+DEFAULT_AFFINITY_MAX_ENTRIES = 65535
 
-    def __init__(self, clock: Clock, timeout: float) -> None:
+AFFINITY_EVICTIONS = Counter(
+    "kpx_affinity_evictions_total",
+    "ClientIP affinity pins dropped because a Service port's table was full (least recently"
+    " used first)",
+)
+
+
+class AffinityTable:
+    """ClientIP -> endpoint pins of one Service port (shared by all its frontends), bounded
+    to `max_entries` with least-recently-used eviction: a flood of client addresses (a
+    scan, a big NAT pool) cannot grow it without limit."""
+
+    def __init__(
+        self, clock: Clock, timeout: float, max_entries: int = DEFAULT_AFFINITY_MAX_ENTRIES
+    ) -> None:
         self._clock = clock
         self.timeout = timeout
-        self._pins: dict[str, _Pin] = {}
+        self.max_entries = max_entries
+        self._pins: OrderedDict[str, _Pin] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._pins)
@@ -115,7 +132,12 @@ class AffinityTable:
 
     def record(self, client_ip: str, backend: Backend) -> None:
         # Every new connection restarts the timer (userspace roundrobin.go: lastUsed = now).
-        self._pins[client_ip] = _Pin(backend, self._clock())
+        pins = self._pins
+        pins[client_ip] = _Pin(backend, self._clock())
+        pins.move_to_end(client_ip)  # most recently used last
+        while len(pins) > self.max_entries:
+            pins.popitem(last=False)
+            AFFINITY_EVICTIONS.inc()
 
     def keep_only(self, backends: set[Backend]) -> None:
         """Drop pins to endpoints that left, and stale ones (userspace: purged on each update)."""
@@ -325,15 +347,21 @@ class Balancer:
         max_candidates: int = DEFAULT_MAX_CANDIDATES,
         cooldown_base: float = 1.0,
         cooldown_cap: float = 30.0,
+        affinity_max_entries: int = DEFAULT_AFFINITY_MAX_ENTRIES,
     ) -> None:
         self._clock = clock
         self._rng = rng or random.Random()
         self._max = max_candidates
         self.failures = FailureTracker(clock, cooldown_base, cooldown_cap)
+        self.affinity_max_entries = affinity_max_entries
         self._ports: dict[str, _ServicePort] = {}
 
     def __len__(self) -> int:
         return len(self._ports)
+
+    def affinity_entries(self) -> int:
+        """ClientIP pins held over every Service port (the kpx_affinity_entries gauge)."""
+        return sum(len(e.affinity) for e in list(self._ports.values()) if e.affinity is not None)
 
     def update(
         self,
@@ -352,7 +380,7 @@ class Balancer:
         if affinity_timeout is None:
             entry.affinity = None
         elif entry.affinity is None:
-            entry.affinity = AffinityTable(self._clock, affinity_timeout)
+            entry.affinity = AffinityTable(self._clock, affinity_timeout, self.affinity_max_entries)
         else:
             entry.affinity.timeout = affinity_timeout
         pickers: dict[ListKey, RoundRobinPicker] = {}

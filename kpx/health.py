@@ -27,6 +27,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import Counter
 
+from kwatch import metrics as kwatch_metrics
 from kwatch.health import parse_listen
 from kwatch.models import Node
 from kwatch.store import EventType, Store, StoreEvent
@@ -83,9 +84,16 @@ class NodeEligibility:
 class ProxierHealth:
     """Tracks queued vs applied changes; unhealthy when one waits longer than `timeout`."""
 
-    def __init__(self, timeout: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        timeout: float,
+        clock: Callable[[], float] = time.time,
+        alive: Callable[[], tuple[bool, str]] | None = None,
+    ) -> None:
         self.timeout = timeout
         self._clock = clock
+        # The supervisor's liveness: a dead, crash-looping or wedged background task.
+        self._alive = alive
         self.last_updated = 0.0
         self._oldest_pending: float | None = None
         # Shutting down: kpx accepts no new connection while it drains, so load balancers
@@ -108,6 +116,8 @@ class ProxierHealth:
 
     def healthy(self) -> bool:
         if self._stopping:
+            return False
+        if self._alive is not None and not self._alive()[0]:
             return False
         pending = self._oldest_pending
         return pending is None or self._clock() - pending < self.timeout
@@ -285,7 +295,7 @@ class ServiceHealthServers:
 
     async def _bind(self, port: int, host: str | None, retry_in: float) -> bool:
         """Listen on host:port; False (logged and counted) when the bind fails."""
-        service = self._services[port][0]
+        service = self._services.get(port, ("?", 0))[0]
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         try:
             await site.start()
@@ -299,6 +309,12 @@ class ServiceHealthServers:
                 problem=str(err),
                 retry_in=retry_in,
             )
+            return False
+        except Exception:
+            # Not a bind error: a bug. The retry loop must go on (it is not supervised on its
+            # own); logged with its traceback and counted as a restart of this work.
+            kwatch_metrics.TASK_RESTARTS.labels("health-check-port").inc()
+            log.exception("health_check_port_crashed", service=service, port=port, host=host)
             return False
         self._sites.setdefault(port, {})[host] = site
         log.info("health_check_port_opened", service=service, port=port, host=host)

@@ -8,6 +8,7 @@ with the same inputs the nftables rules use.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import subprocess
@@ -58,8 +59,17 @@ class LocalClients:
         self._cache: dict[str, bool] = {}
 
     def refresh(self) -> bool:
-        """Re-read this host's addresses; whether they changed."""
-        found = local_addresses()
+        """Re-read this host's addresses; whether they changed. Blocks on `ip`: from the
+        event loop, use `refresh_off_loop`."""
+        return self.update(local_addresses())
+
+    async def refresh_off_loop(self) -> bool:
+        """`refresh` with the `ip -j addr` subprocess run in a thread: the data-plane loop
+        never waits on it."""
+        return self.update(await asyncio.to_thread(local_addresses))
+
+    def update(self, found: set[str] | None) -> bool:
+        """Take `found` (None: unknown, kept as it was) as this host's addresses."""
         if found is None or found == self.addresses:
             return False
         self.addresses = found

@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import REGISTRY
 
+from kpx import metrics
 from kpx import settings as kpx_settings
 from kpx.balancer import Balancer
 from kpx.endpoints import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL
@@ -52,6 +53,7 @@ from kwatch.logs import configure_logging
 from kwatch.resources import ENDPOINTSLICES, NODES, SERVICES
 from kwatch.runtime import release_free_memory, run, stop_event
 from kwatch.store import Store
+from kwatch.supervisor import Supervisor
 
 log = structlog.get_logger("kpx.main")
 
@@ -110,6 +112,9 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
     source_mode = "transparent" if transparent else "node"
     for name in ("transparent", "node"):
         SOURCE_ADDRESS_MODE.labels(name).set(1 if name == source_mode else 0)
+    # Every background task (watches, sync loop, housekeeping) runs under it: restarted after
+    # an unexpected exception, and visible in /healthz and /livez when dead or crash-looping.
+    supervisor = Supervisor(wedge_deadline=settings.task_deadline)
     state = ClusterState(
         [SERVICES, ENDPOINTSLICES, NODES],
         selectors={
@@ -118,13 +123,15 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
             # Only our own Node: its zone label drives topology hints.
             NODES: (None, f"metadata.name={settings.node_name}"),
         },
+        supervisor=supervisor,
     )
     balancer = Balancer(
         max_candidates=len(settings.connect_timeouts),
         cooldown_base=settings.cooldown_base,
         cooldown_cap=settings.cooldown_max,
+        affinity_max_entries=settings.affinity_max_entries,
     )
-    addresses = local_addresses()
+    addresses = await asyncio.to_thread(local_addresses)
     local_clients = LocalClients(settings.cluster_cidrs, addresses)
     table = ServiceTable(
         state.store(SERVICES),
@@ -154,9 +161,20 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         same_link=shared_links,
     )
     collector = register_proxy_stats(proxy.stats)
-    health = ProxierHealth(settings.health_timeout)
+    health = ProxierHealth(settings.health_timeout, alive=supervisor.liveness)
     stores = (state.store(SERVICES), state.store(ENDPOINTSLICES), state.store(NODES))
-    udp = UdpPath(settings, stores, local_clients, health, transparent, shared_links)
+    udp = UdpPath(
+        settings,
+        stores,
+        local_clients,
+        health,
+        transparent,
+        shared_links,
+        on_synced=lambda: supervisor.mark_healthy("kpx-sync-udp"),
+    )
+    metrics.AFFINITY_ENTRIES.set_function(
+        lambda: balancer.affinity_entries() + udp.balancer.affinity_entries()
+    )
     writer: SteeringWriter
     ports_writer: PortsWriter | None = None
     # `primary` becomes this Node's InternalIPs once the Node is listed (`_primary_cidrs`);
@@ -184,6 +202,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         on_backend_removed=proxy.close_backend,
         on_backend_added=proxy.restore_backend,
         min_sync_period=settings.min_sync_period,
+        on_synced=lambda: supervisor.mark_healthy("kpx-sync"),
     )
 
     async def proxy_mode(_request: web.Request) -> web.Response:
@@ -202,6 +221,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
     metrics_server = HealthServer(
         settings.metrics_bind_address,
         ready=ready,
+        alive=supervisor.liveness,
         extra_routes=[
             web.get("/proxyMode", proxy_mode),
             web.get("/debug/services", debug_services),
@@ -212,7 +232,6 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         health,
         NodeEligibility(state.store(NODES), settings.node_name),
     )
-    tasks: list[asyncio.Task[None]] = []
     status = 0
     programmed = False  # this process wrote steering rules, so it removes them on exit
     try:
@@ -260,20 +279,25 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
             # unknown frontend.
             for listener in bound:
                 await proxy.accept_on(listener)
-            tasks.append(asyncio.create_task(syncer.run(), name="kpx-sync"))
-            tasks.append(asyncio.create_task(udp.run(), name="kpx-sync-udp"))
-            housekeeping = _housekeeping(
-                (balancer, udp.balancer),
-                local_clients,
-                service_health,
-                nodeport_cidrs,
-                settings.sync_period,
-                shared_links if transparent else None,
+            supervisor.spawn("kpx-sync", syncer.run)
+            supervisor.spawn("kpx-sync-udp", udp.run)
+            supervisor.spawn(
+                "housekeeping",
+                lambda: _housekeeping(
+                    (balancer, udp.balancer),
+                    local_clients,
+                    service_health,
+                    nodeport_cidrs,
+                    settings.sync_period,
+                    shared_links if transparent else None,
+                ),
             )
-            tasks.append(asyncio.create_task(housekeeping))
             if ports_writer is not None:
-                printer = _print_assignments(syncer, lambda: _assignments(ports_writer, udp))
-                tasks.append(asyncio.create_task(printer))
+                writer_ = ports_writer
+                supervisor.spawn(
+                    "print-assignments",
+                    lambda: _print_assignments(syncer, lambda: _assignments(writer_, udp)),
+                )
         await stopped
         synced.cancel()
     except OSError as err:
@@ -284,9 +308,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         # From now on nothing new is accepted: /healthz and the healthCheckNodePorts say so
         # (503) for the whole drain, so load balancers stop sending clients here.
         health.stopping()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await supervisor.stop()
         await state.stop()
         # Stop accepting and drain while the rules stay: new connections are steered to a
         # closed port and reset at once instead of hanging; then the table goes.
@@ -343,7 +365,7 @@ async def _housekeeping(
         # Addresses come and go (DHCP, LB IPs bound on the node): the local-client check
         # follows them, and so do the healthCheckNodePort listeners (a no-op without
         # --nodeport-addresses: they listen on every address then).
-        if local_clients.refresh():
+        if await local_clients.refresh_off_loop():
             hosts = addresses_in(nodeport_addresses, local_clients.addresses)
             await service_health.set_hosts(hosts)
 

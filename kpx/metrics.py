@@ -57,6 +57,17 @@ SOURCE_ADDRESS_MODE = Gauge(
     "1 for the mode kpx runs in: transparent (backends see clients' addresses) or node",
     ["mode"],
 )
+SERVICE_COMPUTE_FAILURES = Counter(
+    "kpx_service_compute_failures_total",
+    "Services whose rules could not be computed from their objects (last good rules kept)",
+)
+SYNC_FAILURES = Counter(
+    "kpx_sync_failures_total",
+    "Syncs that failed (table or kernel update); the next one rewrites everything",
+)
+AFFINITY_ENTRIES = Gauge(
+    "kpx_affinity_entries", "ClientIP affinity pins held over every Service port"
+)
 LAST_SYNC = Gauge(
     "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
     "The last time proxy rules were successfully synced",

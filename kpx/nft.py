@@ -414,7 +414,7 @@ class NftWriter:
     async def _run_or_flag(self, script: str) -> None:
         try:
             await self.run(script)
-        except NftError:
+        except BaseException:  # NftError, or cancelled half-way: the kernel state is unknown
             # Our idea of the kernel's state may be wrong now: rewrite everything next time.
             SYNC_FAILURES.inc()
             self.needs_full = True
@@ -422,14 +422,17 @@ class NftWriter:
 
     async def run(self, script: str) -> None:
         started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            *self.command,
-            "-f",
-            "-",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.command,
+                "-f",
+                "-",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as err:  # no nft binary, no permission, out of processes
+            raise NftError(f"cannot start {self.command[0]}: {err}") from None
         try:
             _, stderr = await asyncio.wait_for(proc.communicate(script.encode()), self.timeout)
         except TimeoutError:

@@ -211,6 +211,12 @@ class KpxSettings(AccessSettings):
     cooldown_max: float = Field(
         30.0, gt=0, description="longest skip of a backend that keeps failing (doubling)"
     )
+    affinity_max_entries: int = Field(
+        65535,
+        ge=1,
+        description="ClientIP affinity pins per Service port at most (kube-proxy's nftables"
+        " affinity set size); the least recently used goes first",
+    )
 
     @model_validator(mode="before")
     @classmethod

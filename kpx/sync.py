@@ -20,15 +20,21 @@ import structlog
 from kpx import metrics
 from kpx.backends import Backend
 from kpx.health import ProxierHealth, ServiceHealthServers
-from kpx.table import ServiceTable, Steer, SteerKey
+from kpx.table import ServiceTable, Steer, SteerKey, SyncResult
 
 log = structlog.get_logger("kpx.sync")
 
 RETRY_AFTER_FAILURE = 1.0  # seconds before a failed kernel update is retried (as a full one)
+# Services recomputed between two yields to the event loop: a zone-label change recomputes
+# every Service, which must not stall the proxied connections for the whole table.
+CHUNK = 500
 
 
 class SteeringWriter(Protocol):
-    """Turns the table's steering state into something clients reach (nftables or ports)."""
+    """Turns the table's steering state into something clients reach (nftables or ports).
+    `needs_full` set: the next `sync` rewrites everything (startup, after a failure)."""
+
+    needs_full: bool
 
     async def sync(
         self, steering: Mapping[SteerKey, Steer], changed: Iterable[SteerKey] = ()
@@ -47,6 +53,7 @@ class RuleSyncer:
         on_backend_removed: Callable[[Backend], object] | None = None,
         min_sync_period: float = 0.05,
         on_backend_added: Callable[[Backend], object] | None = None,
+        on_synced: Callable[[], object] | None = None,
         observe_programming: bool = True,
     ) -> None:
         self.table = table
@@ -56,6 +63,7 @@ class RuleSyncer:
         self.on_backend_removed = on_backend_removed
         self.on_backend_added = on_backend_added
         self.min_sync_period = min_sync_period
+        self.on_synced = on_synced  # a sync succeeded (the supervisor's crash count resets)
         # One syncer per protocol table sees every EndpointSlice change: only the TCP one
         # observes the programming latency, so a change is counted once.
         self.observe_programming = observe_programming
@@ -85,22 +93,58 @@ class RuleSyncer:
             try:
                 await self.sync_once()
             except Exception as err:
-                log.error("sync_failed", problem=str(err) or type(err).__name__)
+                log.error("sync_failed", problem=f"{type(err).__name__}: {err}")
                 await asyncio.sleep(RETRY_AFTER_FAILURE)
                 self._wake.set()
 
     async def sync_once(self) -> None:
-        started = time.monotonic()
-        self._last_sync = started
-        result = self.table.sync()
+        """One sync; on any failure the next one rewrites the kernel state in full (what
+        was applied is unknown) and the table keeps what it did not apply."""
+        try:
+            await self._sync()
+        except Exception:
+            metrics.SYNC_FAILURES.inc()
+            self.writer.needs_full = True
+            raise
+        except BaseException:  # cancelled half-way: what reached the kernel is unknown
+            self.writer.needs_full = True
+            raise
+
+    async def _recompute(self) -> SyncResult:
+        """The table's pending changes, CHUNK Services at a time, yielding in between. When
+        a chunk raises, the backends already removed or added are still reported."""
+        total = SyncResult()
+        try:
+            while True:
+                chunk = SyncResult()
+                try:
+                    self.table.sync(max_services=CHUNK, result=chunk)
+                finally:
+                    total.merge(chunk)
+                if not self.table.pending:
+                    return total
+                await asyncio.sleep(0)
+        except BaseException:
+            self._backends_changed(total)
+            if self.observe_programming:
+                self._trigger_times.extend(total.trigger_times)  # observed once applied
+            raise
+
+    def _backends_changed(self, result: SyncResult) -> None:
         # The pickers stopped offering these backends just now, whatever the kernel update
-        # below does: drain them now (a failed update must not make them be forgotten).
+        # does: drain them now (a failed update must not make them be forgotten).
         if self.on_backend_removed is not None:
             for backend in result.removed_backends:
                 self.on_backend_removed(backend)
         if self.on_backend_added is not None:
             for backend in result.added_backends:
                 self.on_backend_added(backend)
+
+    async def _sync(self) -> None:
+        started = time.monotonic()
+        self._last_sync = started
+        result = await self._recompute()
+        self._backends_changed(result)
         # Kept until a kernel update succeeds: the latency counts until the change is in.
         if self.observe_programming:
             self._trigger_times.extend(result.trigger_times)
@@ -127,6 +171,8 @@ class RuleSyncer:
         if self.service_health is not None:
             await self.service_health.sync(self.table.health_checks())
         self.syncs += 1
+        if self.on_synced is not None:
+            self.on_synced()
         if result.services:
             log.debug(
                 "synced",

@@ -338,6 +338,24 @@ class SyncResult:
     added_backends: list[Backend] = field(default_factory=list)
     full: bool = False
 
+    def merge(self, later: SyncResult) -> None:
+        """Fold a later chunk's result into this one: a backend removed by one chunk and
+        offered again by the next (or the reverse) never left."""
+        self.services += later.services
+        self.steering.update(later.steering)
+        self.trigger_times.extend(later.trigger_times)
+        self.full = self.full or later.full
+        for backend in later.added_backends:
+            if backend in self.removed_backends:
+                self.removed_backends.remove(backend)
+            else:
+                self.added_backends.append(backend)
+        for backend in later.removed_backends:
+            if backend in self.added_backends:
+                self.added_backends.remove(backend)
+            else:
+                self.removed_backends.append(backend)
+
 
 class ServiceTable:
     """Per-Service rules kept current from the stores; the proxy's `FrontendMap`."""
@@ -474,47 +492,68 @@ class ServiceTable:
         self._zone = node.zone if node is not None else None
         return NodeInfo(self.node_name, self._zone)
 
-    def sync(self) -> SyncResult:
-        """Recompute every dirty Service; returns what changed for the kernel and metrics."""
-        result = SyncResult(full=self._all_dirty)
+    def sync(self, max_services: int | None = None, result: SyncResult | None = None) -> SyncResult:
+        """Recompute dirty Services, at most `max_services` of them (`pending` stays true for
+        the rest); returns what changed for the kernel and metrics (written into `result`
+        when given, so that a caller still learns what was applied when this raises).
+
+        A Service leaves the dirty set only once its rules are applied: an exception half-way
+        leaves the rest (and the one that failed) for the next call. A Service whose rules
+        cannot be computed keeps its last good rules (logged, counted)."""
+        if result is None:
+            result = SyncResult()
+        result.full = self._all_dirty
         node = self._node_info()
         if self._all_dirty:
-            keys = set(self._results) | set(self._services.keys()) | self._dirty
-        else:
-            keys = self._dirty
-        self._all_dirty = False
-        self._dirty = set()
+            self._dirty |= set(self._results) | set(self._services.keys())
+            self._all_dirty = False
+        keys = sorted(self._dirty)
+        if max_services is not None:
+            keys = keys[:max_services]
         touched: set[SteerKey] = set()
         released: dict[tuple[str, int], Backend] = {}
         added: dict[tuple[str, int], Backend] = {}
-        for key in sorted(keys):
-            svc = self._services.get(key)
-            rules = None
-            if svc is not None:
-                slices = self._slices.by_index("service", key)
-                rules = compute_service(svc, slices, node, self.protocol)
-            if self.protocol == "TCP":
-                self._note_sctp(key, svc)
-            old = self._results.get(key)
-            for backend in _unique_backends(old):
-                self._release(backend, released)
-            for backend in _unique_backends(rules):
-                addr = (backend.ip, backend.port)
-                count = self._backend_refs.get(addr, 0)
-                if count == 0:
-                    added[addr] = backend
-                self._backend_refs[addr] = count + 1
-            touched |= self._apply(key, rules)
-            result.trigger_times.extend(self._triggers.pop(key, ()))
-        result.removed_backends = [
-            b for addr, b in released.items() if addr not in self._backend_refs
-        ]
-        # Released by one Service and taken up by another in this same sync: never left.
-        result.added_backends = [b for addr, b in added.items() if addr not in released]
-        for steer_key in touched:
-            self._resolve(steer_key, result.steering)
-        result.services = len(keys)
+        try:
+            for key in keys:
+                rules = self._compute(key, node)
+                old = self._results.get(key)
+                touched |= self._apply(key, rules)  # raises before changing anything
+                for backend in _unique_backends(old):
+                    self._release(backend, released)
+                for backend in _unique_backends(rules):
+                    addr = (backend.ip, backend.port)
+                    count = self._backend_refs.get(addr, 0)
+                    if count == 0:
+                        added[addr] = backend
+                    self._backend_refs[addr] = count + 1
+                self._dirty.discard(key)
+                result.trigger_times.extend(self._triggers.pop(key, ()))
+                result.services += 1
+        finally:
+            # Whatever was applied is resolved, even when a later Service raised.
+            result.removed_backends = [
+                b for addr, b in released.items() if addr not in self._backend_refs
+            ]
+            # Released by one Service and taken up by another in this same sync: never left.
+            result.added_backends = [b for addr, b in added.items() if addr not in released]
+            for steer_key in touched:
+                self._resolve(steer_key, result.steering)
         return result
+
+    def _compute(self, key: str, node: NodeInfo) -> ServiceRules | None:
+        svc = self._services.get(key)
+        if self.protocol == "TCP":
+            self._note_sctp(key, svc)
+        if svc is None:
+            return None
+        try:
+            slices = self._slices.by_index("service", key)
+            return compute_service(svc, slices, node, self.protocol)
+        except Exception as err:
+            # A Service kpx cannot make sense of keeps what it had; the others go on.
+            metrics.SERVICE_COMPUTE_FAILURES.inc()
+            log.warning("service_rules_kept", key=key, problem=f"{type(err).__name__}: {err}")
+            return self._results.get(key)
 
     def _note_sctp(self, key: str, svc: Service | None) -> None:
         count = sctp_ports(svc) if svc is not None and not should_skip_service(svc) else 0
@@ -536,6 +575,27 @@ class ServiceTable:
             self._backend_refs[addr] = count
 
     def _apply(self, key: str, new: ServiceRules | None) -> set[SteerKey]:
+        """Make `new` the applied rules of `key`. What can fail (the balancer, the pickers)
+        runs before the table changes, so a failure leaves `key` as it was (still dirty)."""
+        planned: list[tuple[SteerKey, str, _Owner]] = []
+        if new is not None:
+            short_circuit = self._local_client is not None
+            for port in new.ports:
+                pickers = self.balancer.update(port.port_id, port.backends, port.affinity_timeout)
+                for fe in port.frontends:
+                    plain = pickers[(fe.scope, fe.family)]
+                    picker: FrontendPicker = plain
+                    if fe.scope == "external" and port.external_local and self._local_client:
+                        inside = pickers[short_circuit_list(port, fe.family)]
+                        picker = LocalTrafficPicker(plain, inside, self._local_client)
+                    steer = frontend_steer(port, fe, short_circuit)
+                    owner = (
+                        picker,
+                        steer,
+                        fe.source_class(port.external_local),
+                        frontend_firewall(port, fe),
+                    )
+                    planned.append((fe.steer_key, port.port_id, owner))
         touched: set[SteerKey] = set()
         old = self._results.pop(key, None)
         for rules, sign in ((old, -1), (new, 1)):
@@ -553,25 +613,10 @@ class ServiceTable:
                     touched.add(fe.steer_key)
                 if port.port_id not in new_ids:
                     self.balancer.remove(port.port_id)
+        for steer_key, port_id, owner in planned:
+            self._owners.setdefault(steer_key, {})[port_id] = owner
+            touched.add(steer_key)
         if new is not None:
-            for port in new.ports:
-                pickers = self.balancer.update(port.port_id, port.backends, port.affinity_timeout)
-                short_circuit = self._local_client is not None
-                for fe in port.frontends:
-                    plain = pickers[(fe.scope, fe.family)]
-                    picker: FrontendPicker = plain
-                    if fe.scope == "external" and port.external_local and self._local_client:
-                        inside = pickers[short_circuit_list(port, fe.family)]
-                        picker = LocalTrafficPicker(plain, inside, self._local_client)
-                    steer = frontend_steer(port, fe, short_circuit)
-                    owner = (
-                        picker,
-                        steer,
-                        fe.source_class(port.external_local),
-                        frontend_firewall(port, fe),
-                    )
-                    self._owners.setdefault(fe.steer_key, {})[port.port_id] = owner
-                    touched.add(fe.steer_key)
             self._results[key] = new
         return touched
 

@@ -13,7 +13,7 @@ it (kpx/source.py, the same decision as for TCP).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -51,10 +51,13 @@ class UdpPath:
         health: ProxierHealth,
         transparent: bool = False,
         same_link: SharedLinks | None = None,
+        on_synced: Callable[[], object] | None = None,
     ) -> None:
         services, slices, nodes = stores
         self.balancer = Balancer(
-            cooldown_base=settings.cooldown_base, cooldown_cap=settings.cooldown_max
+            cooldown_base=settings.cooldown_base,
+            cooldown_cap=settings.cooldown_max,
+            affinity_max_entries=settings.affinity_max_entries,
         )
         self.table = ServiceTable(
             services,
@@ -103,6 +106,7 @@ class UdpPath:
             on_backend_removed=self.relay.close_backend,
             min_sync_period=settings.min_sync_period,
             observe_programming=False,  # the TCP syncer sees the same EndpointSlice changes
+            on_synced=on_synced,
         )
         self.enabled = True
         UDP_ENABLED.set(1)

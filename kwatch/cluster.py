@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -16,6 +16,7 @@ from kwatch.reflector import Reflector
 from kwatch.resources import ENDPOINTSLICES, PODS, Resource
 from kwatch.settings import AccessSettings
 from kwatch.store import Indexer, Store, pod_ips, slice_service_key
+from kwatch.supervisor import Supervisor
 
 log = structlog.get_logger("kwatch.cluster")
 
@@ -42,15 +43,19 @@ class ClusterState:
         self,
         resources: list[Resource],
         selectors: dict[Resource, tuple[str | None, str | None]] | None = None,
-        backoff: Callable[[], Backoff] = Backoff,
+        backoff: Callable[[], Backoff] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.stores: dict[Resource, Store[Any]] = {
             r: Store(r.name, DEFAULT_INDEXERS.get(r)) for r in resources
         }
         self.selectors = selectors or {}
         self.backoff = backoff  # a fresh Backoff per reflector; tests pass a fast one
+        # The daemon's supervisor: the watches restart under it after an unexpected error.
+        self.supervisor = supervisor or Supervisor()
+        self._own_supervisor = supervisor is None
         self.client: ApiClient | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[str] = []
         self._synced = asyncio.Event()
         for store in self.stores.values():
             store.on_synced(self._check_synced)
@@ -70,11 +75,16 @@ class ClusterState:
 
     async def start(self, settings: AccessSettings, user_agent: str) -> None:
         """Start feeding the stores in the background; returns at once."""
+        if self.backoff is None:
+            maximum = settings.api_backoff_max
+            self.backoff = lambda: Backoff(initial=min(0.8, maximum), maximum=maximum)
         if settings.manifests:
             source = ManifestSource(settings.manifests, self.stores)
-            self._spawn(source.run(), "manifest")
+            self._spawn(source.run, "manifest")
         else:
-            self._spawn(self._connect_and_watch(settings, user_agent), "connect")
+            self._spawn(
+                lambda: self._connect_and_watch(settings, user_agent), "connect", forever=False
+            )
 
     async def wait_synced(self) -> None:
         """Return once every store holds its first complete state."""
@@ -85,15 +95,19 @@ class ClusterState:
             self._synced.set()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._own_supervisor:
+            await self.supervisor.stop()
         self._tasks.clear()
         if self.client is not None:
             await self.client.close()
 
+    def _new_backoff(self) -> Backoff:
+        return self.backoff() if self.backoff is not None else Backoff()
+
     async def _connect_and_watch(self, settings: AccessSettings, user_agent: str) -> None:
-        backoff = self.backoff()
+        if self.client is not None:
+            return  # restarted after the reflectors were started: they are supervised
+        backoff = self._new_backoff()
         last_problem = ""
         while True:
             try:
@@ -115,9 +129,13 @@ class ClusterState:
                 store,
                 label_selector=label,
                 field_selector=field,
-                backoff=self.backoff(),
+                idle_timeout=settings.watch_idle_timeout,
+                backoff=self._new_backoff(),
             )
-            self._spawn(reflector.run(), resource.name)
+            self._spawn(reflector.run, f"watch-{resource.name}")
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        self._tasks.append(asyncio.get_running_loop().create_task(coro, name=f"kwatch-{name}"))
+    def _spawn(
+        self, factory: Callable[[], Coroutine[Any, Any, None]], name: str, forever: bool = True
+    ) -> None:
+        self.supervisor.spawn(name, factory, forever=forever)
+        self._tasks.append(name)

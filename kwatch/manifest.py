@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from kwatch import metrics
 from kwatch.models import describe_error, object_key
-from kwatch.resources import BY_KIND, Resource
+from kwatch.resources import Resource
 from kwatch.store import Store
 
 log = structlog.get_logger("kwatch.manifest")
@@ -47,6 +47,9 @@ class ManifestSource:
     ) -> None:
         self.path = path
         self.stores = stores
+        # By kind among the stores given: a daemon may watch a kind through its own Resource
+        # (a slimmer model of the same API objects, as dnsd's pod addresses).
+        self._by_kind = {r.kind: r for r in stores}
         self.poll_interval = poll_interval
         self.settle_seconds = min(0.2, poll_interval / 2)
         self._signature: tuple[tuple[str, int, int], ...] | None = None
@@ -54,11 +57,17 @@ class ManifestSource:
     async def run(self) -> None:
         """Load now, then reload whenever a file changes; never raises on bad input."""
         while True:
-            signature = self._current_signature()
+            # A folder walk and a stat per file: in a thread too, as the parse below.
+            signature = await asyncio.to_thread(self._current_signature)
             if signature != self._signature:
                 signature = await self._settled(signature)
                 self._signature = signature
-                self.load()
+                # Reading and parsing (YAML, models) runs in a thread: a big manifest takes
+                # seconds, and the event loop serves DNS and proxied connections meanwhile.
+                # Only the store update, which calls the subscribers, runs on the loop.
+                parsed = await asyncio.to_thread(self._read)
+                if parsed is not None:
+                    self._apply(parsed)
             await asyncio.sleep(self.poll_interval)
 
     async def _settled(self, signature: tuple[tuple[str, int, int], ...]) -> Any:
@@ -67,7 +76,7 @@ class ManifestSource:
         fewer objects, which would briefly delete Services."""
         for _ in range(20):  # bounded: a file rewritten forever is loaded as it stands
             await asyncio.sleep(self.settle_seconds)
-            again = self._current_signature()
+            again = await asyncio.to_thread(self._current_signature)
             if again == signature:
                 break
             signature = again
@@ -75,15 +84,26 @@ class ManifestSource:
 
     def load(self) -> bool:
         """Read every file and replace the stores' contents; False if the manifest was rejected."""
+        parsed = self._read()
+        if parsed is None:
+            return False
+        self._apply(parsed)
+        return True
+
+    def _read(self) -> dict[Resource, dict[str, Any]] | None:
+        """Every object of the manifest, parsed; None (logged) if the manifest is rejected."""
         try:
             documents = list(self._documents())
         except ManifestError as err:
             RELOADS.labels("error").inc()
             log.error("manifest_invalid", path=str(self.path), problem=str(err))
-            return False
+            return None
         per_resource: dict[Resource, dict[str, Any]] = {r: {} for r in self.stores}
         for doc in _flatten(documents):
             self._parse_into(doc, per_resource)
+        return per_resource
+
+    def _apply(self, per_resource: dict[Resource, dict[str, Any]]) -> None:
         for resource, objects in per_resource.items():
             store = self.stores[resource]
             store.replace(objects)
@@ -97,10 +117,9 @@ class ManifestSource:
             path=str(self.path),
             **{r.name: len(objs) for r, objs in per_resource.items()},
         )
-        return True
 
     def _parse_into(self, doc: dict[str, Any], out: dict[Resource, dict[str, Any]]) -> None:
-        resource = BY_KIND.get(str(doc.get("kind", "")))
+        resource = self._by_kind.get(str(doc.get("kind", "")))
         if resource is None or resource not in out:
             return  # Deployments, ConfigMaps, ...: not ours to read
         if resource.namespaced:

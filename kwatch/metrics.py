@@ -29,3 +29,13 @@ API_ERRORS = Counter(
     ["resource", "code"],
 )
 SYNCED = Gauge("kwatch_synced", "1 once the first complete list was applied", ["resource"])
+TASK_RESTARTS = Counter(
+    "kwatch_task_restarts_total",
+    "Supervised background tasks restarted after an unexpected exception",
+    ["task"],
+)
+TASK_WAITING = Gauge(
+    "kwatch_task_work_waiting_seconds",
+    "Seconds the oldest unapplied work of a supervised task has waited (0: none)",
+    ["task"],
+)

@@ -321,6 +321,7 @@ class PodSpec:
     node_name: InternedStr = Field(default="", alias="nodeName")
     hostname: str = ""
     subdomain: str = ""
+    host_network: bool = Field(default=False, alias="hostNetwork")  # its IP is the node's
 
 
 @dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)

@@ -7,6 +7,11 @@
 - 410 Expired (history compacted) forces a relist that *replaces* the store: objects deleted
   during the gap are reported DELETED.
 - Errors back off exponentially with jitter; 429/5xx honour Retry-After.
+- A watch silent for `idle_timeout` seconds (bookmarks come about every minute) is presumed
+  blackholed (packets dropped, no reset) and reopened.
+- A body that breaks the protocol (a list or watch line that is not a JSON object, an ERROR
+  event with an odd Status) is retried like a failed request: the watch resumes from the last
+  resourceVersion applied.
 - An invalid object is skipped (its last good version kept), logged once and counted.
 """
 
@@ -23,7 +28,14 @@ from pydantic import ValidationError
 
 from kwatch import metrics
 from kwatch.backoff import Backoff
-from kwatch.client import TRANSPORT_ERRORS, ApiClient, ApiError, Expired
+from kwatch.client import (
+    TRANSPORT_ERRORS,
+    ApiClient,
+    ApiError,
+    BadResponse,
+    Expired,
+    status_code,
+)
 from kwatch.models import describe_error, object_key
 from kwatch.resources import Resource
 from kwatch.store import Store
@@ -46,6 +58,7 @@ class Reflector:
         field_selector: str | None = None,
         page_size: int = 500,
         watch_timeout: tuple[float, float] = (300.0, 600.0),
+        idle_timeout: float = 90.0,
         backoff: Backoff | None = None,
     ) -> None:
         self.client = client
@@ -58,13 +71,17 @@ class Reflector:
         }
         self.page_size = page_size
         self.watch_timeout = watch_timeout
+        # Longest silence on an open watch before the connection is given up: bookmarks
+        # arrive about every minute, so only a dead (blackholed) connection is that quiet.
+        self.idle_timeout = idle_timeout
         self.backoff = backoff or Backoff()
         self._failure: str | None = None  # the problem last logged, to log each one once
         self._name = resource.name
 
     async def run(self) -> None:
-        """List and watch until cancelled; never raises on API or network failures."""
-        resource_version = ""
+        """List and watch until cancelled; never raises on API or network failures, nor on
+        a body that breaks the protocol (the supervisor restarts it after anything else)."""
+        resource_version = self.store.resource_version if self.store.synced else ""
         relist_reason = ""
         while True:
             try:
@@ -89,16 +106,33 @@ class Reflector:
                     await asyncio.sleep(self.backoff.next())
             except ApiError as err:
                 metrics.API_ERRORS.labels(self._name, str(err.code)).inc()
+                resource_version = self._resume_from(resource_version)
                 delay = self.backoff.next()
                 if err.retry_after is not None:
-                    delay = max(delay, err.retry_after)
+                    # API Priority and Fairness (429) and a restarting server (503) say when
+                    # to come back; a little jitter keeps thousands of nodes from returning
+                    # in the same millisecond.
+                    delay = max(delay, err.retry_after * (1 + random.random() * 0.2))
                 self._failed(f"{err.code} {err.reason}: {err.message}", delay)
                 await asyncio.sleep(delay)
             except TRANSPORT_ERRORS as err:
+                idle = isinstance(err, asyncio.TimeoutError) and bool(resource_version)
+                if idle:
+                    # No byte for `idle_timeout` seconds although the server sends bookmarks
+                    # about every minute: the connection is presumed dead (blackholed).
+                    metrics.WATCH_RESTARTS.labels(self._name, "idle").inc()
                 metrics.API_ERRORS.labels(self._name, "0").inc()
+                resource_version = self._resume_from(resource_version)
                 delay = self.backoff.next()
                 self._failed(f"{type(err).__name__}: {err}".strip(), delay)
                 await asyncio.sleep(delay)
+
+    def _resume_from(self, resource_version: str) -> str:
+        """After a failed watch, the last resourceVersion applied (the store's); after a
+        failed list, "" (list again)."""
+        if not resource_version:
+            return ""
+        return self.store.resource_version or resource_version
 
     # --- list ------------------------------------------------------------------------------
 
@@ -133,8 +167,8 @@ class Reflector:
             return
         try:
             objects[key] = self.resource.parse(raw)
-        except ValidationError as err:
-            self._skip(raw, describe_error(err))
+        except (ValidationError, ValueError, TypeError) as err:
+            self._skip(raw, _problem(err))
             previous = self.store.get(key)
             if previous is not None:
                 objects[key] = previous
@@ -154,7 +188,7 @@ class Reflector:
         metrics.WATCH_REQUESTS.labels(self._name).inc()
         started = time.monotonic()
         received = 0
-        stream = self.client.watch(self.resource, params, read_timeout=timeout + 30)
+        stream = self.client.watch(self.resource, params, read_timeout=self.idle_timeout)
         async with contextlib.aclosing(stream) as events:
             async for event in events:
                 if received == 0:
@@ -168,30 +202,34 @@ class Reflector:
     def _apply(self, event: dict[str, Any], resource_version: str) -> str:
         kind = event.get("type")
         raw = event.get("object")
-        if not isinstance(raw, dict):
-            raise ApiError(0, "BadEvent", f"watch event without object: {kind}")
         if kind == "ERROR":
-            code = int(raw.get("code") or 500)
-            message = str(raw.get("message", ""))
-            if code == 410:
-                raise Expired(410, str(raw.get("reason", "Expired")), message)
-            raise ApiError(code, str(raw.get("reason", "")), message)
-        new_rv = str((raw.get("metadata") or {}).get("resourceVersion") or resource_version)
+            raise _watch_error(raw)
+        if not isinstance(raw, dict):
+            # Nothing to apply and no resourceVersion to trust: reopen from the last one.
+            raise BadResponse(f"watch event {str(kind)[:40]} without an object")
+        meta = raw.get("metadata")
+        rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
+        new_rv = str(rv) if isinstance(rv, str | int) and not isinstance(rv, bool) and rv else ""
+        new_rv = new_rv or resource_version
         if kind == "BOOKMARK":
             self.store.resource_version = new_rv
             return new_rv
         key = object_key(raw)
         if key is None or kind not in ("ADDED", "MODIFIED", "DELETED"):
-            self._skip(raw, f"unusable {kind} event")
+            # An event type this client does not know (a newer server) or an object without
+            # a name: skipped, counted; the stream goes on.
+            self._skip(raw, f"unusable {str(kind)[:40]} event")
             return new_rv
         metrics.EVENTS.labels(self._name, kind).inc()
         if kind == "DELETED":
             self.store.delete(key)
         else:
             try:
-                self.store.upsert(key, self.resource.parse(raw))
-            except ValidationError as err:
-                self._skip(raw, describe_error(err))
+                parsed = self.resource.parse(raw)
+            except (ValidationError, ValueError, TypeError) as err:
+                self._skip(raw, _problem(err))
+            else:
+                self.store.upsert(key, parsed)
         self.store.resource_version = new_rv
         metrics.OBJECTS.labels(self._name).set(len(self.store))
         return new_rv
@@ -222,3 +260,22 @@ class Reflector:
         if self._failure is not None:
             log.info("api_recovered", resource=self._name, server=self.client.access.server)
             self._failure = None
+
+
+def _problem(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        return describe_error(err)
+    return f"{type(err).__name__}: {err}"
+
+
+def _watch_error(raw: object) -> ApiError:
+    """An ERROR event's Status object, whatever shape a broken server gives it."""
+    if not isinstance(raw, dict):
+        return BadResponse(f"ERROR event with a JSON {type(raw).__name__} for a Status")
+    code = status_code(raw.get("code"), 500)
+    reason = raw.get("reason")
+    reason = reason if isinstance(reason, str) else ""
+    message = str(raw.get("message") or "")[:500]
+    if code == 410 or reason in ("Expired", "Gone"):
+        return Expired(410, reason or "Expired", message)
+    return ApiError(code, reason or "Error", message)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from kwatch.mcs import ServiceImport
 from kwatch.models import EndpointSlice, Namespace, Node, Pod, Service
@@ -42,8 +42,42 @@ class Resource:
         return f"{self.base_path}/{self.name}"
 
     def parse(self, raw: dict[str, Any]) -> Any:
-        """Validate one raw API object; raises pydantic.ValidationError when invalid."""
-        return self.adapter.validate_python(raw)
+        """Validate one raw API object; raises pydantic.ValidationError when invalid.
+
+        JSON `null` in an optional field means "not set" to the API server (Go decodes it
+        to the zero value), so an object rejected with nulls in it is tried once more
+        without them; objects without nulls pay nothing for this."""
+        try:
+            return self.adapter.validate_python(raw)
+        except ValidationError:
+            cleaned = without_nulls(raw)
+            if cleaned is raw:
+                raise
+            return self.adapter.validate_python(cleaned)
+
+
+def without_nulls(value: Any) -> Any:
+    """`value` with every mapping entry whose value is null removed, at any depth; `value`
+    itself (not a copy) when it holds no such entry. Nulls inside lists stay: an address
+    list with a null in it is invalid, not shorter."""
+    if isinstance(value, dict):
+        out: dict[str, Any] | None = None
+        for key, item in value.items():
+            cleaned = None if item is None else without_nulls(item)
+            if cleaned is not item or item is None:
+                if out is None:
+                    out = dict(value)
+                if item is None:
+                    del out[key]
+                else:
+                    out[key] = cleaned
+        return value if out is None else out
+    if isinstance(value, list):
+        items = [without_nulls(item) for item in value]
+        if any(new is not old for new, old in zip(items, value, strict=True)):
+            return items
+        return value
+    return value
 
 
 SERVICES = Resource("services", "Service", "v1", True, Service)

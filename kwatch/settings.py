@@ -74,6 +74,24 @@ class AccessSettings(BaseModel):
     api_timeout: float = Field(
         30.0, gt=0, description="seconds allowed for one list request to the API server"
     )
+    watch_idle_timeout: float = Field(
+        90.0,
+        gt=0,
+        description="seconds an open watch may stay silent (the API server sends a bookmark"
+        " about every minute) before its connection is presumed dead and reopened",
+    )
+    api_backoff_max: float = Field(
+        4.0,
+        gt=0,
+        description="longest pause between retries to an unreachable API server, before a"
+        " jitter of up to 100%; Retry-After from the server wins when longer",
+    )
+    task_deadline: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a background task may leave received changes unapplied before"
+        " liveness (/healthz) fails",
+    )
     log_format: typing.Literal["auto", "json", "console"] = Field(
         "auto", description="log format: json, console, or auto (console on a TTY)"
     )

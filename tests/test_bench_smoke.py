@@ -96,3 +96,21 @@ def test_bench_proxy_quick(tmp_path: Path) -> None:
     prefix = text.split("netns chain ", 1)[1].split("-*", 1)[0]
     leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert prefix not in leftovers  # every namespace it created is gone
+
+
+@pytest.mark.timeout(120)
+def test_bench_soak_quick(tmp_path: Path) -> None:
+    text = _run("bench.soak", "--duration", "24", "--json", str(tmp_path / "soak.json"))
+    assert "0 differences" in text
+    doc = _json(tmp_path / "soak.json")
+    assert doc["differences"] == 0 and doc["writes"] > 100
+    assert set(doc["rss_growth_pct"]) == {"dnsd", "kpx"}
+
+
+@pytest.mark.timeout(120)
+def test_bench_dns_overload_quick(tmp_path: Path) -> None:
+    _needs("dnsperf")
+    text = _run("bench.dns_overload", "--json", str(tmp_path / "overload.json"))
+    assert "probe_flood:" in text
+    doc = _json(tmp_path / "overload.json")
+    assert doc["probe_flood"]["answered"] > 0 and set(doc["flood"]) == {"plain", "edns"}

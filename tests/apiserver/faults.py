@@ -24,6 +24,7 @@ class FaultRule:
     retry_after: float | None
     verb: str | None
     resource: str | None
+    raw_body: bytes | None = None  # sent as is (a body that breaks the protocol)
 
     def matches(self, verb: str | None, resource: str | None) -> bool:
         return (self.verb is None or self.verb == verb) and (
@@ -53,6 +54,9 @@ class Faults:
         self._forbidden: set[str] = set()
         self._paused = False
         self._gate: asyncio.Event | None = None
+        # Raw lines for open watch streams: (sequence number, resource or None: every one).
+        self._watch_lines: list[tuple[int, str | None, bytes]] = []
+        self._watch_seq = 0
 
     # ---- fail_next ----------------------------------------------------------------------
 
@@ -67,6 +71,37 @@ class Faults:
         if n > 0:
             self._rules.append(FaultRule(n, status, retry_after, verb, resource))
 
+    def garbage_next(
+        self, n: int, body: bytes, verb: str | None = None, resource: str | None = None
+    ) -> None:
+        """The next n matching requests get HTTP 200 with `body` as it is."""
+        if n > 0:
+            self._rules.append(FaultRule(n, 200, None, verb, resource, raw_body=body))
+
+    # ---- raw watch lines ----------------------------------------------------------------
+
+    def inject_watch_lines(self, lines: list[bytes], resource: str | None = None) -> None:
+        """Every watch stream open now (of `resource`, or all) writes these lines next, each
+        followed by a newline, between real events: garbage in a real protocol stream."""
+        for line in lines:
+            self._watch_seq += 1
+            self._watch_lines.append((self._watch_seq, resource, line))
+        del self._watch_lines[:-1000]  # bounded
+
+    @property
+    def watch_line_mark(self) -> int:
+        """Where a stream opened now starts reading injected lines."""
+        return self._watch_seq
+
+    def watch_lines_after(self, mark: int, resource: str) -> tuple[int, list[bytes]]:
+        """(new mark, lines injected after `mark` for `resource`)."""
+        lines = [
+            line
+            for seq, target, line in self._watch_lines
+            if seq > mark and target in (None, resource)
+        ]
+        return self._watch_seq, lines
+
     def take(self, verb: str | None, resource: str | None) -> FaultRule | None:
         """Consume one failure from the first rule (in order of registration) that matches."""
         for rule in self._rules:
@@ -80,6 +115,7 @@ class Faults:
     def clear(self) -> None:
         self._rules.clear()
         self._forbidden.clear()
+        self._watch_lines.clear()
 
     # ---- forbid -------------------------------------------------------------------------
 

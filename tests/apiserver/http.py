@@ -44,6 +44,8 @@ def error_response(err: ApiError, headers: dict[str, str] | None = None) -> web.
 
 
 def fault_response(fault: FaultRule) -> web.Response:
+    if fault.raw_body is not None:
+        return web.Response(body=fault.raw_body, status=fault.status, content_type=JSON)
     response = json_response(fault.body(), fault.status)
     if (header := fault.retry_after_header()) is not None:
         response.headers["Retry-After"] = header
@@ -297,7 +299,11 @@ class ApiHandlers:
         loop = asyncio.get_running_loop()
         interval = self.bookmark_interval
         next_bookmark = loop.time() + interval if options.bookmarks else math.inf
+        mark = self.faults.watch_line_mark
         while (now := loop.time()) < options.deadline:
+            mark, garbage = self.faults.watch_lines_after(mark, watcher.rtype.resource)
+            if garbage:  # injected: see Faults.inject_watch_lines
+                await self._write(response, b"".join(line + b"\n" for line in garbage))
             if watcher.queue.empty() and now >= next_bookmark:
                 # The queue is empty, so every event up to the current rv has been sent:
                 # a bookmark at the current rv is truthful.

@@ -308,6 +308,21 @@ class FakeApiServer:
         Status body (and Retry-After when given)."""
         self._call(self._faults.fail_next, n, status, retry_after, verb, resource)
 
+    def garbage_next(
+        self, n: int, body: bytes, verb: str | None = None, resource: str | None = None
+    ) -> None:
+        """The next n requests matching verb/resource get HTTP 200 with `body` as it is (a
+        list body that is not a List object, not JSON, ...)."""
+        self._call(self._faults.garbage_next, n, body, verb, resource)
+
+    def inject_watch_lines(self, lines: list[bytes], resource: str | None = None) -> None:
+        """Every open watch stream (of `resource`, or all) writes these raw lines next, then
+        goes on with real events: non-JSON, JSON that is not an object, unknown event types,
+        ERROR events with odd Status bodies. Streams pick them up within a second."""
+        if resource is not None:
+            resource_type(resource)
+        self._call(self._faults.inject_watch_lines, list(lines), resource)
+
     def forbid(self, resource: str) -> None:
         """Answer every request for `resource` with 403 Forbidden until allow()."""
         resource_type(resource)

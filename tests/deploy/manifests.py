@@ -17,7 +17,12 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 # Every kustomization a user applies, plus base: each must build and validate.
 KUSTOMIZATIONS = ["base", "overlays/kind", "kube-dns"]
-COMPONENTS = ["components/dnsd-pods-verified", "components/dnsd-multicluster"]
+COMPONENTS = [
+    "components/dnsd-pods-verified",
+    "components/dnsd-multicluster",
+    "components/dnsd-autopath",
+    "components/dnsd-namespace-isolation",
+]
 # The Kubernetes releases the manifests are checked against: the oldest we claim, the newest
 # kubernetes-validate knows.
 K8S_VERSIONS = ["1.29", "1.37"]

@@ -4,6 +4,7 @@ what the daemons accept."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -295,3 +296,50 @@ def test_the_multicluster_component_grants_serviceimports_and_sets_the_zone(
     assert "--multicluster=clusterset.local" in args
     base_rules = find(build("base"), "ClusterRole", "kpx-dnsd:dnsd")["rules"]
     assert all("serviceimports" not in rule["resources"] for rule in base_rules)
+
+
+@pytest.mark.parametrize(
+    ("component", "env"),
+    [
+        ("components/dnsd-autopath", [{"name": "DNSD_AUTOPATH", "value": "true"}]),
+        (
+            "components/dnsd-namespace-isolation",
+            [
+                {"name": "DNSD_NAMESPACE_ISOLATION", "value": "true"},
+                {"name": "DNSD_SHARED_NAMESPACES", "value": "kube-system"},
+            ],
+        ),
+    ],
+)
+def test_the_per_client_components_grant_pods_and_switch_the_option(
+    component: str, env: list[dict[str, str]], tmp_path: Path
+) -> None:
+    objects = build_with_component(component, tmp_path)
+    rules = find(objects, "ClusterRole", "kpx-dnsd:dnsd")["rules"]
+    assert {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]} in rules
+    got = container(find(objects, "DaemonSet", "dnsd"), "dnsd")["env"]
+    assert all(entry in got for entry in env)
+
+
+def test_the_dnsd_components_combine(tmp_path: Path) -> None:
+    """Each adds its environment variables by name: none replaces another's."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    components = [
+        "components/dnsd-autopath",
+        "components/dnsd-namespace-isolation",
+        "components/dnsd-pods-verified",
+    ]
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(DEPLOY / "base", overlay)],
+                "components": [os.path.relpath(DEPLOY / c, overlay) for c in components],
+            }
+        )
+    )
+    env = container(find(build(overlay), "DaemonSet", "dnsd"), "dnsd")["env"]
+    names = {entry["name"] for entry in env}
+    assert {"DNSD_AUTOPATH", "DNSD_NAMESPACE_ISOLATION", "DNSD_PODS"} <= names

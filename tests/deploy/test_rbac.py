@@ -169,10 +169,18 @@ def test_dnsd_role_is_exactly_what_dnsd_requests(server: FakeApiServer, tmp_path
     check_least_privilege(find(objects, "ClusterRole", "kpx-dnsd:dnsd")["rules"], requests)
 
 
-def test_dnsd_role_with_pods_verified_is_exactly_what_dnsd_requests(
-    server: FakeApiServer, tmp_path: Path
+@pytest.mark.parametrize(
+    "component",
+    [
+        "components/dnsd-pods-verified",
+        "components/dnsd-autopath",
+        "components/dnsd-namespace-isolation",
+    ],
+)
+def test_dnsd_role_with_a_pod_watching_component_is_exactly_what_dnsd_requests(
+    server: FakeApiServer, tmp_path: Path, component: str
 ) -> None:
-    objects = build_with_component("components/dnsd-pods-verified", tmp_path)
+    objects = build_with_component(component, tmp_path)
     requests = dnsd_requests(objects, server, tmp_path)
     assert any(r.resource == "pods" for r in requests)
     check_least_privilege(find(objects, "ClusterRole", "kpx-dnsd:dnsd")["rules"], requests)

@@ -67,6 +67,11 @@ def test_stub_domains_map_a_zone_to_its_servers():
         (["--listen", "nowhere"], "--listen"),
         (["--stub-domain", "acme.local"], "--stub-domain"),
         (["--workers", "0"], "--workers"),
+        (["--transfer-to", "10.0.0.0/33"], "--transfer-to"),
+        (["--prefetch-percentage", "5"], "--prefetch-percentage"),
+        (["--serve-stale", "-1"], "--serve-stale"),
+        (["--shared-namespaces", "kube-system"], "--shared-namespaces"),
+        (["--namespace-isolation", "--shared-namespaces", "a.b"], "--shared-namespaces"),
     ],
 )
 def test_invalid_values_name_the_flag(argv, flag):
@@ -170,3 +175,23 @@ def test_help_shows_plain_defaults(capsys, monkeypatch):
     assert "(default: disabled)" in text and "PodMode" not in text
     assert "(default: cluster.local)" in text and "['" not in text
     assert "(default: 0.0.0.0:53)" in text and "(default: auto)" in text
+
+
+def test_the_options_of_issue_15_from_flags_and_environment():
+    s = load(
+        "--transfer-to",
+        "10.0.0.0/8",
+        "--prefetch",
+        "10",
+        "--serve-stale",
+        "3600",
+        "--autopath",
+        env={"DNSD_NAMESPACE_ISOLATION": "true", "DNSD_SHARED_NAMESPACES": "kube-system,Mon"},
+    )
+    assert s.transfer_to == ["10.0.0.0/8"] and s.prefetch == 10 and s.serve_stale == 3600
+    assert s.autopath and s.namespace_isolation
+    assert s.shared_namespaces == ["kube-system", "mon"]
+    off = load()
+    assert not off.autopath and not off.namespace_isolation and off.transfer_to == []
+    assert off.prefetch == 0 and off.serve_stale == 0
+    assert (off.prefetch_duration, off.prefetch_percentage) == (60, 10)  # CoreDNS's defaults
