@@ -419,7 +419,7 @@ def main() -> None:
             _stop(proc)
     report(doc)
     if args.json:
-        write_json(args.json, doc)
+        write_json(args.json, {**doc, "complete": True})
 
 
 def report(doc: dict[str, Any]) -> None:

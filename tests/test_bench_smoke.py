@@ -99,6 +99,23 @@ def test_bench_proxy_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_bench_udp_quick(tmp_path: Path) -> None:
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    _needs("nginx", "taskset")
+    if not Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists():
+        pytest.skip("needs libnginx-mod-stream (apt-get install it to run the benchmarks)")
+    text = _run("bench.udp", "--json", str(tmp_path / "udp.json"))
+    assert "re-targeting" in text
+    doc = _json(tmp_path / "udp.json")
+    assert set(doc["small"]) == {"direct", "nat", "nginx", "kpx"}
+    assert doc["small"]["kpx"]["answered"] > 0 and doc["small"]["nginx"]["answered"] > 0
+    assert doc["sessions"]["kpx"]["held"] > 0
+    assert doc["retarget"]["samples"] > 0
+
+
+@pytest.mark.timeout(120)
 def test_bench_soak_quick(tmp_path: Path) -> None:
     text = _run("bench.soak", "--duration", "24", "--json", str(tmp_path / "soak.json"))
     assert "0 differences" in text
