@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from tests.kpx.cluster_netns import Cluster, ClusterPod
+from tests.kpx.cluster_netns import EXTERNAL_V4, LB_V4, Cluster, ClusterPod
+from tests.kpx.netns import Netns
 from tests.kpx.test_transparent_e2e import (  # noqa: F401  (pytest fixtures)
     Kpx,
     _service,
@@ -39,18 +40,18 @@ def _udp_slice(service: str, pods: list[ClusterPod]) -> dict[str, Any]:
     }
 
 
-def udp_ask(pod: ClusterPod, ip: str) -> str:
-    """The address the endpoint saw, checking the answer came from ip:53; or "timeout"."""
+def udp_ask(pod: Netns, ip: str, port: int = 53) -> str:
+    """The address the endpoint saw, checking the answer came from ip:port; or "timeout"."""
     sock = pod.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.settimeout(1.0)
     try:
-        sock.sendto(b"q", (ip, 53))
+        sock.sendto(b"q", (ip, port))
         data, source = sock.recvfrom(200)
     except TimeoutError:
         return "timeout"
     finally:
         sock.close()
-    assert source == (ip, 53), source
+    assert source == (ip, port), source
     seen, _, echoed = data.removeprefix(b"seen|").partition(b"|")
     assert echoed == b"q"
     return seen.decode()
@@ -76,7 +77,23 @@ def test_udp_endpoints_see_whom_kube_proxy_would_show_them(
         _udp_slice("local", [a2]),
         _service("hairpin", ["10.96.0.82"], ports=dns),
         _udp_slice("hairpin", [a1]),
+        _service(
+            "local-lb",
+            ["10.96.0.83"],
+            type="LoadBalancer",
+            externalTrafficPolicy="Local",
+            ports=[{**dns[0], "nodePort": 30053}],
+        ),
+        _udp_slice("local-lb", [a2]),
+        _service(
+            "cluster-np",
+            ["10.96.0.84"],
+            type="NodePort",
+            ports=[{**dns[0], "nodePort": 30054}],
+        ),
+        _udp_slice("cluster-np", [b1]),
     ]
+    docs[6]["status"] = {"loadBalancer": {"ingress": [{"ip": LB_V4}]}}
     (workdir / "cluster.yaml").write_text(yaml.safe_dump_all(docs))
     kpx = Kpx(cluster, workdir)
     node_addresses = cluster.node_addresses(1)
@@ -88,6 +105,12 @@ def test_udp_endpoints_see_whom_kube_proxy_would_show_them(
         assert udp_ask(a1, "10.96.0.81") == a1.ipv4
         # Hairpin, the pod reaching itself: the node's address, as for TCP.
         assert udp_ask(a1, "10.96.0.82") in node_addresses
+        # From outside: externalTrafficPolicy Local keeps the client's address (LB IP and
+        # NodePort, the endpoint is on this node); Cluster policy shows the node's.
+        external = cluster.external
+        assert wait_for(lambda: udp_ask(external, LB_V4) == EXTERNAL_V4)
+        assert udp_ask(external, cluster.node_ipv4(1), 30053) == EXTERNAL_V4
+        assert udp_ask(external, cluster.node_ipv4(1), 30054) == cluster.node_ipv4(1)
         assert 'kpx_source_address_mode{mode="transparent"} 1.0' in kpx.metrics()
         assert "kpx_udp_enabled 1.0" in kpx.metrics()
     finally:
