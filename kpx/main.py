@@ -287,7 +287,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         await proxy.stop(drain if status == 0 else 0.0)
         if programmed:
             await writer.remove()
-            if settings.mode == "nftables":  # also a transparent run's leftovers
+            if transparent:
                 await routing.remove()
         await service_health.stop()
         await metrics_server.stop()
