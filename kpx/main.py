@@ -319,7 +319,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         await udp.stop(programmed)
         if programmed:
             await writer.remove()
-            if settings.mode == "nftables":  # also a transparent run's leftovers
+            if transparent:
                 await routing.remove()
         await service_health.stop()
         await metrics_server.stop()

@@ -120,7 +120,10 @@ class PolicyRouting:
 
     async def install(self) -> None:
         """Make the rule and route exist (idempotent). Raises PolicyRouteError."""
-        lo = socket.if_nametoindex("lo")
+        try:
+            lo = socket.if_nametoindex("lo")
+        except OSError as err:
+            raise PolicyRouteError(f"no loopback interface: {err.strerror or err}") from None
         for f in self.families:
             self._send(f"ip -{f} rule add", partial(rule_message, f), _ADD_OK)
             self._send(f"ip -{f} route replace", partial(route_message, f, lo), set())
