@@ -109,6 +109,7 @@ class UdpPath:
             on_synced=on_synced,
         )
         self.enabled = True
+        self._routing: PolicyRouting | None = None
         UDP_ENABLED.set(1)
         self._collector = register_udp_stats(self.relay.stats, lambda: len(self.relay.sessions))
 
@@ -125,9 +126,13 @@ class UdpPath:
             return
         if not routed:
             try:
-                await routing.install()  # removed with the TCP ones on a clean exit
+                await routing.install()
             except PolicyRouteError as err:
                 await self._disable("policy routing", str(err))
+                return
+            # Installed for UDP alone (node mode): removed by `stop`, as transparent mode's
+            # are by kpx/main.py.
+            self._routing = routing
 
     async def _disable(self, reason: str, problem: str) -> None:
         log.error("udp_proxy_disabled", reason=reason, problem=problem)
@@ -160,4 +165,6 @@ class UdpPath:
         await self.relay.stop()
         if programmed and self.enabled:
             await self.writer.remove()
+            if self._routing is not None:
+                await self._routing.remove()  # logs its own failures
         REGISTRY.unregister(self._collector)
