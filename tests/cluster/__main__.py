@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -368,6 +369,9 @@ class PodRun:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
+            # whatever the container left behind in its session (a runtime kills the cgroup)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
         for path in sorted((self.dir / "root").glob("*")):
             await asyncio.to_thread(
                 subprocess.run, ["umount", "-l", str(path)], capture_output=True
@@ -710,7 +714,7 @@ async def main_async(args: argparse.Namespace, results: Results) -> None:
     finally:
         for s in servers:
             s.close()
-        for pod in running:
+        for pod in env.all_pods:  # every generation: rolling updates replaced some
             await pod.stop()
         if args.keep_logs:
             shutil.copytree(
@@ -1093,12 +1097,18 @@ def main() -> int:
     if os.geteuid() != 0:
         print("cluster-e2e: needs root (network and mount namespaces)", file=sys.stderr)
         return 2
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # asyncio.run cancels the test: its cleanup runs
+
+    signal.signal(signal.SIGTERM, interrupted)
     results = Results()
     start = time.monotonic()
     try:
         asyncio.run(main_async(args, results))
     except Exception as err:  # a setup failure is a failed check, with its reason
         results.check("cluster set up and torn down", False, f"{type(err).__name__}: {err}")
+    except KeyboardInterrupt:
+        results.check("cluster test ran to its end", False, "interrupted")
     print(f"cluster-e2e: {time.monotonic() - start:.0f} s")
     print(f"{results.passed} passed, {results.failed} failed")
     return 1 if results.failed else 0

@@ -12,6 +12,7 @@ import ctypes.util
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -185,6 +186,13 @@ class Cluster:
 
     def close(self) -> None:
         for name in reversed(self._names):
+            # Anything still running in a namespace this test made was started by the test.
+            pids = subprocess.run(
+                ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30
+            ).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
             shutil.rmtree(ETC_NETNS / name, ignore_errors=True)
         self._names.clear()
