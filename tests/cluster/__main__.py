@@ -640,7 +640,14 @@ async def main_async(args: argparse.Namespace, results: Results) -> None:
             port=API_PORT,
             host=cp.ip_addr,
             rbac=rbac,
-            server_names=[cp.node_name, cp.ip_addr, KUBERNETES_IP, "kubernetes.default.svc"],
+            server_names=[
+                cp.node_name,
+                cp.ip_addr,
+                KUBERNETES_IP,
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                f"kubernetes.default.svc.{domain}",
+            ],
             in_test_netns=True,
         )
         env.server = server
@@ -688,6 +695,7 @@ async def main_async(args: argparse.Namespace, results: Results) -> None:
         note("service-account tokens rotated on disk (old ones still valid for now)")
         await check_dns(clients, web, db, domain, results)
         await check_services(cluster, clients, web, results)
+        await check_kubernetes_service(server, clients, results)
         await check_rbac(env, running, results)
         # kwatch re-reads its token file every 60 s: revoke the old tokens after that, drop
         # every watch, and each daemon must come back with the new token.
@@ -819,6 +827,23 @@ async def check_dns(
             f"curl http://web.shop/ in {client.pod_name}",
             code == 0 and out in {p.pod_name for p in web},
             out,
+        )
+
+
+async def check_kubernetes_service(
+    server: FakeApiServer, clients: list[Pod], results: Results
+) -> None:
+    """What in-cluster clients do: kubernetes.default through dnsd, then kpx, then TLS."""
+    for client in clients:
+        code, out = await exec_in(
+            client,
+            "curl", "-sS", "--max-time", "5", "--cacert", str(server.ca_path),
+            "https://kubernetes.default/version",
+        )  # fmt: skip
+        results.check(
+            f"https://kubernetes.default/version from {client.pod_name}",
+            code == 0 and '"gitVersion"' in out,
+            out[:120],
         )
 
 
@@ -1097,6 +1122,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("cluster-e2e: needs root (network and mount namespaces)", file=sys.stderr)
         return 2
+
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # asyncio.run cancels the test: its cleanup runs
 
