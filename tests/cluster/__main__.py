@@ -266,7 +266,7 @@ class PodRun:
             "chmod": self.env.rootfs.chmod,
             "argv": plan.argv,
             "env": plan.env,
-            "cwd": "/",
+            "cwd": plan.cwd,
             "uid": plan.uid,
             "gid": plan.gid,
             "caps": plan.caps,

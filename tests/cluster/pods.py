@@ -16,6 +16,15 @@ RUNTIME_DEFAULT_CAPS = (
     "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE",
 )  # fmt: skip
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+# securityContext fields this test applies (seccompProfile is read but not applied: the
+# README says so); any other field fails the plan, so a change in deploy/ is never ignored.
+_SECURITY_FIELDS = frozenset(
+    {
+        "runAsUser", "runAsGroup", "runAsNonRoot", "allowPrivilegeEscalation", "capabilities",
+        "readOnlyRootFilesystem", "seccompProfile",
+    }
+)  # fmt: skip
+_UNSUPPORTED_CONTAINER_FIELDS = ("lifecycle", "startupProbe", "tty", "stdin")
 
 
 class PlanError(ValueError):
@@ -47,6 +56,7 @@ class ContainerPlan:
     # (volume name or special, mountPath, readOnly)
     mounts: list[tuple[str, str, bool]] = field(default_factory=list)
     probes: list[Probe] = field(default_factory=list)
+    cwd: str = "/"
 
 
 @dataclass
@@ -158,6 +168,12 @@ def plan_pod(
     for init, key in ((True, "initContainers"), (False, "containers")):
         for container in spec.get(key) or []:
             security = {**pod_security, **(container.get("securityContext") or {})}
+            unknown = set(security) - _SECURITY_FIELDS
+            unknown |= {f for f in _UNSUPPORTED_CONTAINER_FIELDS if container.get(f)}
+            if unknown:
+                raise PlanError(
+                    f"{container['name']}: {sorted(unknown)} not supported by the cluster test"
+                )
             uid = int(security.get("runAsUser", facts.image_user[0]))
             gid = int(security.get("runAsGroup", facts.image_user[1]))
             if security.get("runAsNonRoot") and uid == 0:
@@ -200,6 +216,7 @@ def plan_pod(
                     readonly_root=bool(security.get("readOnlyRootFilesystem")),
                     mounts=mounts,
                     probes=probes,
+                    cwd=container.get("workingDir") or "/",
                 )
             )
     return plans
@@ -211,7 +228,10 @@ def max_unavailable(daemonset: dict[str, Any], nodes: int) -> int:
     strategy = daemonset["spec"].get("updateStrategy") or {}
     if strategy.get("type", "RollingUpdate") != "RollingUpdate":
         raise PlanError("updateStrategy OnDelete: no rolling update to test")
-    value = (strategy.get("rollingUpdate") or {}).get("maxUnavailable", 1)
+    rolling = strategy.get("rollingUpdate") or {}
+    if str(rolling.get("maxSurge", 0)) not in ("0", "0%"):
+        raise PlanError("maxSurge: a surge pod is not emulated by the cluster test")
+    value = rolling.get("maxUnavailable", 1)
     if isinstance(value, str) and value.endswith("%"):
         count = -(-int(value[:-1]) * nodes // 100)
     else:

@@ -86,6 +86,9 @@ def test_max_unavailable_rounds_percentages_up() -> None:
     ds: dict[str, Any] = {"spec": {"updateStrategy": {"rollingUpdate": {"maxUnavailable": "10%"}}}}
     assert pods.max_unavailable(ds, 4) == 1
     assert pods.max_unavailable(ds, 25) == 3
+    ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] = 1
+    with pytest.raises(pods.PlanError, match="maxSurge"):
+        pods.max_unavailable(ds, 4)
     ds["spec"]["updateStrategy"] = {"type": "OnDelete"}
     with pytest.raises(pods.PlanError):
         pods.max_unavailable(ds, 4)
@@ -101,3 +104,16 @@ def test_in_root_resolves_symlinks_inside_the_root(tmp_path: Path) -> None:
     assert in_root(root, "/var/run/secrets/x") == f"{root}/run/secrets/x"
     assert in_root(root, "/etc/../run") == f"{root}/run"
     in_root(root, "/etc/loop/x")  # a loop ends (bounded), it does not hang
+
+
+def test_fields_the_test_does_not_apply_fail_the_plan() -> None:
+    objects, configmaps = _rendered()
+    ds = copy.deepcopy(find(objects, "DaemonSet", "dnsd"))
+    ds["spec"]["template"]["spec"]["securityContext"]["fsGroup"] = 2000
+    with pytest.raises(pods.PlanError, match="fsGroup"):
+        pods.plan_pod(ds, configmaps, FACTS)
+    ds = copy.deepcopy(find(objects, "DaemonSet", "dnsd"))
+    container = ds["spec"]["template"]["spec"]["containers"][0]
+    container["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", "5"]}}}
+    with pytest.raises(pods.PlanError, match="lifecycle"):
+        pods.plan_pod(ds, configmaps, FACTS)
