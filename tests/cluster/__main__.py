@@ -17,23 +17,26 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import dns.asyncquery
+import dns.exception
 import dns.message
+import dns.rcode
 import dns.rdatatype
+import dns.rrset
 import yaml
 
 from tests.apiserver import FakeApiServer
 from tests.apiserver.authz import RBAC_KINDS, Rbac, service_account_user
 from tests.cluster import pods as podlib
-from tests.cluster.topology import Cluster, Node, Pod, run
+from tests.cluster.topology import ROUTER_IP, Cluster, Node, Pod, run
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = Path(__file__).with_name("runtime.py")
@@ -395,6 +398,46 @@ async def http_get(ns: Any, host: str, port: int, path: str, wait_s: float) -> t
         return 0, repr(err)
 
 
+UPSTREAM_NAME, UPSTREAM_ANSWER = "outside.example.", "192.0.2.10"
+
+
+class _Upstream(asyncio.DatagramProtocol):
+    """The nodes' upstream resolver (their resolv.conf names the router): answers
+    UPSTREAM_NAME, NXDOMAIN for anything else. The address it gives is only data."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.queries = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            query = dns.message.from_wire(data)
+        except dns.exception.DNSException:
+            return
+        self.queries += 1
+        reply = dns.message.make_response(query)
+        question = query.question[0]
+        if question.name.to_text() == UPSTREAM_NAME and question.rdtype == dns.rdatatype.A:
+            reply.answer.append(dns.rrset.from_text(UPSTREAM_NAME, 30, "IN", "A", UPSTREAM_ANSWER))
+        else:
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+        assert self.transport is not None
+        self.transport.sendto(reply.to_wire(), addr)
+
+
+async def serve_upstream(router: Any) -> tuple[asyncio.DatagramTransport, _Upstream]:
+    sock = router.socket(type=socket.SOCK_DGRAM)
+    sock.bind((ROUTER_IP, 53))
+    sock.setblocking(False)
+    transport, protocol = await asyncio.get_running_loop().create_datagram_endpoint(
+        _Upstream, sock=sock
+    )
+    return transport, protocol
+
+
 async def serve_web(pod: Pod) -> asyncio.Server:
     """HTTP on 8080 answering the pod's name; on 9000 echo lines (long-lived connections)."""
 
@@ -422,7 +465,7 @@ async def serve_web(pod: Pod) -> asyncio.Server:
     servers = []
     for port, handler in ((8080, http), (9000, echo), (DB_PORT, echo)):
         sock = pod.socket()
-        sock.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((pod.ip_addr, port))
         sock.listen(128)
         sock.setblocking(False)
@@ -444,7 +487,7 @@ async def exec_in(pod: Pod, *argv: str, wait_s: float = 20) -> tuple[int, str]:
 
 async def dns_query(pod: Pod, name: str, wait_s: float = 1.0) -> list[str] | None:
     """A/answers from the kube-dns ClusterIP through a socket in the pod; None when no answer."""
-    sock = pod.socket(type=__import__("socket").SOCK_DGRAM)
+    sock = pod.socket(type=socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
         query = dns.message.make_query(name, dns.rdatatype.A)
@@ -633,6 +676,7 @@ async def main_async(args: argparse.Namespace, results: Results) -> None:
     env = Env(work, rootfs, configmaps, rbac, "", cluster=cluster)
     running: list[PodRun] = []
     servers: list[asyncio.Server] = []
+    transports: list[asyncio.BaseTransport] = []
     try:
         cp = cluster.nodes[0]
         server = FakeApiServer(
@@ -664,6 +708,8 @@ async def main_async(args: argparse.Namespace, results: Results) -> None:
         for backend in web + db:
             servers.append(await serve_web(backend))
         server.load(workload_objects(cluster, web, db))
+        upstream_transport, upstream = await serve_upstream(cluster.router)
+        transports.append(upstream_transport)
 
         # ---- the DaemonSets, as a kubelet starts them ------------------------------------
         by_app: dict[str, list[PodRun]] = {}
@@ -694,6 +740,14 @@ async def main_async(args: argparse.Namespace, results: Results) -> None:
         rotate_tokens(running)
         note("service-account tokens rotated on disk (old ones still valid for now)")
         await check_dns(clients, web, db, domain, results)
+        for client in clients:
+            code, out = await exec_in(client, "getent", "hosts", UPSTREAM_NAME.rstrip("."))
+            results.check(
+                f"getent hosts {UPSTREAM_NAME.rstrip('.')} in {client.pod_name}: forwarded to "
+                "the node's resolv.conf upstream",
+                code == 0 and out.split()[:1] == [UPSTREAM_ANSWER] and upstream.queries > 0,
+                out,
+            )
         await check_services(cluster, clients, web, results)
         await check_kubernetes_service(server, clients, results)
         await check_rbac(env, running, results)
@@ -722,6 +776,8 @@ async def main_async(args: argparse.Namespace, results: Results) -> None:
     finally:
         for s in servers:
             s.close()
+        for transport in transports:
+            transport.close()
         for pod in env.all_pods:  # every generation: rolling updates replaced some
             await pod.stop()
         if args.keep_logs:
