@@ -137,3 +137,24 @@ def test_unknown_and_revoked_tokens_get_401(srv: tuple[FakeApiServer, Rbac]) -> 
     assert _request(server, "/api/v1/services", "nobody")[0] == 401
     rbac.revoke("reader-token")
     assert _request(server, "/api/v1/services", "reader-token")[0] == 401
+
+
+def test_the_rendered_roles_grant_the_daemons_reads_and_nothing_else() -> None:
+    from tests.deploy.manifests import build
+
+    rbac = Rbac(build("overlays/kind"))
+    dnsd = service_account_user("kpx-system", "dnsd")
+    kpx = service_account_user("kpx-system", "kpx")
+    slices = ("discovery.k8s.io", "endpointslices")
+    for user, reads in (
+        (dnsd, [("", "services"), ("", "namespaces"), slices]),
+        (kpx, [("", "services"), ("", "nodes"), slices]),
+    ):
+        for group, resource in reads:
+            for verb in ("list", "watch"):
+                assert rbac.allows(user, Request(verb, group, resource, None, None))
+            for verb in ("create", "update", "patch", "delete"):
+                assert not rbac.allows(user, Request(verb, group, resource, "shop", "x"))
+        assert not rbac.allows(user, Request("list", "", "pods", None, None))
+        assert not rbac.allows(user, Request("get", "", "secrets", "kpx-system", "x"))
+    assert not rbac.allows(kpx, Request("list", "", "namespaces", None, None))
