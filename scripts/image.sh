@@ -11,6 +11,13 @@
 # in the python image) and passes it as PYTHON_IMAGE. That base is kept in podman's storage,
 # keyed by a hash of its recipe, so a second run only rebuilds the layers that changed.
 #
+# What cannot work on every host (the script reports what it sees): `podman run` fails where the
+# container runtime may not set RLIMIT_NPROC (crun: "setrlimit RLIMIT_NPROC: operation not
+# permitted", whatever --ulimit says, on a sandboxed root without CAP_SYS_RESOURCE), so the
+# image is then run from its mounted root by scripts/cluster-e2e.sh instead; and podman's
+# default RLIMIT_NOFILE for RUN steps can exceed the host's hard limit (20000 on such a host),
+# hence --ulimit nofile below.
+#
 # Environment: KPX_IMAGE_TAG (kpx-dnsd:dev), KPX_IMAGE_BASE ("pull", the default: try the
 # Dockerfile's base first; "local": go straight to the Debian-built one), KPX_DEBIAN_MIRROR
 # (the host's apt mirror), KPX_NOFILE (ulimit for podman: the default is above some hosts' hard
@@ -117,10 +124,12 @@ EOF
 
 if podman image exists "$python_image" 2>/dev/null; then
   say "base: $python_image (already in podman's storage)"
-elif [ "$BASE_MODE" = pull ] && timeout 60 podman pull -q "docker.io/library/$python_image" >/dev/null 2>&1; then
+elif [ "$BASE_MODE" = pull ] && pull_error=$(timeout 60 podman pull -q "docker.io/library/$python_image" 2>&1 >/dev/null); then
   say "base: pulled $python_image"
 else
-  [ "$BASE_MODE" = pull ] && say "base: $python_image cannot be pulled here (no registry reachable)"
+  if [ "$BASE_MODE" = pull ]; then
+    say "base: $python_image cannot be pulled here: $(echo "${pull_error:-timed out}" | tail -n 1)"
+  fi
   build_local_base
   build_args+=(--build-arg "PYTHON_IMAGE=$base_tag")
 fi
