@@ -41,8 +41,10 @@ from tests.cluster.topology import ROUTER_IP, Cluster, Node, Pod, run
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = Path(__file__).with_name("runtime.py")
 IMAGE = "kpx-dnsd:dev"
+# kind's node names; the control plane's is replaced by the host the overlay points the daemons
+# at (KUBERNETES_SERVICE_HOST in an envFrom ConfigMap), the API server's port likewise.
 NODE_NAMES = ["kind-control-plane", "kind-worker", "kind-worker2", "kind-worker3"]
-API_PORT = 6443
+API_PORT = 6443  # kube-apiserver's port on a kind control-plane node, when the overlay says none
 KUBERNETES_IP = "10.96.0.1"
 WEB_IP, DB_PORT, WEB_NODEPORT = "10.96.100.10", 5432, 30080
 START_TIMEOUT = 60.0
@@ -519,7 +521,26 @@ class Env:
     all_pods: list[PodRun] = field(default_factory=list)
 
 
-def workload_objects(cluster: Cluster, web: list[Pod], db: list[Pod]) -> list[dict[str, Any]]:
+def apiserver_address(
+    daemonsets: list[dict[str, Any]], configmaps: dict[str, dict[str, str]]
+) -> tuple[str, int]:
+    """Where the overlay sends the daemons: KUBERNETES_SERVICE_HOST/PORT from the ConfigMaps
+    their containers take with envFrom (a kind node name and 6443 for overlays/kind)."""
+    found: dict[str, str] = {}
+    for ds in daemonsets:
+        for container in ds["spec"]["template"]["spec"].get("containers") or []:
+            for source in container.get("envFrom") or []:
+                data = configmaps.get((source.get("configMapRef") or {}).get("name", ""), {})
+                found.update({k: v for k, v in data.items() if k.startswith("KUBERNETES_SERVICE_")})
+    host = found.get("KUBERNETES_SERVICE_HOST", NODE_NAMES[0])
+    if host.replace(".", "").isdigit() or ":" in host:
+        raise podlib.PlanError(f"KUBERNETES_SERVICE_HOST {host}: the test names nodes, not IPs")
+    return host, int(found.get("KUBERNETES_SERVICE_PORT", API_PORT))
+
+
+def workload_objects(
+    cluster: Cluster, web: list[Pod], db: list[Pod], api_port: int
+) -> list[dict[str, Any]]:
     def slice_(
         name: str,
         ns: str,
@@ -578,7 +599,7 @@ def workload_objects(cluster: Cluster, web: list[Pod], db: list[Pod]) -> list[di
             "metadata": {"name": "kubernetes", "namespace": "default"},
             "spec": {
                 "clusterIP": KUBERNETES_IP,
-                "ports": [{"name": "https", "port": 443, "targetPort": API_PORT}],
+                "ports": [{"name": "https", "port": 443, "targetPort": api_port}],
             },
         },
         {
@@ -590,7 +611,7 @@ def workload_objects(cluster: Cluster, web: list[Pod], db: list[Pod]) -> list[di
                 "labels": {"kubernetes.io/service-name": "kubernetes"},
             },
             "addressType": "IPv4",
-            "ports": [{"name": "https", "port": API_PORT, "protocol": "TCP"}],
+            "ports": [{"name": "https", "port": api_port, "protocol": "TCP"}],
             "endpoints": [{"addresses": [cp.ip_addr], "conditions": {"ready": True}}],
         },
         {
@@ -672,7 +693,8 @@ async def main_async(args: argparse.Namespace, results: Results) -> None:
     global DNS_IP
     DNS_IP = dns_svc["spec"]["clusterIP"]
     rbac = Rbac([o for o in objects if o["kind"] in RBAC_KINDS])
-    cluster = Cluster(NODE_NAMES, domain, DNS_IP)
+    api_host, api_port = apiserver_address(daemonsets, configmaps)
+    cluster = Cluster([api_host, *NODE_NAMES[1:]], domain, DNS_IP)
     env = Env(work, rootfs, configmaps, rbac, "", cluster=cluster)
     running: list[PodRun] = []
     servers: list[asyncio.Server] = []
@@ -681,7 +703,7 @@ async def main_async(args: argparse.Namespace, results: Results) -> None:
         cp = cluster.nodes[0]
         server = FakeApiServer(
             token=secrets.token_urlsafe(16),
-            port=API_PORT,
+            port=api_port,
             host=cp.ip_addr,
             rbac=rbac,
             server_names=[
@@ -707,7 +729,7 @@ async def main_async(args: argparse.Namespace, results: Results) -> None:
         clients = [cluster.add_pod(n, f"client-{n.index}", "shop") for n in cluster.nodes]
         for backend in web + db:
             servers.append(await serve_web(backend))
-        server.load(workload_objects(cluster, web, db))
+        server.load(workload_objects(cluster, web, db, api_port))
         upstream_transport, upstream = await serve_upstream(cluster.router)
         transports.append(upstream_transport)
 
