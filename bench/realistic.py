@@ -151,7 +151,9 @@ class Dresser:
             ref.setdefault("namespace", ns)
             ref.setdefault("uid", self.uid())
         meta["managedFields"] = [
-            managed_entry("kube-controller-manager", "discovery.k8s.io/v1", obj, skip=("endpoints",))
+            managed_entry(
+                "kube-controller-manager", "discovery.k8s.io/v1", obj, skip=("endpoints",)
+            )
         ]
 
     def _namespace(self, obj: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ def _canonical_ip(value: str) -> str:
     """
     try:
         socket.inet_pton(socket.AF_INET, value)
-        return sys.intern(value)
+        return value
     except OSError:
         pass
     if ":" in value:
@@ -65,15 +65,43 @@ PortNumber = Annotated[int, Field(ge=1, le=65535)]
 Protocol = Literal["TCP", "UDP", "SCTP"]
 InternedStr = Annotated[str, BeforeValidator(_none_as_empty), AfterValidator(_intern)]
 
-# Annotations the daemons read; every other annotation (kubectl's last-applied blobs can be
-# kilobytes) is dropped at parse time.
+# Annotations and labels the daemons read; every other one is dropped at parse time: kubectl's
+# last-applied blobs can be kilobytes, and the half-dozen `app.kubernetes.io/*` and Helm labels
+# a real cluster puts on each object cost about 10 MB at 10,000 Services (issue 15). A feature
+# that reads another label or annotation adds it here.
 KEPT_ANNOTATIONS = frozenset({"endpoints.kubernetes.io/last-change-trigger-time"})
+KEPT_LABELS = frozenset(
+    {
+        "kubernetes.io/service-name",  # EndpointSlice -> Service
+        "multicluster.kubernetes.io/service-name",  # EndpointSlice -> ServiceImport (MCS API)
+        "service.kubernetes.io/service-proxy-name",  # kpx: Services another proxy handles
+        "service.kubernetes.io/headless",  # kpx: slices of headless Services
+        "topology.kubernetes.io/zone",  # Node zone (topology hints)
+    }
+)
+# One shared empty mapping for the many objects left with no kept label or annotation.
+_EMPTY: dict[str, str] = {}
 
 
-def _keep_annotations(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: v for k, v in value.items() if k in KEPT_ANNOTATIONS}
-    return value
+def _keep(kept: frozenset[str]) -> Any:
+    def keep(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if k in kept}
+        return value
+
+    return keep
+
+
+def _share_empty(value: dict[str, str]) -> dict[str, str]:
+    return value or _EMPTY
+
+
+KeptLabels = Annotated[
+    dict[str, str], BeforeValidator(_keep(KEPT_LABELS)), AfterValidator(_share_empty)
+]
+KeptAnnotations = Annotated[
+    dict[str, str], BeforeValidator(_keep(KEPT_ANNOTATIONS)), AfterValidator(_share_empty)
+]
 
 
 # Frozen, slotted pydantic dataclasses: validated like BaseModels but about a tenth of the memory
@@ -86,11 +114,8 @@ class ObjectMeta:
     name: InternedStr
     namespace: InternedStr = ""
     resource_version: str = Field(default="", alias="resourceVersion")
-    uid: str = ""
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: Annotated[dict[str, str], BeforeValidator(_keep_annotations)] = Field(
-        default_factory=dict
-    )
+    labels: KeptLabels = Field(default_factory=lambda: _EMPTY)
+    annotations: KeptAnnotations = Field(default_factory=lambda: _EMPTY)
     # Set once deletion was requested (RFC 3339 text, kept as sent): kpx's /healthz reports a
     # Node being deleted as not eligible, as kube-proxy does.
     deletion_timestamp: str | None = Field(default=None, alias="deletionTimestamp")
@@ -173,11 +198,21 @@ class ServiceStatus:
     )
 
 
+_NO_STATUS = ServiceStatus()
+
+
+def _shared_status(value: ServiceStatus) -> ServiceStatus:
+    # Nearly every Service has an empty `status: {loadBalancer: {}}`: one object for all.
+    return value if value.load_balancer.ingress else _NO_STATUS
+
+
 @dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)
 class Service:
     metadata: ObjectMeta
     spec: ServiceSpec = Field(default_factory=lambda: ServiceSpec())
-    status: ServiceStatus = Field(default_factory=lambda: ServiceStatus())
+    status: Annotated[ServiceStatus, AfterValidator(_shared_status)] = Field(
+        default_factory=lambda: _NO_STATUS
+    )
 
     @property
     def key(self) -> str:
@@ -234,9 +269,10 @@ class EndpointHints:
 
 @dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)
 class ObjectReference:
-    kind: str = ""
+    # kind and namespace repeat on every endpoint (a Pod of the slice's own namespace).
+    kind: InternedStr = ""
     name: str = ""
-    namespace: str = ""
+    namespace: InternedStr = ""
 
 
 @dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)
