@@ -131,6 +131,13 @@ class Reflector:
         if key is None:
             self._skip(raw, "no metadata.name")
             return
+        unchanged = self._unchanged(key, raw)
+        if unchanged is not None:
+            # A relist (410) returns mostly objects the store already holds: reuse them, so a
+            # relist at 10,000 Services does not build a second copy of the store beside the
+            # first before replacing it (issue 14: peak RSS during a relist).
+            objects[key] = unchanged
+            return
         try:
             objects[key] = self.resource.parse(raw)
         except ValidationError as err:
@@ -138,6 +145,17 @@ class Reflector:
             previous = self.store.get(key)
             if previous is not None:
                 objects[key] = previous
+
+    def _unchanged(self, key: str, raw: dict[str, Any]) -> Any:
+        """The stored object when `raw` is the same version of it (equal resourceVersions)."""
+        previous = self.store.get(key)
+        if previous is None:
+            return None
+        meta = raw.get("metadata")
+        version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+        if version and version == previous.metadata.resource_version:
+            return previous
+        return None
 
     # --- watch -----------------------------------------------------------------------------
 

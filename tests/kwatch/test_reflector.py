@@ -11,7 +11,7 @@ import pytest
 from kwatch.backoff import Backoff
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
-from kwatch.resources import ENDPOINTSLICES, SERVICES
+from kwatch.resources import ENDPOINTSLICES, SERVICES, Resource
 from kwatch.settings import AccessSettings
 from kwatch.store import EventType
 from tests.apiserver import FakeApiServer
@@ -120,6 +120,38 @@ async def test_compacted_history_relists_and_reports_objects_deleted_in_the_gap(
     api_server.clear_faults()
     await eventually(lambda: keys(state) == ["shop/keep", "shop/new"])
     assert deleted == ["shop/gone"]
+    assert api_server.count("list", "services") == 2
+
+
+async def test_relist_reuses_the_objects_it_already_holds(api_server, state, monkeypatch):
+    """Issue 14: a 410 relist parses only the objects whose resourceVersion changed and
+    reuses the stored instance of every other, so it never holds two copies of the store."""
+    api_server.create(service("same", "10.96.0.1"))
+    api_server.create(service("edited", "10.96.0.2"))
+    await asyncio.wait_for(state.wait_synced(), 5)
+    await eventually(lambda: keys(state) == ["shop/edited", "shop/same"])
+    store = state.store(SERVICES)
+    same, edited = store.get("shop/same"), store.get("shop/edited")
+    api_server.fail_next(10_000, status=503, verb="watch")
+    api_server.drop_watches()
+    await eventually(lambda: any(r.status == 503 for r in api_server.requests))
+    changed = service("edited", "10.96.0.2")
+    changed["spec"]["ports"][0]["port"] = 8080
+    api_server.update(changed)
+    parsed: list[str] = []
+    parse = Resource.parse
+
+    def counting(resource: Resource, raw: dict) -> object:
+        parsed.append(raw["metadata"]["name"])
+        return parse(resource, raw)
+
+    monkeypatch.setattr(Resource, "parse", counting)
+    api_server.compact()
+    api_server.clear_faults()
+    await eventually(lambda: store.get("shop/edited") is not edited)
+    assert parsed == ["edited"]
+    assert store.get("shop/same") is same
+    assert store.get("shop/edited").spec.ports[0].port == 8080
     assert api_server.count("list", "services") == 2
 
 
