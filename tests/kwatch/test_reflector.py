@@ -49,12 +49,12 @@ def keys(state: ClusterState) -> list[str]:
 
 
 async def test_initial_sync_lists_every_page_then_watches(api_server, kubeconfig, monkeypatch):
-    api_server.load([service(f"s{i:04d}", f"10.96.{i // 250}.{i % 250 + 1}") for i in range(1200)])
+    api_server.load([service(f"s{i:04d}", f"10.96.{i // 250}.{i % 250 + 1}") for i in range(250)])
     state = await started(kubeconfig)
     try:
         await asyncio.wait_for(state.wait_synced(), 10)
-        assert len(state.store(SERVICES)) == 1200
-        # 500 per page: three list requests for 1,200 objects, then one watch.
+        assert len(state.store(SERVICES)) == 250
+        # 100 per page: three list requests for 250 objects, then one watch.
         assert api_server.count("list", "services") == 3
         await eventually(lambda: api_server.count("watch", "services") == 1)
     finally:
