@@ -105,6 +105,11 @@ class ApiClient:
             self._session = None
 
     async def list_page(self, resource: Resource, params: dict[str, str]) -> ListPage:
+        """One page decoded into plain JSON values."""
+        return decode_page(await self.list_body(resource, params))
+
+    async def list_body(self, resource: Resource, params: dict[str, str]) -> bytes:
+        """One page as the server sent it (the reflector validates it straight from JSON)."""
         url = self.access.server + resource.collection_path()
         timeout = aiohttp.ClientTimeout(
             total=self.request_timeout, sock_connect=self.connect_timeout
@@ -116,13 +121,7 @@ class ApiClient:
             body = await resp.read()
             if resp.status != 200:
                 raise api_error(resp.status, body, resp.headers.get("Retry-After"))
-        doc = orjson.loads(body)
-        meta = doc.get("metadata") or {}
-        return ListPage(
-            items=doc.get("items") or [],
-            resource_version=str(meta.get("resourceVersion", "")),
-            continue_token=str(meta.get("continue") or ""),
-        )
+        return body
 
     async def watch(
         self, resource: Resource, params: dict[str, str], read_timeout: float
@@ -140,6 +139,17 @@ class ApiClient:
                 raise api_error(resp.status, await resp.read(), resp.headers.get("Retry-After"))
             async for line in _lines(resp.content):
                 yield orjson.loads(line)
+
+
+def decode_page(body: bytes) -> ListPage:
+    """A list response as plain JSON values; orjson.JSONDecodeError when it is not JSON."""
+    doc = orjson.loads(body)
+    meta = doc.get("metadata") or {}
+    return ListPage(
+        items=doc.get("items") or [],
+        resource_version=str(meta.get("resourceVersion", "")),
+        continue_token=str(meta.get("continue") or ""),
+    )
 
 
 async def _lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:

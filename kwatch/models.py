@@ -19,7 +19,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    model_validator,
 )
 from pydantic.dataclasses import dataclass
 
@@ -310,9 +309,11 @@ class EndpointPort:
     app_protocol: str | None = Field(default=None, alias="appProtocol")
 
 
-def _drop_fqdn_endpoints(value: Any) -> Any:
-    # FQDN slices hold hostnames, not IPs; neither daemon uses them, so they are kept as empty
-    # slices instead of failing IP validation.
+def drop_fqdn_endpoints(value: Any) -> Any:
+    """FQDN slices hold hostnames, not IPs; neither daemon uses them, so they are kept as
+    empty slices instead of failing IP validation. Applied to the raw object before the model
+    (kwatch.resources): as a model validator it would make pydantic build the whole raw
+    object, managedFields included, for every slice of a list decoded from JSON."""
     if isinstance(value, dict) and value.get("addressType") == "FQDN":
         return {**value, "endpoints": []}
     return value
@@ -332,11 +333,6 @@ class EndpointSlice:
     @property
     def service_name(self) -> str | None:
         return self.metadata.labels.get(SERVICE_NAME_LABEL)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _drop_fqdn(cls, value: Any) -> Any:
-        return _drop_fqdn_endpoints(value)
 
 
 # --- Pod, Namespace, Node ----------------------------------------------------------------------

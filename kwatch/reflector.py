@@ -23,11 +23,11 @@ from pydantic import ValidationError
 
 from kwatch import metrics
 from kwatch.backoff import Backoff
-from kwatch.client import TRANSPORT_ERRORS, ApiClient, ApiError, Expired
+from kwatch.client import TRANSPORT_ERRORS, ApiClient, ApiError, Expired, decode_page
 from kwatch.models import describe_error, object_key
 from kwatch.resources import Resource
 from kwatch.runtime import release_free_memory
-from kwatch.store import Store
+from kwatch.store import Store, same_version
 
 log = structlog.get_logger("kwatch.reflector")
 
@@ -114,15 +114,24 @@ class Reflector:
             if continue_token:
                 params["continue"] = continue_token
             metrics.LIST_REQUESTS.labels(self._name).inc()
-            page = await self.client.list_page(self.resource, params)
-            resource_version, continue_token = page.resource_version, page.continue_token
-            items = page.items
-            del page
-            # Each raw object is released as soon as it is parsed, and the page before the
-            # next one is requested: a page of 500 real-world objects decodes to some 10 MB.
-            items.reverse()
-            while items:
-                self._parse_into(items.pop(), objects)
+            body = await self.client.list_body(self.resource, params)
+            try:
+                parsed, resource_version, continue_token = self.resource.parse_list(body)
+            except ValidationError:
+                # Some item is invalid (or the body is no JSON): item by item, so the valid
+                # ones are kept and the invalid ones logged (JSONDecodeError: retried).
+                resource_version, continue_token = self._parse_page(body, objects)
+            else:
+                for obj in parsed:
+                    key = obj.metadata.key
+                    previous = self.store.get(key)
+                    # A relist returns mostly objects the store holds: keep those instances.
+                    same = previous is not None and same_version(previous, obj)
+                    objects[key] = previous if same else obj
+                del parsed
+            # Nothing of this page is kept but the models: the next page is fetched with only
+            # those alive (a page of 500 real-world objects decodes to some 10 MB of dicts).
+            del body
             if not continue_token:
                 break
         changed = self.store.replace(objects, resource_version)
@@ -137,6 +146,15 @@ class Reflector:
             # peak for good (the first list is followed by the daemons' own release).
             release_free_memory()
         return resource_version
+
+    def _parse_page(self, body: bytes, objects: dict[str, Any]) -> tuple[str, str]:
+        page = decode_page(body)
+        items = page.items
+        # Each raw object is released once parsed (the page's dicts are the peak of a list).
+        items.reverse()
+        while items:
+            self._parse_into(items.pop(), objects)
+        return page.resource_version, page.continue_token
 
     def _parse_into(self, raw: dict[str, Any], objects: dict[str, Any]) -> None:
         key = object_key(raw)

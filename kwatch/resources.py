@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import TypeAdapter
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
-from kwatch.models import EndpointSlice, Namespace, Node, Pod, Service
+from kwatch.models import EndpointSlice, Namespace, Node, Pod, Service, drop_fqdn_endpoints
+
+# The list envelope: `metadata.resourceVersion`, `metadata.continue`, `items`.
+ListMeta = TypedDict("ListMeta", {"resourceVersion": str, "continue": str | None}, total=False)
+
+
+def _unchanged(value: dict[str, Any]) -> dict[str, Any]:
+    return value
 
 
 @dataclass(frozen=True)
@@ -19,10 +28,19 @@ class Resource:
     group_version: str  # "v1" or "discovery.k8s.io/v1"
     namespaced: bool
     model: type[Any]
+    # Applied to a raw object before validation (EndpointSlice: FQDN slices).
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] = _unchanged
     adapter: TypeAdapter[Any] = field(init=False, repr=False, compare=False)
+    list_adapter: TypeAdapter[Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapter", TypeAdapter(self.model))
+        envelope = TypedDict(  # type: ignore[misc]  # noqa: UP013 (a name built at run time)
+            f"{self.kind}List",
+            {"metadata": ListMeta, "items": list[self.model] | None},  # type: ignore[name-defined]
+            total=False,
+        )
+        object.__setattr__(self, "list_adapter", TypeAdapter(envelope))
 
     @property
     def group(self) -> str:
@@ -42,12 +60,31 @@ class Resource:
 
     def parse(self, raw: dict[str, Any]) -> Any:
         """Validate one raw API object; raises pydantic.ValidationError when invalid."""
-        return self.adapter.validate_python(raw)
+        return self.adapter.validate_python(self.prepare(raw))
+
+    def parse_list(self, body: bytes) -> tuple[list[Any], str, str]:
+        """(objects, resourceVersion, continue token) of a list response, validated straight
+        from the JSON: the fields the models leave out (managedFields, last-applied
+        annotations, ...) are skipped by the parser and never become Python objects. Raises
+        pydantic.ValidationError when any item is invalid (or the body is not JSON); the
+        caller then parses item by item to keep the valid ones."""
+        doc = self.list_adapter.validate_json(body)
+        meta = doc.get("metadata") or {}
+        return (
+            doc.get("items") or [],
+            meta.get("resourceVersion") or "",
+            meta.get("continue") or "",
+        )
 
 
 SERVICES = Resource("services", "Service", "v1", True, Service)
 ENDPOINTSLICES = Resource(
-    "endpointslices", "EndpointSlice", "discovery.k8s.io/v1", True, EndpointSlice
+    "endpointslices",
+    "EndpointSlice",
+    "discovery.k8s.io/v1",
+    True,
+    EndpointSlice,
+    prepare=drop_fqdn_endpoints,
 )
 PODS = Resource("pods", "Pod", "v1", True, Pod)
 NAMESPACES = Resource("namespaces", "Namespace", "v1", False, Namespace)

@@ -126,7 +126,7 @@ class Store(Generic[T]):
             emitted += 1
         for key, obj in objects.items():
             old = self._objects.get(key)
-            if old is not None and _same_version(old, obj):
+            if old is not None and same_version(old, obj):
                 continue
             self.upsert(key, obj)
             emitted += 1
@@ -170,7 +170,7 @@ class Store(Generic[T]):
                 log.exception("subscriber_failed", resource=self.resource, key=event.key)
 
 
-def _same_version(old: Any, new: Any) -> bool:
+def same_version(old: Any, new: Any) -> bool:
     """Equal resourceVersions mean the same object; without them (manifests) compare values."""
     old_rv = old.metadata.resource_version
     new_rv = new.metadata.resource_version

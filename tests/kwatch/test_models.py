@@ -211,3 +211,46 @@ def test_ip_validation_never_crashes_on_arbitrary_text(text):
     except ValidationError:
         return
     assert text in ("", "None") or s.cluster_ips
+
+
+def test_a_list_page_validated_from_json_equals_the_objects_parsed_one_by_one():
+    """kwatch.resources.parse_list skips what the models leave out without building it;
+    the result must be what parsing each object gives."""
+    import orjson
+
+    slice_ = {
+        "metadata": {
+            "name": "web-abcde",
+            "namespace": "shop",
+            "labels": {"kubernetes.io/service-name": "web", "app": "web"},
+            "managedFields": [{"manager": "kube-controller-manager", "fieldsV1": {"f:x": {}}}],
+            "ownerReferences": [{"kind": "Service", "name": "web", "uid": "u"}],
+        },
+        "addressType": "IPv4",
+        "endpoints": [
+            {
+                "addresses": ["10.1.0.1"],
+                "conditions": {"ready": True},
+                "nodeName": "n1",
+                "zone": "z1",
+                "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop", "uid": "p"},
+            }
+        ],
+        "ports": [{"name": "http", "port": 8080}],
+    }
+    body = orjson.dumps(
+        {"metadata": {"resourceVersion": "42", "continue": "next"}, "items": [slice_]}
+    )
+    items, rv, token = ENDPOINTSLICES.parse_list(body)
+    assert (rv, token) == ("42", "next")
+    assert items == [ENDPOINTSLICES.parse(slice_)]
+    assert ENDPOINTSLICES.parse_list(b'{"metadata": {}, "items": null}') == ([], "", "")
+    # An FQDN slice fails the page (the reflector then parses item by item) ...
+    fqdn = {**slice_, "addressType": "FQDN"}
+    fqdn["endpoints"] = [{"addresses": ["db.example.com"]}]
+    with pytest.raises(ValidationError):
+        ENDPOINTSLICES.parse_list(orjson.dumps({"items": [fqdn]}))
+    # ... where it parses as an empty slice.
+    assert ENDPOINTSLICES.parse(fqdn).endpoints == []
+    with pytest.raises(ValidationError):
+        SERVICES.parse_list(b"not json")

@@ -11,9 +11,9 @@ import pytest
 from kwatch.backoff import Backoff
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
-from kwatch.resources import ENDPOINTSLICES, SERVICES, Resource
+from kwatch.resources import ENDPOINTSLICES, SERVICES
 from kwatch.settings import AccessSettings
-from kwatch.store import EventType
+from kwatch.store import EventType, Store
 from tests.apiserver import FakeApiServer
 from tests.waiting import eventually
 
@@ -124,8 +124,8 @@ async def test_compacted_history_relists_and_reports_objects_deleted_in_the_gap(
 
 
 async def test_relist_reuses_the_objects_it_already_holds(api_server, state, monkeypatch):
-    """Issue 14: a 410 relist parses only the objects whose resourceVersion changed and
-    reuses the stored instance of every other, so it never holds two copies of the store."""
+    """Issue 14: a 410 relist hands the store the instance it already holds for every object
+    whose resourceVersion did not change, so it never keeps two copies of the store."""
     api_server.create(service("same", "10.96.0.1"))
     api_server.create(service("edited", "10.96.0.2"))
     await asyncio.wait_for(state.wait_synced(), 5)
@@ -138,20 +138,20 @@ async def test_relist_reuses_the_objects_it_already_holds(api_server, state, mon
     changed = service("edited", "10.96.0.2")
     changed["spec"]["ports"][0]["port"] = 8080
     api_server.update(changed)
-    parsed: list[str] = []
-    parse = Resource.parse
+    relisted: list[dict] = []
+    replace = Store.replace
 
-    def counting(resource: Resource, raw: dict) -> object:
-        parsed.append(raw["metadata"]["name"])
-        return parse(resource, raw)
+    def recording(self: Store, objects: dict, resource_version: str = "") -> int:
+        relisted.append(dict(objects))
+        return replace(self, objects, resource_version)
 
-    monkeypatch.setattr(Resource, "parse", counting)
+    monkeypatch.setattr(Store, "replace", recording)
     api_server.compact()
     api_server.clear_faults()
     await eventually(lambda: store.get("shop/edited") is not edited)
-    assert parsed == ["edited"]
+    assert relisted[0]["shop/same"] is same
+    assert relisted[0]["shop/edited"].spec.ports[0].port == 8080
     assert store.get("shop/same") is same
-    assert store.get("shop/edited").spec.ports[0].port == 8080
     assert api_server.count("list", "services") == 2
 
 
