@@ -246,14 +246,39 @@ class EndpointConditions:
 
 
 _conditions: dict[EndpointConditions, EndpointConditions] = {}
+_conditions_by_raw: dict[tuple[Any, Any, Any], EndpointConditions] = {}
+_shared_ids: set[int] = set()
+
+
+def _plain(values: tuple[Any, Any, Any]) -> bool:
+    return all(v is True or v is False or v is None for v in values)
+
+
+def _known_conditions(value: Any) -> Any:
+    # The shared instance straight from the raw JSON values (true/false/absent only): no
+    # object is built for the 100,000 endpoints of a big cluster, just one lookup each.
+    if isinstance(value, dict):
+        raw = (value.get("ready"), value.get("serving"), value.get("terminating"))
+        if _plain(raw):
+            return _conditions_by_raw.get(raw, value)
+    return value
 
 
 def _shared_conditions(value: EndpointConditions) -> EndpointConditions:
     # 27 possible values, one object each, instead of one object per endpoint.
-    return _conditions.setdefault(value, value)
+    if id(value) in _shared_ids:  # already the shared one (from _known_conditions)
+        return value
+    shared = _conditions.setdefault(value, value)
+    _shared_ids.add(id(shared))  # shared instances live as long as the process
+    raw = (value.ready, value.serving, value.terminating)
+    if raw not in _conditions_by_raw and _plain(raw):
+        _conditions_by_raw[raw] = shared
+    return shared
 
 
-SharedConditions = Annotated[EndpointConditions, AfterValidator(_shared_conditions)]
+SharedConditions = Annotated[
+    EndpointConditions, BeforeValidator(_known_conditions), AfterValidator(_shared_conditions)
+]
 
 
 @dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)

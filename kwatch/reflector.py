@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 import time
 from typing import Any
@@ -115,20 +116,7 @@ class Reflector:
                 params["continue"] = continue_token
             metrics.LIST_REQUESTS.labels(self._name).inc()
             body = await self.client.list_body(self.resource, params)
-            try:
-                parsed, resource_version, continue_token = self.resource.parse_list(body)
-            except ValidationError:
-                # Some item is invalid (or the body is no JSON): item by item, so the valid
-                # ones are kept and the invalid ones logged (JSONDecodeError: retried).
-                resource_version, continue_token = self._parse_page(body, objects)
-            else:
-                for obj in parsed:
-                    key = obj.metadata.key
-                    previous = self.store.get(key)
-                    # A relist returns mostly objects the store holds: keep those instances.
-                    same = previous is not None and same_version(previous, obj)
-                    objects[key] = previous if same else obj
-                del parsed
+            resource_version, continue_token = self._take_page(body, objects)
             # Nothing of this page is kept but the models: the next page is fetched with only
             # those alive (a page of 500 real-world objects decodes to some 10 MB of dicts).
             del body
@@ -146,6 +134,32 @@ class Reflector:
             # peak for good (the first list is followed by the daemons' own release).
             release_free_memory()
         return resource_version
+
+    def _take_page(self, body: bytes, objects: dict[str, Any]) -> tuple[str, str]:
+        """Parse one list page into `objects`; returns its resourceVersion and continue token.
+
+        The cyclic garbage collector is paused meanwhile: a page creates thousands of objects
+        and no reference cycle, and each collection it would trigger walks every object of
+        the stores (at 10,000 Services, a tenth of the list's CPU)."""
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            parsed, resource_version, continue_token = self.resource.parse_list(body)
+        except ValidationError:
+            # Some item is invalid (or the body is no JSON): item by item, so the valid ones
+            # are kept and the invalid ones logged (JSONDecodeError: retried).
+            return self._parse_page(body, objects)
+        else:
+            for obj in parsed:
+                key = obj.metadata.key
+                previous = self.store.get(key)
+                # A relist returns mostly objects the store holds: keep those instances.
+                same = previous is not None and same_version(previous, obj)
+                objects[key] = previous if same else obj
+            return resource_version, continue_token
+        finally:
+            if collecting:
+                gc.enable()
 
     def _parse_page(self, body: bytes, objects: dict[str, Any]) -> tuple[str, str]:
         page = decode_page(body)

@@ -254,3 +254,40 @@ def test_a_list_page_validated_from_json_equals_the_objects_parsed_one_by_one():
     assert ENDPOINTSLICES.parse(fqdn).endpoints == []
     with pytest.raises(ValidationError):
         SERVICES.parse_list(b"not json")
+
+
+@pytest.mark.parametrize(
+    "conditions",
+    [
+        {},
+        {"ready": True},
+        {"ready": False, "serving": True, "terminating": True},
+        {"ready": "true"},
+    ],
+)
+def test_endpoint_conditions_are_one_shared_instance_per_value(conditions):
+    def parse():
+        return ENDPOINTSLICES.parse(
+            {
+                "metadata": {"name": "s", "namespace": "n"},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["10.0.0.1"], "conditions": dict(conditions)}],
+            }
+        ).endpoints[0]
+
+    first, second = parse(), parse()
+    assert first.conditions is second.conditions
+    expected = {k: v == "true" if isinstance(v, str) else v for k, v in conditions.items()}
+    assert first.conditions.ready == expected.get("ready")
+    assert first.conditions.terminating == expected.get("terminating")
+
+
+def test_endpoint_conditions_that_are_not_booleans_are_rejected():
+    with pytest.raises(ValidationError):
+        ENDPOINTSLICES.parse(
+            {
+                "metadata": {"name": "s", "namespace": "n"},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": "maybe"}}],
+            }
+        )
