@@ -25,6 +25,7 @@ from dnsd.zone import ZoneIndex
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
+from kwatch.models import keep_reference_names
 from kwatch.resources import ENDPOINTSLICES, NAMESPACES, PODS, SERVICES
 from kwatch.runtime import run, stop_event
 
@@ -42,6 +43,8 @@ class Daemon:
         resources = [SERVICES, ENDPOINTSLICES, NAMESPACES]
         if settings.pods is PodMode.VERIFIED:
             resources.append(PODS)  # verified mode watches every pod, as CoreDNS does
+        # Endpoint targetRef names are read only for --endpoint-pod-names (12 MB at 100,000).
+        keep_reference_names(settings.endpoint_pod_names)
         self.state = ClusterState(resources)
         self.index = ZoneIndex(settings.zone, settings.ttl)
         self.controller = ZoneController(

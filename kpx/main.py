@@ -41,6 +41,7 @@ from kpx.table import ServiceTable
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
+from kwatch.models import keep_reference_names
 from kwatch.resources import ENDPOINTSLICES, NODES, SERVICES
 from kwatch.runtime import release_free_memory, run, stop_event
 
@@ -72,6 +73,7 @@ def _redirect_listen_hosts() -> list[str]:
 
 async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int:
     stop = stop or stop_event()
+    keep_reference_names(False)  # kpx never reads endpoint targetRef names (12 MB at 100,000)
     state = ClusterState(
         [SERVICES, ENDPOINTSLICES, NODES],
         selectors={

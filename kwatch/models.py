@@ -299,6 +299,31 @@ class ObjectReference:
     namespace: InternedStr = ""
 
 
+# Whether endpoints keep the name of their targetRef (the Pod). Only dnsd's
+# --endpoint-pod-names reads it, and 100,000 pod names with their references cost about 12 MB;
+# without it every endpoint shares one reference per (kind, namespace), name left empty.
+_reference_names = [True]
+_nameless: dict[tuple[str, str], ObjectReference] = {}
+
+
+def keep_reference_names(keep: bool) -> None:
+    """Set once at start, before anything is parsed, by a daemon that knows whether it reads
+    endpoint targetRef names (dnsd with --endpoint-pod-names); kept by default."""
+    _reference_names[0] = keep
+
+
+def _target_ref(value: Any) -> Any:
+    if _reference_names[0] or not isinstance(value, dict):
+        return value
+    kind, namespace = value.get("kind", ""), value.get("namespace", "")
+    if not (isinstance(kind, str) and isinstance(namespace, str)):
+        return value  # validation reports it
+    shared = _nameless.get((kind, namespace))
+    if shared is None:
+        shared = _nameless[(kind, namespace)] = ObjectReference(kind=kind, namespace=namespace)
+    return shared
+
+
 @dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)
 class Endpoint:
     # A tuple: 100,000 endpoints of one address each hold 100,000 of these (a one-item list
@@ -309,7 +334,9 @@ class Endpoint:
     node_name: InternedStr | None = Field(default=None, alias="nodeName")
     zone: InternedStr | None = None
     hints: EndpointHints | None = None
-    target_ref: ObjectReference | None = Field(default=None, alias="targetRef")
+    target_ref: Annotated[ObjectReference | None, BeforeValidator(_target_ref)] = Field(
+        default=None, alias="targetRef"
+    )
 
     @property
     def is_ready(self) -> bool:

@@ -291,3 +291,30 @@ def test_endpoint_conditions_that_are_not_booleans_are_rejected():
                 "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": "maybe"}}],
             }
         )
+
+
+def test_reference_names_can_be_left_out_and_references_shared():
+    """Only dnsd's --endpoint-pod-names reads endpoint targetRef names: without it the daemons
+    keep one nameless reference per kind and namespace (issue 15: 12 MB at 100,000)."""
+    from kwatch.models import keep_reference_names
+
+    def ref(name):
+        return ENDPOINTSLICES.parse(
+            {
+                "metadata": {"name": "s", "namespace": "shop"},
+                "addressType": "IPv4",
+                "endpoints": [
+                    {
+                        "addresses": ["10.0.0.1"],
+                        "targetRef": {"kind": "Pod", "name": name, "namespace": "shop"},
+                    }
+                ],
+            }
+        ).endpoints[0].target_ref
+
+    assert ref("web-1").name == "web-1"
+    keep_reference_names(False)
+    one, two = ref("web-1"), ref("web-2")
+    assert one is two and (one.kind, one.name, one.namespace) == ("Pod", "", "shop")
+    keep_reference_names(True)
+    assert ref("web-3").name == "web-3"
