@@ -974,10 +974,11 @@ def memory_section(
         return
     r.add(
         "RSS once ready. dnsd: `bench/dns.py --memory-only`, a cluster per count with 10 "
-        "endpoints per Service (a tenth of the Services headless with 5 endpoints), started "
-        "alone from the manifests and via the fake API server (with a kubeconfig, which loads "
-        "the official client's config loader, and with the URL, token and CA files a "
-        "DaemonSet uses). kpx: its programming runs in "
+        "endpoints per Service (a tenth of the Services headless with 5 endpoints), objects "
+        "shaped as a real cluster's (`bench/realistic.py`: managedFields, last-applied "
+        "annotations, labels, ownerReferences, endpoint node, zone and Pod), started "
+        "alone from the manifests and via the fake API server (with a kubeconfig, and with "
+        "the URL, token and CA files a DaemonSet uses). kpx: its programming runs in "
         "`bench/proxy.py` (one endpoint per Service, via the fake API server).\n"
     )
     rows = [[f_int(n), *cells] for n, cells in sorted(by_count.items())]
