@@ -42,6 +42,7 @@ from kpx.table import ServiceTable
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
+from kwatch.models import keep_reference_names
 from kwatch.resources import ENDPOINTSLICES, NODES, SERVICES
 from kwatch.runtime import release_free_memory, run, stop_event
 from kwatch.supervisor import Supervisor
@@ -77,6 +78,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
     # Every background task (watches, sync loop, housekeeping) runs under it: restarted after
     # an unexpected exception, and visible in /healthz and /livez when dead or crash-looping.
     supervisor = Supervisor(wedge_deadline=settings.task_deadline)
+    keep_reference_names(False)  # kpx never reads endpoint targetRef names (12 MB at 100,000)
     state = ClusterState(
         [SERVICES, ENDPOINTSLICES, NODES],
         selectors={
