@@ -2,11 +2,16 @@
 
     .venv/bin/python -m bench.dns [--services 10000] [--headless 1000] [--headless-endpoints 5]
         [--endpoints 100000] [--runs 3] [--duration 10] [--quick] [--json PATH] [--memory-only]
+        [--objects realistic|minimal]
 
 Generates one cluster state (default 10,000 Services in 100 namespaces, 1,000 of them headless
 with 5 ready endpoints each, every other ClusterIP Service dual-stack, and EndpointSlices for
 the ClusterIP Services holding the rest of `--endpoints`, 100,000 endpoints in all; those
-produce no records, they are there for the RSS figure) and writes it twice:
+produce no records, they are there for the RSS figure). `--objects realistic` (the default)
+dresses every object as a real cluster's look (bench/realistic.py: labels, annotations,
+last-applied-configuration, ownerReferences, managedFields, endpoint nodeName/zone/targetRef),
+without changing any record; `--objects minimal` keeps only the fields dnsd reads. It writes
+the state twice:
 - as a manifest folder (`kind: List` JSON) for `dnsd --manifests`;
 - as knot zone files with the records dnsd derives from it (cluster.local: A/AAAA, SRV at
   `_http._tcp.<svc>` and at the bare name, headless per-endpoint names; in-addr.arpa and
@@ -77,6 +82,7 @@ import yaml
 from bench.apiclient import Api, start_fake_apiserver
 from bench.jsonout import write_json
 from bench.procstat import CpuMeter, process_tree, pss_mb, rss_mb
+from bench.realistic import dress
 
 ROOT = Path(__file__).resolve().parent.parent
 ZONE = "cluster.local"
@@ -791,6 +797,12 @@ def main() -> None:
     parser.add_argument("--ready-timeout", type=float, default=600)
     parser.add_argument("--skip-propagation", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, short passes")
+    parser.add_argument(
+        "--objects",
+        choices=["realistic", "minimal"],
+        default="realistic",
+        help="objects shaped as a real cluster's (managedFields, labels, ...) or minimal ones",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results to PATH as JSON")
     parser.add_argument(
         "--memory-only", action="store_true", help="only dnsd's RSS once ready (no knot/dnsperf)"
@@ -810,12 +822,14 @@ def main() -> None:
         tmp = Path(tmpname)
         t0 = time.perf_counter()
         cluster = generate(args.services, args.headless, args.headless_endpoints, args.endpoints)
+        if args.objects == "realistic":
+            dress(cluster.objects)
         write_manifests(tmp / "manifests", cluster)
         mix = write_queries(tmp / "queries.txt", cluster, args.queries)
         print(
             f"cluster: {args.services:,} Services ({len(cluster.headless):,} headless x "
             f"{args.headless_endpoints} endpoints), {cluster.endpoints:,} endpoints, "
-            f"{len(cluster.rr) + len(cluster.ptr):,} records; generated in "
+            f"{len(cluster.rr) + len(cluster.ptr):,} records, {args.objects} objects; generated in "
             f"{time.perf_counter() - t0:.1f} s"
         )
         doc: dict[str, Any] = {
@@ -828,6 +842,7 @@ def main() -> None:
                 "headless_endpoints": args.headless_endpoints,
                 "endpoints": cluster.endpoints,
                 "records": len(cluster.rr) + len(cluster.ptr),
+                "objects": args.objects,
             },
         }
         if args.memory_only:

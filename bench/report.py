@@ -12,6 +12,8 @@ benchmark's network namespaces; knot, dnsperf, haproxy, iperf3 and wrk must be i
   proxy            bench.proxy: kpx vs haproxy, the kernel's NAT and no proxy (throughput, CPU
                    per GB, connections/s, latency, idle connections), then programming latency
                    and kpx RSS at 10 / 1,000 / 3,000 / 10,000 Services
+  relist           bench.relist: peak RSS of dnsd and kpx during a forced 410 relist at
+                   10,000 Services / 100,000 endpoints, against their steady RSS
 Progress: one line per line the benchmark prints, prefixed with [step n/N, name, elapsed], and a
 line every 30 s while it is silent; its whole output also goes to logs/<step>.log.
 
@@ -126,6 +128,14 @@ def plan(quick: bool) -> list[Step]:
             "proxy: kpx vs haproxy and NAT, then programming latency",
             ["bench.proxy", *q, "--services", *(str(n) for n in scales)],
             25 if quick else 600,
+        )
+    )
+    steps.append(
+        Step(
+            "relist",
+            "peak RSS of dnsd and kpx during a forced 410 relist",
+            ["bench.relist", *q],
+            15 if quick else 150,
         )
     )
     return steps
@@ -595,6 +605,36 @@ def sync_checks(sync: Doc | None) -> list[Check]:
     return checks
 
 
+def relist_checks(relist: Doc | None) -> list[Check]:
+    """Issue 14 item 8: a forced 410 relist raises neither daemon's peak RSS above 1.2x
+    its steady RSS (bench/relist.py)."""
+    relist = relist or {}
+    note = _scale_note(num(relist.get("services")), 10_000) if relist else None
+    limit = num(relist.get("target_ratio")) if relist.get("target_ratio") else 1.2
+    checks = []
+    for daemon in ("dnsd", "kpx"):
+        figures = relist.get(daemon) or {}
+        ratio = num(figures.get("ratio"))
+        ours = (
+            f"{f_num(num(figures.get('peak_mb')), 1, 'MB')} peak, "
+            f"{f_num(num(figures.get('steady_mb')), 1, 'MB')} steady ({ratio:.2f}x)"
+            if finite(ratio)
+            else "—"
+        )
+        checks.append(
+            Check(
+                f"{daemon} peak RSS during a forced 410 relist, 10,000 Services / 100,000 "
+                "endpoints",
+                ours,
+                "—",
+                math.nan,
+                f"<= {limit:g}x steady",
+                note if note and finite(ratio) else judge(ratio, "<=", limit),
+            )
+        )
+    return checks
+
+
 # --- rendering: Markdown -------------------------------------------------------------------
 
 
@@ -934,10 +974,11 @@ def memory_section(
         return
     r.add(
         "RSS once ready. dnsd: `bench/dns.py --memory-only`, a cluster per count with 10 "
-        "endpoints per Service (a tenth of the Services headless with 5 endpoints), started "
-        "alone from the manifests and via the fake API server (with a kubeconfig, which loads "
-        "the official client's config loader, and with the URL, token and CA files a "
-        "DaemonSet uses). kpx: its programming runs in "
+        "endpoints per Service (a tenth of the Services headless with 5 endpoints), objects "
+        "shaped as a real cluster's (`bench/realistic.py`: managedFields, last-applied "
+        "annotations, labels, ownerReferences, endpoint node, zone and Pod), started "
+        "alone from the manifests and via the fake API server (with a kubeconfig, and with "
+        "the URL, token and CA files a DaemonSet uses). kpx: its programming runs in "
         "`bench/proxy.py` (one endpoint per Service, via the fake API server).\n"
     )
     rows = [[f_int(n), *cells] for n, cells in sorted(by_count.items())]
@@ -1053,6 +1094,7 @@ def render(out: Path) -> tuple[Path, list[Check]]:
     machine = _load(out / "machine.json")
     run = _load(out / "run.json")
     dns, proxy, sync = results.get("dns"), results.get("proxy"), results.get("sync")
+    relist = results.get("relist")
     memory = sorted(
         (d for name, d in results.items() if name.startswith("dns-memory") and d.get("memory")),
         key=lambda d: num((d.get("cluster") or {}).get("services")),
@@ -1070,7 +1112,9 @@ def render(out: Path) -> tuple[Path, list[Check]]:
         "memory.png": charts.memory(memory, proxy, quick, chart_dir / "memory.png"),
         "sync.png": charts.sync(sync, chart_dir / "sync.png"),
     }
-    checks = dns_checks(dns, memory) + proxy_checks(proxy) + sync_checks(sync)
+    checks = (
+        dns_checks(dns, memory) + proxy_checks(proxy) + sync_checks(sync) + relist_checks(relist)
+    )
 
     r = Report(out)
     r.add("# kpx + dnsd benchmark report\n")

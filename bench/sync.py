@@ -1,7 +1,7 @@
 """Initial sync of a big cluster through kwatch, against the fake API server in its own process.
 
     .venv/bin/python -m bench.sync [--services 10000] [--endpoints-per-slice 10] [--runs 3]
-        [--quick] [--json PATH]
+        [--objects realistic|minimal] [--quick] [--json PATH]
 
 Loads 10,000 Services and 10,000 EndpointSlices (100,000 endpoints) into the fake API server
 (a separate process, so its memory is not counted), then, in a fresh process per run, measures:
@@ -9,7 +9,10 @@ Loads 10,000 Services and 10,000 EndpointSlices (100,000 endpoints) into the fak
 - RSS growth of the process caused by the stores (baseline taken after every import);
 - events/s applied afterwards: a watch replaying the whole history (one ADDED per object)
   through the reflector's live-event path into fresh stores.
-Prints each run and the medians. Figures, not assertions: this machine is shared and noisy.
+`--objects realistic` (the default) dresses the objects as a real cluster's look
+(bench/realistic.py: managedFields, last-applied annotations, Helm labels, ownerReferences);
+`--objects minimal` sends only the fields the daemons read. Prints each run and the medians.
+Figures, not assertions: this machine is shared and noisy.
 `--quick`: 500 Services, 1 run, a smoke test of the harness. `--json PATH` also writes the runs
 and the medians to PATH, for bench/report.py.
 """
@@ -31,6 +34,7 @@ from typing import Any
 
 from bench.apiclient import start_fake_apiserver
 from bench.jsonout import write_json
+from bench.realistic import dress
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,6 +172,12 @@ def main() -> None:
     parser.add_argument("--endpoints-per-slice", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="500 Services, 1 run")
+    parser.add_argument(
+        "--objects",
+        choices=["realistic", "minimal"],
+        default="realistic",
+        help="objects shaped as a real cluster's (managedFields, labels, ...) or minimal ones",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results to PATH as JSON")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # child mode: kubeconfig path
     args = parser.parse_args()
@@ -181,6 +191,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-sync-") as tmp:
         objects = generate(args.services, args.endpoints_per_slice)
+        if args.objects == "realistic":
+            dress(objects)
         # History holds every object, so the replay watch from rv 0 sees them all.
         server, kubeconfig = start_fake_apiserver(
             objects,
@@ -209,7 +221,7 @@ def main() -> None:
             server.wait(10)
     print(
         f"\nmedians of {len(runs)} runs ({args.services:,} Services, "
-        f"{args.services * args.endpoints_per_slice:,} endpoints):"
+        f"{args.services * args.endpoints_per_slice:,} endpoints, {args.objects} objects):"
     )
     medians = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
     for key, value in medians.items():
@@ -224,6 +236,7 @@ def main() -> None:
                 "args": vars(args),
                 "services": args.services,
                 "endpoints": args.services * args.endpoints_per_slice,
+                "objects": args.objects,
                 "runs": runs,
                 "medians": medians,
                 "complete": True,

@@ -32,6 +32,7 @@ from dnsd.zone import ZoneIndex
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
+from kwatch.models import keep_reference_names
 from kwatch.resources import ENDPOINTSLICES, NAMESPACES, PODS, SERVICEIMPORTS, SERVICES
 from kwatch.runtime import run, stop_event
 from kwatch.supervisor import Supervisor
@@ -56,6 +57,8 @@ class Daemon:
             resources.append(pod_watch)
         if settings.multicluster:
             resources.append(SERVICEIMPORTS)
+        # Endpoint targetRef names are read only for --endpoint-pod-names (12 MB at 100,000).
+        keep_reference_names(settings.endpoint_pod_names)
         # Every background task (watches, the zone controller) runs under it; /healthz is
         # its liveness.
         self.supervisor = Supervisor(wedge_deadline=settings.task_deadline)

@@ -163,6 +163,11 @@ class ApiClient:
             self._session = None
 
     async def list_page(self, resource: Resource, params: dict[str, str]) -> ListPage:
+        """One page decoded into plain JSON values; BadResponse when it is no List."""
+        return parse_list(await self.list_body(resource, params))
+
+    async def list_body(self, resource: Resource, params: dict[str, str]) -> bytes:
+        """One page as the server sent it (the reflector validates it straight from JSON)."""
         url = self.access.server + resource.collection_path()
         timeout = aiohttp.ClientTimeout(
             total=self.request_timeout, sock_connect=self.connect_timeout
@@ -174,7 +179,7 @@ class ApiClient:
             body = await resp.read()
             if resp.status != 200:
                 raise api_error(resp.status, body, resp.headers.get("Retry-After"))
-        return parse_list(body)
+        return body
 
     async def watch(
         self, resource: Resource, params: dict[str, str], read_timeout: float

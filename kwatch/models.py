@@ -19,7 +19,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    model_validator,
 )
 from pydantic.dataclasses import dataclass
 
@@ -32,7 +31,7 @@ def _canonical_ip(value: str) -> str:
     """
     try:
         socket.inet_pton(socket.AF_INET, value)
-        return sys.intern(value)
+        return value
     except OSError:
         pass
     if ":" in value:
@@ -50,30 +49,57 @@ def _cluster_ip(value: str) -> str:
     return _canonical_ip(value)
 
 
-def _none_as_empty(value: Any) -> Any:
-    return "" if value is None else value
-
-
-def _intern(value: str) -> str:
-    # Namespaces, node names, zones and port names repeat across thousands of objects.
-    return sys.intern(value)
+def _interned_or_empty(value: Any) -> Any:
+    # Namespaces, node names, zones and port names repeat across thousands of objects. One
+    # call before validation (None read as ""), not two: 460,000 strings at 10,000 Services.
+    if value is None:
+        return ""
+    return sys.intern(value) if type(value) is str else value
 
 
 IP = Annotated[str, AfterValidator(_canonical_ip)]
 ClusterIP = Annotated[str, AfterValidator(_cluster_ip)]
 PortNumber = Annotated[int, Field(ge=1, le=65535)]
 Protocol = Literal["TCP", "UDP", "SCTP"]
-InternedStr = Annotated[str, BeforeValidator(_none_as_empty), AfterValidator(_intern)]
+InternedStr = Annotated[str, BeforeValidator(_interned_or_empty)]
 
-# Annotations the daemons read; every other annotation (kubectl's last-applied blobs can be
-# kilobytes) is dropped at parse time.
+# Annotations and labels the daemons read; every other one is dropped at parse time: kubectl's
+# last-applied blobs can be kilobytes, and the half-dozen `app.kubernetes.io/*` and Helm labels
+# a real cluster puts on each object cost about 10 MB at 10,000 Services (issue 15). A feature
+# that reads another label or annotation adds it here.
 KEPT_ANNOTATIONS = frozenset({"endpoints.kubernetes.io/last-change-trigger-time"})
+KEPT_LABELS = frozenset(
+    {
+        "kubernetes.io/service-name",  # EndpointSlice -> Service
+        "multicluster.kubernetes.io/service-name",  # EndpointSlice -> ServiceImport (MCS API)
+        "service.kubernetes.io/service-proxy-name",  # kpx: Services another proxy handles
+        "service.kubernetes.io/headless",  # kpx: slices of headless Services
+        "topology.kubernetes.io/zone",  # Node zone (topology hints)
+    }
+)
+# One shared empty mapping for the many objects left with no kept label or annotation.
+_EMPTY: dict[str, str] = {}
 
 
-def _keep_annotations(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: v for k, v in value.items() if k in KEPT_ANNOTATIONS}
-    return value
+def _keep(kept: frozenset[str]) -> Any:
+    def keep(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if k in kept}
+        return value
+
+    return keep
+
+
+def _share_empty(value: dict[str, str]) -> dict[str, str]:
+    return value or _EMPTY
+
+
+KeptLabels = Annotated[
+    dict[str, str], BeforeValidator(_keep(KEPT_LABELS)), AfterValidator(_share_empty)
+]
+KeptAnnotations = Annotated[
+    dict[str, str], BeforeValidator(_keep(KEPT_ANNOTATIONS)), AfterValidator(_share_empty)
+]
 
 
 # Frozen, slotted pydantic dataclasses: validated like BaseModels but about a tenth of the memory
@@ -86,11 +112,8 @@ class ObjectMeta:
     name: InternedStr
     namespace: InternedStr = ""
     resource_version: str = Field(default="", alias="resourceVersion")
-    uid: str = ""
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: Annotated[dict[str, str], BeforeValidator(_keep_annotations)] = Field(
-        default_factory=dict
-    )
+    labels: KeptLabels = Field(default_factory=lambda: _EMPTY)
+    annotations: KeptAnnotations = Field(default_factory=lambda: _EMPTY)
     # Set once deletion was requested (RFC 3339 text, kept as sent): kpx's /healthz reports a
     # Node being deleted as not eligible, as kube-proxy does.
     deletion_timestamp: str | None = Field(default=None, alias="deletionTimestamp")
@@ -178,11 +201,21 @@ class ServiceStatus:
     )
 
 
+_NO_STATUS = ServiceStatus()
+
+
+def _shared_status(value: ServiceStatus) -> ServiceStatus:
+    # Nearly every Service has an empty `status: {loadBalancer: {}}`: one object for all.
+    return value if value.load_balancer.ingress else _NO_STATUS
+
+
 @dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)
 class Service:
     metadata: ObjectMeta
     spec: ServiceSpec = Field(default_factory=lambda: ServiceSpec())
-    status: ServiceStatus = Field(default_factory=lambda: ServiceStatus())
+    status: Annotated[ServiceStatus, AfterValidator(_shared_status)] = Field(
+        default_factory=lambda: _NO_STATUS
+    )
 
     @property
     def key(self) -> str:
@@ -216,12 +249,18 @@ class EndpointConditions:
     terminating: bool | None = None
 
 
-_conditions: dict[EndpointConditions, EndpointConditions] = {}
+# Keyed by the three values: tuples of bools compare in C, where the dataclass's own
+# __eq__/__hash__ are Python calls (100,000 endpoints, one lookup each).
+_conditions: dict[tuple[bool | None, bool | None, bool | None], EndpointConditions] = {}
 
 
 def _shared_conditions(value: EndpointConditions) -> EndpointConditions:
     # 27 possible values, one object each, instead of one object per endpoint.
-    return _conditions.setdefault(value, value)
+    key = (value.ready, value.serving, value.terminating)
+    shared = _conditions.get(key)
+    if shared is None:
+        shared = _conditions[key] = value
+    return shared
 
 
 SharedConditions = Annotated[EndpointConditions, AfterValidator(_shared_conditions)]
@@ -239,9 +278,35 @@ class EndpointHints:
 
 @dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)
 class ObjectReference:
-    kind: str = ""
+    # kind and namespace repeat on every endpoint (a Pod of the slice's own namespace).
+    kind: InternedStr = ""
     name: str = ""
-    namespace: str = ""
+    namespace: InternedStr = ""
+
+
+# Whether endpoints keep the name of their targetRef (the Pod). Only dnsd's
+# --endpoint-pod-names reads it, and 100,000 pod names with their references cost about 12 MB;
+# without it every endpoint shares one reference per (kind, namespace), name left empty.
+_reference_names = [True]
+_nameless: dict[tuple[str, str], ObjectReference] = {}
+
+
+def keep_reference_names(keep: bool) -> None:
+    """Set once at start, before anything is parsed, by a daemon that knows whether it reads
+    endpoint targetRef names (dnsd with --endpoint-pod-names); kept by default."""
+    _reference_names[0] = keep
+
+
+def _target_ref(value: ObjectReference | None) -> ObjectReference | None:
+    # After validation (a before-validator would make pydantic build every raw targetRef as
+    # Python values when validating from JSON).
+    if value is None or _reference_names[0]:
+        return value
+    key = (value.kind, value.namespace)
+    shared = _nameless.get(key)
+    if shared is None:
+        shared = _nameless[key] = ObjectReference(kind=value.kind, namespace=value.namespace)
+    return shared
 
 
 @dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)
@@ -254,7 +319,9 @@ class Endpoint:
     node_name: InternedStr | None = Field(default=None, alias="nodeName")
     zone: InternedStr | None = None
     hints: EndpointHints | None = None
-    target_ref: ObjectReference | None = Field(default=None, alias="targetRef")
+    target_ref: Annotated[ObjectReference | None, AfterValidator(_target_ref)] = Field(
+        default=None, alias="targetRef"
+    )
 
     @property
     def is_ready(self) -> bool:
@@ -279,9 +346,11 @@ class EndpointPort:
     app_protocol: str | None = Field(default=None, alias="appProtocol")
 
 
-def _drop_fqdn_endpoints(value: Any) -> Any:
-    # FQDN slices hold hostnames, not IPs; neither daemon uses them, so they are kept as empty
-    # slices instead of failing IP validation.
+def drop_fqdn_endpoints(value: Any) -> Any:
+    """FQDN slices hold hostnames, not IPs; neither daemon uses them, so they are kept as
+    empty slices instead of failing IP validation. Applied to the raw object before the model
+    (kwatch.resources): as a model validator it would make pydantic build the whole raw
+    object, managedFields included, for every slice of a list decoded from JSON."""
     if isinstance(value, dict) and value.get("addressType") == "FQDN":
         return {**value, "endpoints": []}
     return value
@@ -301,11 +370,6 @@ class EndpointSlice:
     @property
     def service_name(self) -> str | None:
         return self.metadata.labels.get(SERVICE_NAME_LABEL)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _drop_fqdn(cls, value: Any) -> Any:
-        return _drop_fqdn_endpoints(value)
 
 
 # --- Pod, Namespace, Node ----------------------------------------------------------------------

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from kwatch.mcs import ServiceImport
-from kwatch.models import EndpointSlice, Namespace, Node, Pod, Service
+from kwatch.models import EndpointSlice, Namespace, Node, Pod, Service, drop_fqdn_endpoints
+
+# The list envelope: `metadata.resourceVersion`, `metadata.continue`, `items`.
+ListMeta = TypedDict("ListMeta", {"resourceVersion": str, "continue": str | None}, total=False)
+
+
+def _unchanged(value: dict[str, Any]) -> dict[str, Any]:
+    return value
 
 
 @dataclass(frozen=True)
@@ -20,10 +29,19 @@ class Resource:
     group_version: str  # "v1" or "discovery.k8s.io/v1"
     namespaced: bool
     model: type[Any]
+    # Applied to a raw object before validation (EndpointSlice: FQDN slices).
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] = _unchanged
     adapter: TypeAdapter[Any] = field(init=False, repr=False, compare=False)
+    list_adapter: TypeAdapter[Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapter", TypeAdapter(self.model))
+        envelope = TypedDict(  # type: ignore[misc]  # noqa: UP013 (a name built at run time)
+            f"{self.kind}List",
+            {"metadata": ListMeta, "items": list[self.model] | None},  # type: ignore[name-defined]
+            total=False,
+        )
+        object.__setattr__(self, "list_adapter", TypeAdapter(envelope))
 
     @property
     def group(self) -> str:
@@ -48,12 +66,26 @@ class Resource:
         to the zero value), so an object rejected with nulls in it is tried once more
         without them; objects without nulls pay nothing for this."""
         try:
-            return self.adapter.validate_python(raw)
+            return self.adapter.validate_python(self.prepare(raw))
         except ValidationError:
             cleaned = without_nulls(raw)
             if cleaned is raw:
                 raise
-            return self.adapter.validate_python(cleaned)
+            return self.adapter.validate_python(self.prepare(cleaned))
+
+    def parse_list(self, body: bytes) -> tuple[list[Any], str, str]:
+        """(objects, resourceVersion, continue token) of a list response, validated straight
+        from the JSON: the fields the models leave out (managedFields, last-applied
+        annotations, ...) are skipped by the parser and never become Python objects. Raises
+        pydantic.ValidationError when any item is invalid (or the body is not JSON); the
+        caller then parses item by item to keep the valid ones."""
+        doc = self.list_adapter.validate_json(body)
+        meta = doc.get("metadata") or {}
+        return (
+            doc.get("items") or [],
+            meta.get("resourceVersion") or "",
+            meta.get("continue") or "",
+        )
 
 
 def without_nulls(value: Any) -> Any:
@@ -82,7 +114,12 @@ def without_nulls(value: Any) -> Any:
 
 SERVICES = Resource("services", "Service", "v1", True, Service)
 ENDPOINTSLICES = Resource(
-    "endpointslices", "EndpointSlice", "discovery.k8s.io/v1", True, EndpointSlice
+    "endpointslices",
+    "EndpointSlice",
+    "discovery.k8s.io/v1",
+    True,
+    EndpointSlice,
+    prepare=drop_fqdn_endpoints,
 )
 PODS = Resource("pods", "Pod", "v1", True, Pod)
 NAMESPACES = Resource("namespaces", "Namespace", "v1", False, Namespace)

@@ -7,7 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from kwatch.models import keep_reference_names
 from tests.apiserver import FakeApiServer
+
+
+@pytest.fixture(autouse=True)
+def _reference_names_kept() -> Iterator[None]:
+    """Every test starts with kwatch's default (endpoint targetRef names kept): a daemon
+    started in-process sets it for the whole process (kwatch.models.keep_reference_names)."""
+    keep_reference_names(True)
+    yield
+    keep_reference_names(True)
 
 
 @pytest.fixture

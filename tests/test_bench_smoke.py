@@ -131,3 +131,20 @@ def test_bench_dns_overload_quick(tmp_path: Path) -> None:
     assert "probe_flood:" in text
     doc = _json(tmp_path / "overload.json")
     assert doc["probe_flood"]["answered"] > 0 and set(doc["flood"]) == {"plain", "edns"}
+
+
+@pytest.mark.timeout(120)
+def test_bench_relist_quick(tmp_path: Path) -> None:
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    text = _run("bench.relist", "--json", str(tmp_path / "relist.json"))
+    assert "forced 410 relist" in text
+    doc = _json(tmp_path / "relist.json")
+    for daemon in ("dnsd", "kpx"):
+        figures = doc[daemon]
+        assert figures["peak_mb"] >= figures["steady_mb"] > 0
+        assert figures["ratio"] == pytest.approx(figures["peak_mb"] / figures["steady_mb"])
+    name = text.split("network namespace ", 1)[1].split()[0]
+    leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert name not in leftovers

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .authz import Rbac, Request
 from .discovery import document_for
 from .errors import ApiError, BadRequest, MethodNotAllowed, NotFound
 from .faults import FaultRule, Faults
@@ -74,11 +75,11 @@ def _flag(query: dict[str, str], name: str) -> bool:
     return query.get(name, "").lower() in ("true", "1")
 
 
-def _forbidden(route: Route, verb: str) -> ApiError:
+def _forbidden(route: Route, verb: str, user: str = "fake-user") -> ApiError:
     rtype = route.rtype
     scope = f'in the namespace "{route.namespace}"' if route.namespace else "at the cluster scope"
     return ApiError(
-        f'{rtype.resource} is forbidden: User "fake-user" cannot {verb} resource '
+        f'{rtype.resource} is forbidden: User "{user}" cannot {verb} resource '
         f'"{rtype.resource}" in API group "{rtype.group}" {scope}',
         code=403,
         details={"kind": rtype.resource, **({"name": route.name} if route.name else {})},
@@ -109,6 +110,9 @@ class ApiHandlers:
         self._token = token
         self._server_address = server_address
         self.bookmark_interval = bookmark_interval
+        # Set (FakeApiServer(rbac=...)) to authenticate service-account tokens and enforce
+        # RBAC on them; the admin token and the client certificate stay unrestricted.
+        self.rbac: Rbac | None = None
 
     # ---- pipeline -----------------------------------------------------------------------
 
@@ -147,6 +151,12 @@ class ApiHandlers:
             return fault_response(fault)
         if self.faults.is_forbidden(route.rtype.resource):
             raise _forbidden(route, verb)
+        if self.rbac is not None and record.user not in ("cert", "token"):
+            request_attrs = Request(
+                verb, route.rtype.group, route.rtype.resource, route.namespace, route.name
+            )
+            if not self.rbac.allows(record.user or "", request_attrs):
+                raise _forbidden(route, verb, record.user or "")
         return await self._dispatch(request, route, verb, record)
 
     def _authenticate(self, request: web.BaseRequest) -> str | None:
@@ -159,6 +169,8 @@ class ApiHandlers:
         expected = self._token().encode()
         if scheme.lower() == "bearer" and token and hmac.compare_digest(token, expected):
             return "token"
+        if scheme.lower() == "bearer" and token and self.rbac is not None:
+            return self.rbac.authenticate(token.decode(errors="replace"))
         return None
 
     def _non_resource(self, request: web.BaseRequest) -> web.Response:

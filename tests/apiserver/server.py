@@ -9,7 +9,7 @@ import socket
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
+from .authz import Rbac
 from .faults import Faults
 from .http import ApiHandlers
 from .records import RequestLog, RequestRecord
@@ -84,8 +85,13 @@ class FakeApiServer:
         *,
         host: str = "127.0.0.1",
         watch_queue_limit: int = 100_000,
+        rbac: Rbac | None = None,
+        server_names: Sequence[str] = (),
+        in_test_netns: bool = False,
     ) -> None:
-        if host not in ("127.0.0.1", "::1"):
+        # in_test_netns: the caller runs start() inside a network namespace it created, where
+        # any address is the test's own (tests/cluster binds the control-plane node's).
+        if host not in ("127.0.0.1", "::1") and not in_test_netns:
             raise ValueError("the fake API server only binds loopback addresses")
         self.token = token
         self.host = host
@@ -98,7 +104,7 @@ class FakeApiServer:
         self._dir = Path(tempfile.mkdtemp(prefix="fake-apiserver-"))
         # Remove the cert directory even for servers that are only ever stop()ped.
         self._cleanup_dir = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
-        self._tls = TlsMaterial(self._dir)
+        self._tls = TlsMaterial(self._dir, server_names)
         self._handlers = ApiHandlers(
             self._store,
             self._faults,
@@ -107,6 +113,7 @@ class FakeApiServer:
             server_address=lambda: f"{self._url_host}:{self._port}",
             bookmark_interval=bookmark_interval,
         )
+        self._handlers.rbac = rbac
         # Serializes start/stop against each other and against marshalled calls.
         self._lifecycle = threading.RLock()
         self._loop: asyncio.AbstractEventLoop | None = None

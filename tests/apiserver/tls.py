@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ class TlsMaterial:
     PEM files are written to `directory` so clients that only take paths can use them.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, server_names: Sequence[str] = ()) -> None:
         self.ca = trustme.CA(organization_name="fake-apiserver")
-        self._server = self.ca.issue_cert("127.0.0.1", "::1", "localhost")
+        # server_names: more SANs, for a server reached by a node name or a Service IP.
+        self._server = self.ca.issue_cert("127.0.0.1", "::1", "localhost", *server_names)
         # kube-apiserver maps a client cert's CN to the user and O to groups.
         self._client = self.ca.issue_cert(
             "fake-admin", common_name="fake-admin", organization_name="system:masters"

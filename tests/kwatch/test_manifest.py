@@ -145,12 +145,15 @@ def test_yaml_that_json_cannot_hold_is_skipped_as_invalid_and_dates_read_as_text
     mapping with integer keys cannot be copied and is reported invalid like any bad object,
     and an unquoted date in a label is read as the text it was written as."""
     path = tmp_path / "cluster.yaml"
+    proxy_label = "service.kubernetes.io/service-proxy-name"  # a label the models keep
     path.write_text(
-        SERVICE_A.replace("namespace: shop}", "namespace: shop, labels: {1: one}}")
+        SERVICE_A.replace("ports:", "selector: {1: one}, ports:")
         + "---\n"
-        + SERVICE_B_NO_NAMESPACE.replace("{name: b}", "{name: b, labels: {since: 2024-01-31}}")
+        + SERVICE_B_NO_NAMESPACE.replace(
+            "{name: b}", f"{{name: b, labels: {{{proxy_label}: 2024-01-31}}}}"
+        )
     )
     s = stores()
     assert ManifestSource(path, s).load()
     assert s[SERVICES].get("shop/a") is None
-    assert s[SERVICES].get("default/b").metadata.labels == {"since": "2024-01-31"}
+    assert s[SERVICES].get("default/b").metadata.labels == {proxy_label: "2024-01-31"}

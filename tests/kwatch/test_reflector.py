@@ -13,7 +13,7 @@ from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
 from kwatch.resources import ENDPOINTSLICES, SERVICES
 from kwatch.settings import AccessSettings
-from kwatch.store import EventType
+from kwatch.store import EventType, Store
 from tests.apiserver import FakeApiServer
 from tests.waiting import eventually
 
@@ -49,12 +49,12 @@ def keys(state: ClusterState) -> list[str]:
 
 
 async def test_initial_sync_lists_every_page_then_watches(api_server, kubeconfig, monkeypatch):
-    api_server.load([service(f"s{i:04d}", f"10.96.{i // 250}.{i % 250 + 1}") for i in range(1200)])
+    api_server.load([service(f"s{i:04d}", f"10.96.{i // 250}.{i % 250 + 1}") for i in range(250)])
     state = await started(kubeconfig)
     try:
         await asyncio.wait_for(state.wait_synced(), 10)
-        assert len(state.store(SERVICES)) == 1200
-        # 500 per page: three list requests for 1,200 objects, then one watch.
+        assert len(state.store(SERVICES)) == 250
+        # 100 per page: three list requests for 250 objects, then one watch.
         assert api_server.count("list", "services") == 3
         await eventually(lambda: api_server.count("watch", "services") == 1)
     finally:
@@ -120,6 +120,38 @@ async def test_compacted_history_relists_and_reports_objects_deleted_in_the_gap(
     api_server.clear_faults()
     await eventually(lambda: keys(state) == ["shop/keep", "shop/new"])
     assert deleted == ["shop/gone"]
+    assert api_server.count("list", "services") == 2
+
+
+async def test_relist_reuses_the_objects_it_already_holds(api_server, state, monkeypatch):
+    """Issue 14: a 410 relist hands the store the instance it already holds for every object
+    whose resourceVersion did not change, so it never keeps two copies of the store."""
+    api_server.create(service("same", "10.96.0.1"))
+    api_server.create(service("edited", "10.96.0.2"))
+    await asyncio.wait_for(state.wait_synced(), 5)
+    await eventually(lambda: keys(state) == ["shop/edited", "shop/same"])
+    store = state.store(SERVICES)
+    same, edited = store.get("shop/same"), store.get("shop/edited")
+    api_server.fail_next(10_000, status=503, verb="watch")
+    api_server.drop_watches()
+    await eventually(lambda: any(r.status == 503 for r in api_server.requests))
+    changed = service("edited", "10.96.0.2")
+    changed["spec"]["ports"][0]["port"] = 8080
+    api_server.update(changed)
+    relisted: list[dict] = []
+    replace = Store.replace
+
+    def recording(self: Store, objects: dict, resource_version: str = "") -> int:
+        relisted.append(dict(objects))
+        return replace(self, objects, resource_version)
+
+    monkeypatch.setattr(Store, "replace", recording)
+    api_server.compact()
+    api_server.clear_faults()
+    await eventually(lambda: store.get("shop/edited") is not edited)
+    assert relisted[0]["shop/same"] is same
+    assert relisted[0]["shop/edited"].spec.ports[0].port == 8080
+    assert store.get("shop/same") is same
     assert api_server.count("list", "services") == 2
 
 

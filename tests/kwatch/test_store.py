@@ -1,3 +1,6 @@
+from hypothesis import given
+from hypothesis import strategies as st
+
 from kwatch.resources import ENDPOINTSLICES, SERVICES
 from kwatch.store import EventType, Store, slice_service_key
 
@@ -72,6 +75,25 @@ def test_secondary_index_follows_updates_and_deletes():
     store.delete("ns/a-1")
     assert store.by_index("service", "ns/a") == []
     assert [s.metadata.name for s in store.by_index("service", "ns/b")] == ["a-2"]
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcd"), st.sampled_from(["x", "y", None])), max_size=40))
+def test_secondary_index_matches_a_plain_recount_after_any_changes(ops):
+    """The index keeps a lone key as a string and several as a set (memory): whatever the
+    order of upserts and deletes, it answers as a recount of the objects would."""
+    store = Store("endpointslices", {"service": slice_service_key})
+    slices = {name: {svc: eps(name, svc) for svc in "xy"} for name in "abcd"}
+    owner: dict[str, str] = {}
+    for name, svc in ops:
+        if svc is None:
+            store.delete(f"ns/{name}")
+            owner.pop(name, None)
+        else:
+            store.upsert(f"ns/{name}", slices[name][svc])
+            owner[name] = svc
+    for svc in "xy":
+        expected = sorted(n for n, s in owner.items() if s == svc)
+        assert [o.metadata.name for o in store.by_index("service", f"ns/{svc}")] == expected
 
 
 def test_failing_subscriber_does_not_stop_others():
