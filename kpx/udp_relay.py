@@ -6,7 +6,13 @@ Two ways in, as for TCP:
 - `serve_transparent(host, port)`: nftables `tproxy` hands every steered datagram to one
   IP_TRANSPARENT socket per family; IP_RECVORIGDSTADDR gives each datagram's original
   destination (the frontend). Answers leave from a transparent socket bound to exactly that
-  address and port (VIP:port, nodeIP:nodePort), one per frontend, never from a wildcard.
+  address and port (VIP:port, nodeIP:nodePort), one per frontend, never from a wildcard; that
+  socket is read too, for datagrams that reach the frontend address without tproxy (bridged
+  pods under br_netfilter: kpx/udp_nft.py).
+
+In transparent mode `source_address` (kpx/source.py's decision, shared with TCP) says whether a
+new session sends from the client's address; hairpin and endpoints on the client's own link
+get the node's.
 
 Per session (kpx/udp_sessions.py) one socket connected to the endpoint: its source port names
 the session, the kernel filters out strangers, and an ICMP error from the endpoint shows up as
