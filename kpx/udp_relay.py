@@ -63,6 +63,7 @@ log = structlog.get_logger("kpx.udp")
 BATCH = 32  # datagrams per recvmmsg/sendmmsg
 MAX_DATAGRAM = 65536  # buffer per datagram: the largest UDP payload (65,507 over IPv4) fits
 DRAIN_ROUNDS = 8  # batches per readiness callback before other sockets get their turn
+MAX_QUEUED_ANSWERS = 1024  # answers held for one sendmmsg per socket before sending at once
 CONTROL_SIZE = 64  # cmsghdr (16) + sockaddr_in6 (28), aligned
 SOCKET_BUFFER = 4 << 20  # SO_RCVBUF asked for on client-facing sockets (bursts)
 
@@ -205,6 +206,9 @@ class UdpRelay:
         # datagram, marked and routed locally: kpx/udp_nft.py) arrives on it.
         self._reply_socks: dict[tuple[str, int], UdpListener] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        # Endpoint answers read this turn of the loop: (client-facing socket, data, client).
+        self._answers: list[tuple[UdpListener, bytes, bytes]] = []
+        self._flush_scheduled = False
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -415,8 +419,8 @@ class UdpRelay:
             self.stats.sessions_evicted += 1
             self._close(evicted)
         backend = candidates[0]
-        reply_fd = listener.fd if listener.frontend is not None else self._reply_fd(frontend)
-        if reply_fd < 0:
+        reply = listener if listener.frontend is not None else self.frontend_socket(frontend)
+        if reply is None:
             drops["socket_error"] += 1
             return None
         new = Session(key, name, client_ip, frontend, backend, picker, self.epoch, now)
@@ -448,15 +452,11 @@ class UdpRelay:
             return None
         new.sock = sock
         new.fd = sock.fileno()
-        new.reply_fd = reply_fd
+        new.reply = reply
         self.loop.add_reader(new.fd, self._on_backend_readable, new)
         self.sessions.add(new)
         self.stats.sessions_created += 1
         return new
-
-    def _reply_fd(self, frontend: tuple[str, int]) -> int:
-        listener = self.frontend_socket(frontend)
-        return -1 if listener is None else listener.fd
 
     def frontend_socket(self, frontend: tuple[str, int]) -> UdpListener | None:
         """The transparent socket bound to exactly `frontend` (VIP:port, LB IP:port): answers
@@ -489,30 +489,55 @@ class UdpRelay:
     # -- endpoint -> client (hot path) ---------------------------------------------------------
 
     def _on_backend_readable(self, session: Session) -> None:
-        rx, tx = self._backend_rx, self._tx
-        stats = self.stats
+        """Queue the endpoint's answers; `_flush_answers` sends everything queued in this turn
+        of the event loop with one sendmmsg per client-facing socket (many sessions of one
+        frontend answer through the same socket)."""
+        rx = self._backend_rx
+        queued = self._answers
+        reply, name = session.reply, session.name
         for _ in range(DRAIN_ROUNDS):
             n = rx.recv(session.fd)
             if n <= 0:
                 if n < 0:
                     self._backend_failed(session, OSError(-n, "receive failed"))
-                return
-            size = 0
+                break
             for i in range(n):
                 if rx.truncated(i):
-                    stats.drops["truncated"] += 1
+                    self.stats.drops["truncated"] += 1
                     continue
-                data = rx.data(i)
-                size += len(data)
-                tx.add(data, session.name)
-            sent, failed = tx.flush(session.reply_fd)
+                queued.append((reply, rx.data(i).tobytes(), name))
             session.last = self._clock()
-            stats.datagrams_to_client += sent
-            stats.bytes_to_client += size if not failed else 0
-            if failed:
-                stats.drops["client_send_failed"] += failed
             if n < rx.batch:
-                return
+                break
+        if len(queued) >= MAX_QUEUED_ANSWERS:
+            self._flush_answers()
+        elif queued and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_answers)
+
+    def _flush_answers(self) -> None:
+        self._flush_scheduled = False
+        queued, self._answers = self._answers, []
+        groups: dict[int, list[tuple[UdpListener, bytes, bytes]]] = {}
+        for answer in queued:
+            groups.setdefault(id(answer[0]), []).append(answer)
+        tx, stats = self._tx, self.stats
+        for answers in groups.values():
+            fd = answers[0][0].sock.fileno()
+            if fd < 0:  # the frontend's socket closed meanwhile (its sessions ended)
+                stats.drops["client_send_failed"] += len(answers)
+                continue
+            for start in range(0, len(answers), tx.batch):
+                chunk = answers[start : start + tx.batch]
+                size = 0
+                for _reply, data, name in chunk:
+                    tx.add(data, name)
+                    size += len(data)
+                sent, failed = tx.flush(fd)
+                stats.datagrams_to_client += sent
+                stats.bytes_to_client += size if not failed else 0
+                if failed:
+                    stats.drops["client_send_failed"] += failed
 
     def _backend_failed(self, session: Session, exc: OSError) -> None:
         """An error on the session's endpoint socket: ICMP unreachable (the endpoint is put in

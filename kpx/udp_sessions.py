@@ -30,7 +30,7 @@ _EVICT_FRACTION = 16
 
 
 class Session:
-    """One client of one frontend. `sock`/`fd`/`reply_fd` belong to the relay."""
+    """One client of one frontend. `sock`/`fd`/`reply` belong to the relay."""
 
     __slots__ = (
         "backend",
@@ -43,7 +43,7 @@ class Session:
         "last",
         "name",
         "picker",
-        "reply_fd",
+        "reply",
         "sock",
     )
 
@@ -68,7 +68,7 @@ class Session:
         self.last = now  # monotonic time of the last datagram either way
         self.sock: Any = None
         self.fd = -1
-        self.reply_fd = -1
+        self.reply: Any = None  # the client-facing socket answers leave from
 
 
 class SessionTable:
