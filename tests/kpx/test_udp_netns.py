@@ -410,12 +410,14 @@ asyncio.run(main())
 # Answers `<the sender's address>` so the test sees whose address the backend saw.
 UDP_PEER = r"""
 import socket
-srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-srv.bind(("0.0.0.0", 5353))
+srv = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+srv.bind(("::", 5353))
 print("ready", flush=True)
 while True:
     data, peer = srv.recvfrom(65535)
-    srv.sendto(b"seen|" + peer[0].encode() + b"|" + data, peer)
+    seen = peer[0].removeprefix("::ffff:")
+    srv.sendto(b"seen|" + seen.encode() + b"|" + data, peer)
 """
 
 

@@ -22,18 +22,22 @@ from tests.kpx.test_udp_netns import UDP_PEER
 from tests.waiting import wait_for
 
 
-def _udp_slice(service: str, pods: list[ClusterPod]) -> dict[str, Any]:
+def _udp_slice(service: str, pods: list[ClusterPod], family: int = 4) -> dict[str, Any]:
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {
-            "name": f"{service}-4",
+            "name": f"{service}-{family}",
             "namespace": "default",
             "labels": {"kubernetes.io/service-name": service},
         },
-        "addressType": "IPv4",
+        "addressType": f"IPv{family}",
         "endpoints": [
-            {"addresses": [p.ipv4], "nodeName": f"n{p.node}", "conditions": {"ready": True}}
+            {
+                "addresses": [p.ipv4 if family == 4 else p.ipv6],
+                "nodeName": f"n{p.node}",
+                "conditions": {"ready": True},
+            }
             for p in pods
         ],
         "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}],
@@ -42,7 +46,7 @@ def _udp_slice(service: str, pods: list[ClusterPod]) -> dict[str, Any]:
 
 def udp_ask(pod: Netns, ip: str, port: int = 53) -> str:
     """The address the endpoint saw, checking the answer came from ip:port; or "timeout"."""
-    sock = pod.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = pod.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM)
     sock.settimeout(1.0)
     try:
         sock.sendto(b"q", (ip, port))
@@ -51,7 +55,7 @@ def udp_ask(pod: Netns, ip: str, port: int = 53) -> str:
         return "timeout"
     finally:
         sock.close()
-    assert source == (ip, port), source
+    assert source[:2] == (ip, port), source
     seen, _, echoed = data.removeprefix(b"seen|").partition(b"|")
     assert echoed == b"q"
     return seen.decode()
@@ -71,8 +75,9 @@ def test_udp_endpoints_see_whom_kube_proxy_would_show_them(
     a1, a2, b1 = pods["a1"], pods["a2"], pods["b1"]
     dns = [{"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}]
     docs = [
-        _service("remote", ["10.96.0.80"], ports=dns),
+        _service("remote", ["10.96.0.80", "fd00:96::80"], ports=dns),
         _udp_slice("remote", [b1]),
+        _udp_slice("remote", [b1], 6),
         _service("local", ["10.96.0.81"], ports=dns),
         _udp_slice("local", [a2]),
         _service("hairpin", ["10.96.0.82"], ports=dns),
@@ -93,7 +98,8 @@ def test_udp_endpoints_see_whom_kube_proxy_would_show_them(
         ),
         _udp_slice("cluster-np", [b1]),
     ]
-    docs[6]["status"] = {"loadBalancer": {"ingress": [{"ip": LB_V4}]}}
+    lb = next(d for d in docs if d["metadata"]["name"] == "local-lb" and d["kind"] == "Service")
+    lb["status"] = {"loadBalancer": {"ingress": [{"ip": LB_V4}]}}
     (workdir / "cluster.yaml").write_text(yaml.safe_dump_all(docs))
     kpx = Kpx(cluster, workdir)
     node_addresses = cluster.node_addresses(1)
@@ -101,6 +107,7 @@ def test_udp_endpoints_see_whom_kube_proxy_would_show_them(
         # Pod -> ClusterIP, endpoint on the other node: the pod's own address.
         assert wait_for(lambda: udp_ask(a1, "10.96.0.80") != "timeout", timeout=20)
         assert udp_ask(a1, "10.96.0.80") == a1.ipv4
+        assert wait_for(lambda: udp_ask(a1, "fd00:96::80") == a1.ipv6)  # IPv6 alike
         # An endpoint on the same node (its own routed veth, as with Calico or ptp): the same.
         assert udp_ask(a1, "10.96.0.81") == a1.ipv4
         # Hairpin, the pod reaching itself: the node's address, as for TCP.
