@@ -51,6 +51,10 @@ class PodMeta:
     namespace: InternedStr = ""
     resource_version: str = Field(default="", alias="resourceVersion")
 
+    @property
+    def key(self) -> str:  # the store's key, as kwatch.models.ObjectMeta's
+        return f"{self.namespace}/{self.name}"
+
 
 @dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)
 class PodAddress:

@@ -72,6 +72,7 @@ KEPT_LABELS = frozenset(
     {
         "kubernetes.io/service-name",  # EndpointSlice -> Service
         "multicluster.kubernetes.io/service-name",  # EndpointSlice -> ServiceImport (MCS API)
+        "multicluster.kubernetes.io/source-cluster",  # MCS: the cluster an endpoint lives in
         "service.kubernetes.io/service-proxy-name",  # kpx: Services another proxy handles
         "service.kubernetes.io/headless",  # kpx: slices of headless Services
         "topology.kubernetes.io/zone",  # Node zone (topology hints)
