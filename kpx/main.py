@@ -163,13 +163,18 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         same_link=shared_links,
     )
     collector = register_proxy_stats(proxy.stats)
-    health = ProxierHealth(settings.health_timeout, alive=supervisor.liveness)
+    # The UDP syncer tracks its own queued/applied changes: a UDP table kept failing must make
+    # /healthz fail although the TCP syncer succeeds.
+    udp_health = ProxierHealth(settings.health_timeout)
+    health = ProxierHealth(
+        settings.health_timeout, alive=_alive_with_udp(supervisor.liveness, udp_health)
+    )
     stores = (state.store(SERVICES), state.store(ENDPOINTSLICES), state.store(NODES))
     udp = UdpPath(
         settings,
         stores,
         local_clients,
-        health,
+        udp_health,
         transparent,
         shared_links,
         on_synced=lambda: supervisor.mark_healthy("kpx-sync-udp"),
@@ -348,6 +353,20 @@ def _primary_cidrs(nodes: Store[Any], node_name: str) -> list[str]:
     else:
         log.info("nodeport_addresses_primary", addresses=found)
     return found
+
+
+def _alive_with_udp(
+    liveness: Callable[[], tuple[bool, str]], udp_health: ProxierHealth
+) -> Callable[[], tuple[bool, str]]:
+    """The supervisor's liveness, failing too while a UDP change waits past the timeout."""
+
+    def alive() -> tuple[bool, str]:
+        ok, text = liveness()
+        if ok and not udp_health.healthy():
+            return False, "a queued UDP change waited longer than the health timeout"
+        return ok, text
+
+    return alive
 
 
 async def _housekeeping(

@@ -225,3 +225,22 @@ def test_a_udp_only_local_policy_load_balancer_keeps_its_health_check_and_local_
     (port,) = udp.ports
     assert [b.ip for b in port.backends[("external", 4)]] == ["10.1.0.1"]  # local only
     assert sorted(b.ip for b in port.backends[("internal", 4)]) == ["10.1.0.1", "10.1.0.2"]
+
+
+def test_a_udp_change_waiting_too_long_makes_kpx_unhealthy():
+    from kpx.health import ProxierHealth
+    from kpx.main import _alive_with_udp
+
+    now = [1000.0]
+    udp_health = ProxierHealth(60, clock=lambda: now[0])
+    health = ProxierHealth(
+        60, clock=lambda: now[0], alive=_alive_with_udp(lambda: (True, ""), udp_health)
+    )
+    health.updated()  # the TCP syncer keeps succeeding
+    udp_health.queued()  # a UDP change is queued and its sync keeps failing
+    now[0] += 30
+    assert health.healthy()
+    now[0] += 31
+    assert not health.healthy()
+    udp_health.updated()
+    assert health.healthy()
