@@ -128,7 +128,8 @@ def python_calls(chain: Chain, args: Any) -> dict[str, Any]:
     from kpx.balancer import FailureTracker, RoundRobinPicker
     from kpx.proxy import Proxy
 
-    picker = RoundRobinPicker(time.monotonic, random.Random(1), FailureTracker(time.monotonic), None)
+    failures = FailureTracker(time.monotonic)
+    picker = RoundRobinPicker(time.monotonic, random.Random(1), failures, None)
     picker.set_backends([Backend(SERVER_IP, HTTP_PORT)])
 
     class Frontends:
@@ -137,18 +138,18 @@ def python_calls(chain: Chain, args: Any) -> dict[str, Any]:
 
     profile = cProfile.Profile()
     ready = threading.Event()
-    done = threading.Event()
     port_box: list[int] = []
     loop_box: list[asyncio.AbstractEventLoop] = []
+    done_box: list[asyncio.Event] = []
 
     async def serve() -> None:
+        done_box.append(asyncio.Event())
         proxy = Proxy(Frontends())
         listener = await proxy.serve_port(NODE_CLIENT_SIDE_IP, 0, KPX_VIP, 80)
         port_box.append(listener.port)
         loop_box.append(asyncio.get_running_loop())
         ready.set()
-        while not done.is_set():
-            await asyncio.sleep(0.05)
+        await done_box[0].wait()
         await proxy.stop()
 
     def loop_thread() -> None:
@@ -166,7 +167,7 @@ def python_calls(chain: Chain, args: Any) -> dict[str, Any]:
     _in_loop(loop_box[0], profile.enable)
     run_client(chain, NODE_CLIENT_SIDE_IP, port, args.conns)
     _in_loop(loop_box[0], profile.disable)
-    done.set()
+    _in_loop(loop_box[0], done_box[0].set)
     thread.join(10)
     stats = pstats.Stats(profile)
     if args.pstats:

@@ -236,6 +236,9 @@ class Proxy:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Accepted sockets inherit TCP_NODELAY from the listener: one setsockopt per
+            # listener instead of one per connection.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if family == socket.AF_INET6:
                 # One listener per family: "::" and "0.0.0.0" can then share a port, so both
                 # families' redirect rules can point at the same `redirect to :PORT`.
@@ -359,7 +362,6 @@ class Proxy:
             log.debug("frontend_without_endpoints", frontend_ip=frontend_ip, port=frontend[1])
             reset_socket(client)
             return None
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return Dial(self, client, client_ip, picker, candidates)
 
     def _refuse_over_limit(self, client: socket.socket) -> None:
@@ -377,8 +379,14 @@ class Proxy:
             self._limit_logged_at = now
             self._limit_hits_unlogged = 0
 
-    def _end_dial(self, dial: Dial, backend_sock: socket.socket | None) -> None:
-        """The connect phase is over: relay on success, reset the client otherwise."""
+    def _end_dial(
+        self, dial: Dial, backend_sock: socket.socket | None, watched: bool = False
+    ) -> None:
+        """The connect phase is over: relay on success, reset the client otherwise. `watched`:
+        the loop still watches `backend_sock` for writability (the connect's readiness); it
+        is dropped only once the relay watches the socket for reading, so the event loop
+        changes its registration instead of dropping and re-creating it (uvloop pays about
+        seven epoll_ctl/ioctl calls for each poll handle it creates and closes)."""
         self._dials.discard(dial)
         if backend_sock is None:
             reset_socket(dial.client)
@@ -395,6 +403,8 @@ class Proxy:
             # The backend was removed while this connect ran and its drain deadline has passed
             # since: the connection would outlive the deadline, so it ends like the others.
             self.stats.drain_resets += 1
+            if watched:
+                self.loop.remove_writer(backend_sock.fileno())
             reset_socket(backend_sock)
             reset_socket(dial.client)
             self._connection_closed()
@@ -412,6 +422,9 @@ class Proxy:
             if draining is not None:
                 draining.add(relay)
         relay.start()
+        if watched:
+            self.loop.remove_writer(backend_sock.fileno())
+        relay.read_client()
 
     def _on_relay_closed(self, relay: Relay) -> None:
         self._relays.discard(relay)

@@ -224,11 +224,15 @@ class _Direction:
     def pass_eof(self) -> None:
         """Half-close: src said it will send no more, so tell dst the same, and keep the
         other direction running."""
-        try:
-            self.dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.relay.abort()  # ENOTCONN: dst was reset meanwhile
-            return
+        relay = self.relay
+        # The other direction ended already: the relay now closes both sockets, and the close
+        # sends this FIN (dst's receive queue is empty, it gave EOF), so no shutdown call.
+        if not (relay._up.done or relay._down.done):
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                relay.abort()  # ENOTCONN: dst was reset meanwhile
+                return
         self.done = True
         self.relay.direction_done()
 
@@ -296,6 +300,14 @@ class Relay:
     def start(self) -> None:
         self._up.start_reading()
         self._down.start_reading()
+
+    def read_client(self) -> None:
+        """Relay what the client sent already, without waiting for the loop to report it:
+        most clients send their first bytes (an HTTP request, a TLS ClientHello) while the
+        backend connect runs, so this saves a loop wake-up per connection. When the client
+        sent nothing (a server-speaks-first protocol) it costs one splice (EAGAIN)."""
+        if not self.closed and self._up.reading:
+            self._up.on_readable()
 
     def direction_done(self) -> None:
         if self._up.done and self._down.done:
