@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import json
 import os
 import pstats
@@ -164,9 +165,11 @@ def python_calls(chain: Chain, args: Any) -> dict[str, Any]:
     port = port_box[0]
     run_client(chain, NODE_CLIENT_SIDE_IP, port, 200)
     # cProfile hooks the thread that enables it: switch it on and off from the loop thread.
+    gc_before = gc.get_stats()
     _in_loop(loop_box[0], profile.enable)
     run_client(chain, NODE_CLIENT_SIDE_IP, port, args.conns)
     _in_loop(loop_box[0], profile.disable)
+    gc_after = gc.get_stats()
     _in_loop(loop_box[0], done_box[0].set)
     thread.join(10)
     stats = pstats.Stats(profile)
@@ -176,6 +179,16 @@ def python_calls(chain: Chain, args: Any) -> dict[str, Any]:
     top = sorted(stats.stats.items(), key=lambda kv: -kv[1][1])[:15]  # type: ignore[attr-defined]
     result = {
         "python_calls_per_conn": total / args.conns,
+        # Cyclic garbage the collector had to find, and its runs, per connection: objects
+        # that reference counting alone would have freed at once cost nothing here.
+        "gc_collected_per_conn": sum(
+            a["collected"] - b["collected"] for a, b in zip(gc_after, gc_before, strict=True)
+        )
+        / args.conns,
+        "gc_runs_per_1000_conns": [
+            round((a["collections"] - b["collections"]) * 1000 / args.conns, 2)
+            for a, b in zip(gc_after, gc_before, strict=True)
+        ],
         "top": {f"{k[2]} ({Path(k[0]).name}:{k[1]})": round(v[1] / args.conns, 2) for k, v in top},
     }
     print("kpx python calls " + json.dumps(result, indent=1))

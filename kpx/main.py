@@ -12,6 +12,7 @@ remove the rules (only rules this process wrote), exit.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import sys
@@ -186,6 +187,12 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
                 await syncer.sync_once()
             except Exception as err:  # run() below retries
                 log.error("sync_failed", problem=str(err) or type(err).__name__)
+            # What is alive now (modules, every store's first list) lives about as long as the
+            # process: collect the start-up garbage, then keep the rest out of every later
+            # collection, so a full collection walks only what changed since (the data path
+            # itself makes no cyclic garbage: tests/kpx/test_proxy_gc.py).
+            gc.collect()
+            gc.freeze()
             release_free_memory()
             # Listen only once the table is filled: until then a redirected client is refused
             # by the kernel (nothing listens yet) rather than accepted and reset for an

@@ -329,6 +329,10 @@ class Relay:
         for direction in (self._up, self._down):
             direction.unregister()
             direction.drop_pipe()
+            # Break the relay <-> direction reference cycle: reference counting frees the
+            # connection's objects now, so the data path gives the cyclic garbage collector
+            # nothing to do and never triggers its full collections (latency spikes).
+            del direction.relay
         if reset:
             reset_socket(self.client)
             reset_socket(self.backend)
