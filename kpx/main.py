@@ -37,6 +37,7 @@ from kpx.nft import NftWriter
 from kpx.ports import PortsWriter
 from kpx.proxy import Proxy
 from kpx.settings import KpxSettings
+from kpx.stalls import GcPauses, LoopLag
 from kpx.sync import RuleSyncer, SteeringWriter
 from kpx.table import ServiceTable
 from kwatch.cluster import ClusterState
@@ -105,6 +106,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         idle_timeout=settings.idle_timeout,
     )
     collector = register_proxy_stats(proxy.stats)
+    gc_pauses, loop_lag = GcPauses(), LoopLag(asyncio.get_running_loop())
     health = ProxierHealth(settings.health_timeout)
     writer: SteeringWriter
     ports_writer: PortsWriter | None = None
@@ -194,6 +196,8 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
             gc.collect()
             gc.freeze()
             release_free_memory()
+            gc_pauses.install()
+            loop_lag.start()
             # Listen only once the table is filled: until then a redirected client is refused
             # by the kernel (nothing listens yet) rather than accepted and reset for an
             # unknown frontend.
@@ -236,6 +240,8 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         await metrics_server.stop()
         await healthz.stop()
         REGISTRY.unregister(collector)
+        loop_lag.stop()
+        gc_pauses.uninstall()
         log.info("kpx_stopped")
     return status
 
