@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import resource
@@ -427,7 +428,9 @@ def measure_mode(
     gb = eight["bytes"] / 1e9
     seconds = max(1, int(args.duration)) if not args.bulk_mb else 1
     conn = wrk(chain, mode, args.conns, True, seconds, args.load_cpus)
+    before = kpx_stalls(chain) if mode == "kpx" else {}
     req = wrk(chain, mode, 1, False, seconds, args.load_cpus)
+    after = kpx_stalls(chain) if mode == "kpx" else {}
     return {
         "gbps_1": one["gbps"],
         "gbps_8": eight["gbps"],
@@ -440,7 +443,40 @@ def measure_mode(
         "req_p50_ms": req["p50_ms"],
         "req_p99_ms": req["p99_ms"],
         "proxy_rss_mb": rss_mb([proxy_pid]) if proxy_pid else nan,
+        # What held kpx's loop during the small-request pass (kpx/stalls.py; NaN elsewhere):
+        # collector runs, lag samples over 5 ms, and a bound on the longest lag seen.
+        "req_gc_runs": after.get("gc_runs", nan) - before.get("gc_runs", nan),
+        "req_lag_over_5ms": after.get("lag_over_5ms", nan) - before.get("lag_over_5ms", nan),
+        "req_lag_max_ms_below": lag_bound_ms(before, after),
     }
+
+
+def kpx_stalls(chain: Chain) -> dict[str, Any]:
+    """kpx's stall histograms (kpx_gc_pause_seconds, kpx_event_loop_lag_seconds), scraped."""
+    with chain.node.entered(), urllib.request.urlopen(f"http://{KPX_METRICS}/metrics") as resp:
+        text = resp.read().decode()
+    gc_runs = sum(
+        float(m.group(1))
+        for m in re.finditer(r"^kpx_gc_pause_seconds_count\{.*\} (\S+)$", text, re.M)
+    )
+    buckets = {
+        float(m.group(1)): float(m.group(2))
+        for m in re.finditer(
+            r'^kpx_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M
+        )
+    }
+    total = buckets.get(math.inf, 0.0)
+    return {"gc_runs": gc_runs, "lag_over_5ms": total - buckets.get(0.005, 0.0), "lag": buckets}
+
+
+def lag_bound_ms(before: dict[str, Any], after: dict[str, Any]) -> float:
+    """The smallest lag bucket bound holding every sample taken between the two scrapes."""
+    if not before or not after:
+        return float("nan")
+    grown = {le: after["lag"][le] - before["lag"].get(le, 0.0) for le in after["lag"]}
+    total = grown.get(math.inf, 0.0)
+    bounds = [le for le, n in sorted(grown.items()) if n >= total]
+    return bounds[0] * 1000 if bounds and total else float("nan")
 
 
 def hold_idle(chain: Chain, mode: str, count: int, pid: int) -> dict[str, float]:

@@ -715,7 +715,12 @@ PROXY_ROWS = (
     ("req_p50_ms", "small request p50 (ms)", "{:.3f}"),
     ("req_p99_ms", "small request p99 (ms)", "{:.3f}"),
     ("proxy_rss_mb", "proxy RSS after the passes (MB)", "{:.1f}"),
+    ("req_gc_runs", "kpx GC runs in the small-request pass", "{:,.0f}"),
+    ("req_lag_over_5ms", "kpx loop-lag samples over 5 ms in that pass", "{:,.0f}"),
+    ("req_lag_max_ms_below", "kpx longest loop lag in that pass, below (ms)", "{:g}"),
 )
+# kpx-only figures (what held its loop): no ratio to a peer.
+KPX_ONLY_ROWS = ("req_gc_runs", "req_lag_over_5ms", "req_lag_max_ms_below")
 
 
 def _fmt(pattern: str, value: Any) -> str:
@@ -870,7 +875,7 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
         rows = [
             [label, *(f_ratio(num((ratios[p] or {}).get(key))) for p in peers)]
             for key, label, _ in PROXY_ROWS
-            if key not in ("conn_errors", "proxy_rss_mb")
+            if key not in ("conn_errors", "proxy_rss_mb", *KPX_ONLY_ROWS)
         ]
         r.add(table(["ratio (median of per-run)", *(f"kpx / {p}" for p in peers)], rows))
     per_run = per_run_rows(
@@ -886,7 +891,9 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
     r.add("Per run (8-stream throughput, new connections/s, small-request p99):\n")
     r.add(table(["run", *modes], per_run))
     if "haproxy" in modes and "kpx" in modes:
-        keys = [(k, label) for k, label, _ in PROXY_ROWS if k not in ("conn_errors",)]
+        keys = [
+            (k, label) for k, label, _ in PROXY_ROWS if k not in ("conn_errors", *KPX_ONLY_ROWS)
+        ]
         rows = [
             [label, *(f_ratio(v) for v in run_ratios(proxy, "kpx", "haproxy", key))]
             for key, label in keys
