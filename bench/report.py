@@ -886,9 +886,18 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
             f"{_fmt('{:.2f}', one.get('gbps_8'))} Gbit/s, "
             f"{_fmt('{:,.0f}', one.get('conn_per_s'))} conn/s, "
             f"p99 {_fmt('{:.3f}', one.get('req_p99_ms'))} ms"
+            + (
+                f", {_fmt('{:.0f}', one.get('req_gc_runs'))} GC runs, "
+                f"{_fmt('{:.0f}', one.get('req_lag_over_5ms'))} lags > 5 ms"
+                if finite(num(one.get("req_gc_runs")))
+                else ""
+            )
         ),
     )
-    r.add("Per run (8-stream throughput, new connections/s, small-request p99):\n")
+    r.add(
+        "Per run (8-stream throughput, new connections/s, small-request p99; for kpx what held "
+        "its loop in that pass: collector runs, loop-lag samples over 5 ms):\n"
+    )
     r.add(table(["run", *modes], per_run))
     if "haproxy" in modes and "kpx" in modes:
         keys = [
