@@ -106,7 +106,9 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         idle_timeout=settings.idle_timeout,
     )
     collector = register_proxy_stats(proxy.stats)
-    gc_pauses, loop_lag = GcPauses(), LoopLag(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    gc_pauses = GcPauses(on_slow_full=lambda: loop.call_soon_threadsafe(gc.freeze))
+    loop_lag = LoopLag(loop)
     health = ProxierHealth(settings.health_timeout)
     writer: SteeringWriter
     ports_writer: PortsWriter | None = None

@@ -48,3 +48,27 @@ def test_a_blocked_loop_shows_as_lag(run: Runner[None]) -> None:
         assert late - over_100ms >= 1  # the tick due during the 300 ms hold
 
     run(scenario())
+
+
+def test_a_slow_full_collection_asks_for_its_survivors_to_be_frozen() -> None:
+    calls: list[int] = []
+    pauses = GcPauses(on_slow_full=lambda: calls.append(1), refreeze_after=0.0)
+    pauses.install()
+    try:
+        gc.collect(0)
+        assert calls == []  # a young collection is no reason
+        gc.collect()
+        assert calls == [1]
+    finally:
+        pauses.uninstall()
+
+
+def test_a_quick_full_collection_leaves_the_heap_alone() -> None:
+    calls: list[int] = []
+    pauses = GcPauses(on_slow_full=lambda: calls.append(1), refreeze_after=60.0)
+    pauses.install()
+    try:
+        gc.collect()
+    finally:
+        pauses.uninstall()
+    assert calls == []
