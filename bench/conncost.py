@@ -164,6 +164,11 @@ def python_calls(chain: Chain, args: Any) -> dict[str, Any]:
     ready.wait(10)
     port = port_box[0]
     run_client(chain, NODE_CLIENT_SIDE_IP, port, 200)
+    if args.callgrind_child:  # run under callgrind by `--instructions`: one pass, then exit
+        run_client(chain, NODE_CLIENT_SIDE_IP, port, args.conns)
+        _in_loop(loop_box[0], done_box[0].set)
+        thread.join(30)
+        return {}
     # cProfile hooks the thread that enables it: switch it on and off from the loop thread.
     gc_before = gc.get_stats()
     _in_loop(loop_box[0], profile.enable)
@@ -195,6 +200,73 @@ def python_calls(chain: Chain, args: Any) -> dict[str, Any]:
     return result
 
 
+def callgrind_total(path: Path) -> float:
+    """Instructions executed (Ir), from a callgrind output file."""
+    m = re.search(r"^(?:totals|summary): (\d+)", path.read_text(), re.M)
+    if m is None:
+        raise RuntimeError(f"no totals in {path}")
+    return float(m.group(1))
+
+
+def valgrind(out: Path) -> list[str]:
+    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+
+
+def haproxy_instructions(chain: Chain, tmp: Path, conns: int) -> float:
+    """Every instruction haproxy ran from start to exit with `conns` connections (+1 probe)."""
+    out = tmp / f"haproxy-{conns}.callgrind"
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    haproxy = chain.node.popen(
+        *valgrind(out), "haproxy", "-db", "-f", str(tmp / "haproxy.cfg"), **quiet
+    )
+    deadline = time.monotonic() + 120
+    while True:  # refused until it listens: those never reach haproxy's code
+        try:
+            run_client(chain, NODE_CLIENT_SIDE_IP, HAPROXY_HTTP, 1)
+            break
+        except (OSError, RuntimeError, subprocess.CalledProcessError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    run_client(chain, NODE_CLIENT_SIDE_IP, HAPROXY_HTTP, conns)
+    haproxy.terminate()
+    haproxy.wait(120)
+    return callgrind_total(out)
+
+
+def kpx_instructions(tmp: Path, conns: int) -> float:
+    """Every instruction of this script's --only-python pass (kpx's data path in-process, 200
+    warm-up connections, then `conns`), from start to exit, under callgrind."""
+    out = tmp / f"kpx-{conns}.callgrind"
+    argv = [sys.executable, "-m", "bench.conncost", "--only-python", "--callgrind-child"]
+    subprocess.run(
+        [*valgrind(out), *argv, "--conns", str(conns)],
+        check=True,
+        timeout=1800,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return callgrind_total(out)
+
+
+def instructions(chain: Chain, tmp: Path, args: Any) -> dict[str, float]:
+    """User-space instructions per connection, exact whatever else the machine does: each
+    program run twice under callgrind, with `--conns` and with 4x as many connections; the
+    difference over the extra connections cancels start-up and exit. The kernel's share is
+    not counted (see the syscalls)."""
+    few, many = args.conns, 4 * args.conns
+    result = {
+        "haproxy_instructions_per_conn": (
+            haproxy_instructions(chain, tmp, many) - haproxy_instructions(chain, tmp, few)
+        )
+        / (many - few),
+        "kpx_instructions_per_conn": (kpx_instructions(tmp, many) - kpx_instructions(tmp, few))
+        / (many - few),
+    }
+    print("user-space instructions " + json.dumps(result))
+    return result
+
+
 def _in_loop(loop: asyncio.AbstractEventLoop, call: Any) -> None:
     """Run `call` on the loop's thread and wait for it."""
     finished = threading.Event()
@@ -215,6 +287,10 @@ def main() -> None:
     parser.add_argument("--only-python", action="store_true", help="just --python-calls")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--pstats", metavar="PATH", help="with --python-calls: save the profile")
+    parser.add_argument(
+        "--instructions", action="store_true", help="only user-space instructions (callgrind)"
+    )
+    parser.add_argument("--callgrind-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     reason = netns_unavailable()
     if reason:
@@ -229,21 +305,25 @@ def main() -> None:
             json.dumps({"apiVersion": "v1", "kind": "List", "items": bench_objects()})
         )
         chain.server.popen("haproxy", "-db", "-f", str(tmp / "origin.cfg"), **quiet)
-        haproxy = chain.node.popen("haproxy", "-db", "-f", str(tmp / "haproxy.cfg"), **quiet)
-        kpx = start_kpx(chain, ["--manifests", str(tmp / "manifests")], tmp, "kpx", 60)
-        time.sleep(0.5)
         doc: dict[str, Any] = {"conns": args.conns}
-        if not args.only_python:
+        if args.instructions:
+            doc["instructions"] = instructions(chain, tmp, args)
+        elif args.only_python:
+            doc["kpx_python"] = python_calls(chain, args)
+        else:
+            haproxy = chain.node.popen("haproxy", "-db", "-f", str(tmp / "haproxy.cfg"), **quiet)
+            kpx = start_kpx(chain, ["--manifests", str(tmp / "manifests")], tmp, "kpx", 60)
+            time.sleep(0.5)
             doc["haproxy"] = measure(
                 chain, "haproxy", haproxy.pid, NODE_CLIENT_SIDE_IP, HAPROXY_HTTP, args
             )
             doc["kpx"] = measure(chain, "kpx", kpx.pid, KPX_VIP, 80, args)
-        if args.python_calls or args.only_python:
-            doc["kpx_python"] = python_calls(chain, args)
+            if args.python_calls:
+                doc["kpx_python"] = python_calls(chain, args)
+            os.kill(kpx.pid, signal.SIGTERM)
+            kpx.wait(30)
         if args.json:
             Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
-        os.kill(kpx.pid, signal.SIGTERM)
-        kpx.wait(30)
 
 
 if __name__ == "__main__":
