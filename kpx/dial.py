@@ -80,7 +80,7 @@ class Dial:
             err = sock.connect_ex((backend.ip, backend.port))
             if err == errno.EINPROGRESS:
                 self.sock = sock
-                proxy.loop.add_writer(sock.fileno(), self.on_connect_ready)
+                proxy.poller.add_writer(sock.fileno(), self.on_connect_ready)
                 self.timer = proxy.loop.call_later(timeout, self.on_connect_timeout)
                 return
             if err == 0:  # loopback may connect at once
@@ -111,7 +111,7 @@ class Dial:
             # Still watched for writing: the relay takes the registration over.
             self.proxy._end_dial(self, sock, watched=True)
             return
-        self.proxy.loop.remove_writer(sock.fileno())
+        self.proxy.poller.remove_writer(sock.fileno())
         sock.close()
         self.failed(errno.errorcode.get(err, str(err)))
         self.next_attempt()
@@ -119,7 +119,7 @@ class Dial:
     def on_connect_timeout(self) -> None:
         sock = self.sock
         assert sock is not None
-        self.proxy.loop.remove_writer(sock.fileno())
+        self.proxy.poller.remove_writer(sock.fileno())
         self.timer = None
         self.sock = None
         sock.close()
@@ -162,6 +162,6 @@ class Dial:
             self.timer = None
         sock = self.sock
         if sock is not None:
-            self.proxy.loop.remove_writer(sock.fileno())
+            self.proxy.poller.remove_writer(sock.fileno())
             sock.close()
             self.sock = None

@@ -34,6 +34,7 @@ import structlog
 from kpx.backends import Backend, FrontendMap
 from kpx.dial import Dial
 from kpx.origdst import original_dst, unmap_ipv4
+from kpx.poller import Poller
 from kpx.splice import DEFAULT_PIPE_SIZE, PipePool, Relay, RelayCounters, reset_socket
 
 log = structlog.get_logger("kpx.proxy")
@@ -183,6 +184,7 @@ class Proxy:
         self.stats = ProxyStats()
         self.pool = PipePool(pipe_size)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._poller: Poller | None = None
         self._listeners: set[Listener] = set()
         self._dials: set[Dial] = set()
         self._relays: set[Relay] = set()
@@ -200,6 +202,13 @@ class Proxy:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         return self._loop
+
+    @property
+    def poller(self) -> Poller:
+        """The epoll set the connections' sockets are watched in (kpx/poller.py)."""
+        if self._poller is None:
+            self._poller = Poller(self.loop)
+        return self._poller
 
     # -- listeners -------------------------------------------------------------------------
 
@@ -404,13 +413,14 @@ class Proxy:
             # since: the connection would outlive the deadline, so it ends like the others.
             self.stats.drain_resets += 1
             if watched:
-                self.loop.remove_writer(backend_sock.fileno())
+                self.poller.remove_writer(backend_sock.fileno())
             reset_socket(backend_sock)
             reset_socket(dial.client)
             self._connection_closed()
             return
+        poller = self.poller
         relay = Relay(
-            self.loop, dial.client, backend_sock, self.pool, self.stats, self._on_relay_closed, key
+            poller, dial.client, backend_sock, self.pool, self.stats, self._on_relay_closed, key
         )
         self._relays.add(relay)
         group = self._by_backend.get(key)
@@ -423,7 +433,7 @@ class Proxy:
                 draining.add(relay)
         relay.start()
         if watched:
-            self.loop.remove_writer(backend_sock.fileno())
+            poller.remove_writer(backend_sock.fileno())
         relay.read_client()
 
     def _on_relay_closed(self, relay: Relay) -> None:
@@ -562,5 +572,8 @@ class Proxy:
         self._drain_timers.clear()
         self._draining.clear()
         self.pool.close()
+        if self._poller is not None:
+            self._poller.close()
+            self._poller = None
         log.info("proxy_stopped", reset=reset)
         return reset

@@ -13,12 +13,12 @@ limit (two sockets per connection instead of six fds) and its memory small.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 import socket
 import struct
 from collections.abc import Callable
+from typing import Protocol
 
 import structlog
 
@@ -93,6 +93,19 @@ class PipePool:
     def close(self) -> None:
         while self._free:
             self.discard(self._free.pop())
+
+
+class FdWatcher(Protocol):
+    """What a relay needs of an event loop: level-triggered readiness callbacks per fd (an
+    asyncio loop, or the proxy's kpx.poller.Poller)."""
+
+    def add_reader(self, fd: int, callback: Callable[[], object]) -> None: ...
+
+    def remove_reader(self, fd: int) -> bool: ...
+
+    def add_writer(self, fd: int, callback: Callable[[], object]) -> None: ...
+
+    def remove_writer(self, fd: int) -> bool: ...
 
 
 class RelayCounters:
@@ -275,7 +288,7 @@ class Relay:
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        loop: FdWatcher,
         client: socket.socket,
         backend: socket.socket,
         pool: PipePool,
