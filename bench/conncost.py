@@ -45,8 +45,10 @@ from bench.proxy import (
     KPX_VIP,
     ORIGIN_CFG,
     bench_objects,
+    connects,
     haproxy_cfg,
     start_kpx,
+    wait_until,
 )
 
 CLIENT = r"""
@@ -304,7 +306,8 @@ def main() -> None:
         (tmp / "manifests" / "bench.json").write_text(
             json.dumps({"apiVersion": "v1", "kind": "List", "items": bench_objects()})
         )
-        chain.server.popen("haproxy", "-db", "-f", str(tmp / "origin.cfg"), **quiet)
+        origin = chain.server.popen("haproxy", "-db", "-f", str(tmp / "origin.cfg"), **quiet)
+        wait_until("origin", lambda: connects(chain.node, SERVER_IP, HTTP_PORT), origin, 30)
         doc: dict[str, Any] = {"conns": args.conns}
         if args.instructions:
             doc["instructions"] = instructions(chain, tmp, args)
