@@ -70,14 +70,26 @@ class Poller:
         return True
 
     def _set_mask(self, fd: int, old: int, mask: int) -> None:
+        # The kernel drops a closed fd from the set by itself: should an fd ever be closed
+        # before its removal here and its number be reused, the set and `_masks` disagree, and
+        # the call that fails is replaced by the one that fits instead of breaking a connection.
+        epoll = self._epoll
         if not mask:
             del self._masks[fd]
-            self._epoll.unregister(fd)
+            try:
+                epoll.unregister(fd)
+            except FileNotFoundError:
+                pass
             return
-        if old:
-            self._epoll.modify(fd, mask)
-        else:
-            self._epoll.register(fd, mask)
+        try:
+            if old:
+                epoll.modify(fd, mask)
+            else:
+                epoll.register(fd, mask)
+        except FileNotFoundError:
+            epoll.register(fd, mask)
+        except FileExistsError:
+            epoll.modify(fd, mask)
         self._masks[fd] = mask
 
     def _dispatch(self) -> None:
