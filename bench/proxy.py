@@ -25,8 +25,10 @@ Each path gets:
   kernel; shared machine, noisy);
 - new connections/s with a small request each: wrk -t1 -c32 (`--conns`) with
   `Connection: close` (every request a new TCP connection through the path), and wrk's
-  p50/p99 latency in that pass;
-- small-request latency: wrk -t1 -c1 on one keep-alive connection, p50/p99;
+  p50/p99 latency in that pass, and the proxy's user and kernel CPU per connection in it
+  (bench/conncost.py counts its syscalls and instructions per connection);
+- small-request latency: wrk -t1 -c1 on one keep-alive connection, p50/p99; for kpx, what held
+  its event loop in that pass (kpx_gc_pause_seconds, kpx_event_loop_lag_seconds);
 - proxy RSS after the passes.
 Ratios kpx/haproxy are computed per run and every run's are printed, then the median; a target
 missed in any run (or, for programming latency, at any Service count) is printed as MISSED.
@@ -79,7 +81,7 @@ from bench.netns_topology import (
     Ns,
     netns_unavailable,
 )
-from bench.procstat import CLK_TCK, cpu_seconds, rss_mb
+from bench.procstat import CLK_TCK, cpu_seconds, rss_mb, user_kernel_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 KPX = str(ROOT / ".venv" / "bin" / "kpx")
@@ -401,12 +403,14 @@ def wrk(
         raise RuntimeError(f"wrk {mode}: {out.stderr.strip()[-300:]}")
     text = out.stdout
     rps = re.search(r"Requests/sec:\s+([0-9.]+)", text)
+    total = re.search(r"(\d+) requests in", text)
     errors = re.search(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
     )
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     return {
         "rps": float(rps.group(1)) if rps else float("nan"),
+        "requests": float(total.group(1)) if total else float("nan"),
         "p50_ms": _wrk_ms(text, "50"),
         "p99_ms": _wrk_ms(text, "99"),
         "errors": float(
@@ -427,7 +431,10 @@ def measure_mode(
     cpu, mach = cpu_seconds(pids) - cpu0, machine_cpu_seconds() - mach0
     gb = eight["bytes"] / 1e9
     seconds = max(1, int(args.duration)) if not args.bulk_mb else 1
+    user0, kernel0 = user_kernel_seconds(pids)
     conn = wrk(chain, mode, args.conns, True, seconds, args.load_cpus)
+    user1, kernel1 = user_kernel_seconds(pids)
+    per_conn = 1e6 / conn["requests"] if pids and conn["requests"] else nan
     before = kpx_stalls(chain) if mode == "kpx" else {}
     req = wrk(chain, mode, 1, False, seconds, args.load_cpus)
     after = kpx_stalls(chain) if mode == "kpx" else {}
@@ -440,6 +447,10 @@ def measure_mode(
         "conn_p50_ms": conn["p50_ms"],
         "conn_p99_ms": conn["p99_ms"],
         "conn_errors": conn["errors"],
+        # The proxy's CPU per connection in that pass, user and kernel (10 ms clock ticks:
+        # meaningful over thousands of connections, and on a quiet machine only).
+        "conn_user_us": (user1 - user0) * per_conn,
+        "conn_kernel_us": (kernel1 - kernel0) * per_conn,
         "req_p50_ms": req["p50_ms"],
         "req_p99_ms": req["p99_ms"],
         "proxy_rss_mb": rss_mb([proxy_pid]) if proxy_pid else nan,

@@ -712,6 +712,8 @@ PROXY_ROWS = (
     ("conn_p50_ms", "connection pass p50 (ms)", "{:.2f}"),
     ("conn_p99_ms", "connection pass p99 (ms)", "{:.2f}"),
     ("conn_errors", "connection pass errors", "{:,.0f}"),
+    ("conn_user_us", "proxy user CPU per connection (µs)", "{:.1f}"),
+    ("conn_kernel_us", "proxy kernel CPU per connection (µs)", "{:.1f}"),
     ("req_p50_ms", "small request p50 (ms)", "{:.3f}"),
     ("req_p99_ms", "small request p99 (ms)", "{:.3f}"),
     ("proxy_rss_mb", "proxy RSS after the passes (MB)", "{:.1f}"),
