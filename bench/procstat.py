@@ -58,6 +58,17 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLK_TCK
 
 
+def user_kernel_seconds(pids: list[int]) -> tuple[float, float]:
+    """utime and stime, apart, of the given processes (those that still exist), in seconds."""
+    user = kernel = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = _stat_fields(pid)
+            user += int(fields[11])
+            kernel += int(fields[12])
+    return user / CLK_TCK, kernel / CLK_TCK
+
+
 def _status_kb(pid: int, key: str) -> int:
     with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
         for line in f:

@@ -395,9 +395,12 @@ class Check:
     ratio: float
     target: str
     verdict: str
+    # Shown after the verdict: which runs missed the target, and every run's figure.
+    note: str = ""
 
     def row(self) -> list[str]:
-        return [self.what, self.ours, self.peer, f_ratio(self.ratio), self.target, self.verdict]
+        verdict = f"{self.verdict}: {self.note}" if self.note else self.verdict
+        return [self.what, self.ours, self.peer, f_ratio(self.ratio), self.target, verdict]
 
 
 def per_run_ratio(doc: Doc, ours: str, peer: str, key: str) -> float:
@@ -409,6 +412,29 @@ def per_run_ratio(doc: Doc, ours: str, peer: str, key: str) -> float:
     ]
     ratios = [a / b for a, b in pairs if finite(a) and finite(b) and b]
     return statistics.median(ratios) if ratios else math.nan
+
+
+def run_ratios(doc: Doc, ours: str, peer: str, key: str) -> list[float]:
+    """ours/peer of every run, in run order (NaN where a figure is missing)."""
+    runs = doc.get("runs") or {}
+    out = []
+    for a, b in zip(runs.get(ours) or [], runs.get(peer) or [], strict=False):
+        x, y = num(a.get(key)), num(b.get(key))
+        out.append(x / y if finite(x) and finite(y) and y else math.nan)
+    return out
+
+
+def judge_every_run(ratios: Sequence[float], op: str, limit: float) -> tuple[str, str]:
+    """The verdict over all runs (met only if every run met it) and a note naming the runs
+    that missed, with every run's ratio."""
+    if not ratios or not any(finite(v) for v in ratios):
+        return "n/a: not measured", ""
+    missed = [i + 1 for i, v in enumerate(ratios) if judge(v, op, limit) != MET]
+    if not missed:
+        return MET, ""
+    shown = ", ".join(f_ratio(v) for v in ratios)
+    which = ", ".join(map(str, missed))
+    return NOT_MET, f"missed in run {which} of {len(ratios)} (per run: {shown})"
 
 
 def per_run_rows(
@@ -531,20 +557,26 @@ def proxy_checks(proxy: Doc | None) -> list[Check]:
     for key, what, digits, unit, op, limit in (
         ("gbps_8", "8-stream throughput (iperf3 -P 8)", 2, "Gbit/s", ">=", 0.9),
         ("proxy_cpu_s_per_gb", "CPU per GB moved (proxy process)", 2, "CPU-s/GB", "<=", 1.2),
-        ("conn_per_s", "new connections/s (wrk, Connection: close)", 0, "/s", ">=", 0.6),
+        ("conn_per_s", "new connections/s (wrk, Connection: close)", 0, "/s", ">=", 0.8),
         ("req_p99_ms", "small-request p99 (keep-alive, wrk -c1)", 3, "ms", "<=", 1.5),
     ):
         ratio = num(ratios.get(key))
         if not finite(ratio):
             ratio = per_run_ratio(proxy, "kpx", "haproxy", key)
+        # Every run must meet the target: a median hides the erratic run (issue 12).
+        each = run_ratios(proxy, "kpx", "haproxy", key)
+        verdict, missed = (
+            judge_every_run(each, op, limit) if each else (judge(ratio, op, limit), "")
+        )
         checks.append(
             Check(
                 f"kpx {what} vs haproxy",
                 f_num(num(kpx.get(key)), digits, unit),
                 f_num(num(haproxy.get(key)), digits, unit),
                 ratio,
-                f"{op} {limit}x haproxy",
-                judge(ratio, op, limit),
+                f"{op} {limit}x haproxy, every run",
+                verdict,
+                missed,
             )
         )
     idle = proxy.get("idle") or {}
@@ -561,21 +593,40 @@ def proxy_checks(proxy: Doc | None) -> list[Check]:
         )
     )
     entry, note = _programming_at(proxy, 10_000)
-    for key, what in (
-        ("endpoint_p99_ms", "endpoint change"),
-        ("new_service_p99_ms", "new Service"),
-    ):
-        value = num(entry.get(key))
-        checks.append(
-            Check(
-                f"kpx programming p99 at 10,000 Services, {what}",
-                f_num(value, 1, "ms"),
-                "—",
-                math.nan,
-                "<= 50 ms",
-                note if note and finite(value) else judge(value, "<=", 50),
+    # The 50 ms target is set at 10,000 Services and holds a fortiori at fewer: every Service
+    # count measured is judged (a 149 ms p99 at 1,000 is a miss, whatever 10,000 gave).
+    entries = sorted(proxy.get("programming") or [], key=lambda p: num(p.get("services")))
+    judged = [e for e in entries if num(e.get("services")) != 10_000]
+    if note is None:
+        judged.append(entry)
+    for one in judged:
+        for key, what in (
+            ("endpoint_p99_ms", "endpoint change"),
+            ("new_service_p99_ms", "new Service"),
+        ):
+            value = num(one.get(key))
+            checks.append(
+                Check(
+                    f"kpx programming p99 at {f_int(num(one.get('services')))} Services, {what}",
+                    f_num(value, 1, "ms"),
+                    "—",
+                    math.nan,
+                    "<= 50 ms",
+                    judge(value, "<=", 50),
+                )
             )
-        )
+    if note is not None:
+        for what in ("endpoint change", "new Service"):
+            checks.append(
+                Check(
+                    f"kpx programming p99 at 10,000 Services, {what}",
+                    "—",
+                    "—",
+                    math.nan,
+                    "<= 50 ms",
+                    note.replace("measured at", "largest measured:"),
+                )
+            )
     value = num(entry.get("kpx_rss_mb"))
     checks.append(
         Check(
@@ -655,6 +706,23 @@ def udp_checks(udp: Doc | None) -> list[Check]:
         )
     )
     return checks
+
+
+def _splice_text(proxy: Doc) -> str:
+    if not proxy.get("haproxy_splice"):
+        return "off"
+    if "proxy_cpus" in proxy:  # the runs that splice both ways with 1 MiB pipes say so
+        return "request and response, 1 MiB pipes"
+    return "auto"
+
+
+def _cpus_text(proxy: Doc) -> str:
+    cpus = proxy.get("proxy_cpus")
+    if not cpus:
+        return "neither proxy pinned to CPUs"
+    load = proxy.get("load_cpus")
+    where = f", the load generators and servers on CPUs {load}" if load else ""
+    return f"both proxies pinned to CPUs {cpus}{where}"
 
 
 def sync_checks(sync: Doc | None) -> list[Check]:
@@ -759,10 +827,17 @@ PROXY_ROWS = (
     ("conn_p50_ms", "connection pass p50 (ms)", "{:.2f}"),
     ("conn_p99_ms", "connection pass p99 (ms)", "{:.2f}"),
     ("conn_errors", "connection pass errors", "{:,.0f}"),
+    ("conn_user_us", "proxy user CPU per connection (µs)", "{:.1f}"),
+    ("conn_kernel_us", "proxy kernel CPU per connection (µs)", "{:.1f}"),
     ("req_p50_ms", "small request p50 (ms)", "{:.3f}"),
     ("req_p99_ms", "small request p99 (ms)", "{:.3f}"),
     ("proxy_rss_mb", "proxy RSS after the passes (MB)", "{:.1f}"),
+    ("req_gc_runs", "kpx GC runs in the small-request pass", "{:,.0f}"),
+    ("req_lag_over_5ms", "kpx loop-lag samples over 5 ms in that pass", "{:,.0f}"),
+    ("req_lag_max_ms_below", "kpx longest loop lag in that pass, below (ms)", "{:g}"),
 )
+# kpx-only figures (what held its loop): no ratio to a peer.
+KPX_ONLY_ROWS = ("req_gc_runs", "req_lag_over_5ms", "req_lag_max_ms_below")
 
 
 def _fmt(pattern: str, value: Any) -> str:
@@ -895,7 +970,8 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
         "directly (`direct`), through an nftables `dnat` rule (`nat`, what kube-proxy's "
         "nftables mode does), through haproxy `mode tcp` "
         f"({proxy.get('haproxy_threads')} threads, splice "
-        f"{'on' if proxy.get('haproxy_splice') else 'off'}) and through kpx. iperf3 {bulk}, "
+        f"{_splice_text(proxy)}) and through kpx; "
+        f"{_cpus_text(proxy)}. iperf3 {bulk}, "
         f"wrk `-c{args.get('conns')}` with `Connection: close` and `-c1` keep-alive for "
         f"{seconds} s each; {n_runs} run(s), the paths' order rotated each run. Figures are "
         "medians; ratios are medians of the per-run ratios.\n"
@@ -916,7 +992,7 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
         rows = [
             [label, *(f_ratio(num((ratios[p] or {}).get(key))) for p in peers)]
             for key, label, _ in PROXY_ROWS
-            if key not in ("conn_errors", "proxy_rss_mb")
+            if key not in ("conn_errors", "proxy_rss_mb", *KPX_ONLY_ROWS)
         ]
         r.add(table(["ratio (median of per-run)", *(f"kpx / {p}" for p in peers)], rows))
     per_run = per_run_rows(
@@ -925,11 +1001,31 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
         n_runs,
         lambda one: (
             f"{_fmt('{:.2f}', one.get('gbps_8'))} Gbit/s, "
-            f"{_fmt('{:,.0f}', one.get('conn_per_s'))} conn/s"
+            f"{_fmt('{:,.0f}', one.get('conn_per_s'))} conn/s, "
+            f"p99 {_fmt('{:.3f}', one.get('req_p99_ms'))} ms"
+            + (
+                f", {_fmt('{:.0f}', one.get('req_gc_runs'))} GC runs, "
+                f"{_fmt('{:.0f}', one.get('req_lag_over_5ms'))} lags > 5 ms"
+                if finite(num(one.get("req_gc_runs")))
+                else ""
+            )
         ),
     )
-    r.add("Per run (8-stream throughput, new connections/s):\n")
+    r.add(
+        "Per run (8-stream throughput, new connections/s, small-request p99; for kpx what held "
+        "its loop in that pass: collector runs, loop-lag samples over 5 ms):\n"
+    )
     r.add(table(["run", *modes], per_run))
+    if "haproxy" in modes and "kpx" in modes:
+        keys = [
+            (k, label) for k, label, _ in PROXY_ROWS if k not in ("conn_errors", *KPX_ONLY_ROWS)
+        ]
+        rows = [
+            [label, *(f_ratio(v) for v in run_ratios(proxy, "kpx", "haproxy", key))]
+            for key, label in keys
+        ]
+        r.add("kpx / haproxy in every run:\n")
+        r.add(table(["ratio", *(f"run {i + 1}" for i in range(n_runs))], rows))
     idle = proxy.get("idle") or {}
     if idle:
         r.add("### Idle connections\n")

@@ -105,7 +105,7 @@ class Dial:
             err = sock.connect_ex((backend.ip, backend.port))
             if err == errno.EINPROGRESS:
                 self.sock = sock
-                proxy.loop.add_writer(sock.fileno(), self.on_connect_ready)
+                proxy.poller.add_writer(sock.fileno(), self.on_connect_ready)
                 self.timer = proxy.loop.call_later(timeout, self.on_connect_timeout)
                 return
             if err == 0:  # loopback may connect at once
@@ -118,21 +118,25 @@ class Dial:
     def on_connect_ready(self) -> None:
         sock = self.sock
         assert sock is not None and self.timer is not None
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err == 0:
-            try:
-                sock.getpeername()
-            except OSError:
-                # ENOTCONN: a stale readiness event for an earlier socket that had this fd
-                # number (closed in the same loop iteration); the handshake is still running.
+        # A peer address means connected: one syscall in the common case.
+        try:
+            sock.getpeername()
+            err = 0
+        except OSError:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == 0:
+                # Not connected and no error: a stale readiness event for an earlier socket
+                # that had this fd number (closed in the same loop iteration); the handshake
+                # is still running.
                 return
-        self.proxy.loop.remove_writer(sock.fileno())
         self.timer.cancel()
         self.timer = None
         self.sock = None
         if err == 0:
-            self.proxy._end_dial(self, sock)
+            # Still watched for writing: the relay takes the registration over.
+            self.proxy._end_dial(self, sock, watched=True)
             return
+        self.proxy.poller.remove_writer(sock.fileno())
         sock.close()
         self.failed(errno.errorcode.get(err, str(err)))
         self.next_attempt()
@@ -140,7 +144,7 @@ class Dial:
     def on_connect_timeout(self) -> None:
         sock = self.sock
         assert sock is not None
-        self.proxy.loop.remove_writer(sock.fileno())
+        self.proxy.poller.remove_writer(sock.fileno())
         self.timer = None
         self.sock = None
         sock.close()
@@ -183,6 +187,6 @@ class Dial:
             self.timer = None
         sock = self.sock
         if sock is not None:
-            self.proxy.loop.remove_writer(sock.fileno())
+            self.proxy.poller.remove_writer(sock.fileno())
             sock.close()
             self.sock = None

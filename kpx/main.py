@@ -13,6 +13,7 @@ remove the rules (only rules this process wrote), exit.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import json
 import socket
@@ -43,6 +44,7 @@ from kpx.ports import PortsWriter
 from kpx.proxy import Proxy
 from kpx.settings import KpxSettings
 from kpx.source import SourceAddresses
+from kpx.stalls import GcPauses, LoopLag
 from kpx.sync import RuleSyncer, SteeringWriter
 from kpx.table import ServiceTable
 from kpx.transparent import transparent_problem
@@ -163,6 +165,9 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         same_link=shared_links,
     )
     collector = register_proxy_stats(proxy.stats)
+    loop = asyncio.get_running_loop()
+    gc_pauses = GcPauses(on_slow_full=lambda: loop.call_soon_threadsafe(gc.freeze))
+    loop_lag = LoopLag(loop)
     # The UDP syncer tracks its own queued/applied changes: a UDP table kept failing must make
     # /healthz fail although the TCP syncer succeeds.
     udp_health = ProxierHealth(settings.health_timeout)
@@ -280,7 +285,15 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
                     await sync_once()
                 except Exception as err:  # run() below retries
                     log.error("sync_failed", problem=str(err) or type(err).__name__)
+            # What is alive now (modules, every store's first list) lives about as long as the
+            # process: collect the start-up garbage, then keep the rest out of every later
+            # collection, so a full collection walks only what changed since (the data path
+            # itself makes no cyclic garbage: tests/kpx/test_proxy_gc.py).
+            gc.collect()
+            gc.freeze()
             release_free_memory()
+            gc_pauses.install()
+            loop_lag.start()
             # Listen only once the table is filled: until then a redirected client is refused
             # by the kernel (nothing listens yet) rather than accepted and reset for an
             # unknown frontend.
@@ -332,6 +345,8 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         await metrics_server.stop()
         await healthz.stop()
         REGISTRY.unregister(collector)
+        loop_lag.stop()
+        gc_pauses.uninstall()
         log.info("kpx_stopped")
     return status
 
