@@ -13,6 +13,7 @@
 # unless the executed file carries them. Two files here do, each with the one capability it
 # needs (see deploy/README.md, "Privileges"):
 #   /opt/kpx-dnsd/bin/python-dnsd  cap_net_bind_service  dnsd binds :53
+#   /opt/kpx-dnsd/bin/python-kpx   cap_net_admin         kpx: IP_TRANSPARENT, policy routing
 #   /usr/sbin/nft                  cap_net_admin         kpx programs its nftables table
 # A file capability is only granted while the container's bounding set holds it, so each
 # works only in the container that adds that capability (exec fails with EPERM elsewhere).
@@ -59,7 +60,9 @@ COPY deploy/image/dnsd-link-addresses deploy/image/kpx-keep-rules /usr/local/bin
 # No setuid/setgid files stay in the image, so the only privilege a process here can gain is
 # the one capability its container adds (kpx needs allowPrivilegeEscalation: true for that).
 RUN cp "$(readlink -f /usr/local/bin/python3.11)" /opt/kpx-dnsd/bin/python-dnsd \
+ && cp "$(readlink -f /usr/local/bin/python3.11)" /opt/kpx-dnsd/bin/python-kpx \
  && setcap cap_net_bind_service+ep /opt/kpx-dnsd/bin/python-dnsd \
+ && setcap cap_net_admin+ep /opt/kpx-dnsd/bin/python-kpx \
  && setcap cap_net_admin+ep /usr/sbin/nft \
  && chmod 0755 /usr/local/bin/dnsd-link-addresses /usr/local/bin/kpx-keep-rules \
  && find / -xdev -perm /6000 -type f -exec chmod a-s {} + \

@@ -14,7 +14,11 @@ from the client, measured in the same run (mode order rotated per run):
            bulk traffic: `option splice-request`, `option splice-response` and 1 MiB pipes
            (`tune.pipesize`; kpx's pipes are 1 MiB too), one thread per CPU of `--cpus`
            (`--haproxy-threads N`, `--no-haproxy-splice` to change that)
-  kpx      client -> 10.96.0.10, `kpx --mode nftables --manifests DIR` in the node ns
+  kpx      client -> 10.96.0.10, `kpx --mode nftables --manifests DIR` in the node ns, with
+           `--source-address-mode node` (the server sees the node's address)
+  kpx-tp   the same with `--source-address-mode transparent` (nftables tproxy, the server sees
+           the client's address): one kpx owns the table at a time, so kpx is restarted in the
+           other mode whenever the pass switches between the two (not timed)
 Both proxies run pinned (taskset) to the same CPUs, `--cpus` (default 0: one core, as in
 issue 12); the load generators (wrk, iperf3), the origin and the whoami server to the other
 CPUs, when there are any, so they do not take the proxies' core.
@@ -93,7 +97,9 @@ HTTP_PORT, IPERF_PORT, WHOAMI_PORT = 8080, 5201, 9000
 HAPROXY_HTTP, HAPROXY_IPERF = 18080, 15201
 KPX_METRICS = "127.0.0.1:10249"
 
-MODES = ("direct", "nat", "haproxy", "kpx")
+MODES = ("direct", "nat", "haproxy", "kpx", "kpx-tp")
+# kpx's --source-address-mode per kpx pass.
+KPX_SOURCE_MODES = {"kpx": "node", "kpx-tp": "transparent"}
 TARGETS = {
     "direct": {"http": (SERVER_IP, HTTP_PORT), "iperf": (SERVER_IP, IPERF_PORT)},
     "nat": {"http": (NAT_VIP, 80), "iperf": (NAT_VIP, IPERF_PORT)},
@@ -102,6 +108,7 @@ TARGETS = {
         "iperf": (NODE_CLIENT_SIDE_IP, HAPROXY_IPERF),
     },
     "kpx": {"http": (KPX_VIP, 80), "iperf": (KPX_VIP, IPERF_PORT)},
+    "kpx-tp": {"http": (KPX_VIP, 80), "iperf": (KPX_VIP, IPERF_PORT)},
 }
 
 ORIGIN_CFG = f"""global
@@ -303,6 +310,7 @@ def start_kpx(
     tmp: Path,
     label: str,
     timeout: float,
+    source_address_mode: str = "node",
     cpus: str | None = None,
 ) -> subprocess.Popen[Any]:
     log = open(tmp / f"{label}.log", "w")
@@ -311,6 +319,8 @@ def start_kpx(
         KPX,
         "--mode",
         "nftables",
+        "--source-address-mode",
+        source_address_mode,
         *source,
         "--node-name",
         "node",
@@ -583,7 +593,7 @@ def programming(
     try:
         t0 = time.perf_counter()
         kpx = start_kpx(
-            chain, ["--kubeconfig", str(kubeconfig)], tmp, f"kpx-{services}", timeout, cpus
+            chain, ["--kubeconfig", str(kubeconfig)], tmp, f"kpx-{services}", timeout, cpus=cpus
         )
         wait_until(
             "probe Service through kpx",
@@ -765,9 +775,9 @@ def main() -> None:
             tmp,
             "kpx",
             args.ready_timeout,
-            proxy_cpus,
+            cpus=proxy_cpus,
         )
-        owner = {"direct": origin, "nat": origin, "haproxy": haproxy, "kpx": kpx}
+        owner = {"direct": origin, "nat": origin, "haproxy": haproxy, "kpx": kpx, "kpx-tp": kpx}
         for mode in MODES:
             for what, (ip, port) in TARGETS[mode].items():
                 wait_until(
@@ -777,6 +787,32 @@ def main() -> None:
                     args.ready_timeout / 4,
                 )
         pids = {"direct": None, "nat": None, "haproxy": haproxy.pid, "kpx": kpx.pid}
+        pids["kpx-tp"] = kpx.pid
+        kpx_mode = "kpx"  # which of the two kpx passes the running kpx serves
+
+        def switch_kpx(mode: str) -> None:
+            nonlocal kpx, kpx_mode
+            if mode not in KPX_SOURCE_MODES or mode == kpx_mode:
+                return
+            _stop(kpx, 40)
+            kpx = start_kpx(
+                chain,
+                ["--manifests", str(tmp / "manifests")],
+                tmp,
+                mode,
+                args.ready_timeout,
+                source_address_mode=KPX_SOURCE_MODES[mode],
+                cpus=proxy_cpus,
+            )
+            wait_until(
+                f"{mode} serving",
+                lambda: connects(chain.client, KPX_VIP, 80),
+                kpx,
+                args.ready_timeout / 4,
+            )
+            kpx_mode = mode
+            pids["kpx"] = pids["kpx-tp"] = kpx.pid
+
         threads = haproxy_threads(haproxy.pid)
         doc: dict[str, Any] = {
             "benchmark": "proxy",
@@ -804,6 +840,7 @@ def main() -> None:
         for run in range(args.runs):
             order = MODES[run % len(MODES) :] + MODES[: run % len(MODES)]
             for mode in order:
+                switch_kpx(mode)
                 r = measure_mode(chain, mode, pids[mode], args)
                 results[mode].append(r)
                 print(f"run {run + 1} {mode:8} " + ", ".join(f"{k}={fmt(v)}" for k, v in r.items()))
@@ -819,6 +856,7 @@ def main() -> None:
                 a[key] / b[key] for a, b in zip(results["kpx"], results[peer], strict=True)
             )
 
+        switch_kpx("kpx")  # the idle and programming passes measure node mode
         doc["runs"] = results
         doc["medians"] = {
             m: {k: statistics.median(r[k] for r in results[m]) for k in keys} for m in MODES
@@ -826,6 +864,15 @@ def main() -> None:
         doc["ratios"] = {  # kpx / peer, median of per-run ratios
             peer: {k: _safe(lambda k=k, peer=peer: ratio(k, peer)) for k in keys}
             for peer in ("haproxy", "nat", "direct")
+        }
+        # Transparent mode's cost (issue 10): kpx-tp / kpx, target within 5 %.
+        doc["ratios"]["transparent_vs_node"] = {
+            k: _safe(
+                lambda k=k: statistics.median(
+                    a[k] / b[k] for a, b in zip(results["kpx-tp"], results["kpx"], strict=True)
+                )
+            )
+            for k in keys
         }
         _save(args.json, doc)
 
@@ -836,6 +883,12 @@ def main() -> None:
         print(
             f"  kpx / kernel NAT: 8-stream {ratio('gbps_8', 'nat'):.2f}x, "
             f"conn/s {ratio('conn_per_s', 'nat'):.2f}x"
+        )
+        tp = doc["ratios"]["transparent_vs_node"]
+        print(
+            "  kpx transparent / node address (median of per-run ratios): "
+            f"8-stream throughput {tp['gbps_8']:.2f}x, CPU per GB "
+            f"{tp['proxy_cpu_s_per_gb']:.2f}x, conn/s {tp['conn_per_s']:.2f}x (each within 5 %)"
         )
 
         print(f"\nidle connections ({args.idle:,} requested, each answered once, then held):")

@@ -132,6 +132,14 @@ def plan(quick: bool) -> list[Step]:
     )
     steps.append(
         Step(
+            "udp",
+            "UDP: kpx vs nginx stream and NAT, sessions, re-targeting",
+            ["bench.udp", *q],
+            25 if quick else 150,
+        )
+    )
+    steps.append(
+        Step(
             "relist",
             "peak RSS of dnsd and kpx during a forced 410 relist",
             ["bench.relist", *q],
@@ -628,6 +636,73 @@ def proxy_checks(proxy: Doc | None) -> list[Check]:
             math.nan,
             "<= 150 MB",
             note if note and finite(value) else judge(value, "<=", 150),
+        )
+    )
+    return checks
+
+
+def udp_checks(udp: Doc | None) -> list[Check]:
+    """Issue 11's targets: kpx against nginx's stream UDP proxy in the same run."""
+    udp = udp or {}
+    checks: list[Check] = []
+
+    def pair(section: str, key: str) -> tuple[float, float]:
+        part = udp.get(section) or {}
+        return num((part.get("kpx") or {}).get(key)), num((part.get("nginx") or {}).get(key))
+
+    for section, key, what, digits, unit, op, limit in (
+        ("small", "answers_per_s", "64-byte datagrams/s at saturation", 0, "/s", ">=", 1.5),
+        ("small", "proxy_cpu_us_per_datagram", "CPU per 64-byte datagram", 1, "µs", "<=", 0.8),
+        ("bulk", "answers_per_s", "1,200-byte datagrams/s", 0, "/s", ">=", 1.5),
+        ("latency", "added_p99_us", "p99 added latency at a fixed rate", 0, "µs", "<=", 1.5),
+    ):
+        ours, peer = pair(section, key)
+        ratio = ours / peer if finite(ours) and finite(peer) and peer else math.nan
+        checks.append(
+            Check(
+                f"kpx UDP {what} vs nginx",
+                f_num(ours, digits, unit),
+                f_num(peer, digits, unit),
+                ratio,
+                f"{op} {limit}x nginx",
+                judge(ratio, op, limit),
+            )
+        )
+    sessions = udp.get("sessions") or {}
+    kpx_s, nginx_s = sessions.get("kpx") or {}, sessions.get("nginx") or {}
+    ours, peer = num(kpx_s.get("bytes_per_session")), num(nginx_s.get("bytes_per_session"))
+    checks.append(
+        Check(
+            f"kpx memory per UDP session ({f_int(num(kpx_s.get('held')))} held)",
+            f_num(ours / 1024, 2, "KiB"),
+            f_num(peer / 1024, 2, "KiB"),
+            ours / peer if finite(ours) and finite(peer) and peer else math.nan,
+            "measured",
+            "—",
+        )
+    )
+    loaded = num((kpx_s.get("small_with_sessions") or {}).get("answers_per_s"))
+    idle = num(((udp.get("small") or {}).get("kpx") or {}).get("answers_per_s"))
+    ratio = loaded / idle if finite(loaded) and finite(idle) and idle else math.nan
+    checks.append(
+        Check(
+            "kpx UDP datagrams/s with the sessions held vs without",
+            f_num(loaded, 0, "/s"),
+            f_num(idle, 0, "/s"),
+            ratio,
+            ">= 0.9x",
+            judge(ratio, ">=", 0.9),
+        )
+    )
+    value = num((udp.get("retarget") or {}).get("p99_ms"))
+    checks.append(
+        Check(
+            "kpx UDP session re-targeting after an endpoint change, p99",
+            f_num(value, 1, "ms"),
+            "—",
+            math.nan,
+            "measured",
+            "—",
         )
     )
     return checks
@@ -1191,6 +1266,7 @@ def render(out: Path) -> tuple[Path, list[Check]]:
     run = _load(out / "run.json")
     dns, proxy, sync = results.get("dns"), results.get("proxy"), results.get("sync")
     relist = results.get("relist")
+    udp = results.get("udp")
     memory = sorted(
         (d for name, d in results.items() if name.startswith("dns-memory") and d.get("memory")),
         key=lambda d: num((d.get("cluster") or {}).get("services")),
@@ -1209,7 +1285,11 @@ def render(out: Path) -> tuple[Path, list[Check]]:
         "sync.png": charts.sync(sync, chart_dir / "sync.png"),
     }
     checks = (
-        dns_checks(dns, memory) + proxy_checks(proxy) + sync_checks(sync) + relist_checks(relist)
+        dns_checks(dns, memory)
+        + proxy_checks(proxy)
+        + (udp_checks(udp) if udp else [])  # reports from before bench/udp.py have none
+        + sync_checks(sync)
+        + relist_checks(relist)
     )
 
     r = Report(out)

@@ -10,8 +10,7 @@ unless a query leaves the fast path.
 
 Buffers are plain bytearrays pinned by ctypes (their addresses never change); the message
 headers are written once and only lengths are patched per batch, through memoryviews.
-Layout: struct mmsghdr on LP64 Linux (x86_64, aarch64): msghdr (56 bytes) + msg_len (4) +
-padding = 64 bytes; struct iovec = 16 bytes.
+The libc bindings and the struct layout live in kwatch/mmsg.py, shared with kpx's UDP relay.
 """
 
 from __future__ import annotations
@@ -19,73 +18,27 @@ from __future__ import annotations
 import ctypes
 import errno
 import socket
-import struct
-import sys
 from collections.abc import Callable
 from typing import Any
 
+from kwatch.mmsg import CALLS as _CALLS
+from kwatch.mmsg import MMSG_SIZE as _MMSG
+from kwatch.mmsg import MSG_TRUNC as _MSG_TRUNC
+from kwatch.mmsg import MSG_WAITFORONE as _MSG_WAITFORONE
+from kwatch.mmsg import NAME_SIZE as _NAME
+from kwatch.mmsg import PEER_ERRORS, sockaddr_to_python
+from kwatch.mmsg import Pinned as _Pinned
+
+__all__ = ["BATCH", "MAX_QUERY", "PEER_ERRORS", "BatchIO", "available", "sockaddr_to_python"]
+
 BATCH = 64  # datagrams per system call at most
 MAX_QUERY = 4096  # larger datagrams are truncated by the kernel and dropped (MSG_TRUNC)
-_NAME = 128  # sizeof(struct sockaddr_storage)
-_MMSG = 64  # sizeof(struct mmsghdr)
-_MSG_WAITFORONE = 0x10000
-_MSG_TRUNC = 0x20
 # In 4-byte units within one mmsghdr: msg_namelen, msg_flags, msg_len.
 _NAMELEN, _FLAGS, _LEN = 2, 12, 14
-# ICMP errors a UDP socket reports for an earlier send (the client went away): not ours.
-PEER_ERRORS = frozenset(
-    {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
-)
-
-
-def _libc_calls() -> tuple[Any, Any] | None:
-    if sys.platform != "linux" or ctypes.sizeof(ctypes.c_void_p) != 8:
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        recvmmsg, sendmmsg = libc.recvmmsg, libc.sendmmsg
-    except (OSError, AttributeError):
-        return None
-    recvmmsg.argtypes = [
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_uint,
-        ctypes.c_int,
-        ctypes.c_void_p,
-    ]
-    recvmmsg.restype = ctypes.c_int
-    sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
-    sendmmsg.restype = ctypes.c_int
-    return recvmmsg, sendmmsg
-
-
-_CALLS = _libc_calls()
 
 
 def available() -> bool:
     return _CALLS is not None
-
-
-class _Pinned:
-    """A zeroed bytearray whose address C code may keep (the ctypes view pins it)."""
-
-    def __init__(self, size: int) -> None:
-        self.data = bytearray(size)
-        self._view = (ctypes.c_char * size).from_buffer(self.data)
-        self.address = ctypes.addressof(self._view)
-
-
-def sockaddr_to_python(raw: bytes) -> Any:
-    """A sockaddr_in / sockaddr_in6 as the address tuple socket.sendto takes."""
-    family = int.from_bytes(raw[:2], sys.byteorder)
-    port = struct.unpack_from("!H", raw, 2)[0]
-    if family == socket.AF_INET6:
-        flowinfo, scope = (
-            struct.unpack_from("!I", raw, 4)[0],
-            int.from_bytes(raw[24:28], sys.byteorder),
-        )
-        return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope)
-    return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
 
 
 class BatchIO:

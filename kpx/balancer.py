@@ -251,6 +251,10 @@ class RoundRobinPicker:
         ordered = sorted(backends, key=failures.cooling_until)
         return ordered[: self._max]
 
+    def offers(self, backend: Backend, client_ip: str) -> bool:
+        """Whether `backend` is still in this list (a UDP session checks it after a sync)."""
+        return backend in self._members
+
     def report_success(self, backend: Backend, client_ip: str) -> None:
         self._failures.succeeded(backend)
         if self._affinity is not None and backend in self._members:
@@ -308,6 +312,9 @@ class LocalTrafficPicker:
 
     def candidates(self, client_ip: str) -> list[Backend]:
         return self._for(client_ip).candidates(client_ip)
+
+    def offers(self, backend: Backend, client_ip: str) -> bool:
+        return self._for(client_ip).offers(backend, client_ip)
 
     def report_success(self, backend: Backend, client_ip: str) -> None:
         self._for(client_ip).report_success(backend, client_ip)

@@ -2,6 +2,12 @@
 with the next timeout of the proxy's ladder (kube-proxy's userspace mode: 250 ms, 500 ms, 1 s,
 2 s), as readiness callbacks on the event loop.
 
+In transparent mode a `Dial` may carry `source`, the client's address: each attempt's socket is
+bound to it (IP_TRANSPARENT) so the backend sees the client, except when the backend is the
+client itself (hairpin: kube-proxy masquerades that, and a socket cannot connect to its own
+address anyway), shares the client's link (its reply would bypass the node: kpx/links.py) or
+is of the other family.
+
 A `Dial` ends by handing the proxy either a connected backend socket or None (every candidate
 failed, or no socket could be made): `Proxy._end_dial` then relays or resets the client.
 """
@@ -16,6 +22,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from kpx.backends import Backend, Picker
+from kpx.transparent import bind_transparent
 
 if TYPE_CHECKING:
     from kpx.proxy import BackendKey, Proxy
@@ -36,6 +43,7 @@ class Dial:
         "picker",
         "proxy",
         "sock",
+        "source",
         "timer",
     )
 
@@ -46,12 +54,15 @@ class Dial:
         client_ip: str,
         picker: Picker,
         candidates: list[Backend],
+        source: str | None = None,
     ) -> None:
         self.proxy = proxy
         self.client = client
         self.client_ip = client_ip
         self.picker = picker
         self.candidates = candidates
+        # Connect from this address (the client's) instead of the node's; None: the node's.
+        self.source = source
         self.attempt = 0
         self.backend: Backend | None = None
         self.sock: socket.socket | None = None
@@ -77,6 +88,20 @@ class Dial:
                 proxy._end_dial(self, None)
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            source = self.source
+            if (
+                source is not None
+                and source != backend.ip
+                and (":" in source) == (family == socket.AF_INET6)
+                and not proxy.same_link(source, backend.ip)
+            ):
+                try:
+                    bind_transparent(sock, source)
+                except OSError as exc:  # lost the capability? connect from the node then
+                    log.warning("source_bind_failed", source=source, error=exc.strerror)
+                    sock.close()
+                    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex((backend.ip, backend.port))
             if err == errno.EINPROGRESS:
                 self.sock = sock

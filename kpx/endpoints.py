@@ -64,16 +64,17 @@ def _slice_usable(sl: EndpointSlice) -> bool:
 
 
 def endpoints_for_port(
-    slices: Iterable[EndpointSlice], port_name: str, node_name: str
+    slices: Iterable[EndpointSlice], port_name: str, node_name: str, protocol: str = "TCP"
 ) -> dict[int, list[EndpointInfo]]:
-    """Endpoints per family for Service port `port_name` (TCP), deduplicated on ip:port."""
+    """Endpoints per family for Service port `port_name` of `protocol`, deduplicated on
+    ip:port."""
     found: dict[tuple[str, int], EndpointInfo] = {}
     for sl in slices:
         if not _slice_usable(sl):
             continue
         slice_family = 4 if sl.address_type == "IPv4" else 6
         for sp in sl.ports:
-            if sp.name != port_name or sp.protocol != "TCP" or sp.port is None:
+            if sp.name != port_name or sp.protocol != protocol or sp.port is None:
                 continue
             for ep in sl.endpoints:
                 ip = ep.addresses[0]

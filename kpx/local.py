@@ -91,3 +91,9 @@ class LocalClients:
             self._cache.clear()
         self._cache[ip] = local
         return local
+
+    def in_cluster(self, ip: str) -> bool:
+        """Inside the cluster CIDRs (this node's own addresses aside): a pod."""
+        if ip.startswith("::ffff:") and "." in ip:
+            ip = ip[7:]
+        return self(ip) and ip not in self.addresses

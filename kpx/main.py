@@ -1,4 +1,5 @@
-"""kpx entry point: watch Services/EndpointSlices/this Node, program steering, proxy TCP.
+"""kpx entry point: watch Services/EndpointSlices/this Node, program steering, proxy TCP and UDP
+(the UDP parts are assembled in kpx/udp_path.py and share the watches and the health state).
 
 Start-up order follows kube-proxy: health and metrics servers first (starting up counts as
 healthy), then the watches; no rule is programmed before every store holds its first complete
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import json
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -32,21 +35,27 @@ from kpx.health import (
     ProxierHealthServer,
     ServiceHealthServers,
 )
+from kpx.links import SharedLinks
 from kpx.local import LocalClients, addresses_in, local_addresses
-from kpx.metrics import register_proxy_stats
+from kpx.metrics import SOURCE_ADDRESS_MODE, register_proxy_stats
 from kpx.nft import NftWriter
+from kpx.policyroute import PolicyRouteError, PolicyRouting
 from kpx.ports import PortsWriter
 from kpx.proxy import Proxy
 from kpx.settings import KpxSettings
+from kpx.source import SourceAddresses
 from kpx.stalls import GcPauses, LoopLag
 from kpx.sync import RuleSyncer, SteeringWriter
 from kpx.table import ServiceTable
+from kpx.transparent import transparent_problem
+from kpx.udp_path import UdpPath
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
 from kwatch.models import keep_reference_names
 from kwatch.resources import ENDPOINTSLICES, NODES, SERVICES
 from kwatch.runtime import release_free_memory, run, stop_event
+from kwatch.store import Store
 from kwatch.supervisor import Supervisor
 
 log = structlog.get_logger("kpx.main")
@@ -75,8 +84,37 @@ def _redirect_listen_hosts() -> list[str]:
         return ["0.0.0.0"]
 
 
+async def _transparent_mode(settings: KpxSettings, routing: PolicyRouting) -> bool | None:
+    """Whether kpx keeps clients' addresses (installing the policy routing it needs);
+    None: `--source-address-mode transparent` was asked for and cannot be had (exit)."""
+    if settings.mode != "nftables" or settings.source_address_mode == "node":
+        return False
+    problem = await transparent_problem()
+    if problem is None:
+        try:
+            await routing.install()
+        except PolicyRouteError as err:
+            problem = f"policy routing: {err}"
+    if problem is None:
+        return True
+    if settings.source_address_mode == "transparent":
+        log.error("kpx_start_failed", problem=problem, source_address_mode="transparent")
+        return None
+    # The one line that says why backends see the node's address on this node.
+    log.warning("transparent_mode_unavailable", problem=problem, source_address_mode="node")
+    return False
+
+
 async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int:
     stop = stop or stop_event()
+    listen_hosts = _redirect_listen_hosts()
+    routing = PolicyRouting(6 if ":" in host else 4 for host in listen_hosts)
+    transparent = await _transparent_mode(settings, routing)
+    if transparent is None:
+        return 1
+    source_mode = "transparent" if transparent else "node"
+    for name in ("transparent", "node"):
+        SOURCE_ADDRESS_MODE.labels(name).set(1 if name == source_mode else 0)
     # Every background task (watches, sync loop, housekeeping) runs under it: restarted after
     # an unexpected exception, and visible in /healthz and /livez when dead or crash-looping.
     supervisor = Supervisor(wedge_deadline=settings.task_deadline)
@@ -97,7 +135,6 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         cooldown_cap=settings.cooldown_max,
         affinity_max_entries=settings.affinity_max_entries,
     )
-    metrics.AFFINITY_ENTRIES.set_function(balancer.affinity_entries)
     addresses = await asyncio.to_thread(local_addresses)
     local_clients = LocalClients(settings.cluster_cidrs, addresses)
     table = ServiceTable(
@@ -108,30 +145,66 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         balancer,
         local_client=local_clients,
     )
+    shared_links = SharedLinks()
+    if transparent:
+        shared_links.refresh()
+    source = SourceAddresses(
+        table.frontend_class,
+        lambda: local_clients.addresses,
+        local_clients.in_cluster if settings.cluster_cidrs else None,
+        settings.masquerade_all,
+    )
     proxy = Proxy(
         table,
         connect_ladder=settings.connect_timeouts,
         max_connections=settings.max_connections,
         drain_timeout=settings.drain_timeout,
         idle_timeout=settings.idle_timeout,
+        transparent=transparent,
+        source_address=source if transparent else None,
+        same_link=shared_links,
     )
     collector = register_proxy_stats(proxy.stats)
     loop = asyncio.get_running_loop()
     gc_pauses = GcPauses(on_slow_full=lambda: loop.call_soon_threadsafe(gc.freeze))
     loop_lag = LoopLag(loop)
-    health = ProxierHealth(settings.health_timeout, alive=supervisor.liveness)
+    # The UDP syncer tracks its own queued/applied changes: a UDP table kept failing must make
+    # /healthz fail although the TCP syncer succeeds.
+    udp_health = ProxierHealth(settings.health_timeout)
+    health = ProxierHealth(
+        settings.health_timeout, alive=_alive_with_udp(supervisor.liveness, udp_health)
+    )
+    stores = (state.store(SERVICES), state.store(ENDPOINTSLICES), state.store(NODES))
+    udp = UdpPath(
+        settings,
+        stores,
+        local_clients,
+        udp_health,
+        transparent,
+        shared_links,
+        on_synced=lambda: supervisor.mark_healthy("kpx-sync-udp"),
+    )
+    metrics.AFFINITY_ENTRIES.set_function(
+        lambda: balancer.affinity_entries() + udp.balancer.affinity_entries()
+    )
     writer: SteeringWriter
     ports_writer: PortsWriter | None = None
+    # `primary` becomes this Node's InternalIPs once the Node is listed (`_primary_cidrs`);
+    # updated in place, so the housekeeping loop sees it too.
+    nodeport_cidrs = [] if settings.nodeport_primary else list(settings.nodeport_addresses)
+    nft_writer: NftWriter | None = None
     if settings.mode == "nftables":
-        writer = NftWriter(
+        writer = nft_writer = NftWriter(
             settings.proxy_port,
-            settings.nodeport_addresses,
+            nodeport_cidrs,
             cluster_cidrs=settings.cluster_cidrs,
+            transparent=transparent,
+            firewall=lambda: table.firewall,
         )
     else:
         writer = ports_writer = PortsWriter(proxy, settings.ports_bind_address)
     service_health = ServiceHealthServers(
-        health.healthy, hosts=addresses_in(settings.nodeport_addresses, addresses)
+        health.healthy, hosts=addresses_in(nodeport_cidrs, addresses)
     )
     syncer = RuleSyncer(
         table,
@@ -148,12 +221,12 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         return web.Response(text=settings.mode)
 
     async def debug_services(_request: web.Request) -> web.Response:
-        rows = ports_writer.assignments() if ports_writer is not None else []
+        rows = _assignments(ports_writer, udp)
         return web.Response(text=json.dumps(rows, indent=1) + "\n", content_type="application/json")
 
     def ready() -> tuple[bool, str]:
         ok, text = state.readiness()
-        if ok and syncer.syncs == 0:
+        if ok and (syncer.syncs == 0 or not udp.synced):
             return False, "waiting for the first rule sync"
         return ok, text
 
@@ -178,13 +251,15 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         if settings.mode == "nftables":
             # Claim the proxy port before anything else: if another kpx holds it, fail here,
             # before the first sync rewrites (and the exit path deletes) its table.
-            bound = [proxy.bind_redirect(h, settings.proxy_port) for h in _redirect_listen_hosts()]
+            bound = [proxy.bind_redirect(h, settings.proxy_port) for h in listen_hosts]
+            await udp.claim(listen_hosts, settings.proxy_port, routing, transparent)
         await healthz.start()
         await metrics_server.start()
         await state.start(settings, USER_AGENT)
         log.info(
             "kpx_started",
             mode=settings.mode,
+            source_address_mode=source_mode,
             node=settings.node_name,
             proxy_port=settings.proxy_port,
         )
@@ -197,11 +272,19 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
                 services=len(state.store(SERVICES)),
                 endpointslices=len(state.store(ENDPOINTSLICES)),
             )
+            if settings.nodeport_primary:
+                nodeport_cidrs[:] = _primary_cidrs(state.store(NODES), settings.node_name)
+                if nft_writer is not None:
+                    nft_writer.nodeport_cidrs = list(nodeport_cidrs)
+                udp.set_nodeport_cidrs(nodeport_cidrs)
+                hosts = addresses_in(nodeport_cidrs, local_clients.addresses)
+                await service_health.set_hosts(hosts)
             programmed = True
-            try:
-                await syncer.sync_once()
-            except Exception as err:  # run() below retries
-                log.error("sync_failed", problem=str(err) or type(err).__name__)
+            for sync_once in (syncer.sync_once, udp.sync_once):
+                try:
+                    await sync_once()
+                except Exception as err:  # run() below retries
+                    log.error("sync_failed", problem=str(err) or type(err).__name__)
             # What is alive now (modules, every store's first list) lives about as long as the
             # process: collect the start-up garbage, then keep the rest out of every later
             # collection, so a full collection walks only what changed since (the data path
@@ -217,19 +300,24 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
             for listener in bound:
                 await proxy.accept_on(listener)
             supervisor.spawn("kpx-sync", syncer.run)
+            supervisor.spawn("kpx-sync-udp", udp.run)
             supervisor.spawn(
                 "housekeeping",
                 lambda: _housekeeping(
-                    balancer,
+                    (balancer, udp.balancer),
                     local_clients,
                     service_health,
-                    settings.nodeport_addresses,
+                    nodeport_cidrs,
                     settings.sync_period,
+                    shared_links if transparent else None,
                 ),
             )
             if ports_writer is not None:
                 writer_ = ports_writer
-                supervisor.spawn("print-assignments", lambda: _print_assignments(syncer, writer_))
+                supervisor.spawn(
+                    "print-assignments",
+                    lambda: _print_assignments(syncer, lambda: _assignments(writer_, udp)),
+                )
         await stopped
         synced.cancel()
     except OSError as err:
@@ -248,8 +336,11 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         if drain is None:
             drain = DEFAULT_STOP_DRAIN
         await proxy.stop(drain if status == 0 else 0.0)
+        await udp.stop(programmed)
         if programmed:
             await writer.remove()
+            if transparent:
+                await routing.remove()
         await service_health.stop()
         await metrics_server.stop()
         await healthz.stop()
@@ -260,16 +351,53 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
     return status
 
 
+def _primary_cidrs(nodes: Store[Any], node_name: str) -> list[str]:
+    """`--nodeport-addresses primary`: this Node's InternalIPs as host CIDRs, read once at
+    start as kube-proxy does; none known: every local address, said in one warning."""
+    node = nodes.get(node_name)
+    found = []
+    for address in node.status.addresses if node is not None else ():
+        if address.type != "InternalIP":
+            continue
+        try:
+            found.append(str(ipaddress.ip_network(address.address)))
+        except ValueError:
+            continue
+    if not found:
+        log.warning("nodeport_primary_unknown", node=node_name, fallback="all local addresses")
+    else:
+        log.info("nodeport_addresses_primary", addresses=found)
+    return found
+
+
+def _alive_with_udp(
+    liveness: Callable[[], tuple[bool, str]], udp_health: ProxierHealth
+) -> Callable[[], tuple[bool, str]]:
+    """The supervisor's liveness, failing too while a UDP change waits past the timeout."""
+
+    def alive() -> tuple[bool, str]:
+        ok, text = liveness()
+        if ok and not udp_health.healthy():
+            return False, "a queued UDP change waited longer than the health timeout"
+        return ok, text
+
+    return alive
+
+
 async def _housekeeping(
-    balancer: Balancer,
+    balancers: Sequence[Balancer],
     local_clients: LocalClients,
     service_health: ServiceHealthServers,
     nodeport_addresses: Sequence[str],
     period: float,
+    shared_links: SharedLinks | None = None,
 ) -> None:
     while True:
         await asyncio.sleep(period)
-        balancer.sweep()
+        for balancer in balancers:
+            balancer.sweep()
+        if shared_links is not None:
+            shared_links.refresh()
         # Addresses come and go (DHCP, LB IPs bound on the node): the local-client check
         # follows them, and so do the healthCheckNodePort listeners (a no-op without
         # --nodeport-addresses: they listen on every address then).
@@ -278,12 +406,26 @@ async def _housekeeping(
             await service_health.set_hosts(hosts)
 
 
-async def _print_assignments(syncer: RuleSyncer, writer: PortsWriter) -> None:
+def _assignments(tcp: PortsWriter | None, udp: UdpPath) -> list[dict[str, object]]:
+    """--mode ports: every frontend's local port, TCP then UDP."""
+    rows: list[dict[str, object]] = []
+    if tcp is not None:
+        rows += [{**row, "protocol": "TCP"} for row in tcp.assignments()]
+    return rows + udp.assignments()
+
+
+async def _print_assignments(
+    syncer: RuleSyncer, assignments: Callable[[], list[dict[str, object]]]
+) -> None:
     """--mode ports: print the frontend -> local port table whenever it changes."""
     last: list[dict[str, object]] = []
     while True:
         await asyncio.sleep(0.5)
-        rows = writer.assignments()
+        rows = assignments()
         if rows != last and syncer.syncs:
             last = rows
             print(json.dumps({"services": rows}), file=sys.stdout, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,8 @@ kube-proxy (pkg/proxy/metrics/metrics.go) semantics:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -51,6 +52,11 @@ NETWORK_PROGRAMMING = Histogram(
     "In Cluster Network Programming Latency in seconds",
     buckets=PROGRAMMING_BUCKETS,
 )
+SOURCE_ADDRESS_MODE = Gauge(
+    "kpx_source_address_mode",
+    "1 for the mode kpx runs in: transparent (backends see clients' addresses) or node",
+    ["mode"],
+)
 SERVICE_COMPUTE_FAILURES = Counter(
     "kpx_service_compute_failures_total",
     "Services whose rules could not be computed from their objects (last good rules kept)",
@@ -84,9 +90,29 @@ NO_LOCAL_ENDPOINTS = Gauge(
 )
 FRONTENDS = Gauge(
     "kpx_frontends",
-    "TCP frontends steered by kpx, by state (serve; local: node/pod clients only; "
+    "Frontends steered by kpx, by protocol and state (serve; local: node/pod clients only; "
     "drop: Local policy without endpoints here; reject: no endpoints)",
-    ["state"],
+    ["protocol", "state"],
+)
+
+
+class NoLocalEndpoints:
+    """kube-proxy's no_local_endpoints gauge counts Service ports of every protocol: each
+    protocol's syncer reports its own counts and the gauge shows their sum."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def set(self, protocol: str, policy: str, count: int) -> None:
+        self._counts[(protocol, policy)] = count
+        total = sum(v for (_proto, pol), v in self._counts.items() if pol == policy)
+        NO_LOCAL_ENDPOINTS.labels(policy).set(total)
+
+
+NO_LOCAL = NoLocalEndpoints()
+SCTP_PORTS_IGNORED = Gauge(
+    "kpx_sctp_service_ports_ignored",
+    "SCTP Service ports kpx leaves alone (it proxies TCP and UDP only)",
 )
 
 
@@ -161,5 +187,55 @@ class ProxyStatsCollector(Collector):
 
 def register_proxy_stats(stats: object) -> ProxyStatsCollector:
     collector = ProxyStatsCollector(stats)
+    REGISTRY.register(collector)
+    return collector
+
+
+class UdpStatsCollector(Collector):
+    """Exports the UDP relay's counters (kpx.udp_relay.UdpStats) and its session count."""
+
+    SESSION_EVENTS = {
+        "sessions_created": ("created", "UDP sessions created (a client's first datagram)"),
+        "sessions_expired": ("expired", "UDP sessions ended by --udp-timeout"),
+        "sessions_evicted": ("evicted", "UDP sessions evicted at --udp-max-sessions"),
+        "sessions_retargeted": (
+            "retargeted",
+            "UDP sessions moved to another endpoint (theirs left or failed)",
+        ),
+    }
+
+    def __init__(self, stats: Any, active: Callable[[], int]) -> None:
+        self.stats = stats
+        self.active = active
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "kpx_udp_sessions_active", "UDP sessions open", value=float(self.active())
+        )
+        for attr, (event, doc) in self.SESSION_EVENTS.items():
+            yield CounterMetricFamily(
+                f"kpx_udp_sessions_{event}", doc, value=float(getattr(self.stats, attr))
+            )
+        datagrams = CounterMetricFamily(
+            "kpx_udp_datagrams", "UDP datagrams relayed", labels=["direction"]
+        )
+        octets = CounterMetricFamily(
+            "kpx_udp_bytes", "UDP payload bytes relayed", labels=["direction"]
+        )
+        for direction in ("to_backend", "to_client"):
+            datagrams.add_metric([direction], float(getattr(self.stats, f"datagrams_{direction}")))
+            octets.add_metric([direction], float(getattr(self.stats, f"bytes_{direction}")))
+        yield datagrams
+        yield octets
+        drops = CounterMetricFamily(
+            "kpx_udp_drops", "UDP datagrams dropped, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(self.stats.drops.items()):
+            drops.add_metric([reason], float(count))
+        yield drops
+
+
+def register_udp_stats(stats: Any, active: Callable[[], int]) -> UdpStatsCollector:
+    collector = UdpStatsCollector(stats, active)
     REGISTRY.register(collector)
     return collector

@@ -20,6 +20,26 @@ membership does:
   sources in the cluster CIDRs (kube-proxy's short-circuit to the cluster-wide endpoints),
   dropped for everyone else.
 
+Transparent mode (`transparent=True`, kpx/steering.py decides it): traffic from pods and from
+outside the node is handed to the proxy's IP_TRANSPARENT listener by `tproxy` in a prerouting
+chain at mangle priority instead of `redirect`, so the accepted socket's local address is the
+frontend and the client's address is untouched; the packet gets the fwmark `TPROXY_MARK`, which
+the policy routing kpx installs (kpx/policyroute.py: `fwmark lookup` a table whose only route
+is `local default dev lo`) turns into local delivery. The same chain marks every TCP packet of
+a connection that belongs to a transparent socket (`socket transparent 1`): the client's later
+packets and, above all, the backends' replies to the client's address, which the node would
+otherwise forward to the client pod. Host processes (output hook) are still `redirect`ed, and
+the refusing chains skip marked packets (a tproxied packet keeps its frontend destination).
+Clients behind a bridge (the ingress device is a bridge, as with bridge CNIs) are `redirect`ed
+too: tproxy does not work for them (see `_BRIDGE`); the proxy still connects from their
+address where their backend is not on the same bridge (kpx/links.py).
+
+`loadBalancerSourceRanges` (kube-proxy's `firewall-ips`): `lbfw4` holds the LB IP . port
+frontends with ranges, `lbfw-allow4` (interval) the LB IP . port . allowed range triples; a
+new or established packet to a firewalled frontend from any other source is dropped in
+prerouting and output before it is steered (priority -110, ahead of the nat and tproxy hooks'
+verdicts taking effect). Changed only when a Service's ranges or LB IPs change.
+
 So an endpoint change costs nothing in the kernel, a new frontend costs one set element, and a
 frontend losing its last endpoint moves between two sets. Every change is one `nft -f`
 transaction (atomic); startup rewrites the table from scratch (`add table; delete table;
@@ -32,16 +52,22 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import structlog
 from prometheus_client import Counter
 
 from kpx.table import Steer, SteerKey
 
+# LB frontend -> the source ranges allowed to reach it (ServiceTable.firewall).
+Firewall = Mapping[SteerKey, tuple[str, ...]]
+
 log = structlog.get_logger("kpx.nft")
 
 TABLE = "inet kpx"
+# The fwmark bit of tproxied packets and of packets for transparent sockets (the policy routing
+# matches it). Free in kube-proxy (0x4000, 0x8000), Calico (0xffff0000) and Cilium (0x0f00).
+TPROXY_MARK = 0x2000
 ELEMENTS_PER_LINE = 1000  # keeps single statements (and nft's parser) reasonable at 10k+
 
 SYNC_FAILURES = Counter(
@@ -93,12 +119,17 @@ def _interval_set(name: str, addr_type: str, cidrs: list[str]) -> str:
 
 
 def _family_chains(
-    family: int, proxy_port: int, nodeport_cidrs: list[str] | None, cluster_cidrs: list[str]
+    family: int,
+    proxy_port: int,
+    nodeport_cidrs: list[str] | None,
+    cluster_cidrs: list[str],
+    transparent: bool = False,
 ) -> list[str]:
     """The sets and the steering/refusing chains of one address family.
 
     `nodeport_cidrs` None means NodePorts on every local address; an empty list means no
     NodePorts in this family (kube-proxy: nodePortAddresses without a CIDR of that family).
+    `transparent` adds the `tproxy{f}` chain (prerouting's `steer{f}` with tproxy).
     """
     f = family
     ip = "ip" if f == 4 else "ip6"
@@ -107,6 +138,10 @@ def _family_chains(
         f"\tset svc{f}{sfx} {{ type {addr_type} . inet_service; }}" for sfx in SET_SUFFIX.values()
     ]
     lines += [f"\tset np{f}{sfx} {{ type inet_service; }}" for sfx in SET_SUFFIX.values()]
+    lines.append(f"\tset lbfw{f} {{ type {addr_type} . inet_service; }}")
+    lines.append(
+        f"\tset lbfw-allow{f} {{ type {addr_type} . inet_service . {addr_type}; flags interval; }}"
+    )
     np_match: str | None = "fib daddr type local"
     if nodeport_cidrs is not None:
         if nodeport_cidrs:
@@ -114,26 +149,45 @@ def _family_chains(
             np_match = f"fib daddr type local {ip} daddr @np-addresses{f}"
         else:
             np_match = None
-    redirect = f"redirect to :{proxy_port}"
     reset = "reject with tcp reset"
     svc, np = f"{ip} daddr . tcp dport @svc{f}", f"{np_match} tcp dport @np{f}"
-    steer = [f"{svc} {redirect}"]
-    host = [f"{svc}-local {redirect}"]  # host processes are local clients
+    # Client matches, steered to the proxy (`{v}` becomes the verdict).
+    steer = [f"{svc} {{v}}"]
+    host = [f"{svc}-local {{v}}"]  # host processes are local clients
     # What reaches the filter hooks still addressed to a `-local` frontend was not redirected
     # (not a local client): dropped, like the `-drop` ones.
     refuse = [f"{svc}-reject {reset}", f"{svc}-local drop", f"{svc}-drop drop"]
     if cluster_cidrs:  # pods are local clients too (kube-proxy's detect-local by clusterCIDR)
         lines.append(_interval_set(f"cluster{f}", addr_type, cluster_cidrs))
-        steer.append(f"{ip} saddr @cluster{f} {svc}-local {redirect}")
+        steer.append(f"{ip} saddr @cluster{f} {svc}-local {{v}}")
     if np_match is not None:
-        steer.append(f"{np} {redirect}")
-        host.append(f"{np}-local {redirect}")
+        steer.append(f"{np} {{v}}")
+        host.append(f"{np}-local {{v}}")
         refuse += [f"{np}-reject {reset}", f"{np}-local drop", f"{np}-drop drop"]
         if cluster_cidrs:
-            steer.append(f"{ip} saddr @cluster{f} {np}-local {redirect}")
-    for name, rules in ((f"steer{f}", steer), (f"steer-host{f}", host), (f"refuse{f}", refuse)):
+            steer.append(f"{ip} saddr @cluster{f} {np}-local {{v}}")
+    redirect = f"redirect to :{proxy_port}"
+    tproxy = f"tproxy {ip} to :{proxy_port} meta mark set meta mark | {TPROXY_MARK:#x} accept"
+    chains = [
+        (f"steer{f}", [r.format(v=redirect) for r in steer]),
+        (f"steer-host{f}", [r.format(v=redirect) for r in host]),
+        (f"refuse{f}", refuse),
+    ]
+    if transparent:
+        # tproxy finds no socket while no kpx listens (killed, restarting): reset the client
+        # then, as `redirect` to a closed port does, instead of forwarding its packet on.
+        tproxied = [rule for r in steer for rule in (r.format(v=tproxy), r.format(v=reset))]
+        chains.append((f"tproxy{f}", tproxied))
+    for name, rules in chains:
         lines += [f"\tchain {name} {{", *(f"\t\t{rule}" for rule in rules), "\t}"]
     return lines
+
+
+# Packets that came in through a bridge (a bridge CNI's cni0) are `redirect`ed even in
+# transparent mode: the kernel does not deliver them to the socket `tproxy` assigns (seen on
+# 6.x without br_netfilter: the SYN is answered with a reset). Their clients' addresses are
+# still kept towards backends elsewhere; the replies come back routed.
+_BRIDGE = 'meta iifkind "bridge"'
 
 
 def _base_chain(name: str, kind: str, hook: str, priority: int, body: str) -> list[str]:
@@ -146,25 +200,54 @@ def _base_chain(name: str, kind: str, hook: str, priority: int, body: str) -> li
 
 
 def render_table(
-    proxy_port: int, nodeport_cidrs: Sequence[str] = (), cluster_cidrs: Sequence[str] = ()
+    proxy_port: int,
+    nodeport_cidrs: Sequence[str] = (),
+    cluster_cidrs: Sequence[str] = (),
+    transparent: bool = False,
 ) -> str:
     """The table definition (sets empty), the same every time for the same settings."""
     split = _split_cidrs(nodeport_cidrs) if nodeport_cidrs else None
     cluster = _split_cidrs(cluster_cidrs)
     lines = [f"table {TABLE} {{"]
     for f in (4, 6):
-        lines += _family_chains(f, proxy_port, None if split is None else split[f], cluster[f])
+        lines += _family_chains(
+            f, proxy_port, None if split is None else split[f], cluster[f], transparent
+        )
     steer = "meta nfproto ipv4 jump steer4\nmeta nfproto ipv6 jump steer6"
     host = "meta nfproto ipv4 jump steer-host4\nmeta nfproto ipv6 jump steer-host6"
     # Only a connection's first packet is checked: established flows (already redirected, or
     # draining after their frontend lost its endpoints) are never reset. The filter hooks
-    # run after the nat ones, so a redirected connection no longer matches a reject set.
-    refuse = (
-        "ct state new meta nfproto ipv4 jump refuse4\nct state new meta nfproto ipv6 jump refuse6"
-    )
-    # dstnat (-100) for the redirects; filter - 10 so the reset comes before other firewalls.
-    lines += _base_chain("nat-prerouting", "nat", "prerouting", -100, steer)
+    # run after the nat ones, so a redirected connection no longer matches a reject set; a
+    # tproxied one still does (its destination is unchanged), so marked packets skip them.
+    new = "ct state new"
+    if transparent:
+        new += f" meta mark & {TPROXY_MARK:#x} == 0"
+    refuse = f"{new} meta nfproto ipv4 jump refuse4\n{new} meta nfproto ipv6 jump refuse6"
+    if transparent:
+        mark = f"meta mark set meta mark | {TPROXY_MARK:#x}"
+        tproxy = (
+            # Packets of connections kpx holds transparently (clients' later packets, the
+            # backends' replies to a client's address): delivered to kpx, not forwarded. UDP
+            # too: the answers to UDP sessions sent from a client's address (kpx/udp_nft.py).
+            f"meta l4proto {{ tcp, udp }} socket transparent 1 {mark} accept\n"
+            f"{_BRIDGE} return\n"
+            "meta nfproto ipv4 jump tproxy4\nmeta nfproto ipv6 jump tproxy6"
+        )
+        # mangle (-150): before conntrack's nat and the filter hooks.
+        lines += _base_chain("tproxy-prerouting", "filter", "prerouting", -150, tproxy)
+        bridged = "\n".join(f"{_BRIDGE} {rule}" for rule in steer.split("\n"))
+        lines += _base_chain("nat-prerouting", "nat", "prerouting", -100, bridged)
+    else:
+        # dstnat (-100) for the redirects; filter - 10 so the reset comes before other firewalls.
+        lines += _base_chain("nat-prerouting", "nat", "prerouting", -100, steer)
     lines += _base_chain("nat-output", "nat", "output", -100, steer + "\n" + host)
+    firewall = "\n".join(
+        f"meta nfproto ipv{f} {ip} daddr . tcp dport @lbfw{f} "
+        f"{ip} daddr . tcp dport . {ip} saddr != @lbfw-allow{f} drop"
+        for f, ip in ((4, "ip"), (6, "ip6"))
+    )
+    for hook in ("prerouting", "output"):
+        lines += _base_chain(f"firewall-{hook}", "filter", hook, -110, firewall)
     for hook in ("input", "forward", "output"):
         lines += _base_chain(f"filter-{hook}", "filter", hook, -10, refuse)
     lines.append("}")
@@ -181,19 +264,50 @@ def _element_lines(verb: str, groups: Mapping[str, list[str]]) -> list[str]:
     return lines
 
 
+def _firewall_elements(key: SteerKey, ranges: tuple[str, ...]) -> dict[str, list[str]]:
+    family, ip, port = key
+    return {
+        f"lbfw{family}": [f"{ip} . {port}"],
+        f"lbfw-allow{family}": [f"{ip} . {port} . {cidr}" for cidr in ranges],
+    }
+
+
+def render_firewall_delta(applied: Firewall, desired: Firewall) -> list[str]:
+    """Element deletes and adds turning the applied firewall into the desired one."""
+    removals: dict[str, list[str]] = {}
+    additions: dict[str, list[str]] = {}
+    for key in sorted(set(applied) | set(desired)):
+        old, new = applied.get(key), desired.get(key)
+        if old == new:
+            continue
+        if old is not None:
+            for name, items in _firewall_elements(key, old).items():
+                removals.setdefault(name, []).extend(items)
+        if new is not None:
+            for name, items in _firewall_elements(key, new).items():
+                additions.setdefault(name, []).extend(items)
+    return _element_lines("delete", removals) + _element_lines("add", additions)
+
+
 def render_full(
     steering: Mapping[SteerKey, Steer],
     proxy_port: int,
     nodeport_cidrs: Sequence[str] = (),
     cluster_cidrs: Sequence[str] = (),
+    transparent: bool = False,
+    firewall: Firewall | None = None,
 ) -> str:
     """One transaction that replaces whatever kpx table exists with the desired one."""
     groups: dict[str, list[str]] = {}
     for key in sorted(steering):
         groups.setdefault(set_name(key, steering[key]), []).append(element(key))
+    for key in sorted(firewall or {}):
+        assert firewall is not None
+        for name, items in _firewall_elements(key, firewall[key]).items():
+            groups.setdefault(name, []).extend(items)
     # `add table` first so that `delete table` cannot fail on a fresh node.
     head = f"add table {TABLE}\ndelete table {TABLE}\n"
-    body = render_table(proxy_port, nodeport_cidrs, cluster_cidrs)
+    body = render_table(proxy_port, nodeport_cidrs, cluster_cidrs, transparent)
     return head + body + "".join(line + "\n" for line in _element_lines("add", groups))
 
 
@@ -232,8 +346,16 @@ class NftWriter:
         command: Sequence[str] = ("nft",),
         timeout: float = 30.0,
         cluster_cidrs: Sequence[str] = (),
+        transparent: bool = False,
+        firewall: Callable[[], Firewall] | None = None,
     ) -> None:
         self.proxy_port = proxy_port
+        # The table's current loadBalancerSourceRanges (read whole each sync: it is small and
+        # changes only with Services, so comparing it costs little).
+        self.firewall = firewall
+        self.applied_firewall: dict[SteerKey, tuple[str, ...]] = {}
+        # tproxy from prerouting (kpx keeps clients' addresses) instead of redirect.
+        self.transparent = transparent
         self.nodeport_cidrs = list(nodeport_cidrs)
         self.cluster_cidrs = list(cluster_cidrs)
         self.command = list(command)
@@ -247,17 +369,30 @@ class NftWriter:
     ) -> bool:
         """Apply the changes for `changed` keys (everything on the first call or after a
         failure). Returns whether the kernel was touched; raises NftError on failure."""
+        firewall = dict(self.firewall()) if self.firewall is not None else {}
         if self.needs_full:
-            script = render_full(steering, self.proxy_port, self.nodeport_cidrs, self.cluster_cidrs)
+            script = render_full(
+                steering,
+                self.proxy_port,
+                self.nodeport_cidrs,
+                self.cluster_cidrs,
+                self.transparent,
+                firewall,
+            )
             await self._run_or_flag(script)
             self.applied = dict(steering)
+            self.applied_firewall = firewall
             self.needs_full = False
             return True
         desired = {key: steering.get(key) for key in changed}
         script = render_delta(self.applied, desired)
+        if firewall != self.applied_firewall:
+            lines = render_firewall_delta(self.applied_firewall, firewall)
+            script += "".join(line + "\n" for line in lines)
         if not script:
             return False
         await self._run_or_flag(script)
+        self.applied_firewall = firewall
         for key, state in desired.items():
             if state is None:
                 self.applied.pop(key, None)
@@ -273,6 +408,7 @@ class NftWriter:
             CLEANUP_FAILURES.inc()
             log.error("nft_cleanup_failed", problem=str(err))
         self.applied = {}
+        self.applied_firewall = {}
         self.needs_full = True
 
     async def _run_or_flag(self, script: str) -> None:

@@ -14,6 +14,12 @@ timeout ladder over the candidates, kpx/dial.py) -> `Relay` (kpx/splice.py). A c
 frontend has no backend, or whose every candidate failed, is reset at once (SO_LINGER 0), never
 left hanging.
 
+Transparent mode (`transparent=True`): the redirect listeners are IP_TRANSPARENT, so they also
+accept the connections nftables `tproxy`s to them, whose local address is the frontend (host
+processes' connections are still redirected, read through SO_ORIGINAL_DST); `source_address`
+says, per connection, whether the backend connection is made from the client's address
+(kpx/source.py) and `Dial` binds it so.
+
 Drain: when the control path removes an endpoint it stops offering it; `close_backend` then
 takes it out of the connects under way and (optionally, with `drain_timeout`) resets the
 connections still open to it after the timeout; `restore_backend` calls that off when the
@@ -27,7 +33,7 @@ import errno
 import resource
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -36,6 +42,7 @@ from kpx.dial import Dial
 from kpx.origdst import original_dst, unmap_ipv4
 from kpx.poller import Poller
 from kpx.splice import DEFAULT_PIPE_SIZE, PipePool, Relay, RelayCounters, reset_socket
+from kpx.transparent import make_transparent
 
 log = structlog.get_logger("kpx.proxy")
 
@@ -51,6 +58,13 @@ _FDS_PER_CONNECTION = 3
 _FDS_RESERVED = 256
 
 BackendKey = tuple[str, int]
+# (frontend ip, frontend port, client ip) -> the address to connect to the backend from, or
+# None for the node's own (kpx/source.py).
+SourceAddress = Callable[[str, int, str], str | None]
+
+
+def _never(_a: str, _b: str) -> bool:
+    return False
 
 
 def default_max_connections() -> int:
@@ -164,6 +178,9 @@ class Proxy:
         drain_timeout: float | None = None,
         idle_timeout: float | None = None,
         pipe_size: int = DEFAULT_PIPE_SIZE,
+        transparent: bool = False,
+        source_address: SourceAddress | None = None,
+        same_link: Callable[[str, str], bool] | None = None,
     ) -> None:
         if not connect_ladder:
             raise ValueError("connect_ladder needs at least one timeout")
@@ -183,6 +200,12 @@ class Proxy:
         # connection goes between 1x and 1.5x the timeout after its last byte.
         self.idle_timeout = idle_timeout
         self._idle_sweeper: asyncio.TimerHandle | None = None
+        # Redirect listeners accept tproxied connections too (IP_TRANSPARENT).
+        self.transparent = transparent
+        self.source_address = source_address
+        # Whether two addresses share a link (kpx/links.py): such a backend would answer the
+        # client directly, so `Dial` connects to it from the node's address.
+        self.same_link: Callable[[str, str], bool] = same_link or _never
         self.stats = ProxyStats()
         self.pool = PipePool(pipe_size)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -254,6 +277,8 @@ class Proxy:
                 # One listener per family: "::" and "0.0.0.0" can then share a port, so both
                 # families' redirect rules can point at the same `redirect to :PORT`.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if self.transparent and frontend is None:
+                make_transparent(sock)
             sock.bind((host, port))
         except OSError:
             sock.close()
@@ -354,6 +379,12 @@ class Proxy:
             return None
         client.setblocking(False)
         frontend = listener.frontend
+        if frontend is None and self.transparent:
+            # tproxied: the local address is the frontend; redirected (host processes): the
+            # local port is the listener's and conntrack knows the frontend.
+            local = client.getsockname()
+            if local[1] != listener.port:
+                frontend = (local[0], local[1])
         if frontend is None:
             try:
                 frontend = original_dst(client, peer_ip)
@@ -376,7 +407,10 @@ class Proxy:
             log.debug("frontend_without_endpoints", frontend_ip=frontend_ip, port=frontend[1])
             reset_socket(client)
             return None
-        return Dial(self, client, client_ip, picker, candidates)
+        source = None
+        if self.source_address is not None:
+            source = self.source_address(frontend_ip, frontend[1], client_ip)
+        return Dial(self, client, client_ip, picker, candidates, source)
 
     def _refuse_over_limit(self, client: socket.socket) -> None:
         self.stats.limit_hits += 1

@@ -3,8 +3,8 @@
 `--config` takes either kpx's own keys (`proxy_port: 10262` or `proxy-port: 10262`) or a
 KubeProxyConfiguration (`kubeproxy.config.k8s.io/v1alpha1`): its camelCase fields that mean
 the same thing here (mode, healthzBindAddress, metricsBindAddress, nodePortAddresses,
-minSyncPeriod, syncPeriod, hostnameOverride) are mapped, Go durations ("1s", "250ms") parsed,
-and every other field ignored with the file still accepted.
+minSyncPeriod, syncPeriod, hostnameOverride, clusterCIDR, masqueradeAll) are mapped, Go
+durations ("1s", "250ms") parsed, and every other field ignored with the file still accepted.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from kwatch.settings import AccessSettings, ListenAddress, settings_or_exit
 
-DESCRIPTION = "kpx: userspace kube-proxy for TCP Services, steered by nftables"
+DESCRIPTION = "kpx: userspace kube-proxy for TCP and UDP Services, steered by nftables"
 
 # KubeProxyConfiguration field -> kpx field.
 KUBE_PROXY_FIELDS = {
@@ -32,6 +32,8 @@ KUBE_PROXY_FIELDS = {
     "syncPeriod": "sync_period",
     "hostnameOverride": "node_name",
     "clusterCIDR": "cluster_cidrs",
+    "udpIdleTimeout": "udp_timeout",  # the userspace mode's field (removed in 1.26)
+    "masqueradeAll": "masquerade_all",
 }
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -89,6 +91,17 @@ def parse_durations(value: Any) -> list[float]:
     return out
 
 
+def _parse_cidrs(value: list[str]) -> list[str]:
+    out = []
+    for item in value:
+        for cidr in (c.strip() for c in item.split(",") if c.strip()):
+            try:
+                out.append(str(ipaddress.ip_network(cidr, strict=False)))
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a CIDR") from None
+    return out
+
+
 def _from_kube_proxy_configuration(data: dict[str, Any], fields: set[str]) -> dict[str, Any]:
     if str(data.get("kind", "")) != "KubeProxyConfiguration":
         return data
@@ -100,8 +113,6 @@ def _from_kube_proxy_configuration(data: dict[str, Any], fields: set[str]) -> di
             continue
         if name == "mode" and value in ("", "iptables", "nftables", "ipvs"):
             value = "nftables"  # every kernel mode means "kpx with nftables steering"
-        if name == "nodeport_addresses" and value == ["primary"]:
-            continue  # kube-proxy's nftables default; kpx's default is all local addresses
         if value in ("", None):
             continue
         if name == "cluster_cidrs" and isinstance(value, str):
@@ -118,13 +129,25 @@ class KpxSettings(AccessSettings):
         description="nftables: steer Service traffic to the proxy with nftables (root); "
         "ports: bind every frontend on a local port instead (no root, development)",
     )
+    source_address_mode: Literal["auto", "transparent", "node"] = Field(
+        "auto",
+        description="whose address backends see: transparent keeps the client's where "
+        "kube-proxy would (nftables tproxy, IP_TRANSPARENT; exits if unavailable), node "
+        "connects from the node's, auto is transparent where possible, else node",
+    )
+    masquerade_all: bool = Field(
+        False,
+        description="backends always see the node's address, never the client's "
+        "(kube-proxy's --masquerade-all)",
+    )
     node_name: str = Field(
         default_factory=socket.gethostname,
         description="this node's name as in EndpointSlice nodeName (the hostname if unset)",
     )
     nodeport_addresses: list[str] = Field(
         default_factory=list,
-        description="CIDRs of the local addresses that accept NodePorts; none means all",
+        description="CIDRs of the local addresses that accept NodePorts; none means all; "
+        "primary: only this Node's InternalIPs (kube-proxy's nftables default)",
     )
     cluster_cidrs: list[str] = Field(
         default_factory=list,
@@ -173,6 +196,15 @@ class KpxSettings(AccessSettings):
     max_connections: int | None = Field(
         None, ge=1, description="open proxied connections at most; unset: from RLIMIT_NOFILE"
     )
+    udp_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds without a datagram either way after which a UDP session "
+        "(client, frontend -> endpoint) ends; the kernel's nf_conntrack_udp_timeout",
+    )
+    udp_max_sessions: int = Field(
+        65536, ge=1, description="UDP sessions at most; the oldest idle ones make room"
+    )
     cooldown_base: float = Field(
         1.0, gt=0, description="seconds a backend is skipped after a failed connect"
     )
@@ -194,7 +226,12 @@ class KpxSettings(AccessSettings):
         return _from_kube_proxy_configuration(data, set(cls.model_fields))
 
     @field_validator(
-        "min_sync_period", "sync_period", "drain_timeout", "idle_timeout", mode="before"
+        "min_sync_period",
+        "sync_period",
+        "drain_timeout",
+        "idle_timeout",
+        "udp_timeout",
+        mode="before",
     )
     @classmethod
     def _duration(cls, value: Any) -> Any:
@@ -205,17 +242,20 @@ class KpxSettings(AccessSettings):
     def _durations(cls, value: Any) -> list[float]:
         return parse_durations(value)
 
-    @field_validator("nodeport_addresses", "cluster_cidrs")
+    @field_validator("nodeport_addresses")
+    @classmethod
+    def _nodeport_addresses(cls, value: list[str]) -> list[str]:
+        items = [c.strip() for item in value for c in item.split(",") if c.strip()]
+        if "primary" in items:
+            if items != ["primary"]:
+                raise ValueError("primary stands alone (not with CIDRs)")
+            return items
+        return _parse_cidrs(items)
+
+    @field_validator("cluster_cidrs")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
-        out = []
-        for item in value:
-            for cidr in (c.strip() for c in item.split(",") if c.strip()):
-                try:
-                    out.append(str(ipaddress.ip_network(cidr, strict=False)))
-                except ValueError:
-                    raise ValueError(f"{cidr!r} is not a CIDR") from None
-        return out
+        return _parse_cidrs(value)
 
     @field_validator("node_name")
     @classmethod
@@ -225,6 +265,11 @@ class KpxSettings(AccessSettings):
         if not value:
             raise ValueError("must not be empty")
         return value
+
+    @property
+    def nodeport_primary(self) -> bool:
+        """`--nodeport-addresses primary`: NodePorts on this Node's InternalIPs only."""
+        return self.nodeport_addresses == ["primary"]
 
     @property
     def health_timeout(self) -> float:

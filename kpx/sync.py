@@ -54,6 +54,7 @@ class RuleSyncer:
         min_sync_period: float = 0.05,
         on_backend_added: Callable[[Backend], object] | None = None,
         on_synced: Callable[[], object] | None = None,
+        observe_programming: bool = True,
     ) -> None:
         self.table = table
         self.writer = writer
@@ -63,6 +64,9 @@ class RuleSyncer:
         self.on_backend_added = on_backend_added
         self.min_sync_period = min_sync_period
         self.on_synced = on_synced  # a sync succeeded (the supervisor's crash count resets)
+        # One syncer per protocol table sees every EndpointSlice change: only the TCP one
+        # observes the programming latency, so a change is counted once.
+        self.observe_programming = observe_programming
         self.syncs = 0
         self._wake = asyncio.Event()
         self._last_sync = 0.0
@@ -122,7 +126,8 @@ class RuleSyncer:
                 await asyncio.sleep(0)
         except BaseException:
             self._backends_changed(total)
-            self._trigger_times.extend(total.trigger_times)  # observed once applied
+            if self.observe_programming:
+                self._trigger_times.extend(total.trigger_times)  # observed once applied
             raise
 
     def _backends_changed(self, result: SyncResult) -> None:
@@ -141,7 +146,8 @@ class RuleSyncer:
         result = await self._recompute()
         self._backends_changed(result)
         # Kept until a kernel update succeeds: the latency counts until the change is in.
-        self._trigger_times.extend(result.trigger_times)
+        if self.observe_programming:
+            self._trigger_times.extend(result.trigger_times)
         # A writer that must rewrite everything (startup, after a failure) makes a full sync.
         full = result.full or bool(getattr(self.writer, "needs_full", False))
         touched = await self.writer.sync(self.table.steering, result.steering.keys())
@@ -157,11 +163,11 @@ class RuleSyncer:
         if self.table.pending:  # changes that arrived while the kernel was being updated
             self.health.queued()
         for policy, count in self.table.no_local_endpoints.items():
-            metrics.NO_LOCAL_ENDPOINTS.labels(policy).set(count)
+            metrics.NO_LOCAL.set(self.table.protocol, policy, count)
         if result.steering or full:  # O(frontends): only when steering changed
             counts = Counter(self.table.steering.values())
             for state in ("serve", "local", "drop", "reject"):
-                metrics.FRONTENDS.labels(state).set(counts.get(state, 0))
+                metrics.FRONTENDS.labels(self.table.protocol, state).set(counts.get(state, 0))
         if self.service_health is not None:
             await self.service_health.sync(self.table.health_checks())
         self.syncs += 1

@@ -1,4 +1,9 @@
-"""The service table: every TCP frontend this node serves and the backends it may use.
+"""The service table: every frontend of one protocol this node serves and its backends.
+
+kpx keeps one table per protocol it proxies (TCP, UDP): the same Service yields TCP frontends
+in one and UDP frontends in the other, so removing one protocol's port touches only that
+table. SCTP ports are in neither: the TCP table counts and logs them (kpx never opens an SCTP
+socket nor writes an SCTP rule, so the kernel never loads the sctp module for kpx).
 
 `compute_service` is a pure function of one Service, its EndpointSlices and this node; it
 follows kube-proxy's pkg/proxy:
@@ -17,6 +22,7 @@ proxy as the `FrontendMap`.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +43,7 @@ from kpx.endpoints import (
     family_of,
     local_ready_endpoint_ips,
 )
+from kpx.source import FrontendClass
 from kwatch.models import EndpointSlice, Node, Service
 from kwatch.store import EventType, Store, StoreEvent
 
@@ -48,6 +55,7 @@ DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds; the API server's default for Client
 
 FrontendKind = Literal["cluster_ip", "node_port", "external_ip", "load_balancer"]
 Scope = Literal["internal", "external"]
+Protocol = Literal["TCP", "UDP"]
 # (family, ip, port) as steered by nftables; ip is "" for a NodePort (any node address).
 SteerKey = tuple[int, str, int]
 # What the kernel does with a frontend's new connections (kube-proxy's nftables mode,
@@ -79,10 +87,17 @@ class Frontend:
     def steer_key(self) -> SteerKey:
         return (self.family, self.ip, self.port)
 
+    def source_class(self, external_local: bool) -> FrontendClass:
+        """kube-proxy's masquerade class of this frontend (kpx/source.py)."""
+        if self.scope == "internal":
+            return "internal"
+        return "external_local" if external_local else "external_cluster"
+
 
 @dataclass(frozen=True, slots=True)
 class PortRules:
-    """One TCP Service port: its frontends and the backend list per (scope, family)."""
+    """One Service port of the table's protocol: its frontends and the backend list per
+    (scope, family)."""
 
     port_id: str  # "namespace/name:portname"
     frontends: tuple[Frontend, ...]
@@ -92,6 +107,9 @@ class PortRules:
     # Families with a usable (ready, or serving and terminating) endpoint on any node:
     # kube-proxy's hasEndpoints, which decides between "drop" and "reject".
     usable_families: frozenset[int] = frozenset()
+    # loadBalancerSourceRanges of a LoadBalancer Service (collapsed CIDRs, both families);
+    # None: no firewall. Only the LB IPs are filtered, as kube-proxy does.
+    source_ranges: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +175,29 @@ def _frontends(svc: Service, port: int, node_port: int | None) -> tuple[Frontend
     return tuple(out)
 
 
+def source_ranges(svc: Service) -> tuple[str, ...] | None:
+    """A LoadBalancer Service's `loadBalancerSourceRanges`, collapsed per family (nftables
+    interval sets refuse overlaps); None without any. Malformed entries are skipped."""
+    if svc.spec.type != "LoadBalancer" or not svc.spec.load_balancer_source_ranges:
+        return None
+    nets: dict[int, list[Any]] = {4: [], 6: []}
+    for text in svc.spec.load_balancer_source_ranges:
+        try:
+            net = ipaddress.ip_network(text.strip(), strict=False)
+        except ValueError:
+            log.warning("source_range_invalid", service=svc.key, source_range=text)
+            continue
+        nets[net.version].append(net)
+    return tuple(str(n) for f in (4, 6) for n in ipaddress.collapse_addresses(nets[f]))
+
+
+def frontend_firewall(port: PortRules, fe: Frontend) -> tuple[str, ...] | None:
+    """The source ranges allowed to reach `fe` (its family only); None: everyone."""
+    if fe.kind != "load_balancer" or port.source_ranges is None:
+        return None
+    return tuple(r for r in port.source_ranges if (":" in r) == (fe.family == 6))
+
+
 def _affinity_timeout(svc: Service) -> float | None:
     if svc.spec.session_affinity != "ClientIP":
         return None
@@ -166,10 +207,16 @@ def _affinity_timeout(svc: Service) -> float | None:
     return float(DEFAULT_AFFINITY_TIMEOUT)
 
 
+def sctp_ports(svc: Service) -> int:
+    """How many of the Service's ports are SCTP (kpx proxies none of them)."""
+    return sum(1 for sp in svc.spec.ports if sp.protocol == "SCTP")
+
+
 def compute_service(
-    svc: Service, slices: Iterable[EndpointSlice], node: NodeInfo
+    svc: Service, slices: Iterable[EndpointSlice], node: NodeInfo, protocol: Protocol = "TCP"
 ) -> ServiceRules | None:
-    """The rules for one Service on `node`; None when kpx leaves the Service alone."""
+    """The rules for one Service's `protocol` ports on `node`; None when kpx leaves the
+    Service alone. The health check node port does not depend on the protocol."""
     if should_skip_service(svc):
         return None
     slices = list(slices)
@@ -180,13 +227,14 @@ def compute_service(
     uses_cluster = not internal_local or externally_accessible(svc)
     uses_local = internal_local or external_local
     affinity = _affinity_timeout(svc)
+    ranges = source_ranges(svc)
     ports: list[PortRules] = []
     no_local = {"internal": 0, "external": 0}
     for sp in svc.spec.ports:
-        if sp.protocol != "TCP":
-            continue  # UDP and SCTP are left alone for now
+        if sp.protocol != protocol:
+            continue  # another table's, or SCTP (left alone)
         frontends = _frontends(svc, sp.port, sp.node_port)
-        per_family = endpoints_for_port(slices, sp.name, node.name)
+        per_family = endpoints_for_port(slices, sp.name, node.name, protocol)
         lists: dict[ListKey, tuple[Backend, ...]] = {}
         usable: set[int] = set()
         for fam in sorted({f.family for f in frontends}):
@@ -207,7 +255,9 @@ def compute_service(
                     no_local["external"] += external_local and has_external
         port_id = f"{svc.key}:{sp.name}"
         ports.append(
-            PortRules(port_id, frontends, lists, affinity, external_local, frozenset(usable))
+            PortRules(
+                port_id, frontends, lists, affinity, external_local, frozenset(usable), ranges
+            )
         )
     hc_port = svc.spec.health_check_node_port if needs_health_check(svc) else None
     return ServiceRules(
@@ -241,6 +291,9 @@ def _unique_backends(rules: ServiceRules | None) -> set[Backend]:
 
 
 FrontendPicker = RoundRobinPicker | LocalTrafficPicker
+# What one Service port claims for a steering key: its picker, steering, masquerade class and
+# firewall (loadBalancerSourceRanges of this family; None: no firewall).
+_Owner = tuple[FrontendPicker, Steer, FrontendClass, tuple[str, ...] | None]
 
 
 def short_circuit_list(port: PortRules, family: int) -> ListKey:
@@ -317,7 +370,9 @@ class ServiceTable:
         on_change: Callable[[], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
         local_client: Callable[[str], bool] | None = None,
+        protocol: Protocol = "TCP",
     ) -> None:
+        self.protocol = protocol
         self._services = services
         self._slices = slices
         self._nodes = nodes
@@ -330,10 +385,16 @@ class ServiceTable:
         self._started = wall_clock()
         self._results: dict[str, ServiceRules] = {}
         # Per steering key, per Service port claiming it: its picker and its steering.
-        self._owners: dict[SteerKey, dict[str, tuple[FrontendPicker, Steer]]] = {}
+        self._owners: dict[SteerKey, dict[str, _Owner]] = {}
         self._by_address: dict[tuple[str, int], Picker] = {}
         self._by_node_port: dict[tuple[int, int], Picker] = {}
+        # Keyed like the two maps above ((ip, port) or (family, port)): transparent mode's
+        # per-connection question "whose address may the backend see" (kpx/source.py).
+        self._classes: dict[Any, FrontendClass] = {}
         self.steering: dict[SteerKey, Steer] = {}
+        # LB frontends with loadBalancerSourceRanges -> the ranges allowed (kpx/nft.py's
+        # firewall sets); read whole by the nftables writer, which applies the difference.
+        self.firewall: dict[SteerKey, tuple[str, ...]] = {}
         self._dirty: set[str] = set()
         self._all_dirty = True
         self._triggers: dict[str, list[float]] = {}
@@ -344,6 +405,8 @@ class ServiceTable:
         self.no_local_endpoints = {"internal": 0, "external": 0}
         # Kept incrementally so a sync costs O(changed Services), not O(all Services).
         self._health_checks: dict[str, tuple[int, int]] = {}
+        # SCTP ports per Service (counted by the TCP table only, logged once per Service).
+        self._sctp: dict[str, int] = {}
         services.subscribe(self._on_service)
         slices.subscribe(self._on_slice)
         if nodes is not None:
@@ -358,6 +421,15 @@ class ServiceTable:
         if ip.startswith("::ffff:") and "." in ip:  # IPv4-mapped, from a dual-stack socket
             return self.lookup(ip[7:], port)
         return self._by_node_port.get((6 if ":" in ip else 4, port))
+
+    def frontend_class(self, ip: str, port: int) -> FrontendClass | None:
+        """The masquerade class of the frontend `lookup(ip, port)` finds (kpx/source.py)."""
+        found = self._classes.get((ip, port))
+        if found is not None:
+            return found
+        if ip.startswith("::ffff:") and "." in ip:
+            return self.frontend_class(ip[7:], port)
+        return self._classes.get((6 if ":" in ip else 4, port))
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -470,15 +542,28 @@ class ServiceTable:
 
     def _compute(self, key: str, node: NodeInfo) -> ServiceRules | None:
         svc = self._services.get(key)
+        if self.protocol == "TCP":
+            self._note_sctp(key, svc)
         if svc is None:
             return None
         try:
-            return compute_service(svc, self._slices.by_index("service", key), node)
+            slices = self._slices.by_index("service", key)
+            return compute_service(svc, slices, node, self.protocol)
         except Exception as err:
             # A Service kpx cannot make sense of keeps what it had; the others go on.
             metrics.SERVICE_COMPUTE_FAILURES.inc()
             log.warning("service_rules_kept", key=key, problem=f"{type(err).__name__}: {err}")
             return self._results.get(key)
+
+    def _note_sctp(self, key: str, svc: Service | None) -> None:
+        count = sctp_ports(svc) if svc is not None and not should_skip_service(svc) else 0
+        old = self._sctp.pop(key, 0)
+        if count:
+            self._sctp[key] = count
+            if not old:
+                log.info("sctp_ports_ignored", service=key, ports=count)
+        if count != old:
+            metrics.SCTP_PORTS_IGNORED.inc(count - old)
 
     def _release(self, backend: Backend, released: dict[tuple[str, int], Backend]) -> None:
         addr = (backend.ip, backend.port)
@@ -492,7 +577,7 @@ class ServiceTable:
     def _apply(self, key: str, new: ServiceRules | None) -> set[SteerKey]:
         """Make `new` the applied rules of `key`. What can fail (the balancer, the pickers)
         runs before the table changes, so a failure leaves `key` as it was (still dirty)."""
-        planned: list[tuple[SteerKey, str, FrontendPicker, Steer]] = []
+        planned: list[tuple[SteerKey, str, _Owner]] = []
         if new is not None:
             short_circuit = self._local_client is not None
             for port in new.ports:
@@ -504,7 +589,13 @@ class ServiceTable:
                         inside = pickers[short_circuit_list(port, fe.family)]
                         picker = LocalTrafficPicker(plain, inside, self._local_client)
                     steer = frontend_steer(port, fe, short_circuit)
-                    planned.append((fe.steer_key, port.port_id, picker, steer))
+                    owner = (
+                        picker,
+                        steer,
+                        fe.source_class(port.external_local),
+                        frontend_firewall(port, fe),
+                    )
+                    planned.append((fe.steer_key, port.port_id, owner))
         touched: set[SteerKey] = set()
         old = self._results.pop(key, None)
         for rules, sign in ((old, -1), (new, 1)):
@@ -522,8 +613,8 @@ class ServiceTable:
                     touched.add(fe.steer_key)
                 if port.port_id not in new_ids:
                     self.balancer.remove(port.port_id)
-        for steer_key, port_id, picker, steer in planned:
-            self._owners.setdefault(steer_key, {})[port_id] = (picker, steer)
+        for steer_key, port_id, owner in planned:
+            self._owners.setdefault(steer_key, {})[port_id] = owner
             touched.add(steer_key)
         if new is not None:
             self._results[key] = new
@@ -535,18 +626,26 @@ class ServiceTable:
         owners = self._owners.get(steer_key)
         picker: FrontendPicker | None = None
         state: Steer | None = None
+        source_class: FrontendClass = "internal"
+        firewall: tuple[str, ...] | None = None
         if owners:
             # Two Services claiming one address:port is a user error; the lowest port id wins
             # deterministically, and the other takes over if the winner goes away.
-            picker, state = owners[min(owners)]
+            picker, state, source_class, firewall = owners[min(owners)]
         else:
             self._owners.pop(steer_key, None)
+        if firewall is None:
+            self.firewall.pop(steer_key, None)
+        else:
+            self.firewall[steer_key] = firewall
         target = self._by_address if ip else self._by_node_port
         lookup_key: Any = (ip, port) if ip else (family, port)
         if picker is None:
             target.pop(lookup_key, None)
+            self._classes.pop(lookup_key, None)
         else:
             target[lookup_key] = picker
+            self._classes[lookup_key] = source_class
         if self.steering.get(steer_key) != state:
             if state is None:
                 self.steering.pop(steer_key, None)

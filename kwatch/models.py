@@ -174,6 +174,11 @@ class ServiceSpec:
     )
     publish_not_ready_addresses: bool = Field(default=False, alias="publishNotReadyAddresses")
     traffic_distribution: str | None = Field(default=None, alias="trafficDistribution")
+    # Plain strings: one malformed CIDR must not make the whole Service unreadable (kpx skips
+    # it when it builds its firewall).
+    load_balancer_source_ranges: list[str] = Field(
+        default_factory=list, alias="loadBalancerSourceRanges"
+    )
 
 
 @dataclass(slots=True, frozen=True, kw_only=True, config=CONFIG)

@@ -88,13 +88,31 @@ def test_bench_proxy_quick(tmp_path: Path) -> None:
     assert "medians of 1 runs" in text
     assert "network programming latency" in text
     doc = _json(tmp_path / "proxy.json")
-    assert set(doc["medians"]) == {"direct", "nat", "haproxy", "kpx"}
+    assert set(doc["medians"]) == {"direct", "nat", "haproxy", "kpx", "kpx-tp"}
     assert doc["ratios"]["haproxy"]["gbps_8"] > 0
+    assert doc["ratios"]["transparent_vs_node"]["conn_per_s"] > 0  # both kpx modes measured
     assert set(doc["idle"]) == {"requested", "haproxy", "kpx"}
     assert [p["services"] for p in doc["programming"]] == [10, 50]
     prefix = text.split("netns chain ", 1)[1].split("-*", 1)[0]
     leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert prefix not in leftovers  # every namespace it created is gone
+
+
+@pytest.mark.timeout(120)
+def test_bench_udp_quick(tmp_path: Path) -> None:
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    _needs("nginx", "taskset")
+    if not Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists():
+        pytest.skip("needs libnginx-mod-stream (apt-get install it to run the benchmarks)")
+    text = _run("bench.udp", "--json", str(tmp_path / "udp.json"))
+    assert "re-targeting" in text
+    doc = _json(tmp_path / "udp.json")
+    assert set(doc["small"]) == {"direct", "nat", "nginx", "kpx"}
+    assert doc["small"]["kpx"]["answered"] > 0 and doc["small"]["nginx"]["answered"] > 0
+    assert doc["sessions"]["kpx"]["held"] > 0
+    assert doc["retarget"]["samples"] > 0
 
 
 @pytest.mark.timeout(120)

@@ -27,8 +27,9 @@ from dnsd import settings as dnsd_settings
 from dnsd.main import Daemon
 from dnsd.metrics import DnsCollector
 from kpx import settings as kpx_settings
-from kpx.metrics import ProxyStatsCollector
+from kpx.metrics import ProxyStatsCollector, UdpStatsCollector
 from kpx.proxy import ProxyStats
+from kpx.udp_relay import UdpStats
 from kwatch.settings import AccessSettings, build_parser, load_settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -234,6 +235,7 @@ def registered_metrics() -> dict[str, tuple[str, frozenset[str]]]:
     daemon.stats.drop("example")
     families += DnsCollector(daemon.stats, daemon.controller.zone_info).collect()
     families += ProxyStatsCollector(ProxyStats()).collect()
+    families += UdpStatsCollector(UdpStats(), lambda: 0).collect()
     labels: dict[str, frozenset[str]] = {}
     for module in list(sys.modules.values()):
         if getattr(module, "__name__", "").split(".")[0] not in ("dnsd", "kpx", "kwatch"):

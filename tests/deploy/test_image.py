@@ -112,6 +112,8 @@ def test_runtime_stage_is_slim_python_311_nonroot_with_nft() -> None:
     assert "nftables" in run and "iproute2" in run
     assert "setcap cap_net_bind_service+ep /opt/kpx-dnsd/bin/python-dnsd" in run
     assert "setcap cap_net_admin+ep /usr/sbin/nft" in run
+    assert "setcap cap_net_admin+ep /opt/kpx-dnsd/bin/python-kpx" in run
+    assert "/usr/sbin/ip" not in run  # iproute2 drops file capabilities for non-root users
     users = [args for word, args in final if word == "USER"]
     assert users and users[-1] == "65532:65532"
     for name in ("dnsd", "kpx"):
@@ -134,10 +136,14 @@ def test_every_command_the_daemonsets_run_is_in_the_image() -> None:
         for word in command:
             if word.startswith("-") or word.startswith("/etc/"):
                 continue
-            if word == "/opt/kpx-dnsd/bin/python-dnsd":
-                assert "/opt/kpx-dnsd/bin/python-dnsd" in run
-            elif word == "dnsd.main":
-                assert (ROOT / "dnsd" / "main.py").is_file()
+            if word in ("/opt/kpx-dnsd/bin/python-dnsd", "/opt/kpx-dnsd/bin/python-kpx"):
+                assert f"setcap cap_net_bind_service+ep {word}" in run or (
+                    f"setcap cap_net_admin+ep {word}" in run
+                )
+            elif word in ("dnsd.main", "kpx.main"):
+                package = word.split(".")[0]
+                assert (ROOT / package / "main.py").is_file()
+                assert 'if __name__ == "__main__":' in (ROOT / package / "main.py").read_text()
             elif word in scripts:
                 assert "pip install --no-deps --no-build-isolation /src" in " ".join(
                     args for _, args in instructions()

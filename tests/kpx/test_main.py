@@ -187,7 +187,7 @@ async def test_health_check_listeners_follow_the_node_addresses_inside_nodeport_
     await servers.sync({"ns/a": (port, 1)})
     clients = LocalClients([], set(found))
     housekeeping = asyncio.create_task(
-        _housekeeping(Balancer(), clients, servers, ["127.0.0.0/8"], 0.01)
+        _housekeeping([Balancer()], clients, servers, ["127.0.0.0/8"], 0.01)
     )
     try:
         found.add("127.0.0.2")  # an address inside --nodeport-addresses came up

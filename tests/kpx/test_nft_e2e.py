@@ -190,7 +190,7 @@ def test_ports_mode_without_root_binds_frontends_on_local_ports(tmp_path: Path) 
         rows = json.loads(line)["services"]
         assert rows == [
             {"frontend": "10.96.0.10:80", "address": "127.0.0.1", "port": rows[0]["port"],
-             "endpoints": True, "state": "serve"}
+             "endpoints": True, "state": "serve", "protocol": "TCP"}
         ]  # fmt: skip
         client = socket.create_connection(("127.0.0.1", rows[0]["port"]), timeout=5)
         backend.settimeout(5)

@@ -152,3 +152,33 @@ def test_idle_timeout_from_flag_environment_and_config(tmp_path: Path):
     assert load(["--config", str(config)]).idle_timeout == 3600.0
     with pytest.raises(SettingsError, match="--idle-timeout"):
         load(["--idle-timeout", "0"])
+
+
+def test_nodeport_addresses_primary_from_a_flag_or_a_kube_proxy_configuration(
+    tmp_path: Path,
+) -> None:
+    assert load(["--nodeport-addresses", "primary"]).nodeport_primary
+    assert not load(["--nodeport-addresses", "10.0.0.0/8"]).nodeport_primary
+    config = tmp_path / "kube-proxy.yaml"
+    config.write_text(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+        "kind: KubeProxyConfiguration\n"
+        "nodePortAddresses: [primary]\n"
+        "masqueradeAll: true\n"
+    )
+    s = load(["--config", str(config)])
+    assert s.nodeport_addresses == ["primary"] and s.nodeport_primary
+    assert s.masquerade_all is True
+
+
+def test_nodeport_addresses_primary_stands_alone() -> None:
+    with pytest.raises(SettingsError, match="primary stands alone"):
+        load(["--nodeport-addresses", "primary,10.0.0.0/8"])
+
+
+def test_source_address_mode_choices() -> None:
+    assert load([]).source_address_mode == "auto"
+    assert load(["--source-address-mode", "node"]).source_address_mode == "node"
+    assert load([], {"KPX_SOURCE_ADDRESS_MODE": "transparent"}).source_address_mode == "transparent"
+    with pytest.raises(SettingsError, match="--source-address-mode"):
+        load(["--source-address-mode", "keep"])

@@ -161,7 +161,7 @@ def test_headless_external_name_and_proxy_name_labelled_services_are_skipped():
     assert compute_service(labelled, [], NODE) is None
 
 
-def test_udp_and_sctp_ports_are_left_alone():
+def test_udp_and_sctp_ports_are_left_out_of_the_tcp_table():
     s = svc(
         ports=[
             {"name": "dns", "port": 53, "protocol": "UDP"},
