@@ -7,6 +7,11 @@ reply back. kube-proxy needs br_netfilter for the same reason. Such a connection
 the node's address instead (the client's own connection is still kept whole). Routed CNIs
 (one /32 route per pod veth: Calico, Cilium, ptp) put every pod on a link of its own.
 
+The same holds for a backend that is one of this node's own addresses (a host-network endpoint
+here, such as the API server behind `kubernetes.default` on a control-plane node): its reply to
+the client's address is generated locally and routed straight to the pod, so that connection,
+too, is made from the node's address (kube-proxy's conntrack un-DNATs that reply instead).
+
 `SharedLinks.refresh()` reads the main table's on-link routes without a gateway (`ip -j route`),
 housekeeping calls it like the local-address refresh.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+from collections.abc import Callable
 
 import structlog
 
@@ -49,10 +55,17 @@ def connected_routes(listings: list[str]) -> list[tuple[Network, str]]:
 
 
 class SharedLinks:
-    """`(a, b) -> bool`: both addresses are reached through the same connected route."""
+    """`(client, backend) -> bool`: the backend's reply to the client would not come back
+    through kpx: both addresses are reached through the same connected route, or the backend
+    is an address of this node (`node_addresses`)."""
 
-    def __init__(self, routes: list[tuple[Network, str]] | None = None) -> None:
+    def __init__(
+        self,
+        routes: list[tuple[Network, str]] | None = None,
+        node_addresses: Callable[[], set[str]] | None = None,
+    ) -> None:
         self.routes = routes or []
+        self.node_addresses = node_addresses
         self._cache: dict[str, int] = {}
 
     def refresh(self) -> bool:
@@ -103,5 +116,7 @@ class SharedLinks:
         return index
 
     def __call__(self, a: str, b: str) -> bool:
+        if self.node_addresses is not None and b in self.node_addresses():
+            return True
         route = self._route_of(a)
         return route >= 0 and route == self._route_of(b)

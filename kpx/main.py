@@ -145,7 +145,7 @@ async def serve(settings: KpxSettings, stop: asyncio.Event | None = None) -> int
         balancer,
         local_client=local_clients,
     )
-    shared_links = SharedLinks()
+    shared_links = SharedLinks(node_addresses=lambda: local_clients.addresses)
     if transparent:
         shared_links.refresh()
     source = SourceAddresses(

@@ -85,6 +85,16 @@ def test_shared_links_from_connected_routes() -> None:
     assert not links("garbage", "garbage")
 
 
+def test_a_backend_on_this_nodes_own_address_answers_past_kpx() -> None:
+    # A host-network endpoint here (the API server behind kubernetes.default on a control
+    # plane) replies to a pod straight over the pod's veth: connect from the node instead.
+    node = {"172.18.0.2", "10.244.0.1"}
+    links = SharedLinks([], node_addresses=lambda: node)
+    assert links("10.244.0.5", "172.18.0.2")
+    assert not links("10.244.0.5", "172.18.0.3")  # another node's host-network endpoint
+    assert not SharedLinks([])("10.244.0.5", "172.18.0.2")  # without the node's addresses
+
+
 def test_netlink_messages_and_acks() -> None:
     rule = rule_message(4, seq=7)
     length, kind, flags, seq, _pid = struct.unpack_from("=IHHII", rule)
