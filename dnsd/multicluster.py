@@ -28,10 +28,10 @@ from dnsd.records import (
     RecordOptions,
     ServiceRecords,
     Srv,
-    _add_srvs,
     _endpoint_hostname,
     _srv_weights,
     add_name,
+    add_srv_sets,
     address_of,
 )
 from dnsd.wire import TYPE_SRV
@@ -165,15 +165,7 @@ class MulticlusterRecords:
                     glue.setdefault(owner, []).append(rr)
                     for srv_owner, port in named_ports:  # §2.4.2
                         srv_targets.setdefault(srv_owner, {})[(owner, port)] = None
-        all_targets: dict[tuple[str, int], None] = {}
-        for owner, targets in srv_targets.items():
-            _add_srvs(records, owner, list(targets), glue, ttl)
-            all_targets.update(targets)
-        if all_targets:
-            _add_srvs(records, base, list(all_targets), glue, ttl)
-        for key in list(records.answers):
-            if key[0].endswith(base):
-                add_name(records.names, key[0], zone)
+        add_srv_sets(records, srv_targets, glue, ttl, base, zone)
 
     # --- store callbacks (cheap: note and wake) -------------------------------------------
 

@@ -368,6 +368,20 @@ def _headless(
                 target = f"{label.lower()}.{base}"
                 for owner, port in named_ports:
                     srv_targets.setdefault(owner, {})[(target, port)] = None
+    add_srv_sets(records, srv_targets, glue, ttl, base, zone)
+
+
+def add_srv_sets(
+    records: ServiceRecords,
+    srv_targets: dict[str, dict[tuple[str, int], None]],
+    glue: dict[str, list[Record]],
+    ttl: int,
+    base: str,
+    zone: str,
+) -> None:
+    """SRV RRsets of a headless Service's endpoints: one per named port (`srv_targets`:
+    owner -> (target, port)), every target again at the Service's own name (`base`), and
+    each name below `base` entered into the zone's names (spec 2.4.2)."""
     all_targets: dict[tuple[str, int], None] = {}
     for owner, targets in srv_targets.items():
         _add_srvs(records, owner, list(targets), glue, ttl)
