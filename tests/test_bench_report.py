@@ -1,4 +1,4 @@
-"""bench/report.py renders the Markdown report and the charts from saved JSON results.
+"""bench/report_render.py renders the Markdown report and the charts from saved JSON results.
 
 No benchmark runs here: small synthetic result files, shaped like what `bench.dns`, `bench.proxy`
 and `bench.sync` write with `--json`, go into tmp_path and are rendered with `--render-only`.
@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from bench import report
+from bench import report, report_render, report_run
 from bench.jsonout import write_json
+from bench.report_checks import MET, NOT_MET
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAN = math.nan
@@ -256,7 +257,7 @@ def targets(md: str) -> dict[str, list[str]]:
 
 
 def render(tmp_path: Path) -> str:
-    path, _ = report.render(tmp_path)
+    path, _ = report_render.render(tmp_path)
     assert path == tmp_path / "report.md"
     return path.read_text()
 
@@ -270,15 +271,15 @@ def test_targets_table_has_ours_peer_ratio_and_verdicts(tmp_path: Path) -> None:
         "110,000",
         "0.80x",
         ">= 0.75x knot",
-        report.MET,
+        MET,
     ]
     cpu = rows["dnsd CPU per query vs knot"]
-    assert cpu[:3] == ["10.00 µs", "6.00 µs", "1.67x"] and cpu[4] == report.NOT_MET
+    assert cpu[:3] == ["10.00 µs", "6.00 µs", "1.67x"] and cpu[4] == NOT_MET
     # exactly on the target counts as met
     assert rows["dnsd --workers 2 CPU per query vs knot"][2:] == [
         "1.50x",
         "<= 1.5x knot",
-        report.MET,
+        MET,
     ]
     assert rows["dnsd --workers 2 qps (dnsperf, saturated) vs knot"][2] == "0.90x"
     assert rows["dnsd propagation p99, API write -> new answer served"] == [
@@ -286,10 +287,10 @@ def test_targets_table_has_ours_peer_ratio_and_verdicts(tmp_path: Path) -> None:
         "—",
         "n/a",
         "<= 100 ms",
-        report.MET,
+        MET,
     ]
     api = rows["dnsd RSS at 10,000 Services / 100,000 endpoints, via the API server"]
-    assert api[0] == "174.5 MB" and api[3:] == ["<= 164 MB", report.NOT_MET]
+    assert api[0] == "174.5 MB" and api[3:] == ["<= 164 MB", NOT_MET]
 
     # the median meets the target, run 2 does not: a miss in any run is a miss
     tput = rows["kpx 8-stream throughput (iperf3 -P 8) vs haproxy"]
@@ -298,41 +299,41 @@ def test_targets_table_has_ours_peer_ratio_and_verdicts(tmp_path: Path) -> None:
         "11.00 Gbit/s",
         "1.09x",
         ">= 0.9x haproxy, every run",
-        f"{report.NOT_MET}: missed in run 2 of 3 (per run: 1.10x, 0.83x, 1.09x)",
+        f"{NOT_MET}: missed in run 2 of 3 (per run: 1.10x, 0.83x, 1.09x)",
     ]
     assert rows["kpx CPU per GB moved (proxy process) vs haproxy"][2:] == [
         "0.40x",
         "<= 1.2x haproxy, every run",
-        report.MET,
+        MET,
     ]
     assert rows["kpx new connections/s (wrk, Connection: close) vs haproxy"][2:] == [
         "0.56x",
         ">= 0.8x haproxy, every run",
-        f"{report.NOT_MET}: missed in run 1, 2, 3 of 3 (per run: 0.56x, 0.56x, 0.56x)",
+        f"{NOT_MET}: missed in run 1, 2, 3 of 3 (per run: 0.56x, 0.56x, 0.56x)",
     ]
     assert rows["kpx small-request p99 (keep-alive, wrk -c1) vs haproxy"][2:] == [
         "1.20x",
         "<= 1.5x haproxy, every run",
-        report.MET,
+        MET,
     ]
     idle = rows["kpx memory per idle connection (5,000 held)"]
-    assert idle == ["2.05 KiB", "3.22 KiB", "0.64x", "<= 3 KiB", report.MET]
+    assert idle == ["2.05 KiB", "3.22 KiB", "0.64x", "<= 3 KiB", MET]
     assert rows["kpx programming p99 at 10,000 Services, endpoint change"][0] == "8.7 ms"
     # every Service count measured is judged against the same 50 ms
     assert rows["kpx programming p99 at 1,000 Services, new Service"][::4] == [
         "17.0 ms",
-        report.MET,
+        MET,
     ]
     assert rows["kpx programming p99 at 10,000 Services, new Service"][::4] == [
         "61.0 ms",
-        report.NOT_MET,
+        NOT_MET,
     ]
-    assert rows["kpx RSS at 10,000 Services"][::4] == ["124.0 MB", report.MET]
+    assert rows["kpx RSS at 10,000 Services"][::4] == ["124.0 MB", MET]
     assert rows["kwatch initial sync, 10,000 Services / 100,000 endpoints"][::4] == [
         "2.32 s",
-        report.MET,
+        MET,
     ]
-    assert rows["kwatch RSS growth for those stores"][::4] == ["108.4 MB", report.MET]
+    assert rows["kwatch RSS growth for those stores"][::4] == ["108.4 MB", MET]
 
 
 def test_report_sections_machine_and_summary_line(tmp_path: Path) -> None:
@@ -368,14 +369,14 @@ def test_report_sections_machine_and_summary_line(tmp_path: Path) -> None:
         assert heading in md
     rows = targets(md)
     assert len(rows) == 26  # 20, and programming p99 at 10, 1,000 and 3,000 Services
-    not_met = [what for what, cells in rows.items() if cells[-1].startswith(report.NOT_MET)]
+    not_met = [what for what, cells in rows.items() if cells[-1].startswith(NOT_MET)]
     # dnsd CPU, dnsd RSS x 2, kpx conn/s, kpx 8 streams (run 2), new Service p99 at 10,000,
     # kpx relist peak
     assert len(not_met) == 7, not_met
     assert "19 of 26 targets met, 7 not met, 0 not judged." in md
     relist = "peak RSS during a forced 410 relist, 10,000 Services / 100,000 endpoints"
     assert rows[f"dnsd {relist}"][0] == "180.0 MB peak, 160.0 MB steady (1.12x)"
-    assert rows[f"dnsd {relist}"][-1] == report.MET
+    assert rows[f"dnsd {relist}"][-1] == MET
     assert rows[f"kpx {relist}"][3] == "<= 1.2x steady"
     assert "| CPU | AMD EPYC Test |" in md
     assert "| knot | knotd (Knot DNS), version 3.2.6 |" in md
@@ -425,9 +426,9 @@ def test_a_programming_miss_at_a_smaller_scale_is_flagged(tmp_path: Path) -> Non
     rows = targets(render(tmp_path))
     assert rows["kpx programming p99 at 1,000 Services, new Service"][::4] == [
         "149.0 ms",
-        report.NOT_MET,
+        NOT_MET,
     ]
-    assert rows["kpx programming p99 at 10,000 Services, endpoint change"][-1] == report.MET
+    assert rows["kpx programming p99 at 10,000 Services, endpoint change"][-1] == MET
 
 
 def test_a_ratio_target_missed_in_one_run_only_is_flagged(tmp_path: Path) -> None:
@@ -438,7 +439,7 @@ def test_a_ratio_target_missed_in_one_run_only_is_flagged(tmp_path: Path) -> Non
     rows = targets(render(tmp_path))
     row = rows["kpx small-request p99 (keep-alive, wrk -c1) vs haproxy"]
     assert row[2] == "1.20x"  # the median alone would pass
-    assert row[-1] == f"{report.NOT_MET}: missed in run 3 of 3 (per run: 1.20x, 1.20x, 7.80x)"
+    assert row[-1] == f"{NOT_MET}: missed in run 3 of 3 (per run: 1.20x, 1.20x, 7.80x)"
 
 
 def test_targets_at_10000_services_are_not_judged_at_another_scale(tmp_path: Path) -> None:
@@ -458,7 +459,7 @@ def test_targets_at_10000_services_are_not_judged_at_another_scale(tmp_path: Pat
         "n/a: measured at 500 Services"
     )
     # ratio targets do not depend on the scale
-    assert rows["dnsd qps (dnsperf, saturated) vs knot"][-1] == report.MET
+    assert rows["dnsd qps (dnsperf, saturated) vs knot"][-1] == MET
 
 
 def test_missing_benchmarks_are_reported_not_measured(tmp_path: Path) -> None:
@@ -513,14 +514,14 @@ def test_json_output_is_strict_json_with_null_for_nan(tmp_path: Path) -> None:
 
 
 def test_quick_plan_passes_each_benchmarks_quick_flag() -> None:
-    steps = {s.name: s.module_argv for s in report.plan(quick=True)}
+    steps = {s.name: s.module_argv for s in report_run.plan(quick=True)}
     assert "--quick" in steps["sync"] and "--quick" in steps["dns"] and "--quick" in steps["proxy"]
     assert [n for n in steps if n.startswith("dns-memory")] == [
         "dns-memory-100",
         "dns-memory-300",
         "dns-memory-1000",
     ]
-    full = {s.name: s.module_argv for s in report.plan(quick=False)}
+    full = {s.name: s.module_argv for s in report_run.plan(quick=False)}
     assert full["dns-memory-10000"][-6:] == [
         "--services",
         "10000",
@@ -530,7 +531,7 @@ def test_quick_plan_passes_each_benchmarks_quick_flag() -> None:
         "100000",
     ]
     assert full["proxy"][-5:] == ["--services", "10", "1000", "3000", "10000"]
-    assert sum(s.estimate_s for s in report.plan(quick=False)) < 30 * 60
+    assert sum(s.estimate_s for s in report_run.plan(quick=False)) < 30 * 60
 
 
 def test_steps_rerun_with_only_say_which_commit_and_date_they_ran_at(tmp_path: Path) -> None:
