@@ -380,6 +380,123 @@ def relist_checks(relist: Doc | None) -> list[Check]:
     return checks
 
 
+NOT_RUN = "n/a: not run"
+SOAK_SECONDS = 1200  # issue 14 item 3: 20 minutes of churn at 50 writes/s
+
+
+def soak_checks(soak: Doc | None) -> list[Check]:
+    """Issue 14 item 3 (bench/soak.py): after churn and chaos, what dnsd and kpx serve equals
+    what the API holds; after warm-up RSS grows <= 5 % and open fds do not grow. The growth
+    targets are judged over the full 20 minutes only: a shorter run has no steady state."""
+    ran, soak = bool(soak), soak or {}
+    seconds, rate = num(soak.get("duration_s")), num(soak.get("rate"))
+    short = (
+        f"n/a: {f_num(seconds / 60, 1)} min at {f_num(rate, 0)} writes/s, the target is for "
+        f"{SOAK_SECONDS // 60} min at 50"
+        if ran and not (finite(seconds) and seconds >= SOAK_SECONDS)
+        else None
+    )
+
+    def verdict(value: float, limit: float, unjudged: str | None = None) -> str:
+        if not ran:
+            return NOT_RUN
+        return unjudged if unjudged and finite(value) else judge(value, "<=", limit)
+
+    def shown(text: str, value: float) -> str:
+        return "—" if not ran else text if finite(value) else "n/a"
+
+    differences = num(soak.get("differences"))
+    checked = num(soak.get("names_checked")) + num(soak.get("frontends_checked"))
+    length = f" after {f_num(seconds / 60, 1)} min of churn and chaos" if ran else ""
+    checks = [
+        Check(
+            f"soak: DNS names and kpx frontends differing from the API{length}",
+            shown(f"{f_int(differences)} of {f_int(checked)}", differences),
+            "—",
+            math.nan,
+            "0",
+            verdict(differences, 0),
+        )
+    ]
+    growth, fds = soak.get("rss_growth_pct") or {}, soak.get("fd_growth") or {}
+    for daemon in ("dnsd", "kpx"):
+        value = num(growth.get(daemon))
+        checks.append(
+            Check(
+                f"soak: {daemon} RSS growth after warm-up",
+                shown(f"{value:+.1f} %", value),
+                "—",
+                math.nan,
+                "<= 5 %",
+                verdict(value, 5, short),
+            )
+        )
+    for daemon in ("dnsd", "kpx"):
+        value = num(fds.get(daemon))
+        beyond = " beyond one listener per frontend" if daemon == "kpx" else ""
+        checks.append(
+            Check(
+                f"soak: {daemon} open file descriptors after warm-up{beyond}",
+                shown(f"{value:+.0f}", value),
+                "—",
+                math.nan,
+                "no growth",
+                verdict(value, 0, short),
+            )
+        )
+    return checks
+
+
+def overload_checks(overload: Doc | None) -> list[Check]:
+    """Issue 14 item 4 (bench/dns_overload.py): during a flood of slow-path queries, cluster
+    names keep p99 <= 1 ms, the flood's answered queries wait <= 100 ms (dnsperf gives their
+    average and maximum, no percentile: the average is judged), dnsd's RSS grows <= 10 MB."""
+    targets = (
+        ("dnsd cluster names p99 during a slow-path flood", "<= 1 ms"),
+        ("dnsd flood's answered queries, average wait", "<= 100 ms"),
+        ("dnsd RSS growth over the flood", "<= 10 MB"),
+    )
+    if not overload:
+        return [Check(what, "—", "—", math.nan, target, NOT_RUN) for what, target in targets]
+    idle = overload.get("probe_idle") or {}
+    loaded = overload.get("probe_flood") or {}
+    p99 = num(loaded.get("p99_ms"))
+    floods = [f for f in (overload.get("flood") or {}).values() if isinstance(f, dict)]
+    waits = [num(f.get("answered_avg_wait_ms")) for f in floods]
+    worst = max((w for w in waits if finite(w)), default=math.nan)
+    longest = max((num(f.get("answered_max_wait_ms")) for f in floods), default=math.nan)
+    rss = num(overload.get("rss_growth_mb"))
+    # A lost probe waited forever: beyond 1 % lost, the p99 of every probe is beyond the
+    # probe's timeout, whatever that of the answered ones.
+    sent, lost = num(loaded.get("sent")), num(loaded.get("lost"))
+    p99_verdict, p99_note = judge(p99, "<=", 1), ""
+    if finite(sent) and sent and finite(lost) and lost / sent > 0.01:
+        p99_verdict, p99_note = NOT_MET, f"{f_int(lost)} of {f_int(sent)} probes lost"
+    return [
+        Check(
+            f"{targets[0][0]} (probe at {f_int(num(loaded.get('qps')))} qps)",
+            f"{f_num(p99, 3, 'ms')} ({f_int(num(loaded.get('lost')))} lost; idle "
+            f"{f_num(num(idle.get('p99_ms')), 3, 'ms')})",
+            "—",
+            math.nan,
+            targets[0][1],
+            p99_verdict,
+            p99_note,
+        ),
+        Check(
+            f"{targets[1][0]} (worst of {len(floods)} floods)",
+            f"{f_num(worst, 1, 'ms')} (max {f_num(longest, 1, 'ms')})",
+            "—",
+            math.nan,
+            targets[1][1],
+            judge(worst, "<=", 100),
+        ),
+        Check(
+            targets[2][0], f_num(rss, 1, "MB"), "—", math.nan, targets[2][1], judge(rss, "<=", 10)
+        ),
+    ]
+
+
 def memory_sweep(results: dict[str, Doc]) -> list[Doc]:
     """The dns-memory-N results (bench.dns --memory-only), fewest Services first."""
     return sorted(
@@ -397,4 +514,6 @@ def all_checks(results: dict[str, Doc]) -> list[Check]:
         + (udp_checks(udp) if udp else [])  # reports from before bench/udp.py have none
         + sync_checks(results.get("sync"))
         + relist_checks(results.get("relist"))
+        + overload_checks(results.get("dns-overload"))
+        + soak_checks(results.get("soak"))
     )

@@ -448,6 +448,141 @@ def memory_section(
     r.chart(charts_made.get("memory.png", False), "memory.png", "memory vs Services")
 
 
+def _not_run(r: Report, step: str, run: Doc, minutes: str) -> None:
+    if any(s.get("name") == step for s in run.get("steps") or []):
+        _missing(r, step, run)
+    else:
+        r.add(
+            f"Not run (no `results/{step}.json`): `.venv/bin/python -m bench.report --only "
+            f"{step}` runs it ({minutes}).\n"
+        )
+
+
+def overload_section(r: Report, overload: Doc | None, run: Doc) -> None:
+    r.add("## dnsd under a slow-path flood\n")
+    if not overload or not overload.get("probe_flood"):
+        _not_run(r, "dns-overload", run, "about a minute")
+        return
+    _partial(r, overload)
+    r.add(
+        "`bench/dns_overload.py`: dnsd forwards names outside the cluster to an upstream that "
+        "never answers; dnsperf floods it with such names (half with an EDNS cookie) at the "
+        "highest rate it reaches, a thread sends malformed packets, and a probe asks cluster "
+        f"names one at a time for {fmt('{:.0f}', overload.get('duration_s'))} s, first alone "
+        "(idle), then during the flood.\n"
+    )
+    rows = []
+    for label, key in (("idle", "probe_idle"), ("during the flood", "probe_flood")):
+        probe = overload.get(key) or {}
+        rows.append(
+            [
+                label,
+                fmt("{:,.0f}", probe.get("qps")),
+                f"{fmt('{:,.0f}', probe.get('answered'))} / {fmt('{:,.0f}', probe.get('sent'))}",
+                fmt("{:.3f}", probe.get("p50_ms")),
+                fmt("{:.3f}", probe.get("p99_ms")),
+                fmt("{:.3f}", probe.get("max_ms")),
+            ]
+        )
+    r.add(
+        table(
+            ["cluster-name probe", "qps", "answered / sent", "p50 (ms)", "p99 (ms)", "max (ms)"],
+            rows,
+        )
+    )
+    rows = [
+        [
+            name,
+            fmt("{:,.0f}", one.get("sent")),
+            fmt("{:,.0f}", one.get("completed")),
+            fmt("{:,.0f}", one.get("qps")),
+            fmt("{:.1f}", one.get("answered_avg_wait_ms")),
+            fmt("{:.1f}", one.get("answered_max_wait_ms")),
+            str(one.get("codes", "—")),
+        ]
+        for name, one in (overload.get("flood") or {}).items()
+        if isinstance(one, dict)
+    ]
+    if rows:
+        r.add(
+            table(
+                [
+                    "flood",
+                    "sent",
+                    "answered",
+                    "answered/s",
+                    "average wait (ms)",
+                    "max wait (ms)",
+                    "response codes",
+                ],
+                rows,
+            )
+        )
+    dropped = overload.get("dropped") or {}
+    shed = ", ".join(f"{reason} {f_int(num(n))}" for reason, n in dropped.items()) or "nothing"
+    r.add(
+        f"Malformed packets sent: {fmt('{:,.0f}', overload.get('malformed_sent'))}. dnsd shed "
+        f"during the flood: {shed}. dnsd RSS growth over the flood: "
+        f"{fmt('{:+.1f}', overload.get('rss_growth_mb'))} MB.\n"
+    )
+
+
+def soak_section(r: Report, soak: Doc | None, run: Doc) -> None:
+    r.add("## Convergence soak\n")
+    if not soak or "differences" not in soak:
+        _not_run(r, "soak", run, "20 minutes")
+        return
+    _partial(r, soak)
+    chaos = soak.get("chaos") or []
+    r.add(
+        f"`bench/soak.py`: dnsd and kpx watch the fake API server for "
+        f"{fmt('{:.0f}', soak.get('duration_s'))} s while it takes "
+        f"{fmt('{:.0f}', soak.get('rate'))} writes/s ({fmt('{:,.0f}', soak.get('writes'))} in "
+        "all: Services, EndpointSlices, Pods, Namespaces) and chaos ("
+        + (", ".join(str(c) for c in chaos) or "none")
+        + "). At the end "
+        f"{fmt('{:,.0f}', soak.get('names_checked'))} DNS names and "
+        f"{fmt('{:,.0f}', soak.get('frontends_checked'))} kpx frontends were compared with "
+        f"what the API holds: {fmt('{:,.0f}', soak.get('differences'))} differences.\n"
+    )
+    for line in soak.get("first_differences") or []:
+        r.add(f"- differs: `{line}`")
+    if soak.get("first_differences"):
+        r.add()
+    warm, end = soak.get("warm") or {}, soak.get("end") or {}
+    growth, fds = soak.get("rss_growth_pct") or {}, soak.get("fd_growth") or {}
+    healthz = soak.get("healthz") or {}
+    rows = [
+        [
+            daemon,
+            fmt("{:.1f}", (warm.get(daemon) or {}).get("rss_mb")),
+            fmt("{:.1f}", (end.get(daemon) or {}).get("rss_mb")),
+            fmt("{:+.1f}", growth.get(daemon)),
+            fmt("{:.0f}", (warm.get(daemon) or {}).get("fds")),
+            fmt("{:.0f}", (end.get(daemon) or {}).get("fds")),
+            fmt("{:+.0f}", fds.get(daemon)),
+            str(healthz.get(daemon, "—")),
+        ]
+        for daemon in ("dnsd", "kpx")
+    ]
+    r.add(
+        table(
+            [
+                "daemon",
+                "RSS after warm-up (MB)",
+                "RSS at the end (MB)",
+                "growth (%)",
+                "fds after warm-up",
+                "fds at the end",
+                "fd growth",
+                "/healthz",
+            ],
+            rows,
+        )
+    )
+    r.add("kpx's fd growth leaves out the listening socket per frontend of `--mode ports`.\n")
+
+
 def machine_section(r: Report, machine: Doc) -> None:
     r.add("## Machine\n")
     if not machine:
@@ -609,6 +744,8 @@ def render(out: Path) -> tuple[Path, list[Check]]:
     proxy_section(r, results.get("proxy"), run, made)
     sync_section(r, results.get("sync"), run, made)
     memory_section(r, memory_sweep(results), results.get("proxy"), made)
+    overload_section(r, results.get("dns-overload"), run)
+    soak_section(r, results.get("soak"), run)
     machine_section(r, machine)
     how_section(r, run)
     path = out / "report.md"

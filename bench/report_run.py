@@ -43,6 +43,8 @@ class Step:
     title: str
     module_argv: list[str]  # after `python -m`
     estimate_s: float
+    # Run only when named by --only (the 20-minute soak); a full sitting keeps its last result.
+    optional: bool = False
 
 
 def plan(quick: bool) -> list[Step]:
@@ -102,6 +104,23 @@ def plan(quick: bool) -> list[Step]:
             "peak RSS of dnsd and kpx during a forced 410 relist",
             ["bench.relist", *q],
             15 if quick else 150,
+        )
+    )
+    steps.append(
+        Step(
+            "dns-overload",
+            "dnsd under a flood of slow-path queries, cluster names timed",
+            ["bench.dns_overload", *q],
+            10 if quick else 60,
+        )
+    )
+    steps.append(
+        Step(
+            "soak",
+            "convergence soak: both daemons under churn and chaos",
+            ["bench.soak", *q],
+            70 if quick else 1_380,
+            optional=True,
         )
     )
     return steps
@@ -315,25 +334,28 @@ class Sitting:
 
 
 def select(steps: list[Step], only: list[str] | None) -> list[Step]:
-    """The steps named by `only` (names or prefixes); every step when `only` is empty."""
+    """The steps named by `only` (names or prefixes); without `only`, every step but the
+    optional ones."""
     if not only:
-        return steps
+        return [s for s in steps if not s.optional]
     return [s for s in steps if any(s.name.startswith(p) for p in only)]
 
 
-def earlier_steps(out: Path, only: bool) -> list[Doc]:
-    """The steps of `out`'s earlier run that an `--only` sitting keeps, each stamped with the
-    commit and date it ran at. A full sitting keeps none, and removes the earlier results so
-    that nothing stale gets rendered."""
-    if not only:
-        for stale in (out / "results").glob("*.json"):
-            stale.unlink()
-        return []
+def earlier_steps(out: Path, keep: set[str] | None) -> list[Doc]:
+    """The steps of `out`'s earlier run that this sitting keeps, each stamped with the commit
+    and date it ran at: those named in `keep`, every one when `keep` is None (an `--only`
+    sitting). The results of the steps not kept are removed, so nothing stale gets rendered."""
     previous = read_json_object(out / "run.json")
     earlier = read_json_object(out / "machine.json")
-    kept: list[Doc] = previous.get("steps") or []
+    kept: list[Doc] = [
+        s for s in previous.get("steps") or [] if keep is None or s.get("name") in keep
+    ]
     for kept_step in kept:
         kept_step.setdefault("measured", stamp(earlier))
+    if keep is not None:
+        for stale in (out / "results").glob("*.json"):
+            if stale.stem not in keep:
+                stale.unlink()
     return kept
 
 
@@ -364,10 +386,13 @@ def run_steps(steps: list[Step], out: Path, machine: Doc) -> tuple[list[Doc], bo
 
 
 def sitting(steps: list[Step], out: Path, *, quick: bool, only: bool) -> Sitting:
-    """Run `steps` into `out`: machine.json first, each step's results and log, run.json last
-    (the steps of an earlier run that `only` left out are kept in it)."""
+    """Run `steps` into `out`: machine.json first, each step's results and log, run.json last.
+    An `only` sitting keeps the earlier run's other steps; a full one keeps only the optional
+    steps it did not run (with the results they left)."""
     out.mkdir(parents=True, exist_ok=True)
-    kept = earlier_steps(out, only)
+    running = {s.name for s in steps}
+    optional = {s.name for s in plan(quick) if s.optional} - running
+    kept = earlier_steps(out, None if only else optional)
     machine = collect_machine(out)
     write_json(out / "machine.json", machine)
     announce(steps, out, quick, machine)
