@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import structlog
 from prometheus_client import Counter
 
-from kpx.table import Steer, SteerKey
+from kpx.rules import Steer, SteerKey
 
 # LB frontend -> the source ranges allowed to reach it (ServiceTable.firewall).
 Firewall = Mapping[SteerKey, tuple[str, ...]]

@@ -50,7 +50,7 @@ from kpx.nft import (
     NftWriter,
     _firewall_elements,
 )
-from kpx.table import Steer, SteerKey
+from kpx.rules import Steer, SteerKey
 from kpx.udp_relay import UdpRelay
 
 log = structlog.get_logger("kpx.udp_nft")

@@ -18,7 +18,7 @@ def writer_running(shell: str, timeout: float = 5.0) -> NftWriter:
 
 async def test_a_rejected_transaction_raises_with_nfts_stderr():
     writer = writer_running("cat >/dev/null; echo 'Error:  no such   set' >&2; exit 1")
-    with pytest.raises(NftError, match="^Error: no such set$"):
+    with pytest.raises(NftError, match=r"^Error: no such set$"):
         await writer.run("add element inet kpx svc4 { 10.0.0.1 . 80 }\n")
 
 
@@ -31,7 +31,7 @@ async def test_the_script_reaches_nft_on_its_stdin(tmp_path: Path):
 async def test_an_nft_that_hangs_is_killed_after_the_timeout():
     writer = writer_running("sleep 30", timeout=0.3)
     started = time.monotonic()
-    with pytest.raises(NftError, match="did not finish within 0.3s"):
+    with pytest.raises(NftError, match=r"did not finish within 0\.3s"):
         await writer.run("")
     assert time.monotonic() - started < 5
 

@@ -17,8 +17,9 @@ from kpx.balancer import Balancer
 from kpx.health import ProxierHealth
 from kpx.nft import NftError, NftWriter
 from kpx.ports import PortsWriter
+from kpx.rules import Steer, SteerKey
 from kpx.sync import RuleSyncer
-from kpx.table import ServiceTable, Steer, SteerKey
+from kpx.table import ServiceTable
 from kwatch.cluster import DEFAULT_INDEXERS
 from kwatch.resources import ENDPOINTSLICES, SERVICES
 from kwatch.store import Store

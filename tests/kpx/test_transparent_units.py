@@ -14,8 +14,8 @@ from kpx import links as links_module
 from kpx.links import Network, SharedLinks, connected_routes
 from kpx.nft import TPROXY_MARK, render_firewall_delta, render_table
 from kpx.policyroute import ack_error, route_message, rule_message
+from kpx.rules import source_ranges
 from kpx.source import FrontendClass, SourceAddresses, keeps_client_address
-from kpx.table import source_ranges
 from kwatch.models import Service
 from kwatch.resources import SERVICES
 from tests.kpx.test_table import Env, ep, eps, svc
