@@ -196,7 +196,10 @@ class Forwarder:
         self._pending: dict[CacheKey, asyncio.Task[bytes]] = {}
         self._prefetching: dict[CacheKey, asyncio.Task[bytes]] = {}
         self._inflight = 0
-        self._next = 0  # round_robin position
+        # round_robin: queries so far per route, keyed by the id of the route's upstream list
+        # (self.upstreams or a stub domain's, alive as long as the forwarder): each route counts
+        # on its own, as each CoreDNS forward block has its own policy.
+        self._robin: dict[int, int] = {}
         self._closed = False
         if not self.upstreams:
             log.warning("no_upstreams", hint="every forwarded query will be SERVFAIL")
@@ -363,12 +366,15 @@ class Forwarder:
         return None
 
     def _order(self, servers: list[Upstream]) -> list[Upstream]:
+        # CoreDNS forward policy.go: random is a uniform shuffle; for the k-th query of a route
+        # (k from 1) round_robin puts upstream k mod n first and keeps the others in their
+        # order; sequential keeps the configured order.
         if self.policy == "random":
             servers = random.sample(servers, len(servers))
         elif self.policy == "round_robin" and servers:
-            start = self._next % len(servers)
-            self._next += 1
-            servers = servers[start:] + servers[:start]
+            turn = self._robin[id(servers)] = self._robin.get(id(servers), 0) + 1
+            first = turn % len(servers)
+            servers = [servers[first], *servers[:first], *servers[first + 1 :]]
         healthy = [up for up in servers if up.healthy]
         if servers and not healthy:
             HEALTHCHECK_BROKEN.inc()
