@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import select
 import socket
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -26,7 +27,6 @@ from typing import Protocol
 import structlog
 
 from kpx.backends import Backend, Picker
-from kpx.splice import FdWatcher
 from kpx.transparent import bind_transparent
 
 log = structlog.get_logger("kpx.dial")
@@ -44,6 +44,22 @@ class DialCounters(Protocol):
     # Client connections whose every candidate failed.
     backends_exhausted: int
 
+
+class ConnectWatcher(Protocol):
+    """Readiness callbacks per fd, and the events of the fd whose callback runs (that is
+    kpx/poller.py's Poller)."""
+
+    # The epoll events of the fd whose callback runs now.
+    ready_events: int
+
+    def add_writer(self, fd: int, callback: Callable[[], object]) -> None: ...
+
+    def forget(self, fd: int) -> None:
+        """Drop `fd`'s callbacks: it is closed next."""
+
+
+# A connect that ended in an error (EPOLLERR) or was refused (EPOLLHUP as well).
+_CONNECT_FAILED = select.EPOLLERR | select.EPOLLHUP
 
 # The end of one connect phase: (the dial, its connected backend socket or None, whether the
 # watcher still watches that socket for writability: the caller takes the registration over).
@@ -63,7 +79,7 @@ class Dialer:
 
     def __init__(
         self,
-        watcher: FdWatcher,
+        watcher: ConnectWatcher,
         call_later: CallLater,
         ladder: Sequence[float],
         counters: DialCounters,
@@ -219,33 +235,26 @@ class Dial:
     def on_connect_ready(self) -> None:
         sock = self.sock
         assert sock is not None and self.timer is not None
-        # A peer address means connected: one syscall in the common case.
-        try:
-            sock.getpeername()
-            err = 0
-        except OSError:
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err == 0:
-                # Not connected and no error: a stale readiness event for an earlier socket
-                # that had this fd number (closed in the same loop iteration); the handshake
-                # is still running.
-                return
         self.timer.cancel()
         self.timer = None
         self.sock = None
-        if err == 0:
+        watcher = self.dialer.watcher
+        # Writable without an error or a hang-up means connected, no syscall needed (the
+        # poller never reports a closed socket's events to the one that took its number).
+        if not watcher.ready_events & _CONNECT_FAILED:
             # Still watched for writing: the relay takes the registration over.
             self.dialer.finish(self, sock, True)
             return
-        self.dialer.watcher.remove_writer(sock.fileno())
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        watcher.forget(sock.fileno())
         sock.close()
-        self.failed(errno.errorcode.get(err, str(err)))
+        self.failed(errno.errorcode.get(err, str(err)) if err else "hangup")
         self.next_attempt()
 
     def on_connect_timeout(self) -> None:
         sock = self.sock
         assert sock is not None
-        self.dialer.watcher.remove_writer(sock.fileno())
+        self.dialer.watcher.forget(sock.fileno())
         self.timer = None
         self.sock = None
         sock.close()
@@ -287,6 +296,6 @@ class Dial:
             self.timer = None
         sock = self.sock
         if sock is not None:
-            self.dialer.watcher.remove_writer(sock.fileno())
+            self.dialer.watcher.forget(sock.fileno())
             sock.close()
             self.sock = None

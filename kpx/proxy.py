@@ -438,10 +438,8 @@ class Proxy:
         self, dial: Dial, backend_sock: socket.socket | None, watched: bool = False
     ) -> None:
         """The connect phase is over: relay on success, reset the client otherwise. `watched`:
-        the loop still watches `backend_sock` for writability (the connect's readiness); it
-        is dropped only once the relay watches the socket for reading, so the event loop
-        changes its registration instead of dropping and re-creating it (uvloop pays about
-        seven epoll_ctl/ioctl calls for each poll handle it creates and closes)."""
+        the poller still watches `backend_sock` for writability (the connect's readiness);
+        the relay turns that into a watch for reading with one epoll_ctl."""
         if backend_sock is None:
             reset_socket(dial.client)
             self._connection_closed()
@@ -458,7 +456,7 @@ class Proxy:
             # since: the connection would outlive the deadline, so it ends like the others.
             self.stats.drain_resets += 1
             if watched:
-                self.poller.remove_writer(backend_sock.fileno())
+                self.poller.forget(backend_sock.fileno())
             reset_socket(backend_sock)
             reset_socket(dial.client)
             self._connection_closed()
@@ -476,9 +474,7 @@ class Proxy:
             draining = self._draining.get(key)
             if draining is not None:
                 draining.add(relay)
-        relay.start()
-        if watched:
-            poller.remove_writer(backend_sock.fileno())
+        relay.start(backend_watched=watched)
         relay.read_client()
 
     def _on_relay_closed(self, relay: Relay) -> None:

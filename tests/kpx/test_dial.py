@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass
 
 from kpx.dial import Dial, Dialer
+from kpx.poller import Poller
 from tests.kpx.conftest import Runner, StaticPicker
 from tests.kpx.test_proxy import blackholed_backend, refusing_backend, whoami_backends
 
@@ -28,8 +29,9 @@ def test_a_dialer_skips_a_refusing_backend_and_hands_over_the_connected_socket(
             loop = asyncio.get_running_loop()
             done: asyncio.Future[tuple[Dial, socket.socket | None, bool]] = loop.create_future()
             counters = Counters()
+            poller = Poller(loop)
             dialer = Dialer(
-                loop,
+                poller,
                 loop.call_later,
                 (1.0, 1.0),
                 counters,
@@ -44,11 +46,12 @@ def test_a_dialer_skips_a_refusing_backend_and_hands_over_the_connected_socket(
                 assert sock is not None and dial.backend == good
                 assert sock.getpeername()[1] == good.port
                 assert watched  # the writer registration is the caller's to take over
-                loop.remove_writer(sock.fileno())
+                assert poller.remove_writer(sock.fileno())
                 assert picker.failures == [refusing]
                 assert counters == Counters(backend_failures=1, backend_retries=1)
                 assert dialer.dials == set()
             finally:
+                poller.close()
                 for s in (sock, client, client_side, refusing_sock):
                     if s is not None:
                         s.close()
@@ -64,8 +67,9 @@ def test_a_dialer_gives_up_when_the_ladder_is_exhausted_and_cancels_on_demand(
         loop = asyncio.get_running_loop()
         ended: list[socket.socket | None] = []
         counters = Counters()
+        poller = Poller(loop)
         dialer = Dialer(
-            loop, loop.call_later, (0.1,), counters, lambda _d, sock, _w: ended.append(sock)
+            poller, loop.call_later, (0.1,), counters, lambda _d, sock, _w: ended.append(sock)
         )
         picker = StaticPicker([blackholed, blackholed], rotate=False)
         client_side, client = socket.socketpair()
@@ -79,6 +83,7 @@ def test_a_dialer_gives_up_when_the_ladder_is_exhausted_and_cancels_on_demand(
             assert dialer.cancel_all() == 1
             assert ended == [None, None] and dialer.dials == set()
         finally:
+            poller.close()
             for s in (*held, client, client_side):
                 s.close()
 
