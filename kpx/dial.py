@@ -221,9 +221,18 @@ class Dial:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex((backend.ip, backend.port))
             if err == errno.EINPROGRESS:
-                self.sock = sock
-                dialer.watcher.add_writer(sock.fileno(), self.on_connect_ready)
-                self.timer = dialer.call_later(timeout, self.on_connect_timeout)
+                try:
+                    # A backend on this node (a veth, loopback) has often answered the SYN by
+                    # the time connect() returns (the kernel runs the whole handshake in its
+                    # softirq on this CPU): then one syscall saves a registration for
+                    # writability and a wake-up.
+                    sock.getpeername()
+                except OSError:
+                    self.sock = sock
+                    dialer.watcher.add_writer(sock.fileno(), self.on_connect_ready)
+                    self.timer = dialer.call_later(timeout, self.on_connect_timeout)
+                    return
+                dialer.finish(self, sock)
                 return
             if err == 0:  # loopback may connect at once
                 dialer.finish(self, sock)
