@@ -251,3 +251,83 @@ def test_500_streaming_connections_survive_a_kpx_replacement_byte_for_byte(
     new.send_signal(signal.SIGTERM)
     assert new.wait(timeout=40) == 0
     assert "kpx" not in topo.node.run("nft", "list", "tables")
+
+
+def start_kpx(topo: Topology, log: Path, manifest_path: Path, *extra: str) -> Any:
+    with log.open("w") as out:
+        return topo.node.popen(
+            *kpx_argv(manifest_path, *extra), stdout=subprocess.DEVNULL, stderr=out
+        )
+
+
+def test_a_kpx_killed_mid_handover_leaves_its_successor_serving_from_whole_rules(
+    netns_topology: Topology, tmp_path: Path
+) -> None:
+    """SIGKILL of the old kpx after it handed its listeners over and before the connections:
+    the new one adopts nothing, says so, and serves as a kpx started from scratch would."""
+    topo = netns_topology
+    p1 = topo.add_pod("p1")
+    p1.start_whoami(8080)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(manifest([p1]))
+    old = start_kpx(topo, tmp_path / "old.log", path)
+    assert wait_for(lambda: whoami(topo.client, VIP, 80, 0.5) == "p1", 15)
+    rules = topo.node.run("nft", "list", "table", "inet", "kpx")
+
+    # The successor's manifest is not there yet: it holds the listeners and waits to list.
+    later = tmp_path / "later.yaml"
+    new_log = tmp_path / "new.log"
+    new = start_kpx(topo, new_log, later, "--handover-timeout", "1")
+    assert wait_for(lambda: events(new_log, "handover_listeners_received"), 15)
+    old.kill()
+    assert old.wait(timeout=10) == -signal.SIGKILL
+    assert topo.node.run("nft", "list", "table", "inet", "kpx") == rules  # left whole
+
+    later.write_text(manifest([p1]))
+    assert wait_for(lambda: whoami(topo.client, VIP, 80, 0.5) == "p1", 15)
+    failed = events(new_log, "handover_failed")
+    assert [f["step"] for f in failed] == ["connections"]
+    assert topo.node.run("nft", "list", "table", "inet", "kpx") == rules
+    new.send_signal(signal.SIGTERM)
+    assert new.wait(timeout=40) == 0
+    assert "kpx" not in topo.node.run("nft", "list", "tables")
+
+
+def test_a_successor_killed_mid_handover_leaves_the_running_kpx_serving_and_replaceable(
+    netns_topology: Topology, tmp_path: Path
+) -> None:
+    topo = netns_topology
+    p1 = topo.add_pod("p1")
+    p1.start_whoami(8080)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(manifest([p1]))
+    old_log = tmp_path / "old.log"
+    old = start_kpx(topo, old_log, path)
+    assert wait_for(lambda: whoami(topo.client, VIP, 80, 0.5) == "p1", 15)
+    held = topo.client.socket()
+    held.settimeout(5)
+    held.connect((VIP, 80))
+    assert held.recv(3) == b"p1\n"
+
+    doomed_log = tmp_path / "doomed.log"
+    doomed = start_kpx(topo, doomed_log, tmp_path / "missing.yaml")
+    assert wait_for(lambda: events(doomed_log, "handover_listeners_received"), 15)
+    doomed.kill()
+    doomed.wait(timeout=10)
+    assert wait_for(lambda: events(old_log, "handover_failed"), 10)
+    # Still the old kpx's: its connection and new ones are served.
+    held.sendall(b"still here\n")
+    assert held.recv(64) == b"still here\n"
+    assert whoami(topo.client, VIP, 80) == "p1"
+
+    # The next successor takes over as if nothing happened, the held connection with it.
+    new = start_kpx(topo, tmp_path / "new.log", path)
+    assert wait_for(lambda: events(old_log, "handover_completed"), 30)
+    old.send_signal(signal.SIGTERM)
+    assert old.wait(timeout=30) == 0
+    held.sendall(b"moved\n")
+    assert held.recv(64) == b"moved\n"
+    held.close()
+    assert whoami(topo.client, VIP, 80) == "p1"
+    new.send_signal(signal.SIGTERM)
+    assert new.wait(timeout=40) == 0
