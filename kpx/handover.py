@@ -295,6 +295,10 @@ class HandoverServer:
         self.source = source
         self.timeout = timeout
         self._sock: socket.socket | None = None
+        # A successor is connected and the handover not over: readiness says no, so that a
+        # probe meant for the successor's pod (the ports are shared) does not find this
+        # process ready in its place.
+        self.busy = False
 
     async def run(self) -> None:
         """Serve handovers until one completes (then return), one at a time."""
@@ -304,8 +308,12 @@ class HandoverServer:
                 await self._listen()
             assert self._sock is not None
             conn, _ = await loop.sock_accept(self._sock)
-            if await self._serve(_Channel(conn)):
-                return
+            self.busy = True
+            try:
+                if await self._serve(_Channel(conn)):
+                    return
+            finally:
+                self.busy = False
 
     async def _listen(self) -> None:
         """Bind `path`; while the kpx this one replaced still holds it, retry (it lets go

@@ -139,6 +139,7 @@ class Daemon:
         # is set once this kpx gave everything to its successor.
         self.reuse_port = settings.mode == "nftables" and bool(settings.handover_socket)
         self.handover: HandoverSession | None = None
+        self.handover_server: HandoverServer | None = None
         self.handed_over = asyncio.Event()
         self._stopped = False
         self._build_watches()
@@ -317,10 +318,16 @@ class Daemon:
         return web.Response(text=json.dumps(rows, indent=1) + "\n", content_type="application/json")
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready = every store listed and the first TCP and UDP rule syncs done."""
+        """Ready = every store listed, the first TCP and UDP rule syncs done, and no handover
+        under way (kpx/handover.py: while two kpx share the health ports, a probe may reach
+        either, so neither says ready until the handover is over)."""
         ok, text = self.state.readiness()
         if ok and (self.syncer.syncs == 0 or not self.udp.synced):
             return False, "waiting for the first rule sync"
+        if ok and self.handover is not None:
+            return False, "taking the connections over from the previous kpx"
+        if ok and self.handover_server is not None and self.handover_server.busy:
+            return False, "handing the connections over to the next kpx"
         return ok, text
 
     # -- running -------------------------------------------------------------------------
@@ -460,7 +467,7 @@ class Daemon:
             for listener in proxy.redirect_listeners():
                 (listener.hold if held else listener.resume)()
 
-        server = HandoverServer(
+        server = self.handover_server = HandoverServer(
             settings.handover_socket,
             HandoverSource(
                 tcp_listeners=lambda: [listener.sock for listener in proxy.redirect_listeners()],
