@@ -385,17 +385,18 @@ class HandoverServer:
                 wire.Connection(relay.tag, up, down)  # type: ignore[arg-type]
                 for relay, (up, down, _pipes) in frozen
             ]
-            for batch in wire.batches(items):
-                batch_fds: list[int] = []
-                for relay, (_up, _down, pipes) in frozen[sent : sent + len(batch.items)]:
-                    batch_fds += [relay.client.fileno(), relay.backend.fileno()]
-                    for pipe in pipes:
-                        batch_fds += pipe
-                await channel.send(batch, batch_fds)
-                sent += len(batch.items)
-                CONNECTIONS.labels("sent").inc(len(batch.items))
-            await channel.send(wire.Done(sent))
+            # Every connection is frozen until the successor acknowledged them: bounded.
             async with asyncio.timeout(self.timeout):
+                for batch in wire.batches(items):
+                    batch_fds: list[int] = []
+                    for relay, (_up, _down, pipes) in frozen[sent : sent + len(batch.items)]:
+                        batch_fds += [relay.client.fileno(), relay.backend.fileno()]
+                        for pipe in pipes:
+                            batch_fds += pipe
+                    await channel.send(batch, batch_fds)
+                    sent += len(batch.items)
+                    CONNECTIONS.labels("sent").inc(len(batch.items))
+                await channel.send(wire.Done(sent))
                 ack, fds = await channel.receive()
             _close_fds(fds)
             if not isinstance(ack, wire.Ack) or ack.adopted != sent:
