@@ -31,6 +31,7 @@ from kpx import metrics
 from kpx import settings as kpx_settings
 from kpx.balancer import Balancer
 from kpx.endpoints import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL
+from kpx.handover import HandoverServer, HandoverSession, HandoverSource
 from kpx.health import (
     NodeEligibility,
     ProxierHealth,
@@ -133,6 +134,14 @@ class Daemon:
         self.supervisor = Supervisor(wedge_deadline=settings.task_deadline)
         # This process wrote steering rules, so it removes them on exit.
         self.programmed = False
+        # A handover (kpx/handover.py): health ports are shared with SO_REUSEPORT while two
+        # kpx run; `handover` is this kpx's session with the one it replaces, `handed_over`
+        # is set once this kpx gave everything to its successor.
+        self.reuse_port = settings.mode == "nftables" and bool(settings.handover_socket)
+        self.handover: HandoverSession | None = None
+        self.handover_server: HandoverServer | None = None
+        self.handed_over = asyncio.Event()
+        self._stopped = False
         self._build_watches()
         self._build_tables(addresses)
         self._build_proxy()
@@ -269,6 +278,7 @@ class Daemon:
         self.service_health = ServiceHealthServers(
             self.health.healthy,
             hosts=addresses_in(self.nodeport_cidrs, self.local_clients.addresses),
+            reuse_port=self.reuse_port,
         )
         self.syncer = RuleSyncer(
             table,
@@ -291,11 +301,13 @@ class Daemon:
                 web.get("/proxyMode", self._proxy_mode),
                 web.get("/debug/services", self._debug_services),
             ],
+            reuse_port=self.reuse_port,
         )
         self.healthz = ProxierHealthServer(
             settings.healthz_bind_address,
             self.health,
             NodeEligibility(self.state.store(NODES), settings.node_name),
+            reuse_port=self.reuse_port,
         )
 
     async def _proxy_mode(self, _request: web.Request) -> web.Response:
@@ -306,10 +318,16 @@ class Daemon:
         return web.Response(text=json.dumps(rows, indent=1) + "\n", content_type="application/json")
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready = every store listed and the first TCP and UDP rule syncs done."""
+        """Ready = every store listed, the first TCP and UDP rule syncs done, and no handover
+        under way (kpx/handover.py: while two kpx share the health ports, a probe may reach
+        either, so neither says ready until the handover is over)."""
         ok, text = self.state.readiness()
         if ok and (self.syncer.syncs == 0 or not self.udp.synced):
             return False, "waiting for the first rule sync"
+        if ok and self.handover is not None:
+            return False, "taking the connections over from the previous kpx"
+        if ok and self.handover_server is not None and self.handover_server.busy:
+            return False, "handing the connections over to the next kpx"
         return ok, text
 
     # -- running -------------------------------------------------------------------------
@@ -327,7 +345,16 @@ class Daemon:
                 await self._first_sync()
                 self._settle_memory()
                 await self._serve(listeners)
-            await stopped
+            handed_over = asyncio.create_task(self.handed_over.wait())
+            await asyncio.wait({stopped, handed_over}, return_when=asyncio.FIRST_COMPLETED)
+            handed_over.cancel()
+            if self.handed_over.is_set():
+                # The successor holds every socket now: serve nothing, and stay until
+                # stopped (a DaemonSet's container that exits is restarted, and the old
+                # version would take the node back).
+                await self._stop(status)
+                log.info("kpx_handed_over", waiting_for="SIGTERM")
+                await stopped
             synced.cancel()
         except OSError as err:
             log.error("kpx_start_failed", problem=str(err))
@@ -339,11 +366,24 @@ class Daemon:
     async def _claim_ports(self) -> list[Listener]:
         """nftables mode: claim the proxy port before anything else: if another kpx holds
         it, fail here, before the first sync rewrites (and the exit path deletes) its table."""
-        if self.settings.mode != "nftables":
+        settings = self.settings
+        if settings.mode != "nftables":
             return []
-        port = self.settings.proxy_port
-        bound = [self.proxy.bind_redirect(host, port) for host in self.listen_hosts]
-        await self.udp.claim(self.listen_hosts, port, self.routing, self.transparent)
+        if settings.handover_socket:
+            # A kpx running here hands its listeners over (the rest once this one serves).
+            self.handover = await HandoverSession.connect(
+                settings.handover_socket, settings.handover_timeout
+            )
+        port = settings.proxy_port
+        udp_sockets: list[socket.socket] = []
+        if self.handover is not None and self.handover.tcp:
+            bound = [self.proxy.adopt_listener(sock) for sock in self.handover.tcp]
+            udp_sockets = self.handover.udp
+        else:
+            bound = [self.proxy.bind_redirect(host, port) for host in self.listen_hosts]
+        await self.udp.claim(
+            self.listen_hosts, port, self.routing, self.transparent, handed_over=udp_sockets
+        )
         return bound
 
     async def _start_servers_and_watches(self) -> None:
@@ -410,6 +450,41 @@ class Daemon:
                 "print-assignments",
                 lambda: _print_assignments(syncer, lambda: _assignments(ports_writer, udp)),
             )
+        await self._take_over()
+
+    async def _take_over(self) -> None:
+        """Adopt the established connections of the kpx this one replaces (now that this one
+        accepts), then serve handovers to the next one."""
+        settings = self.settings
+        if self.handover is not None:
+            await self.handover.take_connections(self.proxy.make_relay, settings.handover_timeout)
+            self.handover = None
+        if not self.reuse_port:
+            return
+        proxy, udp = self.proxy, self.udp
+
+        def hold(held: bool) -> None:
+            for listener in proxy.redirect_listeners():
+                (listener.hold if held else listener.resume)()
+
+        server = self.handover_server = HandoverServer(
+            settings.handover_socket,
+            HandoverSource(
+                tcp_listeners=lambda: [listener.sock for listener in proxy.redirect_listeners()],
+                udp_sockets=lambda: udp.relay.transparent_sockets() if udp.enabled else [],
+                hold=hold,
+                connecting=lambda: proxy.connecting,
+                detach_relays=proxy.detach_relays,
+                give_back=proxy.make_relay,
+            ),
+            settings.handover_timeout,
+        )
+
+        async def serve_handovers() -> None:
+            await server.run()
+            self.handed_over.set()
+
+        self.supervisor.spawn("handover", serve_handovers, forever=False)
 
     def _housekeeping(self) -> Coroutine[Any, Any, None]:
         return _housekeeping(
@@ -422,6 +497,14 @@ class Daemon:
         )
 
     async def _stop(self, status: int) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        # Handed over: the successor programmed the same rules and routes, and keeps them.
+        keep_rules = self.handed_over.is_set()
+        if self.handover is not None:
+            self.handover.close()  # the kpx this one was to replace carries on
+            self.handover = None
         log.info("kpx_stopping")
         # From now on nothing new is accepted: /healthz and the healthCheckNodePorts say so
         # (503) for the whole drain, so load balancers stop sending clients here.
@@ -434,8 +517,8 @@ class Daemon:
         if drain is None:
             drain = DEFAULT_STOP_DRAIN
         await self.proxy.stop(drain if status == 0 else 0.0)
-        await self.udp.stop(self.programmed)
-        if self.programmed:
+        await self.udp.stop(self.programmed and not keep_rules)
+        if self.programmed and not keep_rules:
             await self.writer.remove()
             if self.transparent:
                 await self.routing.remove()

@@ -246,6 +246,15 @@ class UdpRelay:
             raise
         return self._start(sock, None)
 
+    def adopt_transparent(self, sock: socket.socket) -> UdpListener:
+        """A `serve_transparent` socket handed over by the kpx this one replaces."""
+        sock.setblocking(False)
+        return self._start(sock, None)
+
+    def transparent_sockets(self) -> list[socket.socket]:
+        """The `serve_transparent` sockets, for a handover."""
+        return [listener.sock for listener in self._listeners if listener.frontend is None]
+
     def _socket(self, host: str) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
