@@ -125,6 +125,13 @@ def test_bench_soak_quick(tmp_path: Path) -> None:
     doc = _json(tmp_path / "soak.json")
     assert doc["differences"] == 0 and doc["writes"] > 100
     assert set(doc["rss_growth_pct"]) == {"dnsd", "kpx"}
+    assert "targets_missed" in doc
+    # The checker asked about every kind of name, present and gone, and both frontend states.
+    kinds = {"A answer", "AAAA answer", "SRV answer", "PTR answer", "CNAME answer", "A NODATA",
+             "A NXDOMAIN", "PTR NXDOMAIN", "frontend serve", "frontend reject"}  # fmt: skip
+    assert kinds <= set(doc["coverage"]), doc["coverage"]
+    # The compactions reached both daemons: each relisted.
+    assert all(doc["watch"][d]["kwatch_relists_total"] > 0 for d in ("dnsd", "kpx"))
 
 
 @pytest.mark.timeout(120)
