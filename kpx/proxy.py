@@ -585,7 +585,7 @@ class Proxy:
     @property
     def connecting(self) -> int:
         """Accepted connections whose backend connect is still under way."""
-        return len(self._dials)
+        return len(self._dialer.dials) if self._dialer is not None else 0
 
     def detach_relays(self) -> list[Relay]:
         """Every relayed connection, no longer this proxy's: the caller `freeze`s them and
