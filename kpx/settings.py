@@ -218,6 +218,19 @@ class KpxSettings(AccessSettings):
         " affinity set size); the least recently used goes first",
     )
 
+    handover_socket: str = Field(
+        "@kpx/handover",
+        description="unix socket (a leading @: abstract, in the network namespace) where a "
+        "starting kpx takes the listening and established sockets over from the running one, "
+        "which then serves it; empty: no handover (nftables mode only)",
+    )
+    handover_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="seconds each handover step may take (the listeners, connects under way "
+        "to finish, the connections) before the handover is given up",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _kube_proxy_config(cls, data: Any) -> Any:
@@ -231,6 +244,7 @@ class KpxSettings(AccessSettings):
         "drain_timeout",
         "idle_timeout",
         "udp_timeout",
+        "handover_timeout",
         mode="before",
     )
     @classmethod

@@ -18,7 +18,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import structlog
 
@@ -96,8 +96,8 @@ class PipePool:
 
 
 class FdWatcher(Protocol):
-    """What a relay needs of an event loop: level-triggered readiness callbacks per fd (an
-    asyncio loop, or the proxy's kpx.poller.Poller)."""
+    """What a relay needs of an event loop: level-triggered readiness callbacks per fd, as
+    the proxy's kpx.poller.Poller gives them."""
 
     def add_reader(self, fd: int, callback: Callable[[], object]) -> None: ...
 
@@ -106,6 +106,22 @@ class FdWatcher(Protocol):
     def add_writer(self, fd: int, callback: Callable[[], object]) -> None: ...
 
     def remove_writer(self, fd: int) -> bool: ...
+
+    def writer_to_reader(self, fd: int, callback: Callable[[], object]) -> None:
+        """Watch `fd` for reading instead of writing, in one change."""
+
+    def forget(self, fd: int) -> None:
+        """Drop `fd`'s callbacks: it is closed next, which takes it out of the set."""
+
+
+class DirectionState(NamedTuple):
+    """One direction of a relay as a handover carries it (kpx/handover.py): the bytes in its
+    pipe (the pipe itself travels as two fds when there are any), whether its source said EOF
+    and whether that EOF was passed on."""
+
+    pending: int
+    eof: bool
+    done: bool
 
 
 class RelayCounters:
@@ -184,8 +200,11 @@ class _Direction:
         relay.idle_sweeps = 0
         if n == 0:
             self.eof = True
-            relay.loop.remove_reader(self.src_fd)
             self.reading = False
+            # When the other direction ended already, the relay closes both sockets right
+            # away (`pass_eof`) and forgets their fds then: no change of interest before.
+            if not (relay._down if self.upstream else relay._up).done:
+                relay.loop.remove_reader(self.src_fd)
         self.pending = n
         self.flush()
 
@@ -249,6 +268,21 @@ class _Direction:
         self.done = True
         self.relay.direction_done()
 
+    def state(self) -> DirectionState:
+        return DirectionState(self.pending, self.eof, self.done)
+
+    def resume(self, state: DirectionState, pipe: Pipe | None) -> None:
+        """Continue from a handed-over `state`: deliver what its pipe holds, pass its EOF on,
+        or read again."""
+        self.pending, self.eof, self.done = state
+        self.pipe = pipe
+        if self.done:
+            return
+        if self.pending or self.eof:
+            self.flush()
+        else:
+            self.start_reading()
+
     def unregister(self) -> None:
         if self.reading:
             self.relay.loop.remove_reader(self.src_fd)
@@ -310,9 +344,16 @@ class Relay:
         self._up = _Direction(self, client, backend, upstream=True)
         self._down = _Direction(self, backend, client, upstream=False)
 
-    def start(self) -> None:
+    def start(self, backend_watched: bool = False) -> None:
+        """Watch both sockets for data; `backend_watched`: the backend socket is watched for
+        writing still (its connect), which becomes a watch for reading in one change."""
         self._up.start_reading()
-        self._down.start_reading()
+        down = self._down
+        if backend_watched:
+            self.loop.writer_to_reader(down.src_fd, down.on_readable)
+            down.reading = True
+        else:
+            down.start_reading()
 
     def read_client(self) -> None:
         """Relay what the client sent already, without waiting for the loop to report it:
@@ -321,6 +362,41 @@ class Relay:
         sent nothing (a server-speaks-first protocol) it costs one splice (EAGAIN)."""
         if not self.closed and self._up.reading:
             self._up.on_readable()
+
+    # -- handover (kpx/handover.py) --------------------------------------------------------
+
+    def freeze(self) -> tuple[DirectionState, DirectionState, list[Pipe]]:
+        """Stop watching the sockets and return both directions' states and the pipes that
+        hold bytes (upstream's first): the relay is still whole, ready to be sent to another
+        process or `resume`d here."""
+        up, down = self._up, self._down
+        up.unregister()
+        down.unregister()
+        pipes = [d.pipe for d in (up, down) if d.pending and d.pipe is not None]
+        return up.state(), down.state(), pipes
+
+    def resume(
+        self, up: DirectionState, down: DirectionState, pipes: list[Pipe] | None = None
+    ) -> None:
+        """Run from frozen (or handed-over) states; `pipes` as `freeze` returned them."""
+        queue = list(pipes or ())
+        self._up.resume(up, queue.pop(0) if up.pending else None)
+        self._down.resume(down, queue.pop(0) if down.pending else None)
+
+    def release(self) -> None:
+        """After a handover: close this process's copies of the sockets and pipes, sending
+        nothing (no FIN, no reset): the process that took them over holds the connection."""
+        if self.closed:
+            return
+        self.closed = True
+        for direction in (self._up, self._down):
+            direction.unregister()
+            if direction.pipe is not None:
+                PipePool.discard(direction.pipe)
+                direction.pipe = None
+            del direction.relay
+        self.client.close()
+        self.backend.close()
 
     def direction_done(self) -> None:
         if self._up.done and self._down.done:
@@ -339,8 +415,11 @@ class Relay:
         if self.closed:
             return
         self.closed = True
+        # Both sockets are closed below, which takes them out of the epoll set.
+        self.loop.forget(self._up.src_fd)
+        self.loop.forget(self._down.src_fd)
         for direction in (self._up, self._down):
-            direction.unregister()
+            direction.reading = direction.writing = False
             direction.drop_pipe()
             # Break the relay <-> direction reference cycle: reference counting frees the
             # connection's objects now, so the data path gives the cyclic garbage collector

@@ -741,6 +741,33 @@ async def test_queries_over_max_inflight_are_refused(upstream, forwarder):
     assert parse(await fwd.forward(query("after.example.com"))).rcode() == dns.rcode.NOERROR
 
 
+async def test_above_max_inflight_refused_at_once_without_a_task(upstream, forwarder):
+    """A flood above max-concurrent is shed synchronously: answer_at_once refuses it (counted)
+    and neither waits nor asks an upstream; below the limit it leaves the query to forward."""
+    sluggish = await upstream(slow(0.3, answering()))
+    fwd = forwarder(sluggish, max_inflight=1, timeout=1.0)
+    assert fwd.answer_at_once(query("first.example.com")) is None  # room: must be forwarded
+    first = asyncio.ensure_future(fwd.forward(query("first.example.com")))
+    await asyncio.sleep(0.05)  # now waiting upstream: the one slot is taken
+    rejects = metric("dnsd_forward_max_concurrent_rejects_total")
+    refused = fwd.answer_at_once(query("flood.example.com", qid=77))
+    assert parse(refused).rcode() == dns.rcode.REFUSED and parse(refused).id == 77
+    assert metric("dnsd_forward_max_concurrent_rejects_total") == rejects + 1
+    assert [s.record.q.qname for s in sluggish.seen] == [dnslib.DNSLabel("first.example.com")]
+    assert parse(await first).rcode() == dns.rcode.NOERROR
+
+
+async def test_cached_answers_come_at_once(upstream, forwarder):
+    fake = await upstream(answering())
+    fwd = forwarder(fake, cache=DnsCache())
+    assert fwd.answer_at_once(query(qid=1)) is None  # not cached yet
+    await fwd.forward(query(qid=1))
+    assert addresses(fwd.answer_at_once(query(qid=2))) == addresses(await fwd.forward(query()))
+    assert parse(fwd.answer_at_once(query(qid=2))).id == 2
+    assert len(fake.seen) == 1
+    assert fwd.answer_at_once(b"\x00\x01junk") is None  # unparseable: forward() drops it
+
+
 async def test_identical_concurrent_queries_share_one_upstream_query(upstream, forwarder):
     sluggish = await upstream(slow(0.2, answering("192.0.2.80")))
     fwd = forwarder(sluggish, timeout=1.0)
