@@ -305,33 +305,45 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
         ]
         r.add("kpx / haproxy in every run:\n")
         r.add(table(["ratio", *(f"run {i + 1}" for i in range(n_runs))], rows))
-    idle = proxy.get("idle") or {}
-    if idle:
-        r.add("### Idle connections\n")
-        r.add(
-            f"{f_int(num(idle.get('requested')))} connections opened through the proxy, each "
-            "answered once end to end, then held; RSS growth per connection.\n"
-        )
-        rows = []
-        for m in ("haproxy", "kpx"):
-            one = idle.get(m) or {}
-            if one:
-                rows.append(
-                    [
-                        m,
-                        fmt("{:,.0f}", one.get("held")),
-                        fmt("{:,.0f}", one.get("alive_after_1s")),
-                        fmt("{:.1f}", one.get("rss_before_mb")),
-                        fmt("{:.1f}", one.get("rss_after_mb")),
-                        fmt("{:.2f}", one.get("kib_per_conn")),
-                    ]
-                )
-        r.add(
-            table(
-                ["proxy", "held", "alive after 1 s", "RSS before (MB)", "RSS after (MB)", "KiB"],
-                rows,
+    idle_section(r, proxy.get("idle") or {})
+    programming_section(r, proxy)
+    r.chart(charts_made.get("latency_proxy.png", False), "latency_proxy.png", "proxy latency")
+
+
+def idle_section(r: Report, idle: Doc) -> None:
+    """### Idle connections: RSS per connection held through haproxy and kpx."""
+    if not idle:
+        return
+    r.add("### Idle connections\n")
+    r.add(
+        f"{f_int(num(idle.get('requested')))} connections opened through the proxy, each "
+        "answered once end to end, then held; RSS growth per connection.\n"
+    )
+    rows = []
+    for m in ("haproxy", "kpx"):
+        one = idle.get(m) or {}
+        if one:
+            rows.append(
+                [
+                    m,
+                    fmt("{:,.0f}", one.get("held")),
+                    fmt("{:,.0f}", one.get("alive_after_1s")),
+                    fmt("{:.1f}", one.get("rss_before_mb")),
+                    fmt("{:.1f}", one.get("rss_after_mb")),
+                    fmt("{:.2f}", one.get("kib_per_conn")),
+                ]
             )
+    r.add(
+        table(
+            ["proxy", "held", "alive after 1 s", "RSS before (MB)", "RSS after (MB)", "KiB"],
+            rows,
         )
+    )
+
+
+def programming_section(r: Report, proxy: Doc) -> None:
+    """### Network programming latency: API write -> first connection served, per scale."""
+    args = proxy.get("args") or {}
     prog = sorted(proxy.get("programming") or [], key=lambda p: num(p.get("services")))
     r.add("### Network programming latency\n")
     if not prog:
@@ -370,7 +382,6 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
                 rows,
             )
         )
-    r.chart(charts_made.get("latency_proxy.png", False), "latency_proxy.png", "proxy latency")
 
 
 def sync_section(r: Report, sync: Doc | None, run: Doc, charts_made: dict[str, bool]) -> None:
