@@ -49,7 +49,7 @@ write-sent -> answer-served (and how much of it was the API request itself).
 (seconds; the figures mean nothing). Figures, never assertions: this machine is shared.
 
 `--json PATH` also writes what it printed (per-run figures, medians, ratios, RSS, propagation)
-to PATH, for bench/report.py. `--memory-only` measures nothing but dnsd's RSS once ready at that
+to PATH, for bench.report. `--memory-only` measures nothing but dnsd's RSS once ready at that
 scale, from the manifests and via the fake API server (no knot, no dnsperf; seconds).
 """
 

@@ -1,7 +1,8 @@
 """kpx against haproxy, the kernel's NAT and no proxy at all, through one netns chain (issue 4).
 
     .venv/bin/python -m bench.proxy [--runs 3] [--duration 8] [--idle 5000] [--samples 50]
-        [--services 10 10000] [--cpus 0] [--quick] [--json PATH]
+        [--services 10 10000] [--cpus 0] [--modes M ...] [--passes bulk conn req]
+        [--no-idle] [--no-programming] [--conn-only] [--quick] [--json PATH]
 
 Topology (bench/netns_topology.py): client ns -- node ns -- server ns over veths, all addresses
 in 10.233.0.0/16 inside the namespaces; the node routes. The server ns runs iperf3 -s, haproxy
@@ -49,8 +50,14 @@ Service POST) until a connection to the new ClusterIP is served. kpx RSS at that
 `--quick`: 1 s wrk passes, 300 MB iperf3 transfers instead of timed ones, 200 idle connections,
 3 samples of each kind at 10 and 50 Services (unless `--services` is given): a smoke test of the
 harness (about 20 s); its figures mean nothing.
-`--json PATH` also writes what it printed (per-run figures, medians, ratios, idle connections,
-programming latency and kpx RSS per Service count) to PATH, for bench/report.py.
+`--modes`, `--passes`, `--no-idle` and `--no-programming` measure a part only; `--conn-only` is
+the connection-rate part of issue 12: haproxy and kpx, the conn and req passes.
+The start checks and prints that haproxy and kpx share the CPUs (their affinity, read back),
+and after each haproxy bulk pass the pipes haproxy holds (`haproxy_pipes`: splice at work).
+`--json PATH` also writes what it printed (per-run figures, medians, ratios, every run's ratios
+as `ratio_runs`, idle connections, programming latency and kpx RSS per Service count, and
+`targets_missed`: one line per target missed in any run or at any Service count) to PATH, for
+bench/report.py.
 Figures, never assertions: this machine is shared and noisy.
 """
 
@@ -88,7 +95,8 @@ from bench.netns_topology import (
 from bench.procstat import CLK_TCK, cpu_seconds, rss_mb, user_kernel_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
-KPX = str(ROOT / ".venv" / "bin" / "kpx")
+# kpx from this checkout (cwd ROOT), run by the interpreter running the benchmark.
+KPX = [sys.executable, "-m", "kpx.main"]
 
 KPX_VIP = "10.96.0.10"
 NAT_VIP = "10.96.0.11"
@@ -316,7 +324,7 @@ def start_kpx(
     log = open(tmp / f"{label}.log", "w")
     proc = chain.node.popen(
         *pinned(cpus),
-        KPX,
+        *KPX,
         "--mode",
         "nftables",
         "--source-address-mode",
@@ -433,26 +441,50 @@ def wrk(
 def measure_mode(
     chain: Chain, mode: str, proxy_pid: int | None, args: argparse.Namespace
 ) -> dict[str, float]:
-    nan = float("nan")
-    one = iperf(chain, mode, 1, args)
+    """Every figure of one path in one run; the passes left out (`--passes`) are NaN."""
+    figures = dict.fromkeys(FIGURES, float("nan"))
     pids = [proxy_pid] if proxy_pid else []
+    if "bulk" in args.passes:
+        figures.update(bulk_pass(chain, mode, pids, args))
+    if "conn" in args.passes:
+        figures.update(conn_pass(chain, mode, pids, args))
+    if "req" in args.passes:
+        figures.update(req_pass(chain, mode, args))
+    if proxy_pid:
+        figures["proxy_rss_mb"] = rss_mb([proxy_pid])
+    return figures
+
+
+def pass_seconds(args: argparse.Namespace) -> int:
+    return max(1, int(args.duration)) if not args.bulk_mb else 1
+
+
+def bulk_pass(
+    chain: Chain, mode: str, pids: list[int], args: argparse.Namespace
+) -> dict[str, float]:
+    """iperf3 with 1 and 8 streams; the proxy's and the machine's CPU per GB in the second."""
+    one = iperf(chain, mode, 1, args)
     cpu0, mach0 = cpu_seconds(pids), machine_cpu_seconds()
     eight = iperf(chain, mode, 8, args)
     cpu, mach = cpu_seconds(pids) - cpu0, machine_cpu_seconds() - mach0
     gb = eight["bytes"] / 1e9
-    seconds = max(1, int(args.duration)) if not args.bulk_mb else 1
-    user0, kernel0 = user_kernel_seconds(pids)
-    conn = wrk(chain, mode, args.conns, True, seconds, args.load_cpus)
-    user1, kernel1 = user_kernel_seconds(pids)
-    per_conn = 1e6 / conn["requests"] if pids and conn["requests"] else nan
-    before = kpx_stalls(chain) if mode == "kpx" else {}
-    req = wrk(chain, mode, 1, False, seconds, args.load_cpus)
-    after = kpx_stalls(chain) if mode == "kpx" else {}
     return {
         "gbps_1": one["gbps"],
         "gbps_8": eight["gbps"],
-        "proxy_cpu_s_per_gb": cpu / gb if proxy_pid else nan,
+        "proxy_cpu_s_per_gb": cpu / gb if pids else float("nan"),
         "machine_cpu_s_per_gb": mach / gb,
+    }
+
+
+def conn_pass(
+    chain: Chain, mode: str, pids: list[int], args: argparse.Namespace
+) -> dict[str, float]:
+    """New connections/s, one small request each (wrk `Connection: close`)."""
+    user0, kernel0 = user_kernel_seconds(pids)
+    conn = wrk(chain, mode, args.conns, True, pass_seconds(args), args.load_cpus)
+    user1, kernel1 = user_kernel_seconds(pids)
+    per_conn = 1e6 / conn["requests"] if pids and conn["requests"] else float("nan")
+    return {
         "conn_per_s": conn["rps"],
         "conn_p50_ms": conn["p50_ms"],
         "conn_p99_ms": conn["p99_ms"],
@@ -461,15 +493,47 @@ def measure_mode(
         # meaningful over thousands of connections, and on a quiet machine only).
         "conn_user_us": (user1 - user0) * per_conn,
         "conn_kernel_us": (kernel1 - kernel0) * per_conn,
+    }
+
+
+def req_pass(chain: Chain, mode: str, args: argparse.Namespace) -> dict[str, float]:
+    """Small-request latency on one keep-alive connection; for kpx, what held its loop."""
+    nan = float("nan")
+    kpx = mode in KPX_SOURCE_MODES
+    before = kpx_stalls(chain) if kpx else {}
+    req = wrk(chain, mode, 1, False, pass_seconds(args), args.load_cpus)
+    after = kpx_stalls(chain) if kpx else {}
+    return {
         "req_p50_ms": req["p50_ms"],
         "req_p99_ms": req["p99_ms"],
-        "proxy_rss_mb": rss_mb([proxy_pid]) if proxy_pid else nan,
         # What held kpx's loop during the small-request pass (kpx/stalls.py; NaN elsewhere):
         # collector runs, lag samples over 5 ms, and a bound on the longest lag seen.
         "req_gc_runs": after.get("gc_runs", nan) - before.get("gc_runs", nan),
         "req_lag_over_5ms": after.get("lag_over_5ms", nan) - before.get("lag_over_5ms", nan),
         "req_lag_max_ms_below": lag_bound_ms(before, after),
     }
+
+
+# Every figure of one path in one run, in print order.
+FIGURES = (
+    "gbps_1",
+    "gbps_8",
+    "proxy_cpu_s_per_gb",
+    "machine_cpu_s_per_gb",
+    "conn_per_s",
+    "conn_p50_ms",
+    "conn_p99_ms",
+    "conn_errors",
+    "conn_user_us",
+    "conn_kernel_us",
+    "req_p50_ms",
+    "req_p99_ms",
+    "proxy_rss_mb",
+    "req_gc_runs",
+    "req_lag_over_5ms",
+    "req_lag_max_ms_below",
+)
+PASSES = ("bulk", "conn", "req")
 
 
 def kpx_stalls(chain: Chain) -> dict[str, Any]:
@@ -686,7 +750,7 @@ def print_table(title: str, columns: list[str], rows: dict[str, list[float]]) ->
         print(f"  {key:22}" + "".join(f"{v:>14,.2f}" for v in values))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=float, default=8, help="seconds per pass")
@@ -709,10 +773,34 @@ def main() -> None:
         help="haproxy splice-request/-response with 1 MiB pipes (default on)",
     )
     parser.add_argument("--conns", type=int, default=32, help="wrk -c for the connections/s pass")
+    parser.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES), help="paths to measure"
+    )
+    parser.add_argument(
+        "--passes",
+        nargs="+",
+        choices=PASSES,
+        default=list(PASSES),
+        help="bulk: iperf3 -P1/-P8; conn: new connections/s; req: small-request latency",
+    )
+    parser.add_argument("--no-idle", action="store_true", help="skip the idle connections")
+    parser.add_argument(
+        "--no-programming", action="store_true", help="skip the programming latency"
+    )
+    parser.add_argument(
+        "--conn-only",
+        action="store_true",
+        help="haproxy and kpx, conn and req passes only (--modes haproxy kpx --passes conn "
+        "req --no-idle --no-programming)",
+    )
     parser.add_argument("--ready-timeout", type=float, default=300)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, short passes")
     parser.add_argument("--json", metavar="PATH", help="also write the results to PATH as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.conn_only:
+        args.modes, args.passes = ["haproxy", "kpx"], ["conn", "req"]
+        args.no_idle = args.no_programming = True
+    args.modes = [m for m in MODES if m in args.modes]  # the documented order, once each
     if args.services is None:
         args.services = [10, 50] if args.quick else [10, 10_000]
     cpus = cpu_list(args.cpus) if args.cpus else []
@@ -725,6 +813,10 @@ def main() -> None:
         args.runs, args.duration, args.bulk_mb = 1, 1, 300
         args.idle, args.samples = 200, 3
         args.ready_timeout = 60
+    return args
+
+
+def check_environment() -> None:
     reason = netns_unavailable()
     missing = [t for t in ("iperf3", "wrk", "haproxy") if shutil.which(t) is None]
     if reason or missing:
@@ -733,15 +825,71 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
-    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmpname, Chain() as chain:
-        tmp = Path(tmpname)
+
+class Bench:
+    """The chain with its servers and proxies running, and the results document so far."""
+
+    def __init__(self, chain: Chain, tmp: Path, args: argparse.Namespace) -> None:
+        self.chain = chain
+        self.tmp = tmp
+        self.args = args
+        self.proxy_cpus: str | None = args.cpus or None
+        self.haproxy: subprocess.Popen[Any] | None = None
+        self.kpx: subprocess.Popen[Any] | None = None
+        # Which of the two kpx passes the running kpx serves ("kpx" or "kpx-tp").
+        self.kpx_mode = "kpx"
+        self.doc: dict[str, Any] = {
+            "benchmark": "proxy",
+            "quick": args.quick,
+            "args": vars(args),
+            "modes": list(args.modes),
+        }
+
+    def save(self, complete: bool = False) -> None:
+        _save(self.args.json, {**self.doc, "complete": True} if complete else self.doc)
+
+    def pid(self, mode: str) -> int | None:
+        """The process proxying `mode`'s path (None: the kernel does)."""
+        proc = {"haproxy": self.haproxy, "kpx": self.kpx, "kpx-tp": self.kpx}.get(mode)
+        return proc.pid if proc is not None else None
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Write the configurations, start the origin servers and both proxies, wait until
+        every measured path connects."""
+        args, chain, tmp = self.args, self.chain, self.tmp
         (tmp / "origin.cfg").write_text(ORIGIN_CFG)
         (tmp / "haproxy.cfg").write_text(haproxy_cfg(args.haproxy_threads, args.haproxy_splice))
         (tmp / "manifests").mkdir()
         (tmp / "manifests" / "bench.json").write_text(
             json.dumps({"apiVersion": "v1", "kind": "List", "items": bench_objects()})
         )
-        server = chain.server
+        origin = self.start_servers()
+        chain.node.nft(NAT_RULES)
+        # Service addresses nobody programmed: routed, then reset (not an ICMP error).
+        chain.node.ip("route", "add", "10.96.0.0/12", "dev", "vs")
+        chain.node.nft(UNPROGRAMMED)
+        quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        self.haproxy = chain.node.popen(
+            *pinned(self.proxy_cpus), "haproxy", "-db", "-f", str(tmp / "haproxy.cfg"), **quiet
+        )
+        first_kpx = next((m for m in args.modes if m in KPX_SOURCE_MODES), "kpx")
+        self.start_kpx(first_kpx)
+        owner = {"direct": origin, "nat": origin, "haproxy": self.haproxy}
+        for mode in args.modes:
+            for what, (ip, port) in TARGETS[mode].items():
+                wait_until(
+                    f"{mode} {what} {ip}:{port}",
+                    lambda ip=ip, port=port: connects(chain.client, ip, port),
+                    owner.get(mode, self.kpx),
+                    args.ready_timeout / 4,
+                )
+
+    def start_servers(self) -> subprocess.Popen[Any]:
+        """The origin (haproxy `http-request return`), iperf3 -s and the whoami servers in the
+        server ns, on the load CPUs; returns the origin."""
+        args, server, tmp = self.args, self.chain.server, self.tmp
         quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         load = pinned(args.load_cpus)
         origin = server.popen(*load, "haproxy", "-db", "-f", str(tmp / "origin.cfg"), **quiet)
@@ -761,172 +909,244 @@ def main() -> None:
         assert who.stdout is not None
         if who.stdout.readline().strip() != "ready":
             raise SystemExit("whoami server did not start")
-        chain.node.nft(NAT_RULES)
-        # Service addresses nobody programmed: routed, then reset (not an ICMP error).
-        chain.node.ip("route", "add", "10.96.0.0/12", "dev", "vs")
-        chain.node.nft(UNPROGRAMMED)
-        proxy_cpus = args.cpus or None
-        haproxy = chain.node.popen(
-            *pinned(proxy_cpus), "haproxy", "-db", "-f", str(tmp / "haproxy.cfg"), **quiet
-        )
-        kpx = start_kpx(
-            chain,
-            ["--manifests", str(tmp / "manifests")],
-            tmp,
-            "kpx",
-            args.ready_timeout,
-            cpus=proxy_cpus,
-        )
-        owner = {"direct": origin, "nat": origin, "haproxy": haproxy, "kpx": kpx, "kpx-tp": kpx}
-        for mode in MODES:
-            for what, (ip, port) in TARGETS[mode].items():
-                wait_until(
-                    f"{mode} {what} {ip}:{port}",
-                    lambda ip=ip, port=port: connects(chain.client, ip, port),
-                    owner[mode],
-                    args.ready_timeout / 4,
-                )
-        pids = {"direct": None, "nat": None, "haproxy": haproxy.pid, "kpx": kpx.pid}
-        pids["kpx-tp"] = kpx.pid
-        kpx_mode = "kpx"  # which of the two kpx passes the running kpx serves
+        return origin
 
-        def switch_kpx(mode: str) -> None:
-            nonlocal kpx, kpx_mode
-            if mode not in KPX_SOURCE_MODES or mode == kpx_mode:
-                return
-            _stop(kpx, 40)
-            kpx = start_kpx(
-                chain,
-                ["--manifests", str(tmp / "manifests")],
-                tmp,
-                mode,
-                args.ready_timeout,
-                source_address_mode=KPX_SOURCE_MODES[mode],
-                cpus=proxy_cpus,
-            )
-            wait_until(
-                f"{mode} serving",
-                lambda: connects(chain.client, KPX_VIP, 80),
-                kpx,
-                args.ready_timeout / 4,
-            )
-            kpx_mode = mode
-            pids["kpx"] = pids["kpx-tp"] = kpx.pid
+    def start_kpx(self, mode: str) -> None:
+        """(Re)start kpx for `mode` ("kpx": node address, "kpx-tp": transparent)."""
+        if self.kpx is not None:
+            _stop(self.kpx, 40)
+        self.kpx = start_kpx(
+            self.chain,
+            ["--manifests", str(self.tmp / "manifests")],
+            self.tmp,
+            mode,
+            self.args.ready_timeout,
+            source_address_mode=KPX_SOURCE_MODES[mode],
+            cpus=self.proxy_cpus,
+        )
+        self.kpx_mode = mode
 
-        threads = haproxy_threads(haproxy.pid)
-        doc: dict[str, Any] = {
-            "benchmark": "proxy",
-            "quick": args.quick,
-            "args": vars(args),
-            "haproxy_threads": threads,
-            "haproxy_splice": args.haproxy_splice,
-            "proxy_cpus": args.cpus,
-            "load_cpus": args.load_cpus,
-            "kpx_rss_at_start_mb": rss_mb([kpx.pid]),
-            "modes": list(MODES),
-        }
+    def switch_kpx(self, mode: str) -> None:
+        """One kpx owns the table at a time: restart it in `mode`'s source-address mode."""
+        if mode not in KPX_SOURCE_MODES or mode == self.kpx_mode:
+            return
+        self.start_kpx(mode)
+        wait_until(
+            f"{mode} serving",
+            lambda: connects(self.chain.client, KPX_VIP, 80),
+            self.kpx,
+            self.args.ready_timeout / 4,
+        )
+
+    def describe(self) -> None:
+        """Record and print what runs where: haproxy's threads, splice and CPUs next to kpx's."""
+        args = self.args
+        assert self.haproxy is not None and self.kpx is not None
+        threads = haproxy_threads(self.haproxy.pid)
+        haproxy_cpus = cpus_of(self.haproxy.pid)
+        kpx_cpus = cpus_of(self.kpx.pid)
+        self.doc.update(
+            {
+                "haproxy_threads": threads,
+                "haproxy_splice": args.haproxy_splice,
+                "proxy_cpus": args.cpus,
+                "haproxy_cpus": haproxy_cpus,
+                "kpx_cpus": kpx_cpus,
+                "load_cpus": args.load_cpus,
+                "kpx_rss_at_start_mb": rss_mb([self.kpx.pid]),
+            }
+        )
         print(
-            f"netns chain {chain.prefix}-*: client {CLIENT_IP} -> node -> server {SERVER_IP}; "
-            f"haproxy threads: {threads}, splice {'on' if args.haproxy_splice else 'off'}; "
-            f"proxies on CPUs {args.cpus or 'any'}, load on {args.load_cpus or 'any'}; "
-            f"kpx RSS at start {rss_mb([kpx.pid]):.1f} MB"
+            f"netns chain {self.chain.prefix}-*: client {CLIENT_IP} -> node -> server "
+            f"{SERVER_IP}; haproxy threads: {threads}, splice "
+            f"{'on' if args.haproxy_splice else 'off'}; haproxy on CPUs {haproxy_cpus}, kpx on "
+            f"{kpx_cpus}, load on {args.load_cpus or 'any'}; kpx RSS at start "
+            f"{self.doc['kpx_rss_at_start_mb']:.1f} MB"
         )
+        if haproxy_cpus != kpx_cpus:
+            raise SystemExit(f"haproxy runs on CPUs {haproxy_cpus}, kpx on {kpx_cpus}")
         bulk = f"{args.bulk_mb} MB" if args.bulk_mb else f"{args.duration:g} s"
         print(
-            f"passes: iperf3 -P1/-P8 {bulk}; wrk -t1 -c{args.conns} 'Connection: close' and "
-            f"-t1 -c1 keep-alive, {max(1, int(args.duration))} s each\n"
+            f"modes {' '.join(args.modes)}; passes: "
+            + "; ".join(PASS_TEXT[p].format(bulk=bulk, conns=args.conns) for p in args.passes)
+            + f", {pass_seconds(args)} s each\n"
         )
-        results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
-        for run in range(args.runs):
-            order = MODES[run % len(MODES) :] + MODES[: run % len(MODES)]
+
+    # -- measurements ----------------------------------------------------------------------
+
+    def measure_runs(self) -> dict[str, list[dict[str, float]]]:
+        """`--runs` rounds over the modes, the order rotated per run."""
+        modes = tuple(self.args.modes)
+        results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+        for run in range(self.args.runs):
+            order = modes[run % len(modes) :] + modes[: run % len(modes)]
             for mode in order:
-                switch_kpx(mode)
-                r = measure_mode(chain, mode, pids[mode], args)
+                self.switch_kpx(mode)
+                r = measure_mode(self.chain, mode, self.pid(mode), self.args)
+                if mode == "haproxy" and "bulk" in self.args.passes:
+                    # Splice at work: haproxy keeps the pipes of its bulk transfers pooled.
+                    r["haproxy_pipes"] = float(pipes_of(self.pid(mode)))
                 results[mode].append(r)
-                print(f"run {run + 1} {mode:8} " + ", ".join(f"{k}={fmt(v)}" for k, v in r.items()))
-        keys = list(results["kpx"][0])
+                shown = ", ".join(f"{k}={fmt(v)}" for k, v in r.items() if not math.isnan(v))
+                print(f"run {run + 1} {mode:8} {shown}")
+        return results
+
+    def summarize(self, results: dict[str, list[dict[str, float]]]) -> None:
+        """Medians per mode, kpx's ratios to each peer per run and their median, the targets
+        missed in any run."""
+        modes = list(self.args.modes)
+        keys = [k for k in FIGURES if any(not math.isnan(r[k]) for m in modes for r in results[m])]
+        medians = {m: {k: _median([r[k] for r in results[m]]) for k in keys} for m in modes}
         print_table(
-            f"\nmedians of {args.runs} runs:",
-            list(MODES),
-            {k: [statistics.median(r[k] for r in results[m]) for m in MODES] for k in keys},
+            f"\nmedians of {self.args.runs} runs:",
+            modes,
+            {k: [medians[m][k] for m in modes] for k in keys},
         )
-
-        def ratio(key: str, peer: str = "haproxy") -> float:
-            return statistics.median(
-                a[key] / b[key] for a, b in zip(results["kpx"], results[peer], strict=True)
+        per_run = {
+            name: {k: per_run_ratios(results, mine, peer, k) for k in keys}
+            for name, mine, peer in RATIO_PAIRS
+            if mine in results and peer in results
+        }
+        # Transparent mode's cost (issue 10) is kpx-tp / kpx, target within 5 %.
+        self.doc["runs"] = results
+        self.doc["medians"] = medians
+        self.doc["ratio_runs"] = per_run
+        self.doc["ratios"] = {
+            peer: {k: _median(v) for k, v in ratios.items()} for peer, ratios in per_run.items()
+        }
+        missed = self.doc.setdefault("targets_missed", [])
+        if "haproxy" in per_run:
+            print(
+                "  kpx / haproxy, every run, then the median (a target missed in any run: MISSED):"
             )
-
-        switch_kpx("kpx")  # the idle and programming passes measure node mode
-        doc["runs"] = results
-        doc["medians"] = {
-            m: {k: statistics.median(r[k] for r in results[m]) for k in keys} for m in MODES
-        }
-        doc["ratios"] = {  # kpx / peer, median of per-run ratios
-            peer: {k: _safe(lambda k=k, peer=peer: ratio(k, peer)) for k in keys}
-            for peer in ("haproxy", "nat", "direct")
-        }
-        # Transparent mode's cost (issue 10): kpx-tp / kpx, target within 5 %.
-        doc["ratios"]["transparent_vs_node"] = {
-            k: _safe(
-                lambda k=k: statistics.median(
-                    a[k] / b[k] for a, b in zip(results["kpx-tp"], results["kpx"], strict=True)
+            for key, op, limit in RATIO_TARGETS:
+                if key not in per_run["haproxy"]:
+                    continue
+                runs = per_run["haproxy"][key]
+                print("    " + ratio_line(key, runs, _median(runs), op, limit))
+                for run in misses(runs, op, limit):
+                    missed.append(
+                        f"{key} kpx/haproxy {runs[run - 1]:.2f}x in run {run} "
+                        f"(target {op} {limit}x)"
+                    )
+        ratios = self.doc["ratios"]
+        if "nat" in ratios:
+            print(
+                "  kpx / kernel NAT (median of per-run ratios): "
+                + ", ".join(
+                    f"{k} {ratios['nat'][k]:.2f}x" for k in ("gbps_8", "conn_per_s") if k in keys
                 )
             )
-            for k in keys
-        }
-        _save(args.json, doc)
+        if "transparent_vs_node" in ratios:
+            tp = ratios["transparent_vs_node"]
+            print(
+                "  kpx transparent / node address (median of per-run ratios, each within 5 %): "
+                + ", ".join(
+                    f"{k} {tp[k]:.2f}x"
+                    for k in ("gbps_8", "proxy_cpu_s_per_gb", "conn_per_s")
+                    if k in keys
+                )
+            )
+        self.save()
 
-        print("  kpx / haproxy, every run, then the median (a target missed in any run: MISSED):")
-        for key, op, limit in RATIO_TARGETS:
-            per_run = [_safe(lambda a=a, b=b, k=key: a[k] / b[k]) for a, b in run_pairs(results)]
-            print("    " + ratio_line(key, per_run, ratio(key), op, limit))
-        print(
-            f"  kpx / kernel NAT: 8-stream {ratio('gbps_8', 'nat'):.2f}x, "
-            f"conn/s {ratio('conn_per_s', 'nat'):.2f}x"
-        )
-        tp = doc["ratios"]["transparent_vs_node"]
-        print(
-            "  kpx transparent / node address (median of per-run ratios): "
-            f"8-stream throughput {tp['gbps_8']:.2f}x, CPU per GB "
-            f"{tp['proxy_cpu_s_per_gb']:.2f}x, conn/s {tp['conn_per_s']:.2f}x (each within 5 %)"
-        )
-
+    def idle_pass(self) -> None:
+        """`--idle` connections through haproxy and kpx (node mode), one request each, held."""
+        args = self.args
+        self.switch_kpx("kpx")
         print(f"\nidle connections ({args.idle:,} requested, each answered once, then held):")
-        doc["idle"] = {"requested": args.idle}
+        self.doc["idle"] = {"requested": args.idle}
         for mode in ("haproxy", "kpx"):
-            pid = pids[mode]
+            pid = self.pid(mode)
             assert pid is not None
-            idle = hold_idle(chain, mode, args.idle, pid)
-            doc["idle"][mode] = idle
+            idle = hold_idle(self.chain, mode, args.idle, pid)
+            self.doc["idle"][mode] = idle
             print(f"  {mode:8} " + ", ".join(f"{k}={fmt(v)}" for k, v in idle.items()))
-        _save(args.json, doc)
-        print("  targets: kpx <= 3 KiB per idle connection (haproxy measured 3.3 KiB)")
-        if not doc["idle"]["kpx"]["kib_per_conn"] <= 3:
-            print(f"    MISSED: kpx {doc['idle']['kpx']['kib_per_conn']:.2f} KiB per connection")
+        self.save()
+        print(
+            f"  targets: kpx <= {IDLE_KIB_PER_CONN:g} KiB per idle connection "
+            "(haproxy measured 3.3 KiB)"
+        )
+        kib = self.doc["idle"]["kpx"]["kib_per_conn"]
+        if not kib <= IDLE_KIB_PER_CONN:
+            print(f"    MISSED: kpx {kib:.2f} KiB per connection")
+            self.doc.setdefault("targets_missed", []).append(
+                f"idle kpx {kib:.2f} KiB per connection (target <= {IDLE_KIB_PER_CONN:g})"
+            )
 
-        _stop(kpx, 40)  # its table goes with it; the programming runs start their own kpx
-        _stop(haproxy)
+    def stop_proxies(self) -> None:
+        if self.kpx is not None:
+            _stop(self.kpx, 40)  # its table goes with it; the programming runs start their own
+            self.kpx = None
+        if self.haproxy is not None:
+            _stop(self.haproxy)
+            self.haproxy = None
+
+    def programming_pass(self) -> None:
+        """Network programming latency at every `--services` count, kpx on the fake API."""
+        args = self.args
         print(
             "\nnetwork programming latency (API write sent -> first connection served by the new"
             "\nendpoint / new Service; kpx --kubeconfig on the fake API server in the node ns):"
         )
-        doc["programming"] = []
+        self.doc["programming"] = []
         for count in args.services:
             prog = programming(
-                chain, tmp, count, args.samples, args.ready_timeout, args.cpus or None
+                self.chain, self.tmp, count, args.samples, args.ready_timeout, self.proxy_cpus
             )
             print(f"  {count:>6,} Services: " + ", ".join(f"{k}={fmt(v)}" for k, v in prog.items()))
             for miss in programming_misses(count, prog):
                 print(f"    MISSED: {miss}")
-            doc["programming"].append({"services": count, **prog})
-            _save(args.json, doc)
+                self.doc.setdefault("targets_missed", []).append(miss)
+            self.doc["programming"].append({"services": count, **prog})
+            self.save()
         print(
             "  targets: p99 <= 50 ms at every Service count (set for 10,000); "
             "kpx RSS at 10,000 Services <= 150 MB"
         )
+
+
+PASS_TEXT = {
+    "bulk": "iperf3 -P1/-P8 {bulk}",
+    "conn": "wrk -t1 -c{conns} 'Connection: close'",
+    "req": "wrk -t1 -c1 keep-alive",
+}
+# (name, ours, peer): the ratios ours / peer per run, filed under name.
+RATIO_PAIRS = (
+    ("haproxy", "kpx", "haproxy"),
+    ("nat", "kpx", "nat"),
+    ("direct", "kpx", "direct"),
+    ("transparent_vs_node", "kpx-tp", "kpx"),
+)
+IDLE_KIB_PER_CONN = 3.0
+
+
+def per_run_ratios(
+    results: dict[str, list[dict[str, float]]], mine: str, peer: str, key: str
+) -> list[float]:
+    return [
+        _safe(lambda a=a, b=b: a[key] / b[key])
+        for a, b in zip(results[mine], results[peer], strict=True)
+    ]
+
+
+def main() -> None:
+    args = parse_args()
+    check_environment()
+    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmpname, Chain() as chain:
+        bench = Bench(chain, Path(tmpname), args)
+        bench.start()
+        bench.describe()
+        bench.summarize(bench.measure_runs())
+        if not args.no_idle:
+            bench.idle_pass()
+        bench.stop_proxies()
+        if not args.no_programming:
+            bench.programming_pass()
+        missed = bench.doc.setdefault("targets_missed", [])
+        print(f"\ntargets missed in any run: {len(missed)}" + "".join(f"\n  {m}" for m in missed))
         if args.quick:
             print("  (--quick: short passes, small sizes: the figures are a smoke test only)")
-        _save(args.json, {**doc, "complete": True})
+        bench.save(complete=True)
 
 
 # kpx / haproxy per run: (figure, comparison, limit); issue 12 for connections/s and p99.
@@ -1007,6 +1227,30 @@ def _safe(compute: Any) -> float:
     except (ZeroDivisionError, statistics.StatisticsError):
         return float("nan")
     return value
+
+
+def _median(values: list[float]) -> float:
+    """The median of the finite values (NaN: a pass not run, a figure missing), else NaN."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else float("nan")
+
+
+def cpus_of(pid: int) -> str:
+    """The CPUs `pid` may run on, as a taskset -c list."""
+    return ",".join(map(str, sorted(os.sched_getaffinity(pid))))
+
+
+def pipes_of(pid: int | None) -> int:
+    """Pipe fds `pid` holds open."""
+    if pid is None:
+        return 0
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
+        except OSError:
+            pass
+    return count
 
 
 def haproxy_threads(pid: int) -> int:

@@ -131,6 +131,7 @@ class Daemon:
             cache=cache,
             timeout=settings.forward_timeout,
             max_inflight=settings.max_concurrent,
+            policy=settings.forward_policy,
         )
         lazy: list[LazyNames] = []
         if settings.endpoint_names:

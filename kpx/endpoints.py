@@ -11,7 +11,7 @@ They follow kube-proxy's pkg/proxy:
   (cluster-wide for Cluster policy, per node for Local); zone hints are used only when every
   ready endpoint has one and one of them names this node's zone.
 
-kpx/table.py turns the result into frontends and backend lists (`compute_service`).
+kpx/rules.py turns the result into frontends and backend lists (`compute_service`).
 """
 
 from __future__ import annotations

@@ -598,7 +598,7 @@ async def _housekeeping(
         for balancer in balancers:
             balancer.sweep()
         if shared_links is not None:
-            shared_links.refresh()
+            await shared_links.refresh_off_loop()
         # Addresses come and go (DHCP, LB IPs bound on the node): the local-client check
         # follows them, and so do the healthCheckNodePort listeners (a no-op without
         # --nodeport-addresses: they listen on every address then).

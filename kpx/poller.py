@@ -9,8 +9,19 @@ interest is one epoll_ctl. The loop watches the set's fd for readability and `_d
 the callbacks of the sockets that are ready, with the loop's semantics: level-triggered, and
 an error or hang-up wakes both the reader and the writer.
 
-The interface is the loop's (`add_reader`, `remove_reader`, `add_writer`, `remove_writer`), so
-kpx/splice.py and kpx/dial.py are unaware of it. Every fd must be removed before it is closed.
+The interface is the loop's (`add_reader`, `remove_reader`, `add_writer`, `remove_writer`),
+plus three calls that save an epoll_ctl each per proxied connection:
+- `writer_to_reader`: a connected backend socket goes from "connect done?" to "data?" in one
+  change of interest instead of two;
+- `forget`: the owner is about to close the fd, and closing takes it out of the epoll set by
+  itself, so the set is not told (a DEL per socket);
+- `ready_events`: the events of the fd whose callback runs, so a connect's outcome is read from
+  them (EPOLLERR or EPOLLHUP: failed) instead of asking the socket.
+Every fd must be removed or forgotten before it is closed.
+
+A callback may close an fd and make a new one with the same number while events of the same
+batch are still to be dispatched: the events of an fd removed or forgotten during the batch
+are dropped (they were the old socket's), and the new socket's arrive at the next wake-up.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ _MAX_EVENTS = 256
 class Poller:
     """Readiness callbacks for many fds through one epoll set registered with `loop`."""
 
-    __slots__ = ("_epoll", "_loop", "_masks", "_readers", "_writers")
+    __slots__ = ("_epoll", "_gone", "_loop", "_masks", "_readers", "_writers", "ready_events")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -38,6 +49,10 @@ class Poller:
         self._writers: dict[int, Callable[[], object]] = {}
         # The event mask each fd is registered with (absent: not in the set).
         self._masks: dict[int, int] = {}
+        # Fds removed or forgotten since the current (or last) batch was polled.
+        self._gone: set[int] = set()
+        # The events of the fd whose callback runs now (`_dispatch`).
+        self.ready_events = 0
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     # The four calls below are the data path's hottest: each is one dict change and at most one
@@ -69,6 +84,21 @@ class Poller:
         self._set_mask(fd, old, old & ~_OUT)
         return True
 
+    def writer_to_reader(self, fd: int, callback: Callable[[], object]) -> None:
+        """Stop watching `fd` for writing and watch it for reading, in one epoll_ctl."""
+        self._writers.pop(fd, None)
+        self._readers[fd] = callback
+        old = self._masks.get(fd, 0)
+        if old != _IN:
+            self._set_mask(fd, old, _IN)
+
+    def forget(self, fd: int) -> None:
+        """Drop `fd`'s callbacks without telling the epoll set: the caller closes it next."""
+        self._readers.pop(fd, None)
+        self._writers.pop(fd, None)
+        if self._masks.pop(fd, 0):
+            self._gone.add(fd)
+
     def _set_mask(self, fd: int, old: int, mask: int) -> None:
         # The kernel drops a closed fd from the set by itself: should an fd ever be closed
         # before its removal here and its number be reused, the set and `_masks` disagree, and
@@ -76,6 +106,7 @@ class Poller:
         epoll = self._epoll
         if not mask:
             del self._masks[fd]
+            self._gone.add(fd)
             try:
                 epoll.unregister(fd)
             except FileNotFoundError:
@@ -93,19 +124,21 @@ class Poller:
         self._masks[fd] = mask
 
     def _dispatch(self) -> None:
-        readers, writers = self._readers, self._writers
+        readers, writers, gone = self._readers, self._writers, self._gone
+        gone.clear()
         for fd, events in self._epoll.poll(0, _MAX_EVENTS):
-            # A callback earlier in this batch may have removed (and closed) this fd, or a new
-            # socket may hold its number now: look the callbacks up when they are due. Both
-            # callbacks tolerate a spurious wake-up (splice says EAGAIN; a connect check sees
-            # no error and no peer yet).
+            # A callback earlier in this batch may have removed (and closed) this fd, and a new
+            # socket may hold its number now: these events were the old one's.
+            if fd in gone:
+                continue
+            self.ready_events = events
             if events & (_IN | _TROUBLE):
                 reader = readers.get(fd)
                 if reader is not None:
                     reader()
             if events & (_OUT | _TROUBLE):
                 writer = writers.get(fd)
-                if writer is not None:
+                if writer is not None and fd not in gone:
                     writer()
 
     def close(self) -> None:

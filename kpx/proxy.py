@@ -1,5 +1,5 @@
-"""kpx's data path: accept, find the frontend, hand the connect to `Dial` (kpx/dial.py), relay
-with splice, drain removed backends.
+"""kpx's data path: accept, find the frontend, hand the connect to the `Dialer` (kpx/dial.py),
+relay with splice, drain removed backends.
 
 Two ways in:
 - `serve_redirect(host, port)`: the nftables mode. One listener; nftables `redirect`s every
@@ -9,8 +9,10 @@ Two ways in:
   listener per frontend.
 
 Per connection everything runs as readiness callbacks on the event loop (no task, no coroutine):
-accept -> `FrontendMap.lookup` -> `Picker.candidates` -> `Dial` (non-blocking connect with a
-timeout ladder over the candidates, kpx/dial.py) -> `Relay` (kpx/splice.py). A client whose
+accept -> `FrontendMap.lookup` -> `Picker.candidates` -> `Dialer.dial` (non-blocking connect with
+a timeout ladder over the candidates, kpx/dial.py) -> `Relay` (kpx/splice.py). The dialer is
+handed the watcher, the ladder, the timers and `_end_dial` as its callback: kpx/dial.py never
+sees the proxy. A client whose
 frontend has no backend, or whose every candidate failed, is reset at once (SO_LINGER 0), never
 left hanging.
 
@@ -18,7 +20,7 @@ Transparent mode (`transparent=True`): the redirect listeners are IP_TRANSPARENT
 accept the connections nftables `tproxy`s to them, whose local address is the frontend (host
 processes' connections are still redirected, read through SO_ORIGINAL_DST); `source_address`
 says, per connection, whether the backend connection is made from the client's address
-(kpx/source.py) and `Dial` binds it so.
+(kpx/source.py) and the dial binds it so.
 
 Drain: when the control path removes an endpoint it stops offering it; `close_backend` then
 takes it out of the connects under way and (optionally, with `drain_timeout`) resets the
@@ -38,7 +40,7 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from kpx.backends import Backend, FrontendMap
-from kpx.dial import Dial
+from kpx.dial import BackendKey, Dial, Dialer
 from kpx.origdst import original_dst, unmap_ipv4
 from kpx.poller import Poller
 from kpx.splice import DEFAULT_PIPE_SIZE, PipePool, Relay, RelayCounters, reset_socket
@@ -57,14 +59,9 @@ _LIMIT_LOG_INTERVAL = 1.0
 _FDS_PER_CONNECTION = 3
 _FDS_RESERVED = 256
 
-BackendKey = tuple[str, int]
 # (frontend ip, frontend port, client ip) -> the address to connect to the backend from, or
 # None for the node's own (kpx/source.py).
 SourceAddress = Callable[[str, int, str], str | None]
-
-
-def _never(_a: str, _b: str) -> bool:
-    return False
 
 
 def default_max_connections() -> int:
@@ -204,14 +201,14 @@ class Proxy:
         self.transparent = transparent
         self.source_address = source_address
         # Whether two addresses share a link (kpx/links.py): such a backend would answer the
-        # client directly, so `Dial` connects to it from the node's address.
-        self.same_link: Callable[[str, str], bool] = same_link or _never
+        # client directly, so the dial connects to it from the node's address.
+        self.same_link = same_link
         self.stats = ProxyStats()
         self.pool = PipePool(pipe_size)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: Poller | None = None
+        self._dialer: Dialer | None = None
         self._listeners: set[Listener] = set()
-        self._dials: set[Dial] = set()
         self._relays: set[Relay] = set()
         self._by_backend: dict[BackendKey, set[Relay]] = {}
         # Backends closed with a drain timeout: the relays to reset when it fires.
@@ -234,6 +231,20 @@ class Proxy:
         if self._poller is None:
             self._poller = Poller(self.loop)
         return self._poller
+
+    @property
+    def dialer(self) -> Dialer:
+        """The connects under way (kpx/dial.py), ending in `_end_dial`."""
+        if self._dialer is None:
+            self._dialer = Dialer(
+                self.poller,
+                self.loop.call_later,
+                self.connect_ladder,
+                self.stats,
+                self._end_dial,
+                self.same_link,
+            )
+        return self._dialer
 
     # -- listeners -------------------------------------------------------------------------
 
@@ -360,23 +371,17 @@ class Proxy:
             client = socket.socket(listener._family, socket.SOCK_STREAM, 0, fd)
             self.stats.connections_total += 1
             try:
-                dial = self._route(listener, client, peer[0])
+                self._route(listener, client, peer[0])
             except Exception:  # a crashing picker must not kill the listener
                 log.exception("connection_routing_crashed")
                 reset_socket(client)
-                continue
-            if dial is not None:
-                self._dials.add(dial)
-                self.stats.connections_active += 1
-                self._idle.clear()
-                dial.next_attempt()
 
-    def _route(self, listener: Listener, client: socket.socket, peer_ip: str) -> Dial | None:
-        """Find the frontend and its candidates; None when the client was refused (reset)."""
+    def _route(self, listener: Listener, client: socket.socket, peer_ip: str) -> None:
+        """Find the frontend and its candidates and dial them, or refuse the client (reset)."""
         stats = self.stats
         if stats.connections_active >= self.max_connections:
             self._refuse_over_limit(client)
-            return None
+            return
         client.setblocking(False)
         frontend = listener.frontend
         if frontend is None and self.transparent:
@@ -392,7 +397,7 @@ class Proxy:
                 stats.unknown_frontend += 1
                 log.warning("original_dst_unavailable", client=peer_ip, error=exc.strerror)
                 reset_socket(client)
-                return None
+                return
         client_ip = unmap_ipv4(peer_ip)
         frontend_ip = unmap_ipv4(frontend[0])
         picker = self.frontends.lookup(frontend_ip, frontend[1])
@@ -400,17 +405,19 @@ class Proxy:
             stats.unknown_frontend += 1
             log.info("frontend_unknown", frontend_ip=frontend_ip, frontend_port=frontend[1])
             reset_socket(client)
-            return None
+            return
         candidates = picker.candidates(client_ip)
         if not candidates:
             stats.refused_no_endpoints += 1
             log.debug("frontend_without_endpoints", frontend_ip=frontend_ip, port=frontend[1])
             reset_socket(client)
-            return None
+            return
         source = None
         if self.source_address is not None:
             source = self.source_address(frontend_ip, frontend[1], client_ip)
-        return Dial(self, client, client_ip, picker, candidates, source)
+        stats.connections_active += 1
+        self._idle.clear()
+        self.dialer.dial(client, client_ip, picker, candidates, source)
 
     def _refuse_over_limit(self, client: socket.socket) -> None:
         self.stats.limit_hits += 1
@@ -431,11 +438,8 @@ class Proxy:
         self, dial: Dial, backend_sock: socket.socket | None, watched: bool = False
     ) -> None:
         """The connect phase is over: relay on success, reset the client otherwise. `watched`:
-        the loop still watches `backend_sock` for writability (the connect's readiness); it
-        is dropped only once the relay watches the socket for reading, so the event loop
-        changes its registration instead of dropping and re-creating it (uvloop pays about
-        seven epoll_ctl/ioctl calls for each poll handle it creates and closes)."""
-        self._dials.discard(dial)
+        the poller still watches `backend_sock` for writability (the connect's readiness);
+        the relay turns that into a watch for reading with one epoll_ctl."""
         if backend_sock is None:
             reset_socket(dial.client)
             self._connection_closed()
@@ -452,7 +456,7 @@ class Proxy:
             # since: the connection would outlive the deadline, so it ends like the others.
             self.stats.drain_resets += 1
             if watched:
-                self.poller.remove_writer(backend_sock.fileno())
+                self.poller.forget(backend_sock.fileno())
             reset_socket(backend_sock)
             reset_socket(dial.client)
             self._connection_closed()
@@ -470,9 +474,7 @@ class Proxy:
             draining = self._draining.get(key)
             if draining is not None:
                 draining.add(relay)
-        relay.start()
-        if watched:
-            poller.remove_writer(backend_sock.fileno())
+        relay.start(backend_watched=watched)
         relay.read_client()
 
     def _on_relay_closed(self, relay: Relay) -> None:
@@ -505,30 +507,20 @@ class Proxy:
         are reset when it expires. Returns the number of connections left draining."""
         key = (backend.ip, backend.port)
         open_relays = set(self._by_backend.get(key, ()))
-        dialing = [
-            d
-            for d in self._dials
-            if d.sock is not None
-            and d.backend is not None
-            and (d.backend.ip, d.backend.port) == key
-        ]
-        for dial in self._dials:
-            # Candidate lists drawn up before the removal: no new connection may reach it.
-            dial.forget_candidate(key)
+        # Candidate lists drawn up before the removal: no new connection may reach it.
+        connecting = self.dialer.close_backend(key, drain=self.drain_timeout is not None)
         log.info(
             "backend_draining",
             backend_ip=backend.ip,
             backend_port=backend.port,
             connections=len(open_relays),
-            connecting=len(dialing),
+            connecting=connecting,
             timeout=self.drain_timeout,
         )
         if self.drain_timeout is None:
             return len(open_relays)
         draining = self._draining.setdefault(key, set())
         draining.update(open_relays)
-        for dial in dialing:
-            dial.draining = True
         # A repeated close of a backend already draining keeps the first deadline.
         if key not in self._drain_timers:
             self._drain_timers[key] = self.loop.call_later(
@@ -545,9 +537,7 @@ class Proxy:
             return
         timer.cancel()
         self._draining.pop(key, None)
-        for dial in self._dials:
-            if dial.backend is not None and (dial.backend.ip, dial.backend.port) == key:
-                dial.draining = False
+        self.dialer.restore_backend(key)
         log.info("backend_drain_cancelled", backend_ip=backend.ip, backend_port=backend.port)
 
     def _drain_expired(self, key: BackendKey) -> None:
@@ -595,7 +585,7 @@ class Proxy:
     @property
     def connecting(self) -> int:
         """Accepted connections whose backend connect is still under way."""
-        return len(self._dials)
+        return len(self._dialer.dials) if self._dialer is not None else 0
 
     def detach_relays(self) -> list[Relay]:
         """Every relayed connection, no longer this proxy's: the caller `freeze`s them and
@@ -637,11 +627,7 @@ class Proxy:
                 await asyncio.wait_for(self._idle.wait(), drain_seconds)
             except TimeoutError:
                 pass
-        reset = 0
-        for dial in list(self._dials):
-            dial.cancel()
-            self._end_dial(dial, None)
-            reset += 1
+        reset = self._dialer.cancel_all() if self._dialer is not None else 0
         for relay in list(self._relays):
             relay.abort()
             reset += 1
@@ -656,5 +642,6 @@ class Proxy:
         if self._poller is not None:
             self._poller.close()
             self._poller = None
+        self._dialer = None
         log.info("proxy_stopped", reset=reset)
         return reset

@@ -96,8 +96,8 @@ class PipePool:
 
 
 class FdWatcher(Protocol):
-    """What a relay needs of an event loop: level-triggered readiness callbacks per fd (an
-    asyncio loop, or the proxy's kpx.poller.Poller)."""
+    """What a relay needs of an event loop: level-triggered readiness callbacks per fd, as
+    the proxy's kpx.poller.Poller gives them."""
 
     def add_reader(self, fd: int, callback: Callable[[], object]) -> None: ...
 
@@ -106,6 +106,12 @@ class FdWatcher(Protocol):
     def add_writer(self, fd: int, callback: Callable[[], object]) -> None: ...
 
     def remove_writer(self, fd: int) -> bool: ...
+
+    def writer_to_reader(self, fd: int, callback: Callable[[], object]) -> None:
+        """Watch `fd` for reading instead of writing, in one change."""
+
+    def forget(self, fd: int) -> None:
+        """Drop `fd`'s callbacks: it is closed next, which takes it out of the set."""
 
 
 class DirectionState(NamedTuple):
@@ -194,8 +200,11 @@ class _Direction:
         relay.idle_sweeps = 0
         if n == 0:
             self.eof = True
-            relay.loop.remove_reader(self.src_fd)
             self.reading = False
+            # When the other direction ended already, the relay closes both sockets right
+            # away (`pass_eof`) and forgets their fds then: no change of interest before.
+            if not (relay._down if self.upstream else relay._up).done:
+                relay.loop.remove_reader(self.src_fd)
         self.pending = n
         self.flush()
 
@@ -335,9 +344,16 @@ class Relay:
         self._up = _Direction(self, client, backend, upstream=True)
         self._down = _Direction(self, backend, client, upstream=False)
 
-    def start(self) -> None:
+    def start(self, backend_watched: bool = False) -> None:
+        """Watch both sockets for data; `backend_watched`: the backend socket is watched for
+        writing still (its connect), which becomes a watch for reading in one change."""
         self._up.start_reading()
-        self._down.start_reading()
+        down = self._down
+        if backend_watched:
+            self.loop.writer_to_reader(down.src_fd, down.on_readable)
+            down.reading = True
+        else:
+            down.start_reading()
 
     def read_client(self) -> None:
         """Relay what the client sent already, without waiting for the loop to report it:
@@ -399,8 +415,11 @@ class Relay:
         if self.closed:
             return
         self.closed = True
+        # Both sockets are closed below, which takes them out of the epoll set.
+        self.loop.forget(self._up.src_fd)
+        self.loop.forget(self._down.src_fd)
         for direction in (self._up, self._down):
-            direction.unregister()
+            direction.reading = direction.writing = False
             direction.drop_pipe()
             # Break the relay <-> direction reference cycle: reference counting frees the
             # connection's objects now, so the data path gives the cyclic garbage collector

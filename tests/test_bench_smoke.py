@@ -103,7 +103,7 @@ def test_bench_udp_quick(tmp_path: Path) -> None:
     reason = netns_unavailable()
     if reason:
         pytest.skip(reason)
-    _needs("nginx", "taskset")
+    _needs("nginx", "taskset", "gcc")  # gcc builds bench/udpgen.c (CI machines have it)
     if not Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists():
         pytest.skip("needs libnginx-mod-stream (apt-get install it to run the benchmarks)")
     text = _run("bench.udp", "--json", str(tmp_path / "udp.json"))
@@ -113,6 +113,9 @@ def test_bench_udp_quick(tmp_path: Path) -> None:
     assert doc["small"]["kpx"]["answered"] > 0 and doc["small"]["nginx"]["answered"] > 0
     assert doc["sessions"]["kpx"]["held"] > 0
     assert doc["retarget"]["samples"] > 0
+    assert len(doc["runs"]) == 1 and doc["runs"][0]["small"]["kpx"]["answered"] > 0
+    assert set(doc["targets"]) >= {"small_datagrams_per_s", "latency_added_p99"}
+    assert set(doc["targets_missed"]) <= set(doc["targets"])
 
 
 @pytest.mark.timeout(120)
@@ -122,6 +125,13 @@ def test_bench_soak_quick(tmp_path: Path) -> None:
     doc = _json(tmp_path / "soak.json")
     assert doc["differences"] == 0 and doc["writes"] > 100
     assert set(doc["rss_growth_pct"]) == {"dnsd", "kpx"}
+    assert "targets_missed" in doc
+    # The checker asked about every kind of name, present and gone, and both frontend states.
+    kinds = {"A answer", "AAAA answer", "SRV answer", "PTR answer", "CNAME answer", "A NODATA",
+             "A NXDOMAIN", "PTR NXDOMAIN", "frontend serve", "frontend reject"}  # fmt: skip
+    assert kinds <= set(doc["coverage"]), doc["coverage"]
+    # The compactions reached both daemons: each relisted.
+    assert all(doc["watch"][d]["kwatch_relists_total"] > 0 for d in ("dnsd", "kpx"))
 
 
 @pytest.mark.timeout(120)
