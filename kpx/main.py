@@ -510,7 +510,8 @@ class Daemon:
         drain = self.settings.drain_timeout
         if drain is None:
             drain = DEFAULT_STOP_DRAIN
-        await self.proxy.stop(drain if status == 0 else 0.0)
+        # Handed over, only connects that outlasted --handover-timeout are left: reset.
+        await self.proxy.stop(drain if status == 0 and not keep_rules else 0.0)
         await self.udp.stop(self.programmed and not keep_rules)
         if self.programmed and not keep_rules:
             await self.writer.remove()
