@@ -367,7 +367,7 @@ class UdpRelay:
     ) -> None:
         """One session's datagrams of this batch, to its endpoint."""
         stats, forward = self.stats, self._to_endpoints
-        sent = forward.send(session.fd, run) if session.fd >= 0 else 0
+        sent = forward.send(session.fd, run)  # fd -1 (evicted meanwhile): EBADF, none sent
         sent_bytes = forward.sent_bytes
         if sent < len(run) and forward.error in PEER_ERRORS:
             # An ICMP error from the endpoint, reported on this send: try a fresh pick once.
@@ -505,8 +505,8 @@ class UdpRelay:
                     self._backend_failed(session, OSError(-n, "receive failed"))
                 return
             session.last = self._clock()
-            fd = reply.sock.fileno()  # -1: the frontend's socket closed (its sessions end)
-            sent = forward.send(fd, range(n), name) if fd >= 0 else 0
+            # fileno() -1: the frontend's socket closed meanwhile (EBADF, none sent).
+            sent = forward.send(reply.sock.fileno(), range(n), name)
             stats.datagrams_to_client += sent
             stats.bytes_to_client += forward.sent_bytes
             if sent < n:
