@@ -17,6 +17,7 @@ is of the other family.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import select
@@ -63,7 +64,7 @@ _CONNECT_FAILED = select.EPOLLERR | select.EPOLLHUP
 
 # The end of one connect phase: (the dial, its connected backend socket or None, whether the
 # watcher still watches that socket for writability: the caller takes the registration over).
-DialDone = Callable[["Dial", socket.socket | None, bool], None]
+DialDone = Callable[["Dial", _socket.socket | None, bool], None]
 # asyncio's `loop.call_later`.
 CallLater = Callable[..., asyncio.TimerHandle]
 
@@ -102,7 +103,7 @@ class Dialer:
 
     def dial(
         self,
-        client: socket.socket,
+        client: _socket.socket,
         client_ip: str,
         picker: Picker,
         candidates: list[Backend],
@@ -113,7 +114,7 @@ class Dialer:
         self.dials.add(dial)
         dial.next_attempt()
 
-    def finish(self, dial: Dial, sock: socket.socket | None, watched: bool = False) -> None:
+    def finish(self, dial: Dial, sock: _socket.socket | None, watched: bool = False) -> None:
         self.dials.discard(dial)
         self.on_done(dial, sock, watched)
 
@@ -163,7 +164,7 @@ class Dial:
     def __init__(
         self,
         dialer: Dialer,
-        client: socket.socket,
+        client: _socket.socket,
         client_ip: str,
         picker: Picker,
         candidates: list[Backend],
@@ -178,7 +179,7 @@ class Dial:
         self.source = source
         self.attempt = 0
         self.backend: Backend | None = None
-        self.sock: socket.socket | None = None
+        self.sock: _socket.socket | None = None
         self.timer: asyncio.TimerHandle | None = None
         # The backend was closed (`Dialer.close_backend`) while this connect was under way.
         self.draining = False
@@ -199,7 +200,7 @@ class Dial:
             self.backend = backend
             family = socket.AF_INET6 if ":" in backend.ip else socket.AF_INET
             try:
-                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             except OSError as exc:  # EMFILE: nothing else will work either
                 log.error("backend_socket_failed", error=exc.strerror)
                 dialer.finish(self, None)
@@ -217,7 +218,7 @@ class Dial:
                 except OSError as exc:  # lost the capability? connect from the node then
                     log.warning("source_bind_failed", source=source, error=exc.strerror)
                     sock.close()
-                    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                    sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex((backend.ip, backend.port))
             if err == errno.EINPROGRESS:

@@ -30,6 +30,7 @@ endpoint is offered again before the deadline.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import resource
@@ -368,7 +369,9 @@ class Proxy:
                     self._pause_listener(listener)
                     return
                 continue  # ECONNABORTED and friends concern one client only
-            client = socket.socket(listener._family, socket.SOCK_STREAM, 0, fd)
+            # The C socket type, not socket.socket: no Python-level __init__ and close
+            # wrappers (three Python calls per socket).
+            client = _socket.socket(listener._family, socket.SOCK_STREAM, 0, fd)
             self.stats.connections_total += 1
             try:
                 self._route(listener, client, peer[0])
@@ -376,7 +379,7 @@ class Proxy:
                 log.exception("connection_routing_crashed")
                 reset_socket(client)
 
-    def _route(self, listener: Listener, client: socket.socket, peer_ip: str) -> None:
+    def _route(self, listener: Listener, client: _socket.socket, peer_ip: str) -> None:
         """Find the frontend and its candidates and dial them, or refuse the client (reset)."""
         stats = self.stats
         if stats.connections_active >= self.max_connections:
@@ -398,8 +401,10 @@ class Proxy:
                 log.warning("original_dst_unavailable", client=peer_ip, error=exc.strerror)
                 reset_socket(client)
                 return
-        client_ip = unmap_ipv4(peer_ip)
-        frontend_ip = unmap_ipv4(frontend[0])
+        if listener._family == socket.AF_INET6:
+            client_ip, frontend_ip = unmap_ipv4(peer_ip), unmap_ipv4(frontend[0])
+        else:
+            client_ip, frontend_ip = peer_ip, frontend[0]
         picker = self.frontends.lookup(frontend_ip, frontend[1])
         if picker is None:
             stats.unknown_frontend += 1
@@ -416,10 +421,11 @@ class Proxy:
         if self.source_address is not None:
             source = self.source_address(frontend_ip, frontend[1], client_ip)
         stats.connections_active += 1
-        self._idle.clear()
+        if stats.connections_active == 1:
+            self._idle.clear()
         self.dialer.dial(client, client_ip, picker, candidates, source)
 
-    def _refuse_over_limit(self, client: socket.socket) -> None:
+    def _refuse_over_limit(self, client: _socket.socket) -> None:
         self.stats.limit_hits += 1
         self._limit_hits_unlogged += 1
         reset_socket(client)
@@ -435,7 +441,7 @@ class Proxy:
             self._limit_hits_unlogged = 0
 
     def _end_dial(
-        self, dial: Dial, backend_sock: socket.socket | None, watched: bool = False
+        self, dial: Dial, backend_sock: _socket.socket | None, watched: bool = False
     ) -> None:
         """The connect phase is over: relay on success, reset the client otherwise. `watched`:
         the poller still watches `backend_sock` for writability (the connect's readiness);
