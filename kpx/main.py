@@ -384,6 +384,10 @@ class Daemon:
         await self.udp.claim(
             self.listen_hosts, port, self.routing, self.transparent, handed_over=udp_sockets
         )
+        if udp_sockets and self.udp.enabled:
+            # Read once the predecessor's sessions are here (`_take_over`): a datagram read
+            # earlier would start a second session for a client that has one there.
+            self.udp.relay.hold(True)
         return bound
 
     async def _start_servers_and_watches(self) -> None:
@@ -457,7 +461,11 @@ class Daemon:
         accepts), then serve handovers to the next one."""
         settings = self.settings
         if self.handover is not None:
-            await self.handover.take_connections(self.proxy.make_relay, settings.handover_timeout)
+            await self.handover.take_connections(
+                self.proxy.make_relay, self.udp.relay.adopt_session, settings.handover_timeout
+            )
+            if self.handover.udp and self.udp.enabled:
+                self.udp.relay.hold(False)
             self.handover = None
         if not self.reuse_port:
             return
@@ -466,6 +474,8 @@ class Daemon:
         def hold(held: bool) -> None:
             for listener in proxy.redirect_listeners():
                 (listener.hold if held else listener.resume)()
+            if udp.enabled:
+                udp.relay.hold(held)
 
         server = self.handover_server = HandoverServer(
             settings.handover_socket,
@@ -476,6 +486,8 @@ class Daemon:
                 connecting=lambda: proxy.connecting,
                 detach_relays=proxy.detach_relays,
                 give_back=proxy.make_relay,
+                detach_sessions=lambda: udp.relay.detach_sessions() if udp.enabled else [],
+                give_back_session=udp.relay.adopt_session,
             ),
             settings.handover_timeout,
         )

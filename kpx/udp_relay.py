@@ -217,6 +217,8 @@ class UdpRelay:
         # loop handle per session (memory), and one callback drains every ready session.
         self._session_poll: select.epoll | None = None
         self._by_fd: dict[int, Session] = {}
+        # Client-facing sockets are not read (`hold`, for a handover), new ones included.
+        self._held = False
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -263,6 +265,56 @@ class UdpRelay:
         """The `serve_transparent` sockets, for a handover."""
         return [listener.sock for listener in self._listeners if listener.frontend is None]
 
+    def hold(self, held: bool) -> None:
+        """Stop (True) or resume (False) reading the client-facing sockets, for a handover:
+        the successor reads the same sockets meanwhile, and a session made here now would
+        not move with the others."""
+        if held == self._held:
+            return
+        self._held = held
+        for listener in self._listeners:
+            if held:
+                self.loop.remove_reader(listener.fd)
+            else:
+                self.loop.add_reader(listener.fd, self._on_client_readable, listener)
+
+    def detach_sessions(self) -> list[Session]:
+        """Every session, no longer read nor kept here (its socket stays open), for a
+        handover: the caller closes their sockets once handed over, or gives them back with
+        `adopt_session`."""
+        sessions = list(self.sessions)
+        for session in sessions:
+            self.sessions.remove(session)
+            self._unwatch(session)
+        return sessions
+
+    def adopt_session(
+        self,
+        key: bytes,
+        name: bytes,
+        client_ip: str,
+        frontend: tuple[str, int],
+        backend: Backend,
+        sock: socket.socket,
+    ) -> bool:
+        """A transparent-mode session handed over (or given back) with its endpoint socket:
+        answers leave from this relay's socket for `frontend`, and its next datagram checks
+        it against the table. False (the socket closed) when the client has a session here
+        already or no socket for its frontend could be had."""
+        reply = self.frontend_socket(frontend) if self.sessions.get(key) is None else None
+        if reply is None:
+            sock.close()
+            return False
+        session = Session(key, name, client_ip, frontend, backend, None, self.epoch - 1, 0.0)
+        session.last = self._clock()
+        sock.setblocking(False)
+        session.sock = sock
+        session.fd = sock.fileno()
+        session.reply = reply
+        self._watch(session)
+        self.sessions.add(session)
+        return True
+
     def _socket(self, host: str) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -282,7 +334,8 @@ class UdpRelay:
     ) -> UdpListener:
         listener = UdpListener(self, sock, frontend)
         self._listeners.add(listener)
-        self.loop.add_reader(listener.fd, self._on_client_readable, listener)
+        if not self._held:
+            self.loop.add_reader(listener.fd, self._on_client_readable, listener)
         if self._sweeper is None:
             self._schedule_sweep()
         (log.debug if quiet else log.info)(
@@ -565,10 +618,13 @@ class UdpRelay:
         poll.register(session.fd, select.EPOLLIN)
         self._by_fd[session.fd] = session
 
+    def _unwatch(self, session: Session) -> None:
+        if self._by_fd.pop(session.fd, None) is session and self._session_poll is not None:
+            self._session_poll.unregister(session.fd)
+
     def _close(self, session: Session) -> None:
         if session.fd >= 0:
-            if self._by_fd.pop(session.fd, None) is session and self._session_poll is not None:
-                self._session_poll.unregister(session.fd)
+            self._unwatch(session)
             session.sock.close()
             session.fd = -1
 
