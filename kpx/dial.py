@@ -98,7 +98,8 @@ class Dialer:
         # Whether two addresses share a link (kpx/links.py): such a backend would answer the
         # client directly, so a dial connects to it from the node's address.
         self.same_link: Callable[[str, str], bool] = same_link or _never
-        # The connects under way.
+        # The connects under way (waiting for the handshake: most backends on this node
+        # complete it within connect() and never show up here).
         self.dials: set[Dial] = set()
 
     def dial(
@@ -110,9 +111,7 @@ class Dialer:
         source: str | None = None,
     ) -> None:
         """Connect `client` to the first of `candidates` that answers; `on_done` says how."""
-        dial = Dial(self, client, client_ip, picker, candidates, source)
-        self.dials.add(dial)
-        dial.next_attempt()
+        Dial(self, client, client_ip, picker, candidates, source).next_attempt()
 
     def finish(self, dial: Dial, sock: _socket.socket | None, watched: bool = False) -> None:
         self.dials.discard(dial)
@@ -230,6 +229,7 @@ class Dial:
                     sock.getpeername()
                 except OSError:
                     self.sock = sock
+                    dialer.dials.add(self)
                     dialer.watcher.add_writer(sock.fileno(), self.on_connect_ready)
                     self.timer = dialer.call_later(timeout, self.on_connect_timeout)
                     return

@@ -217,6 +217,8 @@ class Proxy:
         self._drain_timers: dict[BackendKey, asyncio.TimerHandle] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        # Bound once: a relay's close callback without a bound-method object per connection.
+        self._relay_closed = self._on_relay_closed
         self._limit_logged_at = 0.0
         self._limit_hits_unlogged = 0
 
@@ -467,9 +469,16 @@ class Proxy:
             reset_socket(dial.client)
             self._connection_closed()
             return
-        poller = self.poller
+        poller = self._poller
+        assert poller is not None  # made with the dialer
         relay = Relay(
-            poller, dial.client, backend_sock, self.pool, self.stats, self._on_relay_closed, key
+            poller,
+            dial.client,
+            backend_sock,
+            self.pool,
+            self.stats,
+            self._relay_closed,
+            key,
         )
         self._relays.add(relay)
         group = self._by_backend.get(key)
