@@ -12,9 +12,8 @@ Per connection everything runs as readiness callbacks on the event loop (no task
 accept -> `FrontendMap.lookup` -> `Picker.candidates` -> `Dialer.dial` (non-blocking connect with
 a timeout ladder over the candidates, kpx/dial.py) -> `Relay` (kpx/splice.py). The dialer is
 handed the watcher, the ladder, the timers and `_end_dial` as its callback: kpx/dial.py never
-sees the proxy. A client whose
-frontend has no backend, or whose every candidate failed, is reset at once (SO_LINGER 0), never
-left hanging.
+sees the proxy. A client whose frontend has no backend, or whose every candidate failed, is
+reset at once (SO_LINGER 0), never left hanging.
 
 Transparent mode (`transparent=True`): the redirect listeners are IP_TRANSPARENT, so they also
 accept the connections nftables `tproxy`s to them, whose local address is the frontend (host
@@ -217,6 +216,8 @@ class Proxy:
         self._drain_timers: dict[BackendKey, asyncio.TimerHandle] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        # Bound once: a relay's close callback without a bound-method object per connection.
+        self._relay_closed = self._on_relay_closed
         self._limit_logged_at = 0.0
         self._limit_hits_unlogged = 0
 
@@ -467,9 +468,16 @@ class Proxy:
             reset_socket(dial.client)
             self._connection_closed()
             return
-        poller = self.poller
+        poller = self._poller
+        assert poller is not None  # made with the dialer
         relay = Relay(
-            poller, dial.client, backend_sock, self.pool, self.stats, self._on_relay_closed, key
+            poller,
+            dial.client,
+            backend_sock,
+            self.pool,
+            self.stats,
+            self._relay_closed,
+            key,
         )
         self._relays.add(relay)
         group = self._by_backend.get(key)
@@ -514,7 +522,9 @@ class Proxy:
         key = (backend.ip, backend.port)
         open_relays = set(self._by_backend.get(key, ()))
         # Candidate lists drawn up before the removal: no new connection may reach it.
-        connecting = self.dialer.close_backend(key, drain=self.drain_timeout is not None)
+        dialer = self._dialer  # none yet: no connect under way
+        drain = self.drain_timeout is not None
+        connecting = dialer.close_backend(key, drain) if dialer is not None else 0
         log.info(
             "backend_draining",
             backend_ip=backend.ip,
@@ -543,7 +553,8 @@ class Proxy:
             return
         timer.cancel()
         self._draining.pop(key, None)
-        self.dialer.restore_backend(key)
+        if self._dialer is not None:
+            self._dialer.restore_backend(key)
         log.info("backend_drain_cancelled", backend_ip=backend.ip, backend_port=backend.port)
 
     def _drain_expired(self, key: BackendKey) -> None:
