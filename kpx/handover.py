@@ -39,7 +39,9 @@ from prometheus_client import Counter, Gauge
 
 from kpx import handover_wire as wire
 from kpx.backends import Backend
+from kpx.proxy import Proxy
 from kpx.splice import DirectionState, Pipe, Relay
+from kpx.udp_relay import UdpRelay
 from kpx.udp_sessions import Session
 
 log = structlog.get_logger("kpx.handover")
@@ -296,7 +298,7 @@ def _adopt_sessions(message: wire.Sessions, fds: list[int], adopt: AdoptSession)
 
 
 class HandoverSource:
-    """What the old kpx hands over; kpx/main.py's `Daemon` provides it."""
+    """What the old kpx hands over (`of`: its proxy's and UDP relay's sockets)."""
 
     def __init__(
         self,
@@ -320,6 +322,28 @@ class HandoverSource:
         # The UDP sessions, no longer read here; and back, after a failed handover.
         self.detach_sessions = detach_sessions
         self.give_back_session = give_back_session
+
+    @classmethod
+    def of(cls, proxy: Proxy, udp: UdpRelay | None) -> HandoverSource:
+        """The redirect listeners and connections of `proxy`, the transparent sockets and
+        sessions of `udp` (None: UDP is off)."""
+
+        def hold(held: bool) -> None:
+            for listener in proxy.redirect_listeners():
+                (listener.hold if held else listener.resume)()
+            if udp is not None:
+                udp.hold(held)
+
+        return cls(
+            tcp_listeners=lambda: [listener.sock for listener in proxy.redirect_listeners()],
+            udp_sockets=udp.transparent_sockets if udp is not None else list,
+            hold=hold,
+            connecting=lambda: proxy.connecting,
+            detach_relays=proxy.detach_relays,
+            give_back=proxy.make_relay,
+            detach_sessions=udp.detach_sessions if udp is not None else list,
+            give_back_session=udp.adopt_session if udp is not None else None,
+        )
 
 
 class HandoverServer:

@@ -469,27 +469,9 @@ class Daemon:
             self.handover = None
         if not self.reuse_port:
             return
-        proxy, udp = self.proxy, self.udp
-
-        def hold(held: bool) -> None:
-            for listener in proxy.redirect_listeners():
-                (listener.hold if held else listener.resume)()
-            if udp.enabled:
-                udp.relay.hold(held)
-
+        source = HandoverSource.of(self.proxy, self.udp.relay if self.udp.enabled else None)
         server = self.handover_server = HandoverServer(
-            settings.handover_socket,
-            HandoverSource(
-                tcp_listeners=lambda: [listener.sock for listener in proxy.redirect_listeners()],
-                udp_sockets=lambda: udp.relay.transparent_sockets() if udp.enabled else [],
-                hold=hold,
-                connecting=lambda: proxy.connecting,
-                detach_relays=proxy.detach_relays,
-                give_back=proxy.make_relay,
-                detach_sessions=lambda: udp.relay.detach_sessions() if udp.enabled else [],
-                give_back_session=udp.relay.adopt_session,
-            ),
-            settings.handover_timeout,
+            settings.handover_socket, source, settings.handover_timeout
         )
 
         async def serve_handovers() -> None:
@@ -528,7 +510,8 @@ class Daemon:
         drain = self.settings.drain_timeout
         if drain is None:
             drain = DEFAULT_STOP_DRAIN
-        await self.proxy.stop(drain if status == 0 else 0.0)
+        # Handed over, only connects that outlasted --handover-timeout are left: reset.
+        await self.proxy.stop(drain if status == 0 and not keep_rules else 0.0)
         await self.udp.stop(self.programmed and not keep_rules)
         if self.programmed and not keep_rules:
             await self.writer.remove()
