@@ -203,30 +203,34 @@ def dns_section(r: Report, dns: Doc | None, run: Doc, charts_made: dict[str, boo
             f"{fmt('{:.1f}', rss.get('workers2_pss_mb'))} MB for "
             f"{fmt('{:.0f}', rss.get('workers2_processes'))} processes.\n"
         )
+    propagation_section(r, dns.get("propagation"))
+    r.chart(charts_made.get("latency_dns.png", False), "latency_dns.png", "DNS latency")
+
+
+def propagation_section(r: Report, prop: Doc | None) -> None:
+    """### Propagation: API write -> new DNS answer served."""
     r.add("### Propagation\n")
-    prop = dns.get("propagation")
     if not prop:
         r.add("Not measured (`--skip-propagation`, or the step failed before it).\n")
-    else:
-        r.add(
-            "The fake API server loaded with the same objects, dnsd `--kubeconfig` on it; Service "
-            "creates and EndpointSlice updates alternate, and dnsd is polled over UDP about "
-            "every millisecond until the answer carries the new address.\n"
-        )
-        rows = [
-            ["samples", fmt("{:.0f}", prop.get("samples"))],
-            ["p50 (ms)", fmt("{:.2f}", prop.get("p50_ms"))],
-            ["p99 (ms)", fmt("{:.2f}", prop.get("p99_ms"))],
-            ["max (ms)", fmt("{:.2f}", prop.get("max_ms"))],
-            ["API request itself, p50 (ms)", fmt("{:.2f}", prop.get("api_request_p50_ms"))],
-            ["Service created, p50 (ms)", fmt("{:.2f}", prop.get("service created p50_ms"))],
-            ["endpoint replaced, p50 (ms)", fmt("{:.2f}", prop.get("endpoint replaced p50_ms"))],
-            ["dnsd RSS via the API server (MB)", fmt("{:.1f}", prop.get("rss_via_api_mb"))],
-        ]
-        r.add(table(["propagation", "dnsd"], rows))
-        for note in prop.get("notes") or []:
-            r.add(f"Note: {note}.\n")
-    r.chart(charts_made.get("latency_dns.png", False), "latency_dns.png", "DNS latency")
+        return
+    r.add(
+        "The fake API server loaded with the same objects, dnsd `--kubeconfig` on it; Service "
+        "creates and EndpointSlice updates alternate, and dnsd is polled over UDP about "
+        "every millisecond until the answer carries the new address.\n"
+    )
+    rows = [
+        ["samples", fmt("{:.0f}", prop.get("samples"))],
+        ["p50 (ms)", fmt("{:.2f}", prop.get("p50_ms"))],
+        ["p99 (ms)", fmt("{:.2f}", prop.get("p99_ms"))],
+        ["max (ms)", fmt("{:.2f}", prop.get("max_ms"))],
+        ["API request itself, p50 (ms)", fmt("{:.2f}", prop.get("api_request_p50_ms"))],
+        ["Service created, p50 (ms)", fmt("{:.2f}", prop.get("service created p50_ms"))],
+        ["endpoint replaced, p50 (ms)", fmt("{:.2f}", prop.get("endpoint replaced p50_ms"))],
+        ["dnsd RSS via the API server (MB)", fmt("{:.1f}", prop.get("rss_via_api_mb"))],
+    ]
+    r.add(table(["propagation", "dnsd"], rows))
+    for note in prop.get("notes") or []:
+        r.add(f"Note: {note}.\n")
 
 
 def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str, bool]) -> None:
