@@ -83,6 +83,7 @@ GOALS = (
     ("bulk_cpu_per_datagram", "bulk", "proxy_cpu_us_per_datagram", "<=", 0.8),
     ("latency_added_p99", "latency", "added_p99_us", "<=", 1.5),
 )
+BUSY = 0.9  # a core this busy over a pass bounded its rate
 # kpx's 64-byte datagrams/s with `--sessions` held, against without: unchanged within 10%.
 SESSIONS_GOAL = ("datagrams_per_s_with_sessions_held", ">=", 0.9)
 
@@ -393,11 +394,24 @@ def targets(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
         part = doc[section]
         ratio = _ratio(float(part["kpx"][key]), float(part["nginx"][key]))
         out[name] = {"ratio": ratio, "target": f"{op} {limit}", "met": _met(ratio, op, limit)}
+        if key == "answers_per_s":
+            out[name]["bound_by"] = {m: bound_by(part[m]) for m in ("nginx", "kpx")}
     name, op, limit = SESSIONS_GOAL
     loaded = float(doc["sessions"]["kpx"]["small_with_sessions"]["answers_per_s"])
     ratio = _ratio(loaded, float(doc["small"]["kpx"]["answers_per_s"]))
     out[name] = {"ratio": ratio, "target": f"{op} {limit}", "met": _met(ratio, op, limit)}
     return out
+
+
+def bound_by(result: dict[str, float]) -> str:
+    """What held a saturation pass's rate: the proxy's core, the client's and server's core,
+    or other work on the machine (neither of ours was busy)."""
+    if float(result["proxy_core_busy"]) >= BUSY:
+        return "proxy core"
+    if float(result["client_server_core_busy"]) >= BUSY:
+        return "client/server core"
+    total = max(float(result["proxy_core_total_busy"]), float(result["client_core_total_busy"]))
+    return "other load on a pinned core" if total >= BUSY else "neither core (latency)"
 
 
 def _met(ratio: float, op: str, limit: float) -> bool:
@@ -497,7 +511,9 @@ def report(doc: dict[str, Any], out: Any) -> None:
         f"p99 {r['p99_ms']:.1f} ms over {r['samples']:.0f} samples")  # fmt: skip
     for name, t in doc["targets"].items():
         verdict = "met" if t["met"] else "MISSED"
-        say(f"  target {name}: {t['ratio']:.2f}x ({t['target']}) {verdict}")
+        bound = t.get("bound_by")
+        why = f"; bound by: {', '.join(f'{m} {b}' for m, b in bound.items())}" if bound else ""
+        say(f"  target {name}: {t['ratio']:.2f}x ({t['target']}) {verdict}{why}")
 
 
 if __name__ == "__main__":
