@@ -353,6 +353,9 @@ class Daemon:
         self.syncer.writer = FedWriter(self.writer, table.frontends, pool)
         REGISTRY.unregister(self._collector)
         self._collector = register_proxy_stats(SummedWorkerStats(pool))
+        summed = SummedWorkerStats(pool)
+        self._worker_balancers = lambda name: float(getattr(summed, name))
+        metrics.BALANCER_EVENTS.sources.append(self._worker_balancers)
         self._worker_collector = WorkerCollector(pool)
         REGISTRY.register(self._worker_collector)
 
@@ -605,6 +608,7 @@ class Daemon:
         REGISTRY.unregister(self._collector)
         if self.pool is not None:
             REGISTRY.unregister(self._worker_collector)
+            metrics.BALANCER_EVENTS.sources.remove(self._worker_balancers)
         self.loop_lag.stop()
         self.gc_pauses.uninstall()
         log.info("kpx_stopped")

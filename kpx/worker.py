@@ -34,7 +34,7 @@ from typing import Any
 
 import structlog
 
-from kpx.balancer import Balancer
+from kpx.balancer import AFFINITY_EVICTIONS, COOLDOWNS, Balancer
 from kpx.frontends import Frontends
 from kpx.links import SharedLinks
 from kpx.local import LocalClients, local_addresses
@@ -76,9 +76,13 @@ def reuse_port_listener(host: str, port: int, transparent: bool) -> socket.socke
 
 
 def stats_snapshot(stats: object) -> dict[str, int]:
-    """Every counter of a `ProxyStats` (its slots and its base classes')."""
+    """Every counter of a `ProxyStats` (its slots and its base classes'), and the balancer's
+    (kpx/metrics.py `BalancerEventsCollector` names)."""
     names = {name for cls in type(stats).__mro__ for name in getattr(cls, "__slots__", ())}
-    return {name: int(getattr(stats, name)) for name in names if hasattr(stats, name)}
+    found = {name: int(getattr(stats, name)) for name in names if hasattr(stats, name)}
+    found["backend_cooldowns"] = COOLDOWNS.value
+    found["affinity_evictions"] = AFFINITY_EVICTIONS.value
+    return found
 
 
 class Worker:
