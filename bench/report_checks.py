@@ -407,7 +407,8 @@ def soak_checks(soak: Doc | None) -> list[Check]:
         return "—" if not ran else text if finite(value) else "n/a"
 
     differences = num(soak.get("differences"))
-    checked = num(soak.get("names_checked")) + num(soak.get("frontends_checked"))
+    questions = soak.get("questions_checked", soak.get("names_checked"))  # renamed
+    checked = num(questions) + num(soak.get("frontends_checked"))
     length = f" after {f_num(seconds / 60, 1)} min of churn and chaos" if ran else ""
     checks = [
         Check(
@@ -448,14 +449,20 @@ def soak_checks(soak: Doc | None) -> list[Check]:
     return checks
 
 
+def _itself(flood: Doc) -> Doc:
+    """The waits of a flood's answers that dnsd gave itself, not after the upstream's timeout."""
+    return (flood.get("waits") or {}).get("dnsd_itself") or {}
+
+
 def overload_checks(overload: Doc | None) -> list[Check]:
     """Issue 14 item 4 (bench/dns_overload.py): during a flood of slow-path queries, cluster
-    names keep p99 <= 1 ms, the flood's answered queries wait <= 100 ms (dnsperf gives their
-    average and maximum, no percentile: the average is judged), dnsd's RSS grows <= 10 MB."""
+    names keep p99 <= 1 ms, the flood's answers dnsd gives itself (REFUSED, cached, not those
+    that waited for the silent upstream's timeout by design) wait <= 100 ms at p99 in every
+    flood, and dnsd's RSS grows <= 10 MB at its peak."""
     targets = (
         ("dnsd cluster names p99 during a slow-path flood", "<= 1 ms"),
-        ("dnsd flood's answered queries, average wait", "<= 100 ms"),
-        ("dnsd RSS growth over the flood", "<= 10 MB"),
+        ("dnsd flood's answers given by dnsd itself, p99 wait", "<= 100 ms"),
+        ("dnsd RSS growth over the flood, at its peak", "<= 10 MB"),
     )
     if not overload:
         return [Check(what, "—", "—", math.nan, target, NOT_RUN) for what, target in targets]
@@ -463,10 +470,11 @@ def overload_checks(overload: Doc | None) -> list[Check]:
     loaded = overload.get("probe_flood") or {}
     p99 = num(loaded.get("p99_ms"))
     floods = [f for f in (overload.get("flood") or {}).values() if isinstance(f, dict)]
-    waits = [num(f.get("answered_avg_wait_ms")) for f in floods]
+    waits = [num(_itself(f).get("p99_ms")) for f in floods]
+    # A flood with no answer of dnsd's own (all waited for the upstream) has no wait to judge.
     worst = max((w for w in waits if finite(w)), default=math.nan)
-    longest = max((num(f.get("answered_max_wait_ms")) for f in floods), default=math.nan)
-    rss = num(overload.get("rss_growth_mb"))
+    answers = sum(num(_itself(f).get("count")) for f in floods)
+    peak, end = num(overload.get("rss_peak_growth_mb")), num(overload.get("rss_growth_mb"))
     # A lost probe waited forever: beyond 1 % lost, the p99 of every probe is beyond the
     # probe's timeout, whatever that of the answered ones.
     sent, lost = num(loaded.get("sent")), num(loaded.get("lost"))
@@ -476,7 +484,7 @@ def overload_checks(overload: Doc | None) -> list[Check]:
     return [
         Check(
             f"{targets[0][0]} (probe at {f_int(num(loaded.get('qps')))} qps)",
-            f"{f_num(p99, 3, 'ms')} ({f_int(num(loaded.get('lost')))} lost; idle "
+            f"{f_num(p99, 3, 'ms')} ({f_int(lost)} lost; idle "
             f"{f_num(num(idle.get('p99_ms')), 3, 'ms')})",
             "—",
             math.nan,
@@ -486,14 +494,19 @@ def overload_checks(overload: Doc | None) -> list[Check]:
         ),
         Check(
             f"{targets[1][0]} (worst of {len(floods)} floods)",
-            f"{f_num(worst, 1, 'ms')} (max {f_num(longest, 1, 'ms')})",
+            f"{f_num(worst, 1, 'ms')} ({f_int(answers)} answers)",
             "—",
             math.nan,
             targets[1][1],
             judge(worst, "<=", 100),
         ),
         Check(
-            targets[2][0], f_num(rss, 1, "MB"), "—", math.nan, targets[2][1], judge(rss, "<=", 10)
+            targets[2][0],
+            f"{f_num(peak, 1, 'MB')} ({f_num(end, 1, 'MB')} at its end)",
+            "—",
+            math.nan,
+            targets[2][1],
+            judge(peak, "<=", 10),
         ),
     ]
 

@@ -203,30 +203,34 @@ def dns_section(r: Report, dns: Doc | None, run: Doc, charts_made: dict[str, boo
             f"{fmt('{:.1f}', rss.get('workers2_pss_mb'))} MB for "
             f"{fmt('{:.0f}', rss.get('workers2_processes'))} processes.\n"
         )
+    propagation_section(r, dns.get("propagation"))
+    r.chart(charts_made.get("latency_dns.png", False), "latency_dns.png", "DNS latency")
+
+
+def propagation_section(r: Report, prop: Doc | None) -> None:
+    """### Propagation: API write -> new DNS answer served."""
     r.add("### Propagation\n")
-    prop = dns.get("propagation")
     if not prop:
         r.add("Not measured (`--skip-propagation`, or the step failed before it).\n")
-    else:
-        r.add(
-            "The fake API server loaded with the same objects, dnsd `--kubeconfig` on it; Service "
-            "creates and EndpointSlice updates alternate, and dnsd is polled over UDP about "
-            "every millisecond until the answer carries the new address.\n"
-        )
-        rows = [
-            ["samples", fmt("{:.0f}", prop.get("samples"))],
-            ["p50 (ms)", fmt("{:.2f}", prop.get("p50_ms"))],
-            ["p99 (ms)", fmt("{:.2f}", prop.get("p99_ms"))],
-            ["max (ms)", fmt("{:.2f}", prop.get("max_ms"))],
-            ["API request itself, p50 (ms)", fmt("{:.2f}", prop.get("api_request_p50_ms"))],
-            ["Service created, p50 (ms)", fmt("{:.2f}", prop.get("service created p50_ms"))],
-            ["endpoint replaced, p50 (ms)", fmt("{:.2f}", prop.get("endpoint replaced p50_ms"))],
-            ["dnsd RSS via the API server (MB)", fmt("{:.1f}", prop.get("rss_via_api_mb"))],
-        ]
-        r.add(table(["propagation", "dnsd"], rows))
-        for note in prop.get("notes") or []:
-            r.add(f"Note: {note}.\n")
-    r.chart(charts_made.get("latency_dns.png", False), "latency_dns.png", "DNS latency")
+        return
+    r.add(
+        "The fake API server loaded with the same objects, dnsd `--kubeconfig` on it; Service "
+        "creates and EndpointSlice updates alternate, and dnsd is polled over UDP about "
+        "every millisecond until the answer carries the new address.\n"
+    )
+    rows = [
+        ["samples", fmt("{:.0f}", prop.get("samples"))],
+        ["p50 (ms)", fmt("{:.2f}", prop.get("p50_ms"))],
+        ["p99 (ms)", fmt("{:.2f}", prop.get("p99_ms"))],
+        ["max (ms)", fmt("{:.2f}", prop.get("max_ms"))],
+        ["API request itself, p50 (ms)", fmt("{:.2f}", prop.get("api_request_p50_ms"))],
+        ["Service created, p50 (ms)", fmt("{:.2f}", prop.get("service created p50_ms"))],
+        ["endpoint replaced, p50 (ms)", fmt("{:.2f}", prop.get("endpoint replaced p50_ms"))],
+        ["dnsd RSS via the API server (MB)", fmt("{:.1f}", prop.get("rss_via_api_mb"))],
+    ]
+    r.add(table(["propagation", "dnsd"], rows))
+    for note in prop.get("notes") or []:
+        r.add(f"Note: {note}.\n")
 
 
 def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str, bool]) -> None:
@@ -305,33 +309,45 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
         ]
         r.add("kpx / haproxy in every run:\n")
         r.add(table(["ratio", *(f"run {i + 1}" for i in range(n_runs))], rows))
-    idle = proxy.get("idle") or {}
-    if idle:
-        r.add("### Idle connections\n")
-        r.add(
-            f"{f_int(num(idle.get('requested')))} connections opened through the proxy, each "
-            "answered once end to end, then held; RSS growth per connection.\n"
-        )
-        rows = []
-        for m in ("haproxy", "kpx"):
-            one = idle.get(m) or {}
-            if one:
-                rows.append(
-                    [
-                        m,
-                        fmt("{:,.0f}", one.get("held")),
-                        fmt("{:,.0f}", one.get("alive_after_1s")),
-                        fmt("{:.1f}", one.get("rss_before_mb")),
-                        fmt("{:.1f}", one.get("rss_after_mb")),
-                        fmt("{:.2f}", one.get("kib_per_conn")),
-                    ]
-                )
-        r.add(
-            table(
-                ["proxy", "held", "alive after 1 s", "RSS before (MB)", "RSS after (MB)", "KiB"],
-                rows,
+    idle_section(r, proxy.get("idle") or {})
+    programming_section(r, proxy)
+    r.chart(charts_made.get("latency_proxy.png", False), "latency_proxy.png", "proxy latency")
+
+
+def idle_section(r: Report, idle: Doc) -> None:
+    """### Idle connections: RSS per connection held through haproxy and kpx."""
+    if not idle:
+        return
+    r.add("### Idle connections\n")
+    r.add(
+        f"{f_int(num(idle.get('requested')))} connections opened through the proxy, each "
+        "answered once end to end, then held; RSS growth per connection.\n"
+    )
+    rows = []
+    for m in ("haproxy", "kpx"):
+        one = idle.get(m) or {}
+        if one:
+            rows.append(
+                [
+                    m,
+                    fmt("{:,.0f}", one.get("held")),
+                    fmt("{:,.0f}", one.get("alive_after_1s")),
+                    fmt("{:.1f}", one.get("rss_before_mb")),
+                    fmt("{:.1f}", one.get("rss_after_mb")),
+                    fmt("{:.2f}", one.get("kib_per_conn")),
+                ]
             )
+    r.add(
+        table(
+            ["proxy", "held", "alive after 1 s", "RSS before (MB)", "RSS after (MB)", "KiB"],
+            rows,
         )
+    )
+
+
+def programming_section(r: Report, proxy: Doc) -> None:
+    """### Network programming latency: API write -> first connection served, per scale."""
+    args = proxy.get("args") or {}
     prog = sorted(proxy.get("programming") or [], key=lambda p: num(p.get("services")))
     r.add("### Network programming latency\n")
     if not prog:
@@ -370,7 +386,6 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
                 rows,
             )
         )
-    r.chart(charts_made.get("latency_proxy.png", False), "latency_proxy.png", "proxy latency")
 
 
 def sync_section(r: Report, sync: Doc | None, run: Doc, charts_made: dict[str, bool]) -> None:
@@ -467,9 +482,10 @@ def overload_section(r: Report, overload: Doc | None, run: Doc) -> None:
     r.add(
         "`bench/dns_overload.py`: dnsd forwards names outside the cluster to an upstream that "
         "never answers; dnsperf floods it with such names (half with an EDNS cookie) at the "
-        "highest rate it reaches, a thread sends malformed packets, and a probe asks cluster "
-        f"names one at a time for {fmt('{:.0f}', overload.get('duration_s'))} s, first alone "
-        "(idle), then during the flood.\n"
+        "highest rate it reaches, a process of its own sends malformed packets, and a probe "
+        "asks cluster names one at a time for "
+        f"{fmt('{:.0f}', overload.get('duration_s'))} s, first alone (idle), then during the "
+        "flood.\n"
     )
     rows = []
     for label, key in (("idle", "probe_idle"), ("during the flood", "probe_flood")):
@@ -490,6 +506,7 @@ def overload_section(r: Report, overload: Doc | None, run: Doc) -> None:
             rows,
         )
     )
+    floods = {n: f for n, f in (overload.get("flood") or {}).items() if isinstance(f, dict)}
     rows = [
         [
             name,
@@ -497,33 +514,39 @@ def overload_section(r: Report, overload: Doc | None, run: Doc) -> None:
             fmt("{:,.0f}", one.get("completed")),
             fmt("{:,.0f}", one.get("qps")),
             fmt("{:.1f}", one.get("answered_avg_wait_ms")),
-            fmt("{:.1f}", one.get("answered_max_wait_ms")),
             str(one.get("codes", "—")),
         ]
-        for name, one in (overload.get("flood") or {}).items()
-        if isinstance(one, dict)
+        for name, one in floods.items()
+    ]
+    if rows:
+        headers = ["flood", "sent", "answered", "answered/s", "average wait (ms)", "codes"]
+        r.add(table(headers, rows))
+    rows = [
+        [
+            name,
+            "given by dnsd itself" if rcode == "dnsd_itself" else rcode,
+            fmt("{:,.0f}", w.get("count")),
+            fmt("{:.1f}", w.get("p50_ms")),
+            fmt("{:.1f}", w.get("p99_ms")),
+            fmt("{:.1f}", w.get("max_ms")),
+        ]
+        for name, one in floods.items()
+        for rcode, w in (one.get("waits") or {}).items()
+        if isinstance(w, dict)
     ]
     if rows:
         r.add(
-            table(
-                [
-                    "flood",
-                    "sent",
-                    "answered",
-                    "answered/s",
-                    "average wait (ms)",
-                    "max wait (ms)",
-                    "response codes",
-                ],
-                rows,
-            )
+            'The flood\'s waits per response code (`dnsperf -v`); "given by dnsd itself" is '
+            "every answer that did not wait for the silent upstream's timeout:\n"
         )
+        r.add(table(["flood", "answers", "count", "p50 (ms)", "p99 (ms)", "max (ms)"], rows))
     dropped = overload.get("dropped") or {}
     shed = ", ".join(f"{reason} {f_int(num(n))}" for reason, n in dropped.items()) or "nothing"
     r.add(
         f"Malformed packets sent: {fmt('{:,.0f}', overload.get('malformed_sent'))}. dnsd shed "
         f"during the flood: {shed}. dnsd RSS growth over the flood: "
-        f"{fmt('{:+.1f}', overload.get('rss_growth_mb'))} MB.\n"
+        f"{fmt('{:+.1f}', overload.get('rss_growth_mb'))} MB at its end, "
+        f"{fmt('{:+.1f}', overload.get('rss_peak_growth_mb'))} MB at its peak.\n"
     )
 
 
@@ -533,17 +556,24 @@ def soak_section(r: Report, soak: Doc | None, run: Doc) -> None:
         _not_run(r, "soak", run, "20 minutes")
         return
     _partial(r, soak)
-    chaos = soak.get("chaos") or []
+    kinds: dict[str, int] = {}
+    for event in soak.get("chaos") or []:  # "600s api_stop": counted by what happened
+        what = str(event).split(" ", 1)[-1]
+        kinds[what] = kinds.get(what, 0) + 1
+    chaos = ", ".join(f"{what} x{n}" for what, n in kinds.items()) or "none"
+    questions = soak.get("questions_checked", soak.get("names_checked"))
+    achieved = soak.get("achieved_rate")
+    writes = f"{fmt('{:,.0f}', soak.get('writes'))} in all"
+    if achieved is not None:
+        writes = f"{fmt('{:.1f}', achieved)}/s achieved, {writes}"
     r.add(
         f"`bench/soak.py`: dnsd and kpx watch the fake API server for "
         f"{fmt('{:.0f}', soak.get('duration_s'))} s while it takes "
-        f"{fmt('{:.0f}', soak.get('rate'))} writes/s ({fmt('{:,.0f}', soak.get('writes'))} in "
-        "all: Services, EndpointSlices, Pods, Namespaces) and chaos ("
-        + (", ".join(str(c) for c in chaos) or "none")
-        + "). At the end "
-        f"{fmt('{:,.0f}', soak.get('names_checked'))} DNS names and "
-        f"{fmt('{:,.0f}', soak.get('frontends_checked'))} kpx frontends were compared with "
-        f"what the API holds: {fmt('{:,.0f}', soak.get('differences'))} differences.\n"
+        f"{fmt('{:.0f}', soak.get('rate'))} writes/s ({writes}: Services, EndpointSlices, "
+        f"Pods, Namespaces) and chaos ({chaos}). At the end {fmt('{:,.0f}', questions)} DNS "
+        f"questions and {fmt('{:,.0f}', soak.get('frontends_checked'))} kpx frontends were "
+        f"compared with what the API holds: {fmt('{:,.0f}', soak.get('differences'))} "
+        "differences.\n"
     )
     for line in soak.get("first_differences") or []:
         r.add(f"- differs: `{line}`")
@@ -551,13 +581,14 @@ def soak_section(r: Report, soak: Doc | None, run: Doc) -> None:
         r.add()
     warm, end = soak.get("warm") or {}, soak.get("end") or {}
     growth, fds = soak.get("rss_growth_pct") or {}, soak.get("fd_growth") or {}
-    healthz = soak.get("healthz") or {}
+    healthz, peak = soak.get("healthz") or {}, soak.get("peak_rss_mb") or {}
     rows = [
         [
             daemon,
             fmt("{:.1f}", (warm.get(daemon) or {}).get("rss_mb")),
             fmt("{:.1f}", (end.get(daemon) or {}).get("rss_mb")),
             fmt("{:+.1f}", growth.get(daemon)),
+            fmt("{:.1f}", peak.get(daemon)),
             fmt("{:.0f}", (warm.get(daemon) or {}).get("fds")),
             fmt("{:.0f}", (end.get(daemon) or {}).get("fds")),
             fmt("{:+.0f}", fds.get(daemon)),
@@ -572,6 +603,7 @@ def soak_section(r: Report, soak: Doc | None, run: Doc) -> None:
                 "RSS after warm-up (MB)",
                 "RSS at the end (MB)",
                 "growth (%)",
+                "peak RSS (MB)",
                 "fds after warm-up",
                 "fds at the end",
                 "fd growth",
@@ -581,6 +613,13 @@ def soak_section(r: Report, soak: Doc | None, run: Doc) -> None:
         )
     )
     r.add("kpx's fd growth leaves out the listening socket per frontend of `--mode ports`.\n")
+    missed = soak.get("targets_missed")
+    if missed is not None:
+        r.add(
+            "The benchmark's own check (also /healthz, a relist in each daemon, the write rate): "
+            + ("; ".join(str(m) for m in missed) or "every target met")
+            + ".\n"
+        )
 
 
 def machine_section(r: Report, machine: Doc) -> None:

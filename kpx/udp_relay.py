@@ -17,7 +17,9 @@ get the node's.
 Per session (kpx/udp_sessions.py) one socket connected to the endpoint: its source port names
 the session, the kernel filters out strangers, and an ICMP error from the endpoint shows up as
 ECONNREFUSED on it (the endpoint is then put in cool-down and the client's next datagram picks
-another one).
+another one). Session sockets sit in one epoll of the relay's, which the event loop watches as
+one reader: an event-loop handle per session would cost memory (uvloop: a poll handle each) and
+a callback per ready session.
 
 The hot path: sockets are watched with `add_reader` (not asyncio's datagram transport, which
 reads one datagram per wake-up and, on uvloop, cannot pass IP_RECVORIGDSTADDR); a readable socket
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -65,6 +68,7 @@ log = structlog.get_logger("kpx.udp")
 BATCH = 32  # datagrams per recvmmsg/sendmmsg
 MAX_DATAGRAM = 65536  # buffer per datagram: the largest UDP payload (65,527 over IPv6) fits
 DRAIN_ROUNDS = 8  # batches per readiness callback before other sockets get their turn
+MAX_READY_SESSIONS = 256  # sessions drained per wake-up of their epoll before the loop's turn
 CONTROL_SIZE = 64  # cmsghdr (16) + sockaddr_in6 (28), aligned
 SOCKET_BUFFER = 4 << 20  # SO_RCVBUF asked for on client-facing sockets (bursts)
 
@@ -209,6 +213,10 @@ class UdpRelay:
         # datagram, marked and routed locally: kpx/udp_nft.py) arrives on it.
         self._reply_socks: dict[tuple[str, int], UdpListener] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        # Every session's socket, in one epoll the loop watches as a single reader: no event
+        # loop handle per session (memory), and one callback drains every ready session.
+        self._session_poll: select.epoll | None = None
+        self._by_fd: dict[int, Session] = {}
         # Client-facing sockets are not read (`hold`, for a handover), new ones included.
         self._held = False
 
@@ -277,7 +285,7 @@ class UdpRelay:
         sessions = list(self.sessions)
         for session in sessions:
             self.sessions.remove(session)
-            self.loop.remove_reader(session.fd)
+            self._unwatch(session)
         return sessions
 
     def adopt_session(
@@ -303,7 +311,7 @@ class UdpRelay:
         session.sock = sock
         session.fd = sock.fileno()
         session.reply = reply
-        self.loop.add_reader(session.fd, self._on_backend_readable, session)
+        self._watch(session)
         self.sessions.add(session)
         return True
 
@@ -429,7 +437,7 @@ class UdpRelay:
     ) -> None:
         """One session's datagrams of this batch, to its endpoint."""
         stats, forward = self.stats, self._to_endpoints
-        sent = forward.send(session.fd, run) if session.fd >= 0 else 0
+        sent = forward.send(session.fd, run)  # fd -1 (evicted meanwhile): EBADF, none sent
         sent_bytes = forward.sent_bytes
         if sent < len(run) and forward.error in PEER_ERRORS:
             # An ICMP error from the endpoint, reported on this send: try a fresh pick once.
@@ -520,7 +528,7 @@ class UdpRelay:
         new.sock = sock
         new.fd = sock.fileno()
         new.reply = reply
-        self.loop.add_reader(new.fd, self._on_backend_readable, new)
+        self._watch(new)
         self.sessions.add(new)
         self.stats.sessions_created += 1
         return new
@@ -555,6 +563,14 @@ class UdpRelay:
 
     # -- endpoint -> client (hot path) ---------------------------------------------------------
 
+    def _on_sessions_readable(self) -> None:
+        assert self._session_poll is not None
+        by_fd = self._by_fd
+        for fd, _ in self._session_poll.poll(0, MAX_READY_SESSIONS):
+            session = by_fd.get(fd)
+            if session is not None:
+                self._on_backend_readable(session)
+
     def _on_backend_readable(self, session: Session) -> None:
         """The endpoint's answers, sent on to the client as they were read: one run per
         batch, from the socket the client sent to."""
@@ -567,8 +583,8 @@ class UdpRelay:
                     self._backend_failed(session, OSError(-n, "receive failed"))
                 return
             session.last = self._clock()
-            fd = reply.sock.fileno()  # -1: the frontend's socket closed (its sessions end)
-            sent = forward.send(fd, range(n), name) if fd >= 0 else 0
+            # fileno() -1: the frontend's socket closed meanwhile (EBADF, none sent).
+            sent = forward.send(reply.sock.fileno(), range(n), name)
             stats.datagrams_to_client += sent
             stats.bytes_to_client += forward.sent_bytes
             if sent < n:
@@ -594,9 +610,21 @@ class UdpRelay:
         if self.sessions.remove(session):
             self._close(session)
 
+    def _watch(self, session: Session) -> None:
+        poll = self._session_poll
+        if poll is None:
+            poll = self._session_poll = select.epoll()
+            self.loop.add_reader(poll.fileno(), self._on_sessions_readable)
+        poll.register(session.fd, select.EPOLLIN)
+        self._by_fd[session.fd] = session
+
+    def _unwatch(self, session: Session) -> None:
+        if self._by_fd.pop(session.fd, None) is session and self._session_poll is not None:
+            self._session_poll.unregister(session.fd)
+
     def _close(self, session: Session) -> None:
         if session.fd >= 0:
-            self.loop.remove_reader(session.fd)
+            self._unwatch(session)
             session.sock.close()
             session.fd = -1
 
@@ -624,4 +652,8 @@ class UdpRelay:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._session_poll is not None:
+            self.loop.remove_reader(self._session_poll.fileno())
+            self._session_poll.close()
+            self._session_poll = None
         log.info("udp_relay_stopped")
