@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from bench.udp import bound_by, medians, targets
+from bench.udp import bound_by, medians, over_runs, targets
 
 
 def saturation(rate: float, cpu: float, proxy: float, client: float) -> dict[str, float]:
@@ -58,3 +58,13 @@ def test_a_pass_where_neither_of_our_processes_was_busy_names_the_other_load() -
     assert bound_by(saturation(1000, 10.0, 0.3, 0.4)) == "neither core (latency)"
     loaded = saturation(1000, 10.0, 0.3, 0.4) | {"proxy_core_total_busy": 0.97}
     assert bound_by(loaded) == "other load on a pinned core"
+
+
+def test_over_runs_judges_the_median_of_each_runs_own_ratio() -> None:
+    runs = [targets(run(60_000, 40_000, 60_000)), targets(run(40_000, 40_000, 20_000))]
+    runs.append(targets(run(90_000, 50_000, 90_000)))
+    got = over_runs(runs)
+    assert got["small_datagrams_per_s"]["runs"] == [1.5, 1.0, 1.8]
+    assert got["small_datagrams_per_s"]["ratio"] == 1.5 and got["small_datagrams_per_s"]["met"]
+    assert got["datagrams_per_s_with_sessions_held"]["ratio"] == 1.0
+    assert len(got["bulk_datagrams_per_s"]["bound_by_runs"]) == 3
