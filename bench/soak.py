@@ -18,12 +18,13 @@ stopped for 5 s (connections reset; the writes go on) and started again.
 When the writes stop, bench/soak_check.py compares (retrying for up to `--settle` seconds)
 every DNS answer and every kpx frontend with what the API holds, including NXDOMAIN for every
 name that existed during the run and no longer does. Zero differences is the pass mark. It
-also reports each daemon's RSS after `--warmup` and at the end (growth in %; goal <= 5 %),
-open file descriptors (goal: no growth; for kpx beyond the one listening socket `--mode ports`
-holds per frontend), the kwatch relist / watch restart / task restart counters (the chaos
-reached both daemons) and `targets_missed`. Figures from a shared machine are noise: the lead
-runs the real one. `--quick`: 60 s (or a shorter `--duration`), 10 writes/s, 60 Services,
-chaos every third of the run (a smoke test of the harness).
+also reports each daemon's RSS after `--warmup` and when the writes stop, before the checker's
+queries (growth in %; goal <= 5 %), open file descriptors (goal: no growth; for kpx beyond the
+one listening socket `--mode ports` holds per frontend), the kwatch relist / watch restart /
+task restart counters (the chaos reached both daemons) and `targets_missed`. Figures from a
+shared machine are noise: the lead runs the real one. `--quick`: 60 s (or a shorter
+`--duration`), 10 writes/s, 60 Services, chaos every third of the run (a smoke test of the
+harness).
 """
 
 from __future__ import annotations
@@ -566,6 +567,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise
     try:
         writes, samples, chaos = churn(args, api, cluster, daemons)
+        # The end of the churn, before the checker's queries: dnsd forwards the reverse
+        # names nobody owns and caches the upstream's answers, memory the churn did not use.
+        end = sample(daemons, args.duration)
         check = soak_check.check(
             snapshot(api),
             cluster.seen,
@@ -573,7 +577,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"http://127.0.0.1:{daemons.metrics_port}/debug/services",
             deadline_s=args.settle,
         )
-        end = sample(daemons, args.duration + check.settle_s)
+        after_check = sample(daemons, args.duration + check.settle_s)
         warm = next((s for s in samples if s["dnsd"]["t"] >= args.warmup), samples[-1])
         result: dict[str, Any] = {
             "complete": True,
@@ -602,6 +606,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
             "warm": warm,
             "end": end,
+            "after_check": after_check,
             "peak_rss_mb": {d: max(s[d]["rss_mb"] for s in [*samples, end]) for d in end},
             **memory_figures(warm, end),
             "samples": samples,
