@@ -7,7 +7,8 @@ as the origin), with haproxy (`mode tcp`, one thread, splice as in bench/proxy.p
 (`--mode nftables --manifests`) in the node ns. A client process opens `--conns` connections
 one after the other, each with one small request and `Connection: close`, read to the end:
 - syscalls per connection of the proxy process, by name (`strace -c -f -p PID` attached for
-  exactly that pass): deterministic, whatever else runs on the machine;
+  exactly that pass): deterministic, whatever else runs on the machine; then kpx's minus
+  haproxy's, by name (`extra_syscalls`);
 - user and kernel CPU microseconds per connection (utime/stime of the proxy, a pass without
   strace; clock ticks of 10 ms, so only meaningful for thousands of connections, and only a
   figure on an idle machine);
@@ -123,6 +124,25 @@ def measure(chain: Chain, label: str, pid: int, ip: str, port: int, args: Any) -
         result["by_syscall"] = {k: round(v, 2) for k, v in per.items() if v >= 0.01}
     print(f"{label:8} " + json.dumps(result))
     return result
+
+
+def extra_syscalls(kpx: dict[str, Any], haproxy: dict[str, Any]) -> dict[str, float]:
+    """kpx's syscalls per connection minus haproxy's, by name (where they differ), printed."""
+    mine, theirs = kpx["by_syscall"], haproxy["by_syscall"]
+    diff = {
+        name: round(mine.get(name, 0.0) - theirs.get(name, 0.0), 2)
+        for name in sorted(
+            set(mine) | set(theirs), key=lambda n: -abs(mine.get(n, 0.0) - theirs.get(n, 0.0))
+        )
+    }
+    diff = {name: d for name, d in diff.items() if d}
+    print(
+        f"kpx - haproxy syscalls per connection: "
+        f"{kpx['syscalls_per_conn'] - haproxy['syscalls_per_conn']:+.2f} ("
+        + ", ".join(f"{name} {d:+.2f}" for name, d in diff.items())
+        + ")"
+    )
+    return diff
 
 
 def python_calls(chain: Chain, args: Any) -> dict[str, Any]:
@@ -321,6 +341,8 @@ def main() -> None:
                 chain, "haproxy", haproxy.pid, NODE_CLIENT_SIDE_IP, HAPROXY_HTTP, args
             )
             doc["kpx"] = measure(chain, "kpx", kpx.pid, KPX_VIP, 80, args)
+            if not args.no_strace:
+                doc["extra_syscalls"] = extra_syscalls(doc["kpx"], doc["haproxy"])
             if args.python_calls:
                 doc["kpx_python"] = python_calls(chain, args)
             os.kill(kpx.pid, signal.SIGTERM)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import random
 import re
 import shutil
@@ -137,9 +138,10 @@ def probe(port: int, qps: float, seconds: float, services: int) -> dict[str, flo
     }
 
 
-def malformed(port: int, stop: Any, rate: float, sent_out: Any) -> None:
+def malformed(port: int, stop: Any, rate: float, sent_out: Any, nice: int) -> None:
     """Random junk at `rate` packets/s until `stop` (an Event) is set: slow-path work for
-    dnsd. Runs in a process of its own; the count goes to `sent_out` (a shared Value)."""
+    dnsd. Runs in a process of its own (at `nice`); the count goes to `sent_out`."""
+    os.nice(nice)
     rng = random.Random(7)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sent = 0
@@ -157,10 +159,11 @@ def malformed(port: int, stop: Any, rate: float, sent_out: Any) -> None:
 
 
 def dnsperf(
-    port: int, queries: Path, seconds: float, outstanding: int, edns: bool, out: Path
+    port: int, queries: Path, seconds: float, outstanding: int, edns: bool, out: Path, nice: int
 ) -> str:
-    """Run dnsperf (`-v`: one line per response, written to `out`); its summary text."""
-    argv = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries), "-v",
+    """Run dnsperf at `nice` (`-v`: one line per response, written to `out`); its summary."""
+    argv = ["nice", "-n", str(nice),
+            "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries), "-v",
             "-l", str(seconds), "-q", str(outstanding), "-t", "3", "-c", "4"]  # fmt: skip
     if edns:
         argv += ["-e", "-E", "10:0102030405060708"]  # EDNS with a client cookie
@@ -278,7 +281,10 @@ def flood(
     queries.write_text("".join(f"f{i}.flood.example.org A\n" for i in range(50_000)))
     fork = multiprocessing.get_context("fork")  # before any thread of ours is running
     stop, junk_sent = fork.Event(), fork.Value("q", 0)
-    junk = fork.Process(target=malformed, args=(port, stop, args.malformed_rate, junk_sent))
+    junk = fork.Process(
+        target=malformed,
+        args=(port, stop, args.malformed_rate, junk_sent, args.generator_nice),
+    )
     junk.start()
     sampler.start()
     outputs: dict[str, str] = {}
@@ -286,7 +292,13 @@ def flood(
     def flood_with(edns: bool) -> None:
         name = "edns" if edns else "plain"
         outputs[name] = dnsperf(
-            port, queries, args.duration, args.outstanding // 2, edns, tmp / f"{name}.out"
+            port,
+            queries,
+            args.duration,
+            args.outstanding // 2,
+            edns,
+            tmp / f"{name}.out",
+            args.generator_nice,
         )
 
     floods = [threading.Thread(target=flood_with, args=(e,)) for e in (False, True)]
@@ -359,6 +371,12 @@ def main() -> None:
     parser.add_argument("--outstanding", type=int, default=5000)
     parser.add_argument("--probe-qps", type=float, default=1000.0)
     parser.add_argument("--malformed-rate", type=float, default=2000.0, help="packets/s")
+    parser.add_argument(
+        "--generator-nice",
+        type=int,
+        default=0,
+        help="CPU niceness of the flood's senders (dnsperf, malformed packets)",
+    )
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument("--dnsd-arg", action="append", default=[], help="extra dnsd flag")
     parser.add_argument("--quick", action="store_true", help="a few seconds, tiny load")

@@ -34,6 +34,9 @@ Each path gets:
   (bench/conncost.py counts its syscalls and instructions per connection);
 - small-request latency: wrk -t1 -c1 on one keep-alive connection, p50/p99; for kpx, what held
   its event loop in that pass (kpx_gc_pause_seconds, kpx_event_loop_lag_seconds);
+- in both wrk passes, how long the proxy waited for its CPU while runnable (run-queue wait,
+  /proc/PID/task/*/schedstat): on a shared machine a p99 spike that comes with a long wait is
+  another process's doing;
 - proxy RSS after the passes.
 Ratios kpx/haproxy are computed per run and every run's are printed, then the median; a target
 missed in any run (or, for programming latency, at any Service count) is printed as MISSED.
@@ -64,6 +67,7 @@ Figures, never assertions: this machine is shared and noisy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -92,7 +96,14 @@ from bench.netns_topology import (
     Ns,
     netns_unavailable,
 )
-from bench.procstat import CLK_TCK, cpu_seconds, rss_mb, user_kernel_seconds
+from bench.procstat import (
+    CLK_TCK,
+    children_of,
+    cpu_seconds,
+    process_tree,
+    rss_mb,
+    user_kernel_seconds,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # kpx from this checkout (cwd ROOT), run by the interpreter running the benchmark.
@@ -443,15 +454,16 @@ def measure_mode(
 ) -> dict[str, float]:
     """Every figure of one path in one run; the passes left out (`--passes`) are NaN."""
     figures = dict.fromkeys(FIGURES, float("nan"))
-    pids = [proxy_pid] if proxy_pid else []
+    # The proxy's process and its children (kpx --workers N: the workers do the proxying).
+    pids = process_tree(proxy_pid) if proxy_pid else []
     if "bulk" in args.passes:
         figures.update(bulk_pass(chain, mode, pids, args))
     if "conn" in args.passes:
         figures.update(conn_pass(chain, mode, pids, args))
     if "req" in args.passes:
-        figures.update(req_pass(chain, mode, args))
+        figures.update(req_pass(chain, mode, pids, args))
     if proxy_pid:
-        figures["proxy_rss_mb"] = rss_mb([proxy_pid])
+        figures["proxy_rss_mb"] = rss_mb(pids)
     return figures
 
 
@@ -481,8 +493,10 @@ def conn_pass(
 ) -> dict[str, float]:
     """New connections/s, one small request each (wrk `Connection: close`)."""
     user0, kernel0 = user_kernel_seconds(pids)
+    wait0 = runq_wait_seconds(pids)
     conn = wrk(chain, mode, args.conns, True, pass_seconds(args), args.load_cpus)
     user1, kernel1 = user_kernel_seconds(pids)
+    wait = runq_wait_seconds(pids) - wait0
     per_conn = 1e6 / conn["requests"] if pids and conn["requests"] else float("nan")
     return {
         "conn_per_s": conn["rps"],
@@ -493,19 +507,28 @@ def conn_pass(
         # meaningful over thousands of connections, and on a quiet machine only).
         "conn_user_us": (user1 - user0) * per_conn,
         "conn_kernel_us": (kernel1 - kernel0) * per_conn,
+        # How long the proxy was ready to run but another process had its CPU, in the pass.
+        "conn_runq_wait_ms": wait * 1000 if pids else float("nan"),
     }
 
 
-def req_pass(chain: Chain, mode: str, args: argparse.Namespace) -> dict[str, float]:
-    """Small-request latency on one keep-alive connection; for kpx, what held its loop."""
+def req_pass(
+    chain: Chain, mode: str, pids: list[int], args: argparse.Namespace
+) -> dict[str, float]:
+    """Small-request latency on one keep-alive connection; what held the proxy: other
+    processes on its CPU (run-queue wait) and, for kpx, its own loop."""
     nan = float("nan")
     kpx = mode in KPX_SOURCE_MODES
     before = kpx_stalls(chain) if kpx else {}
+    wait0 = runq_wait_seconds(pids)
     req = wrk(chain, mode, 1, False, pass_seconds(args), args.load_cpus)
+    wait = runq_wait_seconds(pids) - wait0
     after = kpx_stalls(chain) if kpx else {}
     return {
         "req_p50_ms": req["p50_ms"],
         "req_p99_ms": req["p99_ms"],
+        # A p99 spike with a long run-queue wait is the machine's, not the proxy's.
+        "req_runq_wait_ms": wait * 1000 if pids else nan,
         # What held kpx's loop during the small-request pass (kpx/stalls.py; NaN elsewhere):
         # collector runs, lag samples over 5 ms, and a bound on the longest lag seen.
         "req_gc_runs": after.get("gc_runs", nan) - before.get("gc_runs", nan),
@@ -526,8 +549,10 @@ FIGURES = (
     "conn_errors",
     "conn_user_us",
     "conn_kernel_us",
+    "conn_runq_wait_ms",
     "req_p50_ms",
     "req_p99_ms",
+    "req_runq_wait_ms",
     "proxy_rss_mb",
     "req_gc_runs",
     "req_lag_over_5ms",
@@ -772,6 +797,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="haproxy splice-request/-response with 1 MiB pipes (default on)",
     )
+    parser.add_argument(
+        "--kpx-workers",
+        type=int,
+        default=1,
+        help="kpx --workers: TCP data-plane processes (give --cpus a CPU for each)",
+    )
     parser.add_argument("--conns", type=int, default=32, help="wrk -c for the connections/s pass")
     parser.add_argument(
         "--modes", nargs="+", choices=MODES, default=list(MODES), help="paths to measure"
@@ -917,7 +948,7 @@ class Bench:
             _stop(self.kpx, 40)
         self.kpx = start_kpx(
             self.chain,
-            ["--manifests", str(self.tmp / "manifests")],
+            ["--manifests", str(self.tmp / "manifests"), "--workers", str(self.args.kpx_workers)],
             self.tmp,
             mode,
             self.args.ready_timeout,
@@ -954,6 +985,8 @@ class Bench:
                 "kpx_cpus": kpx_cpus,
                 "load_cpus": args.load_cpus,
                 "kpx_rss_at_start_mb": rss_mb([self.kpx.pid]),
+                # --kpx-workers N: each worker process's RSS (the control process's above).
+                "kpx_worker_rss_mb": [rss_mb([pid]) for pid in children_of(self.kpx.pid)],
             }
         )
         print(
@@ -962,6 +995,7 @@ class Bench:
             f"{'on' if args.haproxy_splice else 'off'}; haproxy on CPUs {haproxy_cpus}, kpx on "
             f"{kpx_cpus}, load on {args.load_cpus or 'any'}; kpx RSS at start "
             f"{self.doc['kpx_rss_at_start_mb']:.1f} MB"
+            + "".join(f", worker {rss:.1f} MB" for rss in self.doc["kpx_worker_rss_mb"])
         )
         if haproxy_cpus != kpx_cpus:
             raise SystemExit(f"haproxy runs on CPUs {haproxy_cpus}, kpx on {kpx_cpus}")
@@ -1233,6 +1267,18 @@ def _median(values: list[float]) -> float:
     """The median of the finite values (NaN: a pass not run, a figure missing), else NaN."""
     finite = [v for v in values if math.isfinite(v)]
     return statistics.median(finite) if finite else float("nan")
+
+
+def runq_wait_seconds(pids: list[int]) -> float:
+    """Time the threads of `pids` spent runnable, waiting for a CPU (schedstat field 2)."""
+    ns = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                        ns += int(f.read().split()[1])
+    return ns / 1e9
 
 
 def cpus_of(pid: int) -> str:

@@ -18,12 +18,13 @@ stopped for 5 s (connections reset; the writes go on) and started again.
 When the writes stop, bench/soak_check.py compares (retrying for up to `--settle` seconds)
 every DNS answer and every kpx frontend with what the API holds, including NXDOMAIN for every
 name that existed during the run and no longer does. Zero differences is the pass mark. It
-also reports each daemon's RSS after `--warmup` and at the end (growth in %; goal <= 5 %),
-open file descriptors (goal: no growth; for kpx beyond the one listening socket `--mode ports`
-holds per frontend), the kwatch relist / watch restart / task restart counters (the chaos
-reached both daemons) and `targets_missed`. Figures from a shared machine are noise: the lead
-runs the real one. `--quick`: 60 s (or a shorter `--duration`), 10 writes/s, 60 Services,
-chaos every third of the run (a smoke test of the harness).
+also reports each daemon's RSS after `--warmup` and when the writes stop, before the checker's
+queries (growth in %; goal <= 5 %), open file descriptors (goal: no growth; for kpx beyond the
+one listening socket `--mode ports` holds per frontend), the kwatch relist / watch restart /
+task restart counters (the chaos reached both daemons) and `targets_missed`. Figures from a
+shared machine are noise: the lead runs the real one. `--quick`: 60 s (or a shorter
+`--duration`), 10 writes/s, 60 Services, chaos every third of the run (a smoke test of the
+harness).
 """
 
 from __future__ import annotations
@@ -62,9 +63,16 @@ NODE = "node-a"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free for TCP and UDP alike (dnsd listens on both) at the time of asking."""
+    while True:
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 # --- the churn ----------------------------------------------------------------------------------
@@ -248,12 +256,14 @@ def churn_once(api: FakeApiServer, cluster: Cluster) -> int:
         api.apply(cluster.services[key])
         return cluster.count("service_update")
     if roll < 0.95:  # pods come, go and change address
-        ns = rng.choice(cluster.namespaces)
-        key = f"{ns}/pod{rng.randint(0, 300)}"
-        if key in cluster.pods and rng.random() < 0.7:
-            api.delete("pods", ns, key.split("/")[1])
+        if cluster.pods and rng.random() < 0.45:
+            key = rng.choice(list(cluster.pods))
+            ns, name = key.split("/")
+            api.delete("pods", ns, name)
             del cluster.pods[key]
             return cluster.count("pod_delete")
+        ns = rng.choice(cluster.namespaces)
+        key = f"{ns}/pod{rng.randint(0, 300)}"  # a new pod, or one that changes address
         n = rng.randint(0, 60000)
         ip = cluster.pods[key] = f"10.200.{n // 250 % 250}.{n % 250 + 1}"
         cluster.seen.pods.add((ns, ip))
@@ -358,6 +368,27 @@ def http_get(url: str) -> tuple[int, str]:
         return 0, ""
 
 
+def start_ready(kubeconfig: Path, logs: Path, upstream: int) -> Daemons:
+    """Both daemons started and ready; started again (on other ports) when one exits at
+    once, as when another process took a port between asking and binding."""
+    for attempt in range(3):
+        daemons = start_daemons(kubeconfig, logs, upstream)
+        try:
+            wait_ready(daemons, 120)
+            return daemons
+        except EarlyExit as err:
+            stop(daemons.kpx)
+            stop(daemons.dnsd)
+            if attempt == 2:
+                raise SystemExit(str(err)) from err
+            print(f"soak: {err}, starting again", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+class EarlyExit(Exception):
+    pass
+
+
 def wait_ready(daemons: Daemons, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     urls = [
@@ -369,7 +400,7 @@ def wait_ready(daemons: Daemons, timeout: float) -> None:
             return
         for name, proc in (("dnsd", daemons.dnsd), ("kpx", daemons.kpx)):
             if proc.poll() is not None:
-                raise SystemExit(f"{name} exited early with status {proc.returncode}")
+                raise EarlyExit(f"{name} exited early with status {proc.returncode}")
         time.sleep(0.2)
     raise SystemExit("the daemons did not become ready")
 
@@ -528,10 +559,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     api.load(initial(cluster))
     kubeconfig = api.write_kubeconfig(tmp / "kubeconfig.yaml")
     upstream = NxdomainUpstream()
-    daemons = start_daemons(kubeconfig, tmp, upstream.port)
     try:
-        wait_ready(daemons, 120)
+        daemons = start_ready(kubeconfig, tmp, upstream.port)
+    except BaseException:
+        upstream.close()
+        api.close()
+        raise
+    try:
         writes, samples, chaos = churn(args, api, cluster, daemons)
+        # The end of the churn, before the checker's queries: dnsd forwards the reverse
+        # names nobody owns and caches the upstream's answers, memory the churn did not use.
+        end = sample(daemons, args.duration)
         check = soak_check.check(
             snapshot(api),
             cluster.seen,
@@ -539,7 +577,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"http://127.0.0.1:{daemons.metrics_port}/debug/services",
             deadline_s=args.settle,
         )
-        end = sample(daemons, args.duration + check.settle_s)
+        after_check = sample(daemons, args.duration + check.settle_s)
         warm = next((s for s in samples if s["dnsd"]["t"] >= args.warmup), samples[-1])
         result: dict[str, Any] = {
             "complete": True,
@@ -568,6 +606,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
             "warm": warm,
             "end": end,
+            "after_check": after_check,
             "peak_rss_mb": {d: max(s[d]["rss_mb"] for s in [*samples, end]) for d in end},
             **memory_figures(warm, end),
             "samples": samples,

@@ -329,7 +329,8 @@ class CheckResult:
     frontends: int
     differences: list[str]
     passes: int  # comparisons made until zero differences or the deadline
-    coverage: dict[str, int]  # questions per "TYPE answer|NODATA|NXDOMAIN" and frontend state
+    # Questions per "<kind of name> <type> answer|NODATA|NXDOMAIN", and frontends per state.
+    coverage: dict[str, int]
     settle_s: float  # from the first comparison to the last
 
 
@@ -388,7 +389,16 @@ def coverage(expected: Expected, questions: list[Question]) -> dict[str, int]:
     for name, rtype in questions:
         want = expected.answer(name, rtype)
         kind = want if isinstance(want, str) else ("answer" if want else "NODATA")
-        out[f"{rtype} {kind}"] = out.get(f"{rtype} {kind}", 0) + 1
+        labels = name.split(".")
+        where = (
+            "reverse" if name.endswith(".arpa")
+            else "namespace" if len(labels) == 4
+            else "pod" if labels[2] == "pod"
+            else "service" if len(labels) == 5
+            else "endpoint" if len(labels) == 6 and not labels[0].startswith("_")
+            else "port"
+        )  # fmt: skip
+        out[f"{where} {rtype} {kind}"] = out.get(f"{where} {rtype} {kind}", 0) + 1
     for state in expected.frontends().values():
         out[f"frontend {state}"] = out.get(f"frontend {state}", 0) + 1
     return dict(sorted(out.items()))

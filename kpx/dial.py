@@ -17,9 +17,9 @@ is of the other family.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
-import select
 import socket
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -46,11 +46,7 @@ class DialCounters(Protocol):
 
 
 class ConnectWatcher(Protocol):
-    """Readiness callbacks per fd, and the events of the fd whose callback runs (that is
-    kpx/poller.py's Poller)."""
-
-    # The epoll events of the fd whose callback runs now.
-    ready_events: int
+    """Readiness callbacks per fd (kpx/poller.py's Poller)."""
 
     def add_writer(self, fd: int, callback: Callable[[], object]) -> None: ...
 
@@ -58,12 +54,9 @@ class ConnectWatcher(Protocol):
         """Drop `fd`'s callbacks: it is closed next."""
 
 
-# A connect that ended in an error (EPOLLERR) or was refused (EPOLLHUP as well).
-_CONNECT_FAILED = select.EPOLLERR | select.EPOLLHUP
-
 # The end of one connect phase: (the dial, its connected backend socket or None, whether the
 # watcher still watches that socket for writability: the caller takes the registration over).
-DialDone = Callable[["Dial", socket.socket | None, bool], None]
+DialDone = Callable[["Dial", _socket.socket | None, bool], None]
 # asyncio's `loop.call_later`.
 CallLater = Callable[..., asyncio.TimerHandle]
 
@@ -97,23 +90,22 @@ class Dialer:
         # Whether two addresses share a link (kpx/links.py): such a backend would answer the
         # client directly, so a dial connects to it from the node's address.
         self.same_link: Callable[[str, str], bool] = same_link or _never
-        # The connects under way.
+        # The connects under way (waiting for the handshake: most backends on this node
+        # complete it within connect() and never show up here).
         self.dials: set[Dial] = set()
 
     def dial(
         self,
-        client: socket.socket,
+        client: _socket.socket,
         client_ip: str,
         picker: Picker,
         candidates: list[Backend],
         source: str | None = None,
     ) -> None:
         """Connect `client` to the first of `candidates` that answers; `on_done` says how."""
-        dial = Dial(self, client, client_ip, picker, candidates, source)
-        self.dials.add(dial)
-        dial.next_attempt()
+        Dial(self, client, client_ip, picker, candidates, source).next_attempt()
 
-    def finish(self, dial: Dial, sock: socket.socket | None, watched: bool = False) -> None:
+    def finish(self, dial: Dial, sock: _socket.socket | None, watched: bool = False) -> None:
         self.dials.discard(dial)
         self.on_done(dial, sock, watched)
 
@@ -163,7 +155,7 @@ class Dial:
     def __init__(
         self,
         dialer: Dialer,
-        client: socket.socket,
+        client: _socket.socket,
         client_ip: str,
         picker: Picker,
         candidates: list[Backend],
@@ -178,7 +170,7 @@ class Dial:
         self.source = source
         self.attempt = 0
         self.backend: Backend | None = None
-        self.sock: socket.socket | None = None
+        self.sock: _socket.socket | None = None
         self.timer: asyncio.TimerHandle | None = None
         # The backend was closed (`Dialer.close_backend`) while this connect was under way.
         self.draining = False
@@ -199,7 +191,7 @@ class Dial:
             self.backend = backend
             family = socket.AF_INET6 if ":" in backend.ip else socket.AF_INET
             try:
-                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             except OSError as exc:  # EMFILE: nothing else will work either
                 log.error("backend_socket_failed", error=exc.strerror)
                 dialer.finish(self, None)
@@ -217,7 +209,7 @@ class Dial:
                 except OSError as exc:  # lost the capability? connect from the node then
                     log.warning("source_bind_failed", source=source, error=exc.strerror)
                     sock.close()
-                    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                    sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex((backend.ip, backend.port))
             if err == errno.EINPROGRESS:
@@ -229,6 +221,7 @@ class Dial:
                     sock.getpeername()
                 except OSError:
                     self.sock = sock
+                    dialer.dials.add(self)
                     dialer.watcher.add_writer(sock.fileno(), self.on_connect_ready)
                     self.timer = dialer.call_later(timeout, self.on_connect_timeout)
                     return
@@ -244,20 +237,27 @@ class Dial:
     def on_connect_ready(self) -> None:
         sock = self.sock
         assert sock is not None and self.timer is not None
+        # A peer address means connected: one syscall in the common case. The socket is
+        # asked rather than the event trusted: the event may be a closed socket's that had
+        # this fd number (its file kept alive for a moment by a forked child, see
+        # kpx/poller.py `forget`).
+        try:
+            sock.getpeername()
+            err = 0
+        except OSError:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == 0:
+                return  # not connected, no error: that stale event; the handshake goes on
         self.timer.cancel()
         self.timer = None
         self.sock = None
-        watcher = self.dialer.watcher
-        # Writable without an error or a hang-up means connected, no syscall needed (the
-        # poller never reports a closed socket's events to the one that took its number).
-        if not watcher.ready_events & _CONNECT_FAILED:
+        if err == 0:
             # Still watched for writing: the relay takes the registration over.
             self.dialer.finish(self, sock, True)
             return
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        watcher.forget(sock.fileno())
+        self.dialer.watcher.forget(sock.fileno())
         sock.close()
-        self.failed(errno.errorcode.get(err, str(err)) if err else "hangup")
+        self.failed(errno.errorcode.get(err, str(err)))
         self.next_attempt()
 
     def on_connect_timeout(self) -> None:

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kpx.backends import Backend
-from kwatch.models import EndpointSlice
+
+if TYPE_CHECKING:
+    from kwatch.models import EndpointSlice
 
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"

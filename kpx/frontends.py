@@ -67,6 +67,8 @@ class Frontends:
         self._touched: set[SteerKey] = set()
         self._released: dict[BackendAddress, Backend] = {}
         self._added: dict[BackendAddress, Backend] = {}
+        # Called with each Service key once its rules are applied (kpx/worker_feed.py).
+        self.on_applied: Callable[[str], object] | None = None
 
     # --- FrontendMap (hot path) ---------------------------------------------------------------
 
@@ -122,6 +124,8 @@ class Frontends:
             if count == 0:
                 self._added[addr] = backend
             self._backend_refs[addr] = count + 1
+        if self.on_applied is not None:
+            self.on_applied(key)
 
     def end(self, steering: dict[SteerKey, Steer | None]) -> tuple[list[Backend], list[Backend]]:
         """Close the round (also after a failed `set_service`: whatever was applied counts):

@@ -4,13 +4,15 @@ As haproxy's seamless reload and Envoy's hot restart do, the sockets themselves 
 process to the other over a unix socket (SCM_RIGHTS), so the kernel's connections never notice:
 - the listening sockets (the TCP redirect/tproxy listeners and the UDP tproxy sockets) move
   first, as soon as the new kpx starts: both processes accept on them until the handover ends,
-  so a new connection is served throughout;
+  so a new connection is served throughout (the new kpx reads the UDP ones only once the UDP
+  sessions are there, so that a client does not get a second session);
 - once the new kpx has listed the cluster, programmed the rules and accepts, it says `ready`;
   the old one stops accepting, lets the connects under way finish (at most `timeout`), freezes
   every relay and sends each one's client and backend sockets, with the pipes that hold bytes
   in flight and each direction's state (kpx/splice.py `DirectionState`): no byte is lost or
   sent twice, since the bytes not yet read stay in the sockets and the bytes read and not yet
-  written stay in the pipes, which move too;
+  written stay in the pipes, which move too; then every UDP session with its socket connected
+  to the endpoint, so the endpoint keeps seeing the same source address and port;
 - after the new kpx acknowledged them, the old one closes its copies (no FIN, no reset) and
   serves nothing more. It leaves the nftables table and the policy routes alone: the new kpx
   programmed the same ones in its first sync.
@@ -19,9 +21,8 @@ The protocol's messages are in kpx/handover_wire.py. `HandoverSession` is the ne
 `HandoverServer` the old one's. Should either process die mid-way, the other carries on: a new
 kpx whose predecessor vanished binds what it did not receive and starts as usual (the rules are
 whole: a SIGKILL leaves them), an old kpx whose successor vanished accepts again and resumes
-the connections it had not sent yet (those it sent are reset: their state may have moved).
-UDP sessions are not handed over: the old kpx's end with it, and a client's next datagram
-starts a new one in the new kpx.
+the connections it had not sent yet (those it sent are reset: their state may have moved; the
+UDP sessions it sent end, and a client's next datagram starts a new one).
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ import structlog
 from prometheus_client import Counter, Gauge
 
 from kpx import handover_wire as wire
+from kpx.backends import Backend
+from kpx.proxy import Proxy
 from kpx.splice import DirectionState, Pipe, Relay
+from kpx.udp_relay import UdpRelay
+from kpx.udp_sessions import Session
 
 log = structlog.get_logger("kpx.handover")
 
@@ -45,6 +50,12 @@ HANDOVERS = Counter(
     "kpx_handover",
     "Handovers by this process's role (old: gave its sockets, new: took them) and result",
     ["role", "result"],
+)
+UDP_SESSIONS = Counter(
+    "kpx_handover_udp_sessions",
+    "UDP sessions handed over (sent by the old kpx, adopted by the new one; a client the new "
+    "kpx had already met keeps the session it has there)",
+    ["event"],
 )
 CONNECTIONS = Counter(
     "kpx_handover_connections",
@@ -63,6 +74,8 @@ for _role in ("old", "new"):
         HANDOVERS.labels(_role, _result)
 for _event in ("sent", "adopted", "reset"):
     CONNECTIONS.labels(_event)
+for _event in ("sent", "adopted"):
+    UDP_SESSIONS.labels(_event)
 
 # How often the old kpx checks whether its connects under way have finished.
 _POLL_SECONDS = 0.005
@@ -164,6 +177,8 @@ def _pipes(fds: Sequence[int]) -> list[Pipe]:
 
 
 AdoptConnection = Callable[[socket.socket, socket.socket, wire.Address], Relay]
+# kpx.udp_relay.UdpRelay.adopt_session: (key, name, client ip, frontend, endpoint, socket).
+AdoptSession = Callable[[bytes, bytes, str, wire.Address, Backend, socket.socket], bool]
 
 
 class HandoverSession:
@@ -211,11 +226,14 @@ class HandoverSession:
         """Give the handover up (this kpx stops before serving): the old one carries on."""
         self._channel.close()
 
-    async def take_connections(self, adopt: AdoptConnection, step_timeout: float) -> int:
-        """Say `ready` and adopt every connection the old kpx sends; the number adopted.
-        `step_timeout` bounds each wait (twice: the old kpx lets its connects finish first)."""
+    async def take_connections(
+        self, adopt: AdoptConnection, adopt_session: AdoptSession, step_timeout: float
+    ) -> int:
+        """Say `ready` and adopt every connection and UDP session the old kpx sends; the
+        number of connections adopted. `step_timeout` bounds each wait (twice: the old kpx
+        lets its connects finish first)."""
         channel = self._channel
-        adopted = 0
+        adopted = sessions = 0
         started = time.monotonic()
         try:
             await channel.send(wire.Ready())
@@ -224,12 +242,15 @@ class HandoverSession:
                     message, fds = await channel.receive()
                 if isinstance(message, wire.Done):
                     break
-                if not isinstance(message, wire.Connections):
+                if isinstance(message, wire.Connections):
+                    adopted += _adopt_batch(message, fds, adopt)
+                elif isinstance(message, wire.Sessions):
+                    sessions += _adopt_sessions(message, fds, adopt_session)
+                else:
                     _close_fds(fds)
                     raise HandoverError(f"expected connections, got {type(message).__name__}")
-                adopted += _adopt_batch(message, fds, adopt)
             SECONDS.labels("new").set(time.monotonic() - started)
-            await channel.send(wire.Ack(adopted))
+            await channel.send(wire.Ack(adopted, sessions))
         except (OSError, TimeoutError, HandoverError, wire.WireError) as err:
             HANDOVERS.labels("new", "failed").inc()
             log.error(
@@ -246,6 +267,7 @@ class HandoverSession:
             "handover_completed",
             role="new",
             connections=adopted,
+            udp_sessions=sessions,
             seconds=round(time.monotonic() - started, 4),
         )
         return adopted
@@ -262,11 +284,21 @@ def _adopt_batch(message: wire.Connections, fds: list[int], adopt: AdoptConnecti
     return len(message.items)
 
 
+def _adopt_sessions(message: wire.Sessions, fds: list[int], adopt: AdoptSession) -> int:
+    adopted = 0
+    for item, fd in zip(message.items, fds, strict=True):
+        backend = Backend(*item.backend)
+        if adopt(item.key, item.name, item.client, item.frontend, backend, _socket_of(fd)):
+            adopted += 1
+    UDP_SESSIONS.labels("adopted").inc(adopted)
+    return adopted
+
+
 # --- the old kpx's side ------------------------------------------------------------------
 
 
 class HandoverSource:
-    """What the old kpx hands over; kpx/main.py's `Daemon` provides it."""
+    """What the old kpx hands over (`of`: its proxy's and UDP relay's sockets)."""
 
     def __init__(
         self,
@@ -276,6 +308,8 @@ class HandoverSource:
         connecting: Callable[[], int],
         detach_relays: Callable[[], list[Relay]],
         give_back: AdoptConnection,
+        detach_sessions: Callable[[], list[Session]] = list,
+        give_back_session: AdoptSession | None = None,
     ) -> None:
         self.tcp_listeners = tcp_listeners
         self.udp_sockets = udp_sockets
@@ -285,6 +319,31 @@ class HandoverSource:
         self.detach_relays = detach_relays
         # A relay of this process again, for a connection frozen for a failed handover.
         self.give_back = give_back
+        # The UDP sessions, no longer read here; and back, after a failed handover.
+        self.detach_sessions = detach_sessions
+        self.give_back_session = give_back_session
+
+    @classmethod
+    def of(cls, proxy: Proxy, udp: UdpRelay | None) -> HandoverSource:
+        """The redirect listeners and connections of `proxy`, the transparent sockets and
+        sessions of `udp` (None: UDP is off)."""
+
+        def hold(held: bool) -> None:
+            for listener in proxy.redirect_listeners():
+                (listener.hold if held else listener.resume)()
+            if udp is not None:
+                udp.hold(held)
+
+        return cls(
+            tcp_listeners=lambda: [listener.sock for listener in proxy.redirect_listeners()],
+            udp_sockets=udp.transparent_sockets if udp is not None else list,
+            hold=hold,
+            connecting=lambda: proxy.connecting,
+            detach_relays=proxy.detach_relays,
+            give_back=proxy.make_relay,
+            detach_sessions=udp.detach_sessions if udp is not None else list,
+            give_back_session=udp.adopt_session if udp is not None else None,
+        )
 
 
 class HandoverServer:
@@ -379,7 +438,8 @@ class HandoverServer:
             await asyncio.sleep(_POLL_SECONDS)
         relays = source.detach_relays()
         frozen = [(relay, relay.freeze()) for relay in relays]
-        sent = 0
+        sessions = source.detach_sessions()
+        sent = sessions_sent = 0
         try:
             items = [
                 wire.Connection(relay.tag, up, down)  # type: ignore[arg-type]
@@ -396,14 +456,30 @@ class HandoverServer:
                     await channel.send(batch, batch_fds)
                     sent += len(batch.items)
                     CONNECTIONS.labels("sent").inc(len(batch.items))
-                await channel.send(wire.Done(sent))
+                session_items = [
+                    wire.UdpSession(
+                        s.key,
+                        s.name,
+                        s.client_ip,
+                        s.frontend,
+                        (s.backend.ip, s.backend.port, s.backend.node_name, s.backend.zone),
+                    )
+                    for s in sessions
+                ]
+                for session_batch in wire.session_batches(session_items):
+                    count = len(session_batch.items)
+                    part = sessions[sessions_sent : sessions_sent + count]
+                    await channel.send(session_batch, [s.fd for s in part])
+                    sessions_sent += count
+                    UDP_SESSIONS.labels("sent").inc(count)
+                await channel.send(wire.Done(sent, sessions_sent))
                 ack, fds = await channel.receive()
             _close_fds(fds)
             if not isinstance(ack, wire.Ack) or ack.adopted != sent:
                 raise HandoverError(f"expected ack of {sent}, got {ack!r}")
         except (OSError, TimeoutError, HandoverError, wire.WireError) as err:
             channel.close()
-            self._recover(frozen, sent)
+            self._recover(frozen, sent, sessions, sessions_sent)
             HANDOVERS.labels("old", "failed").inc()
             log.error(
                 "handover_failed",
@@ -415,20 +491,37 @@ class HandoverServer:
         channel.close()
         for relay in relays:
             relay.release()
+        for session in sessions:
+            session.sock.close()  # the successor's copy carries on
         seconds = time.monotonic() - started
         SECONDS.labels("old").set(seconds)
         HANDOVERS.labels("old", "completed").inc()
-        log.info("handover_completed", role="old", connections=sent, seconds=round(seconds, 4))
+        log.info(
+            "handover_completed",
+            role="old",
+            connections=sent,
+            udp_sessions=sessions_sent,
+            seconds=round(seconds, 4),
+        )
         return True
 
     def _recover(
         self,
         frozen: list[tuple[Relay, tuple[DirectionState, DirectionState, list[Pipe]]]],
         sent: int,
+        sessions: list[Session],
+        sessions_sent: int,
     ) -> None:
         """The successor vanished mid-way: accept again, resume what was not sent, reset what
-        was (the successor may have moved its bytes already)."""
+        was (the successor may have moved its bytes already). UDP sessions sent end (a
+        client's next datagram starts a new one)."""
         self.source.hold(False)
+        give_back_session = self.source.give_back_session
+        for index, s in enumerate(sessions):
+            if index < sessions_sent or give_back_session is None:
+                s.sock.close()
+            else:
+                give_back_session(s.key, s.name, s.client_ip, s.frontend, s.backend, s.sock)
         for index, (relay, (up, down, pipes)) in enumerate(frozen):
             again = self.source.give_back(relay.client, relay.backend, relay.tag)  # type: ignore[arg-type]
             again.resume(up, down, pipes)

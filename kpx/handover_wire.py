@@ -13,14 +13,20 @@ SCM_RIGHTS, in the order the message lists what they belong to.
                                               (stops accepting, lets its connects finish,
                                               freezes every relay)
                                      <-       connections {items: [...]} (any number)
-                                     <-       done {count}
-    ack {adopted}                    ->
+                                     <-       sessions {items: [...]} (any number)
+                                     <-       done {count, sessions}
+    ack {adopted, sessions}          ->
                                               (closes its copies of the fds, serves no more)
 
 A connection item is `{"backend": [ip, port], "up": [pending, eof, done], "down": [...]}` with
 its fds: the client socket, the backend socket, then for each direction (upstream first) that
 has bytes in flight, its pipe's read and write ends. A batch carries at most `MAX_FDS` fds
 (the kernel's SCM_MAX_FD is 253).
+
+A UDP session item is `{"key": hex, "name": hex, "client": ip, "frontend": [ip, port],
+"backend": [ip, port, node, zone]}` (kpx/udp_sessions.py's fields: the raw table key and client
+sockaddr; the endpoint whole, as the balancer compares it) with one fd, its socket connected to
+the endpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ MAX_FDS = 240
 MAX_MESSAGE = 128 * 1024
 
 Address = tuple[str, int]
+# An endpoint as kpx.backends.Backend holds it: ip, port, node name, zone.
+Endpoint = tuple[str, int, str | None, str | None]
 # (bytes in the pipe, source said EOF, EOF passed on): kpx.splice.DirectionState's fields.
 Direction = tuple[int, bool, bool]
 
@@ -78,16 +86,32 @@ class Connections:
 
 
 @dataclass(frozen=True, slots=True)
+class UdpSession:
+    key: bytes
+    name: bytes
+    client: str
+    frontend: Address
+    backend: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Sessions:
+    items: tuple[UdpSession, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
-    count: int
+    count: int  # connections sent
+    sessions: int  # UDP sessions sent
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    adopted: int
+    adopted: int  # connections adopted (all of them, or the handover failed)
+    sessions: int  # UDP sessions adopted (those of clients the new kpx had not met yet)
 
 
-Message = Hello | Listeners | Ready | Connections | Done | Ack
+Message = Hello | Listeners | Ready | Connections | Sessions | Done | Ack
 
 
 def fd_count(message: Message) -> int:
@@ -96,6 +120,8 @@ def fd_count(message: Message) -> int:
         return len(message.tcp) + len(message.udp)
     if isinstance(message, Connections):
         return sum(item.fds for item in message.items)
+    if isinstance(message, Sessions):
+        return len(message.items)
     return 0
 
 
@@ -115,15 +141,34 @@ def encode(message: Message) -> bytes:
                 for item in message.items
             ],
         }
+    elif isinstance(message, Sessions):
+        body = {
+            "kind": "sessions",
+            "items": [
+                {
+                    "key": item.key.hex(),
+                    "name": item.name.hex(),
+                    "client": item.client,
+                    "frontend": item.frontend,
+                    "backend": item.backend,
+                }
+                for item in message.items
+            ],
+        }
     elif isinstance(message, Done):
-        body = {"kind": "done", "count": message.count}
+        body = {"kind": "done", "count": message.count, "sessions": message.sessions}
     else:
-        body = {"kind": "ack", "adopted": message.adopted}
+        body = {"kind": "ack", "adopted": message.adopted, "sessions": message.sessions}
     body["fds"] = fd_count(message)
     data = json.dumps(body, separators=(",", ":")).encode()
     if len(data) > MAX_MESSAGE:
         raise WireError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     return data
+
+
+def session_batches(items: list[UdpSession]) -> list[Sessions]:
+    """`items` cut into messages of at most MAX_FDS sessions (one fd each)."""
+    return [Sessions(tuple(items[i : i + MAX_FDS])) for i in range(0, len(items), MAX_FDS)]
 
 
 def batches(items: list[Connection]) -> list[Connections]:
@@ -170,6 +215,20 @@ def _address(value: Any) -> Address:
     return host, port
 
 
+def _endpoint(value: Any) -> Endpoint:
+    ip, port, node, zone = value
+    for text in (node, zone):
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"bad endpoint {value!r}")
+    return (*_address([ip, port]), node, zone)
+
+
+def _ip(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"bad address {value!r}")
+    return value
+
+
 def _direction(value: Any) -> Direction:
     pending, eof, done = value
     if not isinstance(pending, int) or pending < 0:
@@ -199,9 +258,24 @@ def _parse(body: dict[str, Any]) -> Message:
                 for i in body["items"]
             )
         )
+    if kind == "sessions":
+        return Sessions(
+            tuple(
+                UdpSession(
+                    bytes.fromhex(i["key"]),
+                    bytes.fromhex(i["name"]),
+                    _ip(i["client"]),
+                    _address(i["frontend"]),
+                    _endpoint(i["backend"]),
+                )
+                for i in body["items"]
+            )
+        )
     if kind in ("done", "ack"):
         count = body["count" if kind == "done" else "adopted"]
-        if not isinstance(count, int) or count < 0:
-            raise ValueError(f"bad count {count!r}")
-        return Done(count) if kind == "done" else Ack(count)
+        sessions = body["sessions"]
+        for value in (count, sessions):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"bad count {value!r}")
+        return Done(count, sessions) if kind == "done" else Ack(count, sessions)
     raise ValueError(f"unknown kind {kind!r}")

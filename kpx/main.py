@@ -52,6 +52,10 @@ from kpx.sync import RuleSyncer, SteeringWriter
 from kpx.table import ServiceTable
 from kpx.transparent import transparent_problem
 from kpx.udp_path import UdpPath
+from kpx.worker_channel import WorkerConfig
+from kpx.worker_feed import FedWriter, rules_snapshot
+from kpx.worker_metrics import SummedWorkerStats, WorkerCollector
+from kpx.worker_pool import WorkerPool
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
@@ -137,7 +141,10 @@ class Daemon:
         # A handover (kpx/handover.py): health ports are shared with SO_REUSEPORT while two
         # kpx run; `handover` is this kpx's session with the one it replaces, `handed_over`
         # is set once this kpx gave everything to its successor.
-        self.reuse_port = settings.mode == "nftables" and bool(settings.handover_socket)
+        # (No handover with --workers above 1: the listeners are the workers'.)
+        self.reuse_port = (
+            settings.mode == "nftables" and bool(settings.handover_socket) and settings.workers == 1
+        )
         self.handover: HandoverSession | None = None
         self.handover_server: HandoverServer | None = None
         self.handed_over = asyncio.Event()
@@ -148,6 +155,10 @@ class Daemon:
         self._build_udp()
         self._build_writer()
         self._build_servers()
+        # --workers N: the TCP data plane runs in N worker processes (`_build_workers`).
+        self.pool: WorkerPool | None = None
+        if settings.workers > 1:
+            self._build_workers()
         loop = asyncio.get_running_loop()
         self.gc_pauses = GcPauses(on_slow_full=lambda: loop.call_soon_threadsafe(gc.freeze))
         self.loop_lag = LoopLag(loop)
@@ -310,6 +321,53 @@ class Daemon:
             reuse_port=self.reuse_port,
         )
 
+    def _build_workers(self) -> None:
+        """--workers N: N processes accept and relay the TCP connections (kpx/worker.py); this
+        one watches, syncs and programs nftables, feeding every worker the rules it applied
+        before nftables steers to them (kpx/worker_feed.py). Its own proxy never listens."""
+        settings, table = self.settings, self.table
+
+        def config(index: int) -> WorkerConfig:
+            return WorkerConfig(
+                index=index,
+                listen_hosts=tuple(self.listen_hosts),
+                proxy_port=settings.proxy_port,
+                transparent=self.transparent,
+                connect_timeouts=tuple(settings.connect_timeouts),
+                max_connections=settings.max_connections,
+                drain_timeout=settings.drain_timeout,
+                idle_timeout=settings.idle_timeout,
+                cooldown_base=settings.cooldown_base,
+                cooldown_max=settings.cooldown_max,
+                affinity_max_entries=settings.affinity_max_entries,
+                cluster_cidrs=tuple(settings.cluster_cidrs),
+                masquerade_all=settings.masquerade_all,
+                housekeeping_period=settings.sync_period,
+                log_format=settings.log_format,
+                log_level=settings.log_level,
+            )
+
+        pool = self.pool = WorkerPool(
+            settings.workers, config, lambda: rules_snapshot(table.frontends)
+        )
+        self.syncer.writer = FedWriter(self.writer, table.frontends, pool)
+        REGISTRY.unregister(self._collector)
+        self._collector = register_proxy_stats(SummedWorkerStats(pool))
+        summed = SummedWorkerStats(pool)
+        self._worker_balancers = lambda name: float(getattr(summed, name))
+        metrics.BALANCER_EVENTS.sources.append(self._worker_balancers)
+        self._worker_collector = WorkerCollector(pool)
+        REGISTRY.register(self._worker_collector)
+
+    def _claim_for_workers(self) -> list[Listener]:
+        """--workers N: claim the proxy port as `_claim_ports` does (a plain bind fails while
+        another kpx listens there), then free it for the workers' SO_REUSEPORT group."""
+        assert self.pool is not None
+        for host in self.listen_hosts:
+            self.proxy.bind_redirect(host, self.settings.proxy_port).close()
+        self.pool.start()
+        return []
+
     async def _proxy_mode(self, _request: web.Request) -> web.Response:
         return web.Response(text=self.settings.mode)
 
@@ -324,6 +382,8 @@ class Daemon:
         ok, text = self.state.readiness()
         if ok and (self.syncer.syncs == 0 or not self.udp.synced):
             return False, "waiting for the first rule sync"
+        if ok and self.pool is not None and self.pool.listening < len(self.pool.slots):
+            return False, "waiting for the workers"
         if ok and self.handover is not None:
             return False, "taking the connections over from the previous kpx"
         if ok and self.handover_server is not None and self.handover_server.busy:
@@ -369,6 +429,12 @@ class Daemon:
         settings = self.settings
         if settings.mode != "nftables":
             return []
+        if self.pool is not None:
+            listeners = self._claim_for_workers()
+            await self.udp.claim(
+                self.listen_hosts, settings.proxy_port, self.routing, self.transparent
+            )
+            return listeners
         if settings.handover_socket:
             # A kpx running here hands its listeners over (the rest once this one serves).
             self.handover = await HandoverSession.connect(
@@ -384,6 +450,10 @@ class Daemon:
         await self.udp.claim(
             self.listen_hosts, port, self.routing, self.transparent, handed_over=udp_sockets
         )
+        if udp_sockets and self.udp.enabled:
+            # Read once the predecessor's sessions are here (`_take_over`): a datagram read
+            # earlier would start a second session for a client that has one there.
+            self.udp.relay.hold(True)
         return bound
 
     async def _start_servers_and_watches(self) -> None:
@@ -457,27 +527,17 @@ class Daemon:
         accepts), then serve handovers to the next one."""
         settings = self.settings
         if self.handover is not None:
-            await self.handover.take_connections(self.proxy.make_relay, settings.handover_timeout)
+            await self.handover.take_connections(
+                self.proxy.make_relay, self.udp.relay.adopt_session, settings.handover_timeout
+            )
+            if self.handover.udp and self.udp.enabled:
+                self.udp.relay.hold(False)
             self.handover = None
         if not self.reuse_port:
             return
-        proxy, udp = self.proxy, self.udp
-
-        def hold(held: bool) -> None:
-            for listener in proxy.redirect_listeners():
-                (listener.hold if held else listener.resume)()
-
+        source = HandoverSource.of(self.proxy, self.udp.relay if self.udp.enabled else None)
         server = self.handover_server = HandoverServer(
-            settings.handover_socket,
-            HandoverSource(
-                tcp_listeners=lambda: [listener.sock for listener in proxy.redirect_listeners()],
-                udp_sockets=lambda: udp.relay.transparent_sockets() if udp.enabled else [],
-                hold=hold,
-                connecting=lambda: proxy.connecting,
-                detach_relays=proxy.detach_relays,
-                give_back=proxy.make_relay,
-            ),
-            settings.handover_timeout,
+            settings.handover_socket, source, settings.handover_timeout
         )
 
         async def serve_handovers() -> None:
@@ -516,7 +576,10 @@ class Daemon:
         drain = self.settings.drain_timeout
         if drain is None:
             drain = DEFAULT_STOP_DRAIN
-        await self.proxy.stop(drain if status == 0 else 0.0)
+        if self.pool is not None:
+            await self.pool.stop(drain if status == 0 else 0.0)
+        # Handed over, only connects that outlasted --handover-timeout are left: reset.
+        await self.proxy.stop(drain if status == 0 and not keep_rules else 0.0)
         await self.udp.stop(self.programmed and not keep_rules)
         if self.programmed and not keep_rules:
             await self.writer.remove()
@@ -526,6 +589,9 @@ class Daemon:
         await self.metrics_server.stop()
         await self.healthz.stop()
         REGISTRY.unregister(self._collector)
+        if self.pool is not None:
+            REGISTRY.unregister(self._worker_collector)
+            metrics.BALANCER_EVENTS.sources.remove(self._worker_balancers)
         self.loop_lag.stop()
         self.gc_pauses.uninstall()
         log.info("kpx_stopped")

@@ -8,6 +8,7 @@ linux/netfilter_ipv6/ip6_tables.h).
 
 from __future__ import annotations
 
+import _socket
 import socket
 import struct
 
@@ -38,7 +39,7 @@ def parse_sockaddr_in6(raw: bytes) -> tuple[str, int]:
     return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
 
 
-def original_dst(sock: socket.socket, peer_ip: str | None = None) -> tuple[str, int]:
+def original_dst(sock: _socket.socket, peer_ip: str | None = None) -> tuple[str, int]:
     """The pre-redirect (ip, port) of an accepted connection.
 
     `peer_ip` is the client address as accept() returned it; an IPv4-mapped peer on an AF_INET6

@@ -10,13 +10,15 @@ the callbacks of the sockets that are ready, with the loop's semantics: level-tr
 an error or hang-up wakes both the reader and the writer.
 
 The interface is the loop's (`add_reader`, `remove_reader`, `add_writer`, `remove_writer`),
-plus three calls that save an epoll_ctl each per proxied connection:
+plus two calls that save an epoll_ctl each per proxied connection:
 - `writer_to_reader`: a connected backend socket goes from "connect done?" to "data?" in one
   change of interest instead of two;
 - `forget`: the owner is about to close the fd, and closing takes it out of the epoll set by
-  itself, so the set is not told (a DEL per socket);
-- `ready_events`: the events of the fd whose callback runs, so a connect's outcome is read from
-  them (EPOLLERR or EPOLLHUP: failed) instead of asking the socket.
+  itself, so the set is not told (a DEL per socket). Only once the last reference to the
+  socket's file is gone, though: a child forked at that moment holds one until it execs
+  (CLOEXEC), and meanwhile the closed socket's events still arrive under its fd number, which
+  a new socket may hold. Every callback therefore checks what it is told (splice says EAGAIN,
+  a connect asks the socket for its peer).
 Every fd must be removed or forgotten before it is closed.
 
 A callback may close an fd and make a new one with the same number while events of the same
@@ -40,7 +42,7 @@ _MAX_EVENTS = 256
 class Poller:
     """Readiness callbacks for many fds through one epoll set registered with `loop`."""
 
-    __slots__ = ("_epoll", "_gone", "_loop", "_masks", "_readers", "_writers", "ready_events")
+    __slots__ = ("_epoll", "_gone", "_loop", "_masks", "_readers", "_writers")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -51,8 +53,6 @@ class Poller:
         self._masks: dict[int, int] = {}
         # Fds removed or forgotten since the current (or last) batch was polled.
         self._gone: set[int] = set()
-        # The events of the fd whose callback runs now (`_dispatch`).
-        self.ready_events = 0
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     # The four calls below are the data path's hottest: each is one dict change and at most one
@@ -131,7 +131,6 @@ class Poller:
             # socket may hold its number now: these events were the old one's.
             if fd in gone:
                 continue
-            self.ready_events = events
             if events & (_IN | _TROUBLE):
                 reader = readers.get(fd)
                 if reader is not None:

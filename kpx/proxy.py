@@ -12,9 +12,8 @@ Per connection everything runs as readiness callbacks on the event loop (no task
 accept -> `FrontendMap.lookup` -> `Picker.candidates` -> `Dialer.dial` (non-blocking connect with
 a timeout ladder over the candidates, kpx/dial.py) -> `Relay` (kpx/splice.py). The dialer is
 handed the watcher, the ladder, the timers and `_end_dial` as its callback: kpx/dial.py never
-sees the proxy. A client whose
-frontend has no backend, or whose every candidate failed, is reset at once (SO_LINGER 0), never
-left hanging.
+sees the proxy. A client whose frontend has no backend, or whose every candidate failed, is
+reset at once (SO_LINGER 0), never left hanging.
 
 Transparent mode (`transparent=True`): the redirect listeners are IP_TRANSPARENT, so they also
 accept the connections nftables `tproxy`s to them, whose local address is the frontend (host
@@ -30,6 +29,7 @@ endpoint is offered again before the deadline.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import resource
@@ -216,6 +216,8 @@ class Proxy:
         self._drain_timers: dict[BackendKey, asyncio.TimerHandle] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        # Bound once: a relay's close callback without a bound-method object per connection.
+        self._relay_closed = self._on_relay_closed
         self._limit_logged_at = 0.0
         self._limit_hits_unlogged = 0
 
@@ -368,7 +370,9 @@ class Proxy:
                     self._pause_listener(listener)
                     return
                 continue  # ECONNABORTED and friends concern one client only
-            client = socket.socket(listener._family, socket.SOCK_STREAM, 0, fd)
+            # The C socket type, not socket.socket: no Python-level __init__ and close
+            # wrappers (three Python calls per socket).
+            client = _socket.socket(listener._family, socket.SOCK_STREAM, 0, fd)
             self.stats.connections_total += 1
             try:
                 self._route(listener, client, peer[0])
@@ -376,7 +380,7 @@ class Proxy:
                 log.exception("connection_routing_crashed")
                 reset_socket(client)
 
-    def _route(self, listener: Listener, client: socket.socket, peer_ip: str) -> None:
+    def _route(self, listener: Listener, client: _socket.socket, peer_ip: str) -> None:
         """Find the frontend and its candidates and dial them, or refuse the client (reset)."""
         stats = self.stats
         if stats.connections_active >= self.max_connections:
@@ -398,8 +402,10 @@ class Proxy:
                 log.warning("original_dst_unavailable", client=peer_ip, error=exc.strerror)
                 reset_socket(client)
                 return
-        client_ip = unmap_ipv4(peer_ip)
-        frontend_ip = unmap_ipv4(frontend[0])
+        if listener._family == socket.AF_INET6:
+            client_ip, frontend_ip = unmap_ipv4(peer_ip), unmap_ipv4(frontend[0])
+        else:
+            client_ip, frontend_ip = peer_ip, frontend[0]
         picker = self.frontends.lookup(frontend_ip, frontend[1])
         if picker is None:
             stats.unknown_frontend += 1
@@ -416,10 +422,11 @@ class Proxy:
         if self.source_address is not None:
             source = self.source_address(frontend_ip, frontend[1], client_ip)
         stats.connections_active += 1
-        self._idle.clear()
+        if stats.connections_active == 1:
+            self._idle.clear()
         self.dialer.dial(client, client_ip, picker, candidates, source)
 
-    def _refuse_over_limit(self, client: socket.socket) -> None:
+    def _refuse_over_limit(self, client: _socket.socket) -> None:
         self.stats.limit_hits += 1
         self._limit_hits_unlogged += 1
         reset_socket(client)
@@ -435,7 +442,7 @@ class Proxy:
             self._limit_hits_unlogged = 0
 
     def _end_dial(
-        self, dial: Dial, backend_sock: socket.socket | None, watched: bool = False
+        self, dial: Dial, backend_sock: _socket.socket | None, watched: bool = False
     ) -> None:
         """The connect phase is over: relay on success, reset the client otherwise. `watched`:
         the poller still watches `backend_sock` for writability (the connect's readiness);
@@ -461,9 +468,16 @@ class Proxy:
             reset_socket(dial.client)
             self._connection_closed()
             return
-        poller = self.poller
+        poller = self._poller
+        assert poller is not None  # made with the dialer
         relay = Relay(
-            poller, dial.client, backend_sock, self.pool, self.stats, self._on_relay_closed, key
+            poller,
+            dial.client,
+            backend_sock,
+            self.pool,
+            self.stats,
+            self._relay_closed,
+            key,
         )
         self._relays.add(relay)
         group = self._by_backend.get(key)
@@ -508,7 +522,9 @@ class Proxy:
         key = (backend.ip, backend.port)
         open_relays = set(self._by_backend.get(key, ()))
         # Candidate lists drawn up before the removal: no new connection may reach it.
-        connecting = self.dialer.close_backend(key, drain=self.drain_timeout is not None)
+        dialer = self._dialer  # none yet: no connect under way
+        drain = self.drain_timeout is not None
+        connecting = dialer.close_backend(key, drain) if dialer is not None else 0
         log.info(
             "backend_draining",
             backend_ip=backend.ip,
@@ -537,7 +553,8 @@ class Proxy:
             return
         timer.cancel()
         self._draining.pop(key, None)
-        self.dialer.restore_backend(key)
+        if self._dialer is not None:
+            self._dialer.restore_backend(key)
         log.info("backend_drain_cancelled", backend_ip=backend.ip, backend_port=backend.port)
 
     def _drain_expired(self, key: BackendKey) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
@@ -36,7 +36,9 @@ from kpx.endpoints import (
     local_ready_endpoint_ips,
 )
 from kpx.source import FrontendClass
-from kwatch.models import EndpointSlice, Service
+
+if TYPE_CHECKING:
+    from kwatch.models import EndpointSlice, Service
 
 log = structlog.get_logger("kpx.rules")
 

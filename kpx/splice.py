@@ -13,6 +13,7 @@ limit (two sockets per connection instead of six fds) and its memory small.
 
 from __future__ import annotations
 
+import _socket
 import fcntl
 import os
 import socket
@@ -33,7 +34,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 Pipe = tuple[int, int]
 
 
-def reset_socket(sock: socket.socket) -> None:
+def reset_socket(sock: _socket.socket) -> None:
     """Close `sock` with a TCP RST instead of a FIN (SO_LINGER on with a zero timeout)."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -153,7 +154,7 @@ class _Direction:
     )
 
     def __init__(
-        self, relay: Relay, src: socket.socket, dst: socket.socket, upstream: bool
+        self, relay: Relay, src: _socket.socket, dst: _socket.socket, upstream: bool
     ) -> None:
         self.relay = relay
         self.src = src
@@ -323,8 +324,8 @@ class Relay:
     def __init__(
         self,
         loop: FdWatcher,
-        client: socket.socket,
-        backend: socket.socket,
+        client: _socket.socket,
+        backend: _socket.socket,
         pool: PipePool,
         counters: RelayCounters,
         on_closed: Callable[[Relay], None],

@@ -14,6 +14,7 @@ nftables' `tproxy` and `socket` expressions (nft_tproxy, nft_socket), and policy
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import socket
@@ -36,7 +37,7 @@ _PROBE_TABLE = """table inet kpx-probe {
 """
 
 
-def make_transparent(sock: socket.socket) -> None:
+def make_transparent(sock: _socket.socket) -> None:
     """IP_TRANSPARENT (IPV6_TRANSPARENT): accept tproxied connections, bind to any address.
     Raises PermissionError without CAP_NET_ADMIN/CAP_NET_RAW."""
     if sock.family == socket.AF_INET6:
@@ -45,7 +46,7 @@ def make_transparent(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
 
 
-def bind_transparent(sock: socket.socket, ip: str) -> None:
+def bind_transparent(sock: _socket.socket, ip: str) -> None:
     """Make `sock` connect from `ip` (not an address of this host). Raises OSError."""
     make_transparent(sock)
     sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)

@@ -17,7 +17,9 @@ get the node's.
 Per session (kpx/udp_sessions.py) one socket connected to the endpoint: its source port names
 the session, the kernel filters out strangers, and an ICMP error from the endpoint shows up as
 ECONNREFUSED on it (the endpoint is then put in cool-down and the client's next datagram picks
-another one).
+another one). Session sockets sit in one epoll of the relay's, which the event loop watches as
+one reader: an event-loop handle per session would cost memory (uvloop: a poll handle each) and
+a callback per ready session.
 
 The hot path: sockets are watched with `add_reader` (not asyncio's datagram transport, which
 reads one datagram per wake-up and, on uvloop, cannot pass IP_RECVORIGDSTADDR); a readable socket
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -65,6 +68,7 @@ log = structlog.get_logger("kpx.udp")
 BATCH = 32  # datagrams per recvmmsg/sendmmsg
 MAX_DATAGRAM = 65536  # buffer per datagram: the largest UDP payload (65,527 over IPv6) fits
 DRAIN_ROUNDS = 8  # batches per readiness callback before other sockets get their turn
+MAX_READY_SESSIONS = 256  # sessions drained per wake-up of their epoll before the loop's turn
 CONTROL_SIZE = 64  # cmsghdr (16) + sockaddr_in6 (28), aligned
 SOCKET_BUFFER = 4 << 20  # SO_RCVBUF asked for on client-facing sockets (bursts)
 
@@ -209,6 +213,12 @@ class UdpRelay:
         # datagram, marked and routed locally: kpx/udp_nft.py) arrives on it.
         self._reply_socks: dict[tuple[str, int], UdpListener] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        # Every session's socket, in one epoll the loop watches as a single reader: no event
+        # loop handle per session (memory), and one callback drains every ready session.
+        self._session_poll: select.epoll | None = None
+        self._by_fd: dict[int, Session] = {}
+        # Client-facing sockets are not read (`hold`, for a handover), new ones included.
+        self._held = False
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -255,6 +265,56 @@ class UdpRelay:
         """The `serve_transparent` sockets, for a handover."""
         return [listener.sock for listener in self._listeners if listener.frontend is None]
 
+    def hold(self, held: bool) -> None:
+        """Stop (True) or resume (False) reading the client-facing sockets, for a handover:
+        the successor reads the same sockets meanwhile, and a session made here now would
+        not move with the others."""
+        if held == self._held:
+            return
+        self._held = held
+        for listener in self._listeners:
+            if held:
+                self.loop.remove_reader(listener.fd)
+            else:
+                self.loop.add_reader(listener.fd, self._on_client_readable, listener)
+
+    def detach_sessions(self) -> list[Session]:
+        """Every session, no longer read nor kept here (its socket stays open), for a
+        handover: the caller closes their sockets once handed over, or gives them back with
+        `adopt_session`."""
+        sessions = list(self.sessions)
+        for session in sessions:
+            self.sessions.remove(session)
+            self._unwatch(session)
+        return sessions
+
+    def adopt_session(
+        self,
+        key: bytes,
+        name: bytes,
+        client_ip: str,
+        frontend: tuple[str, int],
+        backend: Backend,
+        sock: socket.socket,
+    ) -> bool:
+        """A transparent-mode session handed over (or given back) with its endpoint socket:
+        answers leave from this relay's socket for `frontend`, and its next datagram checks
+        it against the table. False (the socket closed) when the client has a session here
+        already or no socket for its frontend could be had."""
+        reply = self.frontend_socket(frontend) if self.sessions.get(key) is None else None
+        if reply is None:
+            sock.close()
+            return False
+        session = Session(key, name, client_ip, frontend, backend, None, self.epoch - 1, 0.0)
+        session.last = self._clock()
+        sock.setblocking(False)
+        session.sock = sock
+        session.fd = sock.fileno()
+        session.reply = reply
+        self._watch(session)
+        self.sessions.add(session)
+        return True
+
     def _socket(self, host: str) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -274,7 +334,8 @@ class UdpRelay:
     ) -> UdpListener:
         listener = UdpListener(self, sock, frontend)
         self._listeners.add(listener)
-        self.loop.add_reader(listener.fd, self._on_client_readable, listener)
+        if not self._held:
+            self.loop.add_reader(listener.fd, self._on_client_readable, listener)
         if self._sweeper is None:
             self._schedule_sweep()
         (log.debug if quiet else log.info)(
@@ -376,7 +437,7 @@ class UdpRelay:
     ) -> None:
         """One session's datagrams of this batch, to its endpoint."""
         stats, forward = self.stats, self._to_endpoints
-        sent = forward.send(session.fd, run) if session.fd >= 0 else 0
+        sent = forward.send(session.fd, run)  # fd -1 (evicted meanwhile): EBADF, none sent
         sent_bytes = forward.sent_bytes
         if sent < len(run) and forward.error in PEER_ERRORS:
             # An ICMP error from the endpoint, reported on this send: try a fresh pick once.
@@ -467,7 +528,7 @@ class UdpRelay:
         new.sock = sock
         new.fd = sock.fileno()
         new.reply = reply
-        self.loop.add_reader(new.fd, self._on_backend_readable, new)
+        self._watch(new)
         self.sessions.add(new)
         self.stats.sessions_created += 1
         return new
@@ -502,6 +563,14 @@ class UdpRelay:
 
     # -- endpoint -> client (hot path) ---------------------------------------------------------
 
+    def _on_sessions_readable(self) -> None:
+        assert self._session_poll is not None
+        by_fd = self._by_fd
+        for fd, _ in self._session_poll.poll(0, MAX_READY_SESSIONS):
+            session = by_fd.get(fd)
+            if session is not None:
+                self._on_backend_readable(session)
+
     def _on_backend_readable(self, session: Session) -> None:
         """The endpoint's answers, sent on to the client as they were read: one run per
         batch, from the socket the client sent to."""
@@ -514,8 +583,8 @@ class UdpRelay:
                     self._backend_failed(session, OSError(-n, "receive failed"))
                 return
             session.last = self._clock()
-            fd = reply.sock.fileno()  # -1: the frontend's socket closed (its sessions end)
-            sent = forward.send(fd, range(n), name) if fd >= 0 else 0
+            # fileno() -1: the frontend's socket closed meanwhile (EBADF, none sent).
+            sent = forward.send(reply.sock.fileno(), range(n), name)
             stats.datagrams_to_client += sent
             stats.bytes_to_client += forward.sent_bytes
             if sent < n:
@@ -541,9 +610,21 @@ class UdpRelay:
         if self.sessions.remove(session):
             self._close(session)
 
+    def _watch(self, session: Session) -> None:
+        poll = self._session_poll
+        if poll is None:
+            poll = self._session_poll = select.epoll()
+            self.loop.add_reader(poll.fileno(), self._on_sessions_readable)
+        poll.register(session.fd, select.EPOLLIN)
+        self._by_fd[session.fd] = session
+
+    def _unwatch(self, session: Session) -> None:
+        if self._by_fd.pop(session.fd, None) is session and self._session_poll is not None:
+            self._session_poll.unregister(session.fd)
+
     def _close(self, session: Session) -> None:
         if session.fd >= 0:
-            self.loop.remove_reader(session.fd)
+            self._unwatch(session)
             session.sock.close()
             session.fd = -1
 
@@ -571,4 +652,8 @@ class UdpRelay:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._session_poll is not None:
+            self.loop.remove_reader(self._session_poll.fileno())
+            self._session_poll.close()
+            self._session_poll = None
         log.info("udp_relay_stopped")

@@ -128,8 +128,10 @@ def test_bench_soak_quick(tmp_path: Path) -> None:
     assert set(doc["rss_growth_pct"]) == {"dnsd", "kpx"}
     assert "targets_missed" in doc
     # The checker asked about every kind of name, present and gone, and both frontend states.
-    kinds = {"A answer", "AAAA answer", "SRV answer", "PTR answer", "CNAME answer", "A NODATA",
-             "A NXDOMAIN", "PTR NXDOMAIN", "frontend serve", "frontend reject"}  # fmt: skip
+    kinds = {"service A answer", "service AAAA answer", "service SRV answer",
+             "service CNAME answer", "service A NXDOMAIN", "endpoint A answer", "port SRV answer",
+             "reverse PTR answer", "reverse PTR NXDOMAIN", "pod A answer", "pod A NXDOMAIN",
+             "namespace A NODATA", "frontend serve", "frontend reject"}  # fmt: skip
     assert kinds <= set(doc["coverage"]), doc["coverage"]
     # The compactions reached both daemons: each relisted.
     assert all(doc["watch"][d]["kwatch_relists_total"] > 0 for d in ("dnsd", "kpx"))

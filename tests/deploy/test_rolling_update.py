@@ -8,11 +8,13 @@ the rules in place, the next kpx takes them over, and the uninstall setting
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,6 +189,21 @@ def test_surge_rollout_hands_the_connections_over_and_the_old_pods_deletion_cuts
     assert events(old_log, "handover_completed"), old_log.read_text()
     assert events(new_log, "handover_completed")
     assert new.poll() is None and old.poll() is None  # the old pod waits for its deletion
+
+    # The kubelet's probes on the shared ports reach the new kpx alone now (the old one closed
+    # its health ports): ready, and its metrics count the handover.
+    def http(path: str) -> tuple[int, str]:
+        def get() -> tuple[int, str]:
+            with urllib.request.urlopen(f"http://127.0.0.1:10249{path}", timeout=2) as resp:
+                return resp.status, resp.read().decode()
+
+        return topology.node.call(get)
+
+    assert http("/readyz")[0] == 200
+    metrics = http("/metrics")[1]
+    assert 'kpx_handover_total{result="completed",role="new"} 1.0' in metrics
+    adopted = re.search(r'kpx_handover_connections_total\{event="adopted"\} (\S+)', metrics)
+    assert adopted and float(adopted[1]) >= 1  # the held one (and any probe under way)
 
     # The new pod is ready: the DaemonSet controller deletes the old one (SIGTERM -> SIGKILL).
     old.send_signal(signal.SIGTERM)

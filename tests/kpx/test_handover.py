@@ -18,6 +18,7 @@ from typing import Any
 
 from tests.kpx.netns import Netns, Topology
 from tests.kpx.test_nft_e2e import manifest, whoami
+from tests.kpx.test_udp_netns import endpoint_slice, service, write
 from tests.waiting import wait_for
 
 VIP = "10.96.0.10"
@@ -331,3 +332,78 @@ def test_a_successor_killed_mid_handover_leaves_the_running_kpx_serving_and_repl
     assert whoami(topo.client, VIP, 80) == "p1"
     new.send_signal(signal.SIGTERM)
     assert new.wait(timeout=40) == 0
+
+
+# A UDP pod server answering each datagram with the source port it came from: the same port
+# throughout means the same session (kpx's socket to the endpoint) throughout.
+UDP_PEER_PORT = r"""
+import socket, sys
+srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+srv.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    data, peer = srv.recvfrom(65535)
+    srv.sendto(str(peer[1]).encode() + b"|" + data, peer)
+"""
+
+
+def test_a_udp_session_moves_to_the_new_kpx_with_its_endpoint_socket(
+    netns_topology: Topology, tmp_path: Path
+) -> None:
+    topo = netns_topology
+    p1 = topo.add_pod("p1")
+    p1.spawn_python(UDP_PEER_PORT, "5353")
+    udp = [{"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}]
+    path = tmp_path / "cluster.yaml"
+    write(
+        path,
+        [
+            service("dns", "10.96.0.20", udp),
+            endpoint_slice("dns", [p1], [{"name": "dns", "port": 5353, "protocol": "UDP"}]),
+        ],
+    )
+    for family in ("iptables", "ip6tables"):  # tproxy, not the bridged path (test_udp_netns)
+        topo.node.sysctl(f"net.bridge.bridge-nf-call-{family}", "0")
+    client = topo.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("0.0.0.0", 12345))
+    client.settimeout(1.0)
+
+    def ask(n: int) -> str:
+        client.sendto(b"%d" % n, ("10.96.0.20", 53))
+        answer, source = client.recvfrom(1000)
+        assert source == ("10.96.0.20", 53)
+        port, _, echoed = answer.partition(b"|")
+        assert echoed == b"%d" % n
+        return port.decode()
+
+    old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
+    old = start_kpx(topo, old_log, path)
+    try:
+
+        def answered() -> str | None:
+            try:
+                return ask(0)
+            except TimeoutError:
+                return None
+
+        first = wait_for(answered, 15)
+        assert first
+        new = start_kpx(topo, new_log, path)
+        ports, n = {first}, 1
+        deadline = time.monotonic() + 30
+        while not events(old_log, "handover_completed") and time.monotonic() < deadline:
+            ports.add(ask(n))  # every datagram answered, by the same session
+            n += 1
+        handed = events(old_log, "handover_completed")
+        assert handed and handed[0]["udp_sessions"] == 1
+        assert events(new_log, "handover_completed")[0]["udp_sessions"] == 1
+        old.send_signal(signal.SIGTERM)
+        assert old.wait(timeout=30) == 0
+        for _ in range(20):
+            ports.add(ask(n))
+            n += 1
+        assert ports == {first}  # one endpoint socket from the first datagram to the last
+        new.send_signal(signal.SIGTERM)
+        assert new.wait(timeout=40) == 0
+    finally:
+        client.close()

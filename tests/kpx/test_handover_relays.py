@@ -24,6 +24,10 @@ from tests.kpx.conftest import Runner, StaticFrontends, StaticPicker
 FRONTEND = ("10.96.0.1", 80)
 
 
+def refuse_session(*_args: object) -> bool:
+    raise AssertionError("no UDP session was expected")
+
+
 def handover_path() -> str:
     return f"@kpx-test/{os.getpid()}/{os.urandom(4).hex()}"
 
@@ -115,7 +119,7 @@ def test_bytes_held_in_a_relays_pipe_move_with_it_none_lost_none_twice(run: Runn
             new = Proxy(StaticFrontends())
             session = await HandoverSession.connect(path, 5)
             assert session is not None and session.tcp == [] and session.udp == []
-            assert await session.take_connections(new.make_relay, 5) == 1
+            assert await session.take_connections(new.make_relay, refuse_session, 5) == 1
             async with asyncio.timeout(5):
                 await serving  # the old side is done
             assert observed[0].pending > 0  # the upstream pipe held bytes when it moved
@@ -211,7 +215,7 @@ def test_a_successor_that_vanishes_leaves_the_old_proxy_accepting_and_replaceabl
             await asyncio.sleep(0.6)  # the server listens again (it retries every 0.5 s)
             session = await HandoverSession.connect(path, 2)
             assert session is not None
-            assert await session.take_connections(new.make_relay, 2) == 1
+            assert await session.take_connections(new.make_relay, refuse_session, 2) == 1
             async with asyncio.timeout(5):
                 await serving
             assert await round_trip(fresh, b"moved") == b"moved"  # through `new`

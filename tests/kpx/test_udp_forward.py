@@ -106,3 +106,14 @@ def test_an_endpoint_that_went_away_is_reported_as_the_error(sockets) -> None:
         if sender.send(relay.fileno(), [0, 1]) == 0:
             break
     assert sender.error == errno.ECONNREFUSED
+
+
+def test_a_closed_socket_sends_nothing_and_says_so(sockets) -> None:
+    source, relay, sink = sockets
+    rx = batch_of(source, [b"k" * 64, b"k" * 64])
+    sender = RunSender(rx)
+    name = mmsg.python_to_sockaddr(sink.getsockname())
+    assert sender.send(relay.fileno(), [0, 1], name) == 2 and sender.sent_bytes == 128
+    for indices in ([0, 1], [0]):  # the GSO path and datagram by datagram
+        assert sender.send(-1, indices, name) == 0
+        assert sender.error == errno.EBADF and sender.sent_bytes == 0
