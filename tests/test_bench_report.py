@@ -15,7 +15,7 @@ import pytest
 
 from bench import report, report_render, report_run
 from bench.jsonout import write_json
-from bench.report_checks import MET, NOT_MET
+from bench.report_checks import MET, NOT_MET, udp_checks
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAN = math.nan
@@ -723,3 +723,51 @@ def test_soak_and_overload_without_results_are_not_run(tmp_path: Path) -> None:
     assert "Not run (no `results/soak.json`): `.venv/bin/python -m bench.report --only soak`" in md
     assert "Not run (no `results/dns-overload.json`)" in md
     assert "19 of 34 targets met, 7 not met, 8 not judged." in md
+
+
+def udp_doc(targets: dict[str, Any] | None = None) -> dict[str, Any]:
+    def pair(kpx: dict[str, float], nginx: dict[str, float]) -> dict[str, Any]:
+        return {"kpx": kpx, "nginx": nginx}
+
+    saturated = pair(
+        {"answers_per_s": 300_000.0, "proxy_cpu_us_per_datagram": 3.0},
+        {"answers_per_s": 150_000.0, "proxy_cpu_us_per_datagram": 6.0},
+    )
+    doc: dict[str, Any] = {
+        "small": saturated,
+        "bulk": saturated,
+        "latency": pair({"added_p99_us": 30.0}, {"added_p99_us": 40.0}),
+        "sessions": {
+            "kpx": {
+                "held": 10_000,
+                "bytes_per_session": 512.0,
+                "small_with_sessions": {"answers_per_s": 285_000.0},
+            },
+            "nginx": {"held": 10_000, "bytes_per_session": 1024.0},
+        },
+    }
+    if targets is not None:
+        doc["targets"] = targets
+    return doc
+
+
+def test_udp_ratios_are_bench_udps_own_when_it_writes_its_targets() -> None:
+    rows = {c.what: c for c in udp_checks(udp_doc())}
+    small = rows["kpx UDP 64-byte datagrams/s at saturation vs nginx"]
+    assert (small.ratio, small.verdict) == (2.0, MET)  # 300,000 / 150,000 from the medians
+    assert "kpx UDP CPU per 1,200-byte datagram vs nginx" not in rows  # older results
+    held = rows["kpx UDP datagrams/s with the sessions held vs without"]
+    assert math.isclose(held.ratio, 0.95) and held.verdict == MET
+    # Newer results carry each target's median of per-run ratios: that ratio is judged.
+    own = {
+        "small_datagrams_per_s": {"ratio": 1.4},
+        "bulk_cpu_per_datagram": {"ratio": 0.5},
+        "datagrams_per_s_with_sessions_held": {"ratio": 0.85},
+    }
+    rows = {c.what: c for c in udp_checks(udp_doc(own))}
+    small = rows["kpx UDP 64-byte datagrams/s at saturation vs nginx"]
+    assert (small.ours, small.ratio, small.verdict) == ("300,000 /s", 1.4, NOT_MET)
+    bulk_cpu = rows["kpx UDP CPU per 1,200-byte datagram vs nginx"]
+    assert (bulk_cpu.ratio, bulk_cpu.target, bulk_cpu.verdict) == (0.5, "<= 0.8x nginx", MET)
+    assert rows["kpx UDP datagrams/s with the sessions held vs without"].verdict == NOT_MET
+    assert rows["kpx UDP 1,200-byte datagrams/s vs nginx"].ratio == 2.0  # not in its targets
