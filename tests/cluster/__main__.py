@@ -133,7 +133,8 @@ def image_rootfs() -> RootFs | None:
 
 def checkout_rootfs(work: Path) -> RootFs:
     """The host's / with the image's own paths laid over it from the checkout: /opt/kpx-dnsd
-    (the .venv's packages, python-dnsd with cap_net_bind_service), the deploy/image scripts in
+    (the .venv's packages, python-dnsd with cap_net_bind_service, python-kpx with
+    cap_net_admin), the deploy/image scripts in
     /usr/local/bin and an nft carrying cap_net_admin, as the Dockerfile makes them."""
     env, user = _dockerfile_runtime_env()
     venv = ROOT / ".venv"
@@ -141,6 +142,7 @@ def checkout_rootfs(work: Path) -> RootFs:
     (opt / "bin").mkdir(parents=True)
     interpreter = os.path.realpath(venv / "bin" / "python")
     shutil.copy2(interpreter, opt / "bin" / "python-dnsd")
+    shutil.copy2(interpreter, opt / "bin" / "python-kpx")
     for name in ("python", "python3"):
         (opt / "bin" / name).symlink_to(interpreter)
     (opt / "lib").symlink_to(venv / "lib")
@@ -153,6 +155,7 @@ def checkout_rootfs(work: Path) -> RootFs:
     shutil.copy2("/usr/sbin/nft", nft)
     run(["setcap", "cap_net_bind_service+ep", str(opt / "bin" / "python-dnsd")])
     run(["setcap", "cap_net_admin+ep", str(nft)])
+    run(["setcap", "cap_net_admin+ep", str(opt / "bin" / "python-kpx")])
     mounts = [
         {"source": str(opt), "target": "/opt/kpx-dnsd", "readonly": True},
         {"source": str(nft), "target": "/usr/sbin/nft", "readonly": True},
@@ -318,9 +321,13 @@ class PodRun:
         return await http_get(self.node, self.node.ip_addr, probe.port, probe.path, probe.timeout)
 
     async def wait_ready(self, limit_s: float = START_TIMEOUT) -> float:
-        """Poll the readiness probe at its period until it answers 200; seconds taken."""
+        """Poll the readiness probe at its period, after its initialDelaySeconds as a kubelet
+        does, until it answers 200; seconds taken. (With hostNetwork the probe's port may be
+        shared with the pod this one replaces, kpx/handover.py: the delay is what keeps the
+        old pod's answer from counting as the new pod's.)"""
         start = time.monotonic()
         probe = next(p for p in self.main_plan().probes if p.kind == "readiness")
+        await asyncio.sleep(probe.initial_delay)
         while time.monotonic() - start < limit_s:
             for proc in self.procs:
                 if proc.poll() is not None:
@@ -1053,10 +1060,12 @@ async def rolling_update(
     results: Results,
     strict: bool,
 ) -> None:
-    """Replace each node's pod, maxUnavailable nodes at a time, while pods on every node keep
-    querying DNS, opening new connections to a ClusterIP, and holding established ones."""
+    """Replace each node's pod as the DaemonSet's strategy says (maxUnavailable nodes at a
+    time, old pod first; or with maxSurge, the new pod started and ready before the old one
+    stops), while pods on every node keep querying DNS, opening new connections to a
+    ClusterIP, and holding established ones."""
     app = ds["metadata"]["name"]
-    batch = podlib.max_unavailable(ds, len(by_app[app]))
+    batch, surge = podlib.rollout(ds, len(by_app[app]))
     stats = {
         "dns_ok": 0,
         "dns_lost": 0,
@@ -1111,9 +1120,12 @@ async def rolling_update(
     started = time.monotonic()
     for i in range(0, len(pods), batch):
         group = pods[i : i + batch]
+        # The node counts as restarting from the first stop or start to the new pod's
+        # readiness (with a surge: until the old pod is gone).
         for old in group:
             down.add(old.node.node_name)
-        await asyncio.gather(*(old.stop() for old in group))
+        if not surge:
+            await asyncio.gather(*(old.stop() for old in group))
         replacements = [PodRun(env, ds, old.node, generation) for old in group]
         for new in replacements:
             await new.start()
@@ -1123,6 +1135,8 @@ async def rolling_update(
                 new.start_probing()
             except RuntimeError as err:
                 results.check(f"{new.name} ready after the update", False, str(err))
+        if surge:
+            await asyncio.gather(*(old.stop() for old in group))
         for old, new in zip(group, replacements, strict=True):
             pods[pods.index(old)] = new
             down.discard(old.node.node_name)
@@ -1166,10 +1180,10 @@ async def rolling_update(
             cut == 0,
             f"{cut} of {len(held)}",
         )
-    # On the restarting node itself nothing answers until the new pod is up: with maxSurge 0
-    # no second dnsd holds the DNS address there, and kpx-keep-rules keeps kpx's rules while
-    # nothing listens on its proxy port. Counted always; failures only with --require-handover
-    # (once the daemons hand their sockets over to their successor).
+    # On the restarting node itself: with maxSurge 0 nothing answers until the new pod is up
+    # (no second dnsd holds the DNS address there, and kpx-keep-rules keeps kpx's rules while
+    # nothing listens on its proxy port); with a surge, the new kpx takes the old one's
+    # sockets over (kpx/handover.py). Counted always; failures only with --require-handover.
     gaps = {
         f"no DNS answer lost on the node whose {app} restarts": stats["dns_lost"],
         f"no new ClusterIP connection failed on the node whose {app} restarts": stats[

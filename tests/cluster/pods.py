@@ -222,18 +222,35 @@ def plan_pod(
     return plans
 
 
-def max_unavailable(daemonset: dict[str, Any], nodes: int) -> int:
-    """How many nodes a RollingUpdate may take down at once (percentages round up, as the
-    DaemonSet controller does for maxUnavailable; at least one)."""
+def _count(value: int | str, nodes: int) -> int:
+    """An IntOrString of a rolling update as a node count (percentages round up, as the
+    DaemonSet controller does)."""
+    if isinstance(value, str) and value.endswith("%"):
+        return -(-int(value[:-1]) * nodes // 100)
+    return int(value)
+
+
+def rollout(daemonset: dict[str, Any], nodes: int) -> tuple[int, bool]:
+    """How a RollingUpdate replaces the pods: (nodes at a time, surge). With maxSurge the
+    DaemonSet controller starts the new pod on a node before it stops the old one (and then
+    maxUnavailable must be 0); otherwise it stops up to maxUnavailable old pods first. At
+    least one node at a time."""
     strategy = daemonset["spec"].get("updateStrategy") or {}
     if strategy.get("type", "RollingUpdate") != "RollingUpdate":
         raise PlanError("updateStrategy OnDelete: no rolling update to test")
     rolling = strategy.get("rollingUpdate") or {}
-    if str(rolling.get("maxSurge", 0)) not in ("0", "0%"):
-        raise PlanError("maxSurge: a surge pod is not emulated by the cluster test")
-    value = rolling.get("maxUnavailable", 1)
-    if isinstance(value, str) and value.endswith("%"):
-        count = -(-int(value[:-1]) * nodes // 100)
-    else:
-        count = int(value)
-    return max(1, count)
+    surge = _count(rolling.get("maxSurge", 0), nodes)
+    unavailable = _count(rolling.get("maxUnavailable", 0 if surge else 1), nodes)
+    if surge and unavailable:
+        raise PlanError("maxSurge and maxUnavailable both above 0: not emulated")
+    if not surge and not unavailable:
+        raise PlanError("maxSurge and maxUnavailable both 0: the update cannot progress")
+    return max(1, surge or unavailable), bool(surge)
+
+
+def max_unavailable(daemonset: dict[str, Any], nodes: int) -> int:
+    """How many nodes a RollingUpdate without surge may take down at once."""
+    batch, surge = rollout(daemonset, nodes)
+    if surge:
+        raise PlanError("maxSurge: the rollout surges, it takes no node down")
+    return batch

@@ -94,6 +94,21 @@ def test_max_unavailable_rounds_percentages_up() -> None:
         pods.max_unavailable(ds, 4)
 
 
+def test_a_surge_rollout_starts_the_new_pod_first_node_by_node() -> None:
+    ds: dict[str, Any] = {
+        "spec": {"updateStrategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}}
+    }
+    assert pods.rollout(ds, 4) == (1, True)
+    ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] = "50%"
+    assert pods.rollout(ds, 4) == (2, True)
+    ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] = 1
+    with pytest.raises(pods.PlanError, match="both above 0"):
+        pods.rollout(ds, 4)
+    ds["spec"]["updateStrategy"]["rollingUpdate"] = {"maxSurge": 0, "maxUnavailable": 0}
+    with pytest.raises(pods.PlanError, match="cannot progress"):
+        pods.rollout(ds, 4)
+
+
 def test_in_root_resolves_symlinks_inside_the_root(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "var").mkdir()
