@@ -1,4 +1,4 @@
-"""PNG charts for the benchmark report (bench/report.py), drawn with matplotlib's Agg backend
+"""PNG charts for the benchmark report (bench/report_render.py), drawn with matplotlib's Agg backend
 from the JSON the benchmarks write with `--json`.
 
 Every function takes the loaded JSON documents (None where a benchmark did not run), draws one

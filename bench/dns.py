@@ -49,7 +49,7 @@ write-sent -> answer-served (and how much of it was the API request itself).
 (seconds; the figures mean nothing). Figures, never assertions: this machine is shared.
 
 `--json PATH` also writes what it printed (per-run figures, medians, ratios, RSS, propagation)
-to PATH, for bench/report.py. `--memory-only` measures nothing but dnsd's RSS once ready at that
+to PATH, for bench.report. `--memory-only` measures nothing but dnsd's RSS once ready at that
 scale, from the manifests and via the fake API server (no knot, no dnsperf; seconds).
 """
 
@@ -768,7 +768,11 @@ def fmt(v: float) -> str:
     return f"{v:,.2f}" if isinstance(v, float) else str(v)
 
 
-def main() -> None:
+Doc = dict[str, Any]
+Runs = dict[str, list[dict[str, float]]]  # server label -> figures of each run
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=10_000)
     parser.add_argument("--headless", type=int, default=1_000)
@@ -816,155 +820,214 @@ def main() -> None:
     for tool in () if args.memory_only else ("knotd", "dnsperf"):
         if shutil.which(tool) is None:
             raise SystemExit(f"needs `{tool}` (apt-get install knot dnsperf)")
+    return args
 
+
+def build_cluster(tmp: Path, args: argparse.Namespace) -> tuple[Cluster, dict[str, int]]:
+    """The cluster state, written as manifests, and the dnsperf query file: its mix of kinds."""
+    t0 = time.perf_counter()
+    cluster = generate(args.services, args.headless, args.headless_endpoints, args.endpoints)
+    if args.objects == "realistic":
+        dress(cluster.objects)
+    write_manifests(tmp / "manifests", cluster)
+    mix = write_queries(tmp / "queries.txt", cluster, args.queries)
+    print(
+        f"cluster: {args.services:,} Services ({len(cluster.headless):,} headless x "
+        f"{args.headless_endpoints} endpoints), {cluster.endpoints:,} endpoints, "
+        f"{len(cluster.rr) + len(cluster.ptr):,} records, {args.objects} objects; generated in "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
+    return cluster, mix
+
+
+def describe(args: argparse.Namespace, cluster: Cluster) -> Doc:
+    """The start of the --json document: the arguments and the cluster's size."""
+    return {
+        "benchmark": "dns",
+        "quick": args.quick,
+        "args": vars(args),
+        "cluster": {
+            "services": args.services,
+            "headless": len(cluster.headless),
+            "headless_endpoints": args.headless_endpoints,
+            "endpoints": cluster.endpoints,
+            "records": len(cluster.rr) + len(cluster.ptr),
+            "objects": args.objects,
+        },
+    }
+
+
+def memory_step(tmp: Path, cluster: Cluster, args: argparse.Namespace, doc: Doc) -> None:
+    """--memory-only: dnsd's RSS once ready, from the manifests and via the API server."""
+    mem = memory_only(tmp, cluster, args.ready_timeout)
+    print(
+        f"dnsd RSS once ready: {mem['rss_manifests_mb']:,.1f} MB from the manifests "
+        f"(ready in {mem['ready_manifests_s']:.1f} s), {mem['rss_api_mb']:,.1f} MB via "
+        f"the API server with --kubeconfig (ready in {mem['ready_api_s']:.1f} s), "
+        f"{mem['rss_token_mb']:,.1f} MB with --apiserver/--token-file as in-cluster"
+    )
+    if args.json:
+        write_json(args.json, {**doc, "mode": "memory", "memory": mem, "complete": True})
+
+
+def announce_passes(args: argparse.Namespace, mix: dict[str, int], doc: Doc) -> None:
+    doc["query_mix"] = {k: v / args.queries for k, v in mix.items()}
+    print("query mix: " + ", ".join(f"{k} {100 * v / args.queries:.0f}%" for k, v in mix.items()))
+    print(
+        f"dnsperf: -c {args.clients} -T {args.threads} -q {args.outstanding} "
+        f"-l {args.duration:g} (throughput), -Q {args.latency_qps} -T 1 -v "
+        f"-l {args.latency_duration:g} (latency)\n"
+    )
+
+
+def start_servers(
+    tmp: Path, cluster: Cluster, args: argparse.Namespace, servers: list[Server]
+) -> tuple[Server, dict[str, float]]:
+    """knot, dnsd and dnsd --workers 2 on the same state, appended to `servers` as each comes
+    up (the caller stops them); returns the one-process dnsd and the RSS figures once ready."""
+    servers.append(start_knot(tmp, cluster, args.ready_timeout))
+    manifests = ["--manifests", str(tmp / "manifests")]
+    probe = cluster.pools["A clusterIP"][-1][0]
+    one, _ = start_dnsd(tmp, "dnsd", manifests, 1, args.ready_timeout, probe)
+    servers.append(one)
+    rss_ready = rss_mb([one.proc.pid])
+    two, _ = start_dnsd(tmp, "dnsd --workers 2", manifests, 2, args.ready_timeout, probe)
+    servers.append(two)
+    pids2 = process_tree(two.proc.pid)
+    rss = {
+        "dnsd_ready_mb": rss_ready,
+        "workers2_rss_mb": rss_mb(pids2),
+        "workers2_pss_mb": pss_mb(pids2),
+        "workers2_processes": len(pids2),
+    }
+    for s in servers:
+        print(f"{s.label}: ready in {s.ready_s:.1f} s on 127.0.0.1:{s.port}")
+    return one, rss
+
+
+def check_answers(cluster: Cluster, servers: list[Server], doc: Doc) -> None:
+    """The same sampled questions to every server: the differences are printed."""
+    asked, diffs = compare_answers(cluster, {s.label: s.port for s in servers}, 20)
+    doc["ready_s"] = {s.label: s.ready_s for s in servers}
+    doc["answers"] = {"asked": asked, "differ": len(diffs), "examples": diffs[:10]}
+    print(f"same answers from all three: {asked - len(diffs)} of {asked} sampled questions")
+    for diff in diffs[:10]:
+        print(f"  differs: {diff}")
+    print()
+
+
+def measure_runs(servers: list[Server], tmp: Path, args: argparse.Namespace, doc: Doc) -> Runs:
+    """`--runs` rounds of a throughput and a latency pass per server, the order rotated."""
+    results: Runs = {s.label: [] for s in servers}
+    for run in range(args.runs):
+        order = servers[run % len(servers) :] + servers[: run % len(servers)]
+        for s in order:
+            r = measure(s, tmp / "queries.txt", args)
+            codes = r.pop("_codes")
+            results[s.label].append(r)
+            doc.setdefault("response_codes", {}).setdefault(s.label, []).append(codes)
+            print(
+                f"run {run + 1} {s.label:17} "
+                + ", ".join(f"{k}={fmt(v)}" for k, v in r.items())
+                + f"  [{codes}]"
+            )
+    return results
+
+
+def summarize(results: Runs, servers: list[Server], args: argparse.Namespace, doc: Doc) -> None:
+    """Medians per server and the median of the per-run ratios dnsd/knot, printed and kept."""
+    knot = results["knot"]
+    print(f"\nmedians of {args.runs} runs:")
+    keys = list(knot[0])
+    print(f"  {'':20}" + "".join(f"{s.label:>18}" for s in servers))
+    for key in keys:
+        row = "".join(
+            f"{statistics.median(r[key] for r in results[s.label]):>18,.2f}" for s in servers
+        )
+        print(f"  {key:20}{row}")
+    doc["servers"] = [s.label for s in servers]
+    doc["runs"] = results
+    doc["medians"] = {
+        s.label: {k: statistics.median(r[k] for r in results[s.label]) for k in keys}
+        for s in servers
+    }
+    doc["ratios_vs_knot"] = {}
+    for label in ("dnsd", "dnsd --workers 2"):
+        ratios = {
+            key: statistics.median(
+                d[key] / k[key] for d, k in zip(results[label], knot, strict=True)
+            )
+            for key in ("qps", "cpu_us_per_query", "p99_ms")
+        }
+        print(
+            f"  {label} / knot: qps {ratios['qps']:.2f}x, CPU per query "
+            f"{ratios['cpu_us_per_query']:.2f}x, p99 {ratios['p99_ms']:.2f}x (median of per-run "
+            "ratios)"
+        )
+        doc["ratios_vs_knot"][label] = ratios
+
+
+def report_rss(rss: dict[str, float], doc: Doc) -> None:
+    print(
+        f"  dnsd RSS: {rss['dnsd_ready_mb']:,.1f} MB once ready, "
+        f"{rss['dnsd_after_runs_mb']:,.1f} MB after the runs; --workers 2: RSS "
+        f"{rss['workers2_rss_mb']:,.1f} MB / PSS {rss['workers2_pss_mb']:,.1f} MB for "
+        f"{rss['workers2_processes']} processes"
+    )
+    doc["rss"] = {
+        key: rss[key]
+        for key in (
+            "dnsd_ready_mb",
+            "dnsd_after_runs_mb",
+            "workers2_rss_mb",
+            "workers2_pss_mb",
+            "workers2_processes",
+        )
+    }
+
+
+def propagation_step(tmp: Path, cluster: Cluster, args: argparse.Namespace, doc: Doc) -> None:
+    """API write -> new answer served, via the fake API server (unless --skip-propagation)."""
+    doc["propagation"] = None
+    if args.json:
+        write_json(args.json, {**doc, "complete": False})  # kept if propagation fails
+    if args.skip_propagation:
+        return
+    prop, notes = propagation(tmp, cluster, args.samples, args.ready_timeout)
+    print(
+        f"\npropagation (API write sent -> new answer served; {int(prop['samples'])} "
+        "samples, Service creates and EndpointSlice updates alternating):"
+    )
+    for key, value in prop.items():
+        print(f"  {key:28} {value:>10,.2f}")
+    for note in notes:
+        print(f"  note: {note}")
+    doc["propagation"] = {**prop, "notes": notes}
+
+
+def main() -> None:
+    args = parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     with tempfile.TemporaryDirectory(prefix="bench-dns-") as tmpname:
         tmp = Path(tmpname)
-        t0 = time.perf_counter()
-        cluster = generate(args.services, args.headless, args.headless_endpoints, args.endpoints)
-        if args.objects == "realistic":
-            dress(cluster.objects)
-        write_manifests(tmp / "manifests", cluster)
-        mix = write_queries(tmp / "queries.txt", cluster, args.queries)
-        print(
-            f"cluster: {args.services:,} Services ({len(cluster.headless):,} headless x "
-            f"{args.headless_endpoints} endpoints), {cluster.endpoints:,} endpoints, "
-            f"{len(cluster.rr) + len(cluster.ptr):,} records, {args.objects} objects; generated in "
-            f"{time.perf_counter() - t0:.1f} s"
-        )
-        doc: dict[str, Any] = {
-            "benchmark": "dns",
-            "quick": args.quick,
-            "args": vars(args),
-            "cluster": {
-                "services": args.services,
-                "headless": len(cluster.headless),
-                "headless_endpoints": args.headless_endpoints,
-                "endpoints": cluster.endpoints,
-                "records": len(cluster.rr) + len(cluster.ptr),
-                "objects": args.objects,
-            },
-        }
+        cluster, mix = build_cluster(tmp, args)
+        doc = describe(args, cluster)
         if args.memory_only:
-            mem = memory_only(tmp, cluster, args.ready_timeout)
-            print(
-                f"dnsd RSS once ready: {mem['rss_manifests_mb']:,.1f} MB from the manifests "
-                f"(ready in {mem['ready_manifests_s']:.1f} s), {mem['rss_api_mb']:,.1f} MB via "
-                f"the API server with --kubeconfig (ready in {mem['ready_api_s']:.1f} s), "
-                f"{mem['rss_token_mb']:,.1f} MB with --apiserver/--token-file as in-cluster"
-            )
-            if args.json:
-                write_json(args.json, {**doc, "mode": "memory", "memory": mem, "complete": True})
+            memory_step(tmp, cluster, args, doc)
             return
-        doc["query_mix"] = {k: v / args.queries for k, v in mix.items()}
-        print(
-            "query mix: " + ", ".join(f"{k} {100 * v / args.queries:.0f}%" for k, v in mix.items())
-        )
-        print(
-            f"dnsperf: -c {args.clients} -T {args.threads} -q {args.outstanding} "
-            f"-l {args.duration:g} (throughput), -Q {args.latency_qps} -T 1 -v "
-            f"-l {args.latency_duration:g} (latency)\n"
-        )
+        announce_passes(args, mix, doc)
         servers: list[Server] = []
         try:
-            servers.append(start_knot(tmp, cluster, args.ready_timeout))
-            manifests = ["--manifests", str(tmp / "manifests")]
-            probe = cluster.pools["A clusterIP"][-1][0]
-            one, _ = start_dnsd(tmp, "dnsd", manifests, 1, args.ready_timeout, probe)
-            servers.append(one)
-            rss_ready = rss_mb([one.proc.pid])
-            two, _ = start_dnsd(tmp, "dnsd --workers 2", manifests, 2, args.ready_timeout, probe)
-            servers.append(two)
-            pids2 = process_tree(two.proc.pid)
-            rss2, pss2 = rss_mb(pids2), pss_mb(pids2)
-            for s in servers:
-                print(f"{s.label}: ready in {s.ready_s:.1f} s on 127.0.0.1:{s.port}")
-            asked, diffs = compare_answers(cluster, {s.label: s.port for s in servers}, 20)
-            doc["ready_s"] = {s.label: s.ready_s for s in servers}
-            doc["answers"] = {"asked": asked, "differ": len(diffs), "examples": diffs[:10]}
-            print(f"same answers from all three: {asked - len(diffs)} of {asked} sampled questions")
-            for diff in diffs[:10]:
-                print(f"  differs: {diff}")
-            print()
-
-            results: dict[str, list[dict[str, float]]] = {s.label: [] for s in servers}
-            for run in range(args.runs):
-                order = servers[run % len(servers) :] + servers[: run % len(servers)]
-                for s in order:
-                    r = measure(s, tmp / "queries.txt", args)
-                    codes = r.pop("_codes")
-                    results[s.label].append(r)
-                    doc.setdefault("response_codes", {}).setdefault(s.label, []).append(codes)
-                    print(
-                        f"run {run + 1} {s.label:17} "
-                        + ", ".join(f"{k}={fmt(v)}" for k, v in r.items())
-                        + f"  [{codes}]"
-                    )
-            rss_after = rss_mb([one.proc.pid])
+            one, rss = start_servers(tmp, cluster, args, servers)
+            check_answers(cluster, servers, doc)
+            results = measure_runs(servers, tmp, args, doc)
+            rss["dnsd_after_runs_mb"] = rss_mb([one.proc.pid])
         finally:
             for s in servers:
                 _stop(s.proc)
-        knot = results["knot"]
-        print(f"\nmedians of {args.runs} runs:")
-        keys = list(knot[0])
-        print(f"  {'':20}" + "".join(f"{s.label:>18}" for s in servers))
-        for key in keys:
-            row = "".join(
-                f"{statistics.median(r[key] for r in results[s.label]):>18,.2f}" for s in servers
-            )
-            print(f"  {key:20}{row}")
-        doc["servers"] = [s.label for s in servers]
-        doc["runs"] = results
-        doc["medians"] = {
-            s.label: {k: statistics.median(r[k] for r in results[s.label]) for k in keys}
-            for s in servers
-        }
-        doc["ratios_vs_knot"] = {}
-        for label in ("dnsd", "dnsd --workers 2"):
-            qps_ratio = statistics.median(
-                d["qps"] / k["qps"] for d, k in zip(results[label], knot, strict=True)
-            )
-            cpu_ratio = statistics.median(
-                d["cpu_us_per_query"] / k["cpu_us_per_query"]
-                for d, k in zip(results[label], knot, strict=True)
-            )
-            p99_ratio = statistics.median(
-                d["p99_ms"] / k["p99_ms"] for d, k in zip(results[label], knot, strict=True)
-            )
-            print(
-                f"  {label} / knot: qps {qps_ratio:.2f}x, CPU per query {cpu_ratio:.2f}x, "
-                f"p99 {p99_ratio:.2f}x (median of per-run ratios)"
-            )
-            doc["ratios_vs_knot"][label] = {
-                "qps": qps_ratio,
-                "cpu_us_per_query": cpu_ratio,
-                "p99_ms": p99_ratio,
-            }
-        print(
-            f"  dnsd RSS: {rss_ready:,.1f} MB once ready, {rss_after:,.1f} MB after the runs; "
-            f"--workers 2: RSS {rss2:,.1f} MB / PSS {pss2:,.1f} MB for {len(pids2)} processes"
-        )
-        doc["rss"] = {
-            "dnsd_ready_mb": rss_ready,
-            "dnsd_after_runs_mb": rss_after,
-            "workers2_rss_mb": rss2,
-            "workers2_pss_mb": pss2,
-            "workers2_processes": len(pids2),
-        }
-        doc["propagation"] = None
-        if args.json:
-            write_json(args.json, {**doc, "complete": False})  # kept if propagation fails
-        if not args.skip_propagation:
-            prop, notes = propagation(tmp, cluster, args.samples, args.ready_timeout)
-            print(
-                f"\npropagation (API write sent -> new answer served; {int(prop['samples'])} "
-                "samples, Service creates and EndpointSlice updates alternating):"
-            )
-            for key, value in prop.items():
-                print(f"  {key:28} {value:>10,.2f}")
-            for note in notes:
-                print(f"  note: {note}")
-            doc["propagation"] = {**prop, "notes": notes}
+        summarize(results, servers, args, doc)
+        report_rss(rss, doc)
+        propagation_step(tmp, cluster, args, doc)
         print(
             "\n  targets: dnsd qps >= 0.75x knot, CPU per query <= 1.5x knot, "
             "propagation p99 <= 100 ms, RSS <= 164 MB (10k Services / 100k endpoints)"

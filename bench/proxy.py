@@ -99,7 +99,14 @@ from bench.netns_topology import (
     Ns,
     netns_unavailable,
 )
-from bench.procstat import CLK_TCK, cpu_seconds, rss_mb, user_kernel_seconds
+from bench.procstat import (
+    CLK_TCK,
+    children_of,
+    cpu_seconds,
+    process_tree,
+    rss_mb,
+    user_kernel_seconds,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # kpx from this checkout (cwd ROOT), run by the interpreter running the benchmark.
@@ -450,7 +457,8 @@ def measure_mode(
 ) -> dict[str, float]:
     """Every figure of one path in one run; the passes left out (`--passes`) are NaN."""
     figures = dict.fromkeys(FIGURES, float("nan"))
-    pids = [proxy_pid] if proxy_pid else []
+    # The proxy's process and its children (kpx --workers N: the workers do the proxying).
+    pids = process_tree(proxy_pid) if proxy_pid else []
     if "bulk" in args.passes:
         figures.update(bulk_pass(chain, mode, pids, args))
     if "conn" in args.passes:
@@ -458,7 +466,7 @@ def measure_mode(
     if "req" in args.passes:
         figures.update(req_pass(chain, mode, pids, args))
     if proxy_pid:
-        figures["proxy_rss_mb"] = rss_mb([proxy_pid])
+        figures["proxy_rss_mb"] = rss_mb(pids)
     return figures
 
 
@@ -800,6 +808,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="haproxy splice-request/-response with 1 MiB pipes (default on)",
     )
+    parser.add_argument(
+        "--kpx-workers",
+        type=int,
+        default=1,
+        help="kpx --workers: TCP data-plane processes (give --cpus a CPU for each)",
+    )
     parser.add_argument("--conns", type=int, default=32, help="wrk -c for the connections/s pass")
     parser.add_argument(
         "--modes", nargs="+", choices=MODES, default=list(MODES), help="paths to measure"
@@ -945,7 +959,7 @@ class Bench:
             _stop(self.kpx, 40)
         self.kpx = start_kpx(
             self.chain,
-            ["--manifests", str(self.tmp / "manifests")],
+            ["--manifests", str(self.tmp / "manifests"), "--workers", str(self.args.kpx_workers)],
             self.tmp,
             mode,
             self.args.ready_timeout,
@@ -982,6 +996,8 @@ class Bench:
                 "kpx_cpus": kpx_cpus,
                 "load_cpus": args.load_cpus,
                 "kpx_rss_at_start_mb": rss_mb([self.kpx.pid]),
+                # --kpx-workers N: each worker process's RSS (the control process's above).
+                "kpx_worker_rss_mb": [rss_mb([pid]) for pid in children_of(self.kpx.pid)],
             }
         )
         print(
@@ -990,6 +1006,7 @@ class Bench:
             f"{'on' if args.haproxy_splice else 'off'}; haproxy on CPUs {haproxy_cpus}, kpx on "
             f"{kpx_cpus}, load on {args.load_cpus or 'any'}; kpx RSS at start "
             f"{self.doc['kpx_rss_at_start_mb']:.1f} MB"
+            + "".join(f", worker {rss:.1f} MB" for rss in self.doc["kpx_worker_rss_mb"])
         )
         if haproxy_cpus != kpx_cpus:
             raise SystemExit(f"haproxy runs on CPUs {haproxy_cpus}, kpx on {kpx_cpus}")

@@ -166,7 +166,7 @@ async def measure(kubeconfig: str) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=10_000)
     parser.add_argument("--endpoints-per-slice", type=int, default=10)
@@ -183,12 +183,27 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.services, args.runs = 500, 1
-    if args.measure:
-        import uvloop
+    return args
 
-        print(json.dumps(uvloop.run(measure(args.measure))))
-        return
 
+def measure_in_child(kubeconfig: Path) -> dict[str, float]:
+    """One run in a fresh process (`--measure`), so every run starts from an empty heap."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.sync", "--measure", str(kubeconfig)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    if out.returncode != 0:
+        raise SystemExit(out.stderr[-2000:])
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run_all(args: argparse.Namespace) -> list[dict[str, float]]:
+    """The fake API server loaded with the objects, then `--runs` child runs against it."""
     with tempfile.TemporaryDirectory(prefix="bench-sync-") as tmp:
         objects = generate(args.services, args.endpoints_per_slice)
         if args.objects == "realistic":
@@ -203,22 +218,17 @@ def main() -> None:
         runs = []
         try:
             for i in range(args.runs):
-                out = subprocess.run(
-                    [sys.executable, "-m", "bench.sync", "--measure", str(kubeconfig)],
-                    cwd=ROOT,
-                    capture_output=True,
-                    text=True,
-                    timeout=600,
-                    env={**os.environ, "PYTHONPATH": str(ROOT)},
-                )
-                if out.returncode != 0:
-                    raise SystemExit(out.stderr[-2000:])
-                result = json.loads(out.stdout.strip().splitlines()[-1])
+                result = measure_in_child(kubeconfig)
                 runs.append(result)
                 print(f"run {i + 1}: " + ", ".join(f"{k}={v:,.2f}" for k, v in result.items()))
         finally:
             server.terminate()
             server.wait(10)
+    return runs
+
+
+def report(args: argparse.Namespace, runs: list[dict[str, float]]) -> None:
+    """The medians, printed and written to `--json`."""
     print(
         f"\nmedians of {len(runs)} runs ({args.services:,} Services, "
         f"{args.services * args.endpoints_per_slice:,} endpoints, {args.objects} objects):"
@@ -242,6 +252,16 @@ def main() -> None:
                 "complete": True,
             },
         )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.measure:
+        import uvloop
+
+        print(json.dumps(uvloop.run(measure(args.measure))))
+        return
+    report(args, run_all(args))
 
 
 if __name__ == "__main__":

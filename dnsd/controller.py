@@ -1,18 +1,16 @@
 """Keeps the zone index in step with the stores: record what changed, apply it in batches.
 
-Store callbacks only note the affected Service / namespace keys (kwatch.store asks subscribers
-to stay cheap); one task applies whatever accumulated, so a burst of events (a manifest reload,
-a rollout touching many EndpointSlices) costs one re-encode per touched Service.
+Store callbacks only note the affected Service / namespace keys (kwatch.changes' tracker, shared
+with kpx's service tables; kwatch.store asks subscribers to stay cheap); one task applies
+whatever accumulated, so a burst of events (a manifest reload, a rollout touching many
+EndpointSlices) costs one re-encode per touched Service.
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
-import itertools
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
@@ -23,9 +21,10 @@ from dnsd.handler import PodMode
 from dnsd.metrics import DNS_PROGRAMMING, RECORDS_KEPT, ZONE_SYNC
 from dnsd.records import RecordOptions, ServiceRecords, service_records
 from dnsd.zone import ZoneIndex
+from kwatch.changes import ChangeTracker, SyncLoop
 from kwatch.models import EndpointSlice, Namespace, Pod, Service
 from kwatch.runtime import release_free_memory
-from kwatch.store import EventType, Store, StoreEvent
+from kwatch.store import Store, StoreEvent
 from kwatch.supervisor import Progress
 
 log = structlog.get_logger("dnsd.controller")
@@ -71,17 +70,16 @@ class ZoneController:
         self.pods = pods
         self.pod_mode = pod_mode
         self.only_namespaces = only_namespaces  # CoreDNS `namespaces`: empty = all exposed
-        self._dirty_services: set[str] = set()
+        # Services to re-encode and their EndpointSlice trigger times (the first batch takes
+        # every Service); namespaces are noted here.
+        self.changes = ChangeTracker(services, slices)
+        self.changes.listen(self._pending)
         self._dirty_namespaces: set[str] = set()
-        self._triggers: dict[str, float] = {}  # service key -> earliest unapplied change time
         self._building = False  # the first full build has started
-        self._wake = asyncio.Event()
         # Told when a change waits and when it is in: the supervisor's liveness watches it.
         self.progress = progress or Progress()
         self.batches = 0
         self.last_batch_seconds = 0.0
-        services.subscribe(self._on_service)
-        slices.subscribe(self._on_slice)
         namespaces.subscribe(self._on_namespace)
         stores: list[Store[Any]] = [services, slices, namespaces]
         if pods is not None:
@@ -97,34 +95,28 @@ class ZoneController:
         stores += waits_for
         self._stores = stores
         for store in stores:
-            store.on_synced(self._wake.set)
+            store.on_synced(self.changes.wake)
+        self._loop = SyncLoop(
+            self.changes,
+            self._apply_chunk,
+            name="zone",
+            ready=lambda: self.synced,
+            on_idle=self.progress.done,
+        )
 
     # --- store callbacks (cheap: note and wake) -------------------------------------------
-
-    def _on_service(self, event: StoreEvent[Service]) -> None:
-        self._dirty_services.add(event.key)
-        self._noted()
-
-    def _on_slice(self, event: StoreEvent[EndpointSlice]) -> None:
-        for obj in (event.obj, event.old):
-            if obj is not None and obj.service_name:
-                self._dirty_services.add(f"{obj.metadata.namespace}/{obj.service_name}")
-        new = event.obj
-        if new.service_name and event.type is not EventType.DELETED:
-            trigger = _trigger_time(new)
-            if trigger is not None:
-                key = f"{new.metadata.namespace}/{new.service_name}"
-                self._triggers[key] = min(trigger, self._triggers.get(key, trigger))
-        self._noted()
 
     def _on_namespace(self, event: StoreEvent[Namespace]) -> None:
         self._dirty_namespaces.add(event.key)
         self._noted()
 
-    def _noted(self) -> None:
+    def _pending(self) -> None:
         if self.index.ready:  # before the first build, readiness (not liveness) says so
             self.progress.pending()
-        self._wake.set()
+
+    def _noted(self) -> None:
+        self._pending()
+        self.changes.wake()
 
     # --- applying -------------------------------------------------------------------------
 
@@ -133,21 +125,14 @@ class ZoneController:
         return all(s.synced for s in self._stores)
 
     async def run(self) -> None:
-        # Restarted by the supervisor after a failure: whatever is still noted is applied.
-        self._wake.set()
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if not self.synced:
-                continue
-            # A big batch (the first build, a relist after a long outage) is applied in
-            # slices, yielding in between so queries keep being answered meanwhile.
-            more = self.apply_pending(max_services=CHUNK)
-            if more:
-                self._wake.set()  # come straight back for the rest
-                await asyncio.sleep(0)
-            elif not (self._dirty_services or self._dirty_namespaces or self._extra_retry):
-                self.progress.done()
+        """Apply what changed whenever woken (restarted by the supervisor after a failure:
+        whatever is still noted is applied)."""
+        await self._loop.run()
+
+    async def _apply_chunk(self) -> bool:
+        # A big batch (the first build, a relist after a long outage) is applied in slices,
+        # the loop yielding in between so queries keep being answered meanwhile.
+        return self.apply_pending(max_services=CHUNK)
 
     def apply_pending(self, max_services: int | None = None) -> bool:
         """Apply the changes noted so far (the first call takes everything); True when some
@@ -156,31 +141,27 @@ class ZoneController:
         first = not self.index.ready
         if first and not self._building:
             self._building = True
-            self._dirty_services |= set(self.services.keys())
             self._dirty_namespaces |= set(self.namespaces.keys())
-        services = self._dirty_services
-        if max_services is not None and len(services) > max_services:
-            services = set(itertools.islice(services, max_services))
-            self._dirty_services -= services
-        else:
-            self._dirty_services = set()
+        services = self.changes.take(max_services).keys
         namespaces, self._dirty_namespaces = self._dirty_namespaces, set()
         extra = [
             (source, source.take_dirty() | self._extra_retry.pop(i, set()))
             for i, source in enumerate(self.extra)
         ]
-        more = bool(self._dirty_services)
         if not (services or namespaces or first or any(keys for _, keys in extra)):
-            return more
+            return False
         try:
             self._apply_batch(services, namespaces, extra)
         except BaseException:
-            # Nothing is forgotten before it is applied: the next run takes it all again.
-            self._dirty_services |= services
+            # Nothing is forgotten before it is applied: the next run takes it all again
+            # (the Services' keys are still the tracker's: only `applied` forgets them).
+            self.changes.failed()
             self._dirty_namespaces |= namespaces
             for i, (_, keys) in enumerate(extra):
                 self._extra_retry.setdefault(i, set()).update(keys)
             raise
+        triggers = {key: self.changes.applied(key) for key in services}
+        more = self.changes.pending
         if not more:
             # Only a complete zone is served: until then cluster names are SERVFAIL.
             if not self.index.ready:
@@ -189,7 +170,8 @@ class ZoneController:
         self.batches += 1
         self.last_batch_seconds = time.perf_counter() - started
         ZONE_SYNC.observe(self.last_batch_seconds)
-        self._observe_programming(services, first)
+        if not first:  # the initial list reflects history, not a change just programmed
+            self._observe_programming(triggers)
         log.debug(
             "zone_updated",
             services=len(services),
@@ -201,7 +183,7 @@ class ZoneController:
 
     def _apply_batch(
         self,
-        services: set[str],
+        services: list[str],
         namespaces: set[str],
         extra: list[tuple[ExtraSource, set[str]]],
     ) -> None:
@@ -225,19 +207,15 @@ class ZoneController:
             if collecting:
                 gc.enable()
 
-    def _observe_programming(self, services: set[str], first: bool) -> None:
-        if first:
-            for key in services:
-                self._triggers.pop(key, None)
-            return  # the initial list reflects history, not a change we just programmed
+    def _observe_programming(self, triggers: dict[str, list[float]]) -> None:
+        """The earliest unapplied change of each Service, now in the zone."""
         now = time.time()
-        for key in services:
-            trigger = self._triggers.pop(key, None)
-            if trigger is None:
+        for key, times in triggers.items():
+            if not times:
                 continue
             service = self.services.get(key)
             kind = "headless" if service is not None and service.is_headless else "cluster_ip"
-            DNS_PROGRAMMING.labels(kind).observe(max(0.0, now - trigger))
+            DNS_PROGRAMMING.labels(kind).observe(max(0.0, now - min(times)))
 
     def _set_service(self, key: str) -> None:
         try:
@@ -336,17 +314,3 @@ class ZoneController:
                 self.last_batch_seconds,
             ),
         }
-
-
-TRIGGER_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
-
-
-def _trigger_time(eps: EndpointSlice) -> float | None:
-    """The EndpointSlice controller's last-change-trigger-time (RFC 3339) as a Unix time."""
-    value = eps.metadata.annotations.get(TRIGGER_ANNOTATION)
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None

@@ -196,7 +196,10 @@ class Forwarder:
         self._pending: dict[CacheKey, asyncio.Task[bytes]] = {}
         self._prefetching: dict[CacheKey, asyncio.Task[bytes]] = {}
         self._inflight = 0
-        self._next = 0  # round_robin position
+        # round_robin: queries so far per route, keyed by the id of the route's upstream list
+        # (self.upstreams or a stub domain's, alive as long as the forwarder): each route counts
+        # on its own, as each CoreDNS forward block has its own policy.
+        self._robin: dict[int, int] = {}
         self._closed = False
         if not self.upstreams:
             log.warning("no_upstreams", hint="every forwarded query will be SERVFAIL")
@@ -211,6 +214,29 @@ class Forwarder:
         parsed = parse_query(query)
         if parsed is None:
             return None
+        at_once = self._at_once(parsed)
+        if at_once is not None:
+            return at_once
+        self._inflight += 1
+        FORWARD_INFLIGHT.inc()
+        try:
+            response = await self._shared_exchange(parsed)
+        finally:
+            self._inflight -= 1
+            FORWARD_INFLIGHT.dec()
+        return build_answer(parsed, response)
+
+    def answer_at_once(self, query: bytes) -> bytes | None:
+        """`forward`'s answer when it needs no upstream: from the cache, NOTIMP, or REFUSED
+        while `max_inflight` queries wait upstream (shed, counted in
+        dnsd_forward_max_concurrent_rejects_total). None: `forward` must ask (or drop).
+
+        Synchronous, so a flood of queries the forwarder refuses or answers from the cache
+        costs no task, no coroutine and no extra turn of the event loop per query."""
+        parsed = parse_query(query)
+        return None if parsed is None else self._at_once(parsed)
+
+    def _at_once(self, parsed: ParsedQuery) -> bytes | None:
         if parsed.opcode != 0:
             return error_answer(parsed, RCODE_NOTIMP)
         cache = self.cache
@@ -227,14 +253,7 @@ class Forwarder:
         if self._inflight >= self.max_inflight:
             FORWARD_REJECTS.inc()
             return error_answer(parsed, RCODE_REFUSED)
-        self._inflight += 1
-        FORWARD_INFLIGHT.inc()
-        try:
-            response = await self._shared_exchange(parsed)
-        finally:
-            self._inflight -= 1
-            FORWARD_INFLIGHT.dec()
-        return build_answer(parsed, response)
+        return None
 
     async def resolve(self, qname: str, qtype: int) -> list[dnslib.RR]:
         """Answer records for `qname`/`qtype` (chasing an ExternalName target); [] on failure.
@@ -363,12 +382,15 @@ class Forwarder:
         return None
 
     def _order(self, servers: list[Upstream]) -> list[Upstream]:
+        # CoreDNS forward policy.go: random is a uniform shuffle; for the k-th query of a route
+        # (k from 1) round_robin puts upstream k mod n first and keeps the others in their
+        # order; sequential keeps the configured order.
         if self.policy == "random":
             servers = random.sample(servers, len(servers))
         elif self.policy == "round_robin" and servers:
-            start = self._next % len(servers)
-            self._next += 1
-            servers = servers[start:] + servers[:start]
+            turn = self._robin[id(servers)] = self._robin.get(id(servers), 0) + 1
+            first = turn % len(servers)
+            servers = [servers[first], *servers[:first], *servers[first + 1 :]]
         healthy = [up for up in servers if up.healthy]
         if servers and not healthy:
             HEALTHCHECK_BROKEN.inc()

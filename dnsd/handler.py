@@ -41,6 +41,8 @@ class Upstream(Protocol):
 
     async def forward(self, query: bytes) -> bytes | None: ...
 
+    def answer_at_once(self, query: bytes) -> bytes | None: ...
+
     async def resolve(self, qname: str, qtype: int) -> list[RR]: ...
 
 
@@ -417,12 +419,23 @@ class Handler:
         alias.cache[query.qtype] = (now + ttl, answer)
         return respond(query, answer, limit, self.max_udp_size)
 
-    async def _forward(self, query: Query, limit: int, tcp: bool) -> bytes | None:
+    def _forward(self, query: Query, limit: int, tcp: bool) -> Result:
         if self.upstream is None:
             return self._rcode(query, wire.SERVFAIL)
+        # Cache hits and REFUSED above max-concurrent at once: a flood costs no task.
+        at_once = self.upstream.answer_at_once(query.data)
+        if at_once is not None:
+            return self._fit_foreign(query, at_once, limit, tcp)
+        return self._forward_later(query, limit, tcp)
+
+    async def _forward_later(self, query: Query, limit: int, tcp: bool) -> bytes | None:
+        assert self.upstream is not None
         response = await self.upstream.forward(query.data)
         if response is None:
             return None
+        return self._fit_foreign(query, response, limit, tcp)
+
+    def _fit_foreign(self, query: Query, response: bytes, limit: int, tcp: bool) -> bytes:
         response = bytes(response)  # the server tells answers from coroutines by type
         if not tcp:
             response = wire.truncate_foreign(query, response, limit, self.max_udp_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -34,7 +35,7 @@ from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
 from kwatch.models import keep_reference_names
 from kwatch.resources import ENDPOINTSLICES, NAMESPACES, PODS, SERVICEIMPORTS, SERVICES
-from kwatch.runtime import run, stop_event
+from kwatch.runtime import release_free_memory, run, stop_event
 from kwatch.supervisor import Supervisor
 
 log = structlog.get_logger("dnsd")
@@ -131,6 +132,7 @@ class Daemon:
             cache=cache,
             timeout=settings.forward_timeout,
             max_inflight=settings.max_concurrent,
+            policy=settings.forward_policy,
         )
         lazy: list[LazyNames] = []
         if settings.endpoint_names:
@@ -206,11 +208,25 @@ class Daemon:
             await self.health.start()
             log.info("http_listening", address=self.health.host, port=self.health.port)
 
-    async def _listen_when_ready(self) -> None:
+    async def _zone_built(self) -> None:
         await self.state.wait_synced()
         # The controller builds the zone right after the sync; the index has no event to await.
         while not self.index.ready:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+    async def settle_heap(self) -> None:
+        """Once the first zone is built: collect the start-up garbage and freeze the rest
+        (gc.freeze), so a full collection, which holds the GIL the UDP threads need for
+        every answer, walks what changed since instead of every record of the zone. The
+        zone's parts make no cycles (tests/dnsd/test_heap.py): a later rebuild frees what it
+        replaces by refcount, frozen or not."""
+        await self._zone_built()
+        gc.collect()
+        gc.freeze()
+        release_free_memory()
+
+    async def _listen_when_ready(self) -> None:
+        await self._zone_built()
         try:
             await self.server.start()
         except OSError as err:
@@ -243,6 +259,7 @@ async def serve(settings: DnsdSettings, worker: int) -> int:
         await daemon.stop()
         return 1
     log.info("dnsd_started", worker=worker, zones=settings.zone, pods=str(settings.pods))
+    daemon.supervisor.spawn("settle-heap", daemon.settle_heap, forever=False)
     await stop.wait()
     log.info("dnsd_stopping", worker=worker)
     await daemon.stop()

@@ -98,7 +98,3 @@ def reverse_of_packed(packed: bytes) -> str:
     if len(packed) == 4:
         return f"{packed[3]}.{packed[2]}.{packed[1]}.{packed[0]}.in-addr.arpa"
     return ".".join(packed.hex()[::-1]) + ".ip6.arpa"
-
-
-def is_reverse(name: str) -> bool:
-    return name.endswith(".in-addr.arpa") or name.endswith(".ip6.arpa")

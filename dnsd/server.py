@@ -14,7 +14,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, cast
 
 import structlog
@@ -54,6 +54,65 @@ _UDP_MAX = 65535
 UDP_BACKLOG = 4096
 
 
+class SlowQueue:
+    """The bounded hand-off from a UDP thread to the event loop.
+
+    `put` (the thread) appends a query and wakes the loop with one `call_soon_threadsafe`
+    for every query that arrives until the loop drains: one wake-up (a Handle, a write to
+    the loop's wake-up fd) per burst instead of one per query. A query that finds `bound`
+    waiting is dropped at once and counted in `shed` (`udp_queue_full`): a flood of
+    slow-path queries then costs the loop a bounded amount of work per turn, and the fast
+    path, which shares the GIL with it, keeps answering cluster names without delay.
+
+    `drain` (the loop) takes at most `bound` queries per turn, so timers and sockets get
+    their turn between two slices of a flood. deque.append/popleft are atomic under the
+    GIL; `_wake` may cause a redundant wake-up, never a missed one (the loop clears it
+    before it looks at the queue).
+    """
+
+    def __init__(
+        self, bound: int, shed: dict[str, int], take: Callable[[bytes, Any], None]
+    ) -> None:
+        self.bound = bound
+        self.shed = shed  # reason -> count, written by the thread only
+        self._take = take
+        self._queue: collections.deque[tuple[bytes, Any]] = collections.deque()
+        self._wake = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def put(self, data: bytes, addr: Any) -> None:
+        """From the UDP thread: queue a query for the loop, or shed it."""
+        queue = self._queue
+        if len(queue) >= self.bound:
+            self.shed["udp_queue_full"] = self.shed.get("udp_queue_full", 0) + 1
+            return
+        queue.append((data, addr))
+        if not self._wake and self._loop is not None:
+            self._wake = True
+            with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
+                self._loop.call_soon_threadsafe(self.drain)
+
+    def drain(self) -> None:
+        """On the loop: hand up to `bound` queued queries to `take`, oldest first."""
+        self._wake = False
+        queue = self._queue
+        take = self._take
+        for _ in range(self.bound):
+            if not queue:
+                return
+            data, addr = queue.popleft()
+            take(data, addr)
+        if queue and not self._wake and self._loop is not None:
+            self._wake = True
+            self._loop.call_soon(self.drain)  # the rest on the next turn
+
+
 class UdpListener:
     """One UDP socket served by its own thread; the event loop only sees the rare query the
     fast path cannot answer.
@@ -66,9 +125,11 @@ class UdpListener:
     for a uvloop DatagramProtocol, 5.4 to 5.8 us batched.
 
     Anything else (forwarding, ExternalName chases, pod names, malformed messages, a zone not
-    ready yet) is handed to the event loop (`call_soon_threadsafe`), which runs
-    `Handler.full` there and sends with MSG_DONTWAIT, queueing when the buffer is full, so
-    only one thread ever touches the forwarder, the cache and the per-query accounting.
+    ready yet) goes to the event loop through a bounded queue (`SlowQueue`): the thread
+    appends and wakes the loop once for as many queries as arrive before the loop gets to
+    them, and drops what finds the queue full. The loop runs `Handler.full` and sends with
+    MSG_DONTWAIT, queueing when the buffer is full, so only one thread ever touches the
+    forwarder, the cache and the per-query accounting.
     The zone index is updated by the event loop while the thread reads it: every answer is
     one immutable bytes object swapped in whole, so a query sees a service before or after
     a change, never a half-written answer.
@@ -92,18 +153,11 @@ class UdpListener:
         self._closed = False
         # Answers from the event loop waiting for room in the socket's send buffer.
         self._backlog: collections.deque[tuple[bytes, Any]] = collections.deque()
-        # The hand-off to the event loop is bounded: queries handed over and not yet taken
-        # up are `_handed - _taken` (each counter has one writer: the thread, the loop). A
-        # query beyond `slow_queue` is dropped at once (counted `udp_queue_full`): a flood of
-        # slow-path queries then costs the loop a bounded amount of work, and the fast path,
-        # which shares the GIL with it, keeps answering cluster names without delay.
-        self.slow_queue = slow_queue
-        self._handed = 0
-        self._taken = 0
-        self._shed = handler.stats.thread_drops()
+        self.slow = SlowQueue(slow_queue, handler.stats.thread_drops(), self._full)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self.slow.start(loop)
         self.sock.setblocking(True)
         port = self.sock.getsockname()[1]
         self._thread = threading.Thread(target=self._serve, name=f"dnsd-udp-{port}", daemon=True)
@@ -127,8 +181,7 @@ class UdpListener:
         io = udpbatch.BatchIO(self.sock, self.handler.max_udp_size, self.batch)
         fast = self.handler.fast
         counts = self.handler.stats.fast_counts(False)
-        to_loop = self._loop.call_soon_threadsafe
-        full = self._full
+        hand_over = self.slow.put
         sample = self.sample
 
         def answer(data: bytes, i: int) -> bytes | None:
@@ -161,14 +214,8 @@ class UdpListener:
 
         def leftover(data: bytes, i: int) -> None:
             address = io.address(i)
-            if address is None:  # woken by close()
-                return
-            if self._handed - self._taken >= self.slow_queue:
-                self._shed["udp_queue_full"] = self._shed.get("udp_queue_full", 0) + 1
-                return
-            with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
-                to_loop(full, data, address)
-                self._handed += 1
+            if address is not None:  # None: woken by close()
+                hand_over(data, address)
 
         io.serve(answer, leftover, self.handler.stats.drop, lambda: not self._closed)
 
@@ -179,8 +226,7 @@ class UdpListener:
         sendto = self.sock.sendto
         fast = self.handler.fast
         stats = self.handler.stats
-        to_loop = self._loop.call_soon_threadsafe
-        full = self._full
+        hand_over = self.slow.put
         counts = stats.fast_counts(False)
         isolation = self.handler.isolation
         while not self._closed:
@@ -207,14 +253,7 @@ class UdpListener:
                 stats.drop("internal_error")
                 continue
             if result is None:
-                if self._handed - self._taken >= self.slow_queue:
-                    self._shed["udp_queue_full"] = self._shed.get("udp_queue_full", 0) + 1
-                    continue
-                try:
-                    to_loop(full, data, addr)
-                except RuntimeError:
-                    return
-                self._handed += 1
+                hand_over(data, addr)
                 continue
             try:
                 sendto(result, addr)
@@ -225,7 +264,6 @@ class UdpListener:
 
     def _full(self, data: bytes, addr: Any) -> None:
         """On the event loop: a query the fast path left."""
-        self._taken += 1
         if self._closed:
             return
         try:

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from dnsd.forward import Policy
 from dnsd.handler import PodMode
 from dnsd.names import to_wire
 from dnsd.transfer import parse_networks
@@ -116,6 +117,11 @@ class DnsdSettings(AccessSettings):
     cache_max_ttl: int = Field(3600, ge=0, description="cap on a cached answer's TTL (seconds)")
     cache_max_negative_ttl: int = Field(
         1800, ge=0, description="cap on a cached negative answer's TTL (seconds)"
+    )
+    forward_policy: Policy = Field(
+        "random",
+        description="order in which a query tries the upstreams: random, round_robin (the "
+        "next one first, the others in order) or sequential (as listed). CoreDNS forward `policy`",
     )
     forward_timeout: float = Field(2.0, gt=0, description="seconds to wait for one upstream")
     max_concurrent: int = Field(1000, ge=1, description="forwarded queries in flight at most")

@@ -107,10 +107,6 @@ def make_answer(
     )
 
 
-class ParseError(Exception):
-    """The query is malformed: answer FORMERR."""
-
-
 @dataclass(slots=True)
 class Query:
     """What the hot path learned from a query."""

@@ -23,16 +23,27 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import Counter
-
 from kpx.backends import Backend
 
 Clock = Callable[[], float]
 
-COOLDOWNS = Counter(
-    "kpx_backend_cooldowns_total",
-    "Times a backend was put in (or kept in) failure cool-down after a failed connect",
-)
+
+class EventCount:
+    """A count kpx/metrics.py exports (as a counter). Not a prometheus_client Counter: a
+    `--workers` process (kpx/worker.py) balances too, and sends its counts to the control
+    process instead of importing prometheus_client (4 MB of every worker's resident set)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+
+# Times a backend was put in (or kept in) failure cool-down after a failed connect.
+COOLDOWNS = EventCount()
 
 # How many backends `candidates` returns: the pick plus fallbacks. kube-proxy's userspace
 # tryConnect made four attempts (250 ms, 500 ms, 1 s, 2 s).
@@ -98,11 +109,8 @@ class _Pin:
 # default size). Beyond it the least recently used pin goes (its client is balanced anew).
 DEFAULT_AFFINITY_MAX_ENTRIES = 65535
 
-AFFINITY_EVICTIONS = Counter(
-    "kpx_affinity_evictions_total",
-    "ClientIP affinity pins dropped because a Service port's table was full (least recently"
-    " used first)",
-)
+# ClientIP affinity pins dropped because a Service port's table was full.
+AFFINITY_EVICTIONS = EventCount()
 
 
 class AffinityTable:

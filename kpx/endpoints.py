@@ -11,16 +11,19 @@ They follow kube-proxy's pkg/proxy:
   (cluster-wide for Cluster policy, per node for Local); zone hints are used only when every
   ready endpoint has one and one of them names this node's zone.
 
-kpx/table.py turns the result into frontends and backend lists (`compute_service`).
+kpx/rules.py turns the result into frontends and backend lists (`compute_service`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kpx.backends import Backend
-from kwatch.models import EndpointSlice
+
+if TYPE_CHECKING:
+    from kwatch.models import EndpointSlice
 
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"

@@ -140,8 +140,11 @@ class ProxierHealthServer:
         address: str,
         health: ProxierHealth,
         node_eligible: Callable[[], bool] = lambda: True,
+        reuse_port: bool = False,
     ) -> None:
         self.host, self.port = parse_listen(address)
+        # SO_REUSEPORT, for a handover (kpx/handover.py): the successor binds while we serve.
+        self.reuse_port = reuse_port
         self.health = health
         self._node_eligible = node_eligible
         app = web.Application()
@@ -150,7 +153,9 @@ class ProxierHealthServer:
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(
+            self._runner, self.host, self.port, reuse_address=True, reuse_port=self.reuse_port
+        )
         await site.start()
         if self.port == 0:
             self.port = _bound_port(site)
@@ -204,8 +209,11 @@ class ServiceHealthServers:
         hosts: list[str] | None = None,
         retry_base: float = 1.0,
         retry_max: float = 30.0,
+        reuse_port: bool = False,
     ) -> None:
         self._hosts = _listen_hosts(hosts)
+        # SO_REUSEPORT, for a handover (kpx/handover.py): the successor binds while we serve.
+        self.reuse_port = reuse_port
         self._proxy_healthy = proxy_healthy
         self.retry_base = retry_base
         self.retry_max = retry_max
@@ -296,7 +304,7 @@ class ServiceHealthServers:
     async def _bind(self, port: int, host: str | None, retry_in: float) -> bool:
         """Listen on host:port; False (logged and counted) when the bind fails."""
         service = self._services.get(port, ("?", 0))[0]
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        site = web.TCPSite(self._runner, host, port, reuse_address=True, reuse_port=self.reuse_port)
         try:
             await site.start()
         except OSError as err:

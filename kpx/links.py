@@ -13,11 +13,12 @@ the client's address is generated locally and routed straight to the pod, so tha
 too, is made from the node's address (kube-proxy's conntrack un-DNATs that reply instead).
 
 `SharedLinks.refresh()` reads the main table's on-link routes without a gateway (`ip -j route`),
-housekeeping calls it like the local-address refresh.
+housekeeping calls `refresh_off_loop` like the local-address refresh.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import subprocess
@@ -54,6 +55,30 @@ def connected_routes(listings: list[str]) -> list[tuple[Network, str]]:
     return found
 
 
+def read_connected_routes() -> list[tuple[Network, str]] | None:
+    """This node's connected routes (`ip -j route`, both families); None if unknown."""
+    listings = []
+    for family in ("-4", "-6"):
+        try:
+            listings.append(
+                subprocess.run(
+                    ["ip", "-j", family, "route", "show", "table", "main"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                    check=True,
+                ).stdout
+            )
+        except (OSError, subprocess.SubprocessError) as err:
+            log.error("connected_routes_unknown", problem=str(err))
+            return None
+    try:
+        return connected_routes(listings)
+    except ValueError as err:
+        log.error("connected_routes_unknown", problem=str(err))
+        return None
+
+
 class SharedLinks:
     """`(client, backend) -> bool`: the backend's reply to the client would not come back
     through kpx: both addresses are reached through the same connected route, or the backend
@@ -69,28 +94,18 @@ class SharedLinks:
         self._cache: dict[str, int] = {}
 
     def refresh(self) -> bool:
-        """Re-read the connected routes; whether they changed."""
-        listings = []
-        for family in ("-4", "-6"):
-            try:
-                listings.append(
-                    subprocess.run(
-                        ["ip", "-j", family, "route", "show", "table", "main"],
-                        capture_output=True,
-                        text=True,
-                        timeout=5,
-                        check=True,
-                    ).stdout
-                )
-            except (OSError, subprocess.SubprocessError) as err:
-                log.error("connected_routes_unknown", problem=str(err))
-                return False
-        try:
-            routes = connected_routes(listings)
-        except ValueError as err:
-            log.error("connected_routes_unknown", problem=str(err))
-            return False
-        if routes == self.routes:
+        """Re-read the connected routes; whether they changed. Blocks on `ip`: from the
+        event loop, use `refresh_off_loop`."""
+        return self.update(read_connected_routes())
+
+    async def refresh_off_loop(self) -> bool:
+        """`refresh` with the `ip -j route` subprocesses run in a thread: the data-plane loop
+        never waits on them (the routes are swapped in on the loop)."""
+        return self.update(await asyncio.to_thread(read_connected_routes))
+
+    def update(self, routes: list[tuple[Network, str]] | None) -> bool:
+        """Take `routes` (None: unknown, kept as they were); whether they changed."""
+        if routes is None or routes == self.routes:
             return False
         self.routes = routes
         self._cache.clear()

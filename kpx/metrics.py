@@ -18,6 +18,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
+from kpx import balancer
+
 SYNC_BUCKETS = tuple(0.001 * 2**k for k in range(15))
 PROGRAMMING_BUCKETS = (
     0.005,
@@ -114,6 +116,37 @@ SCTP_PORTS_IGNORED = Gauge(
     "kpx_sctp_service_ports_ignored",
     "SCTP Service ports kpx leaves alone (it proxies TCP and UDP only)",
 )
+
+
+class BalancerEventsCollector(Collector):
+    """kpx/balancer.py's counts (cooldowns, affinity evictions) of this process, plus those
+    the `--workers` processes report (`sources`: counter name -> their sum)."""
+
+    FIELDS = {
+        "backend_cooldowns": (
+            "kpx_backend_cooldowns",
+            "Times a backend was put in (or kept in) failure cool-down after a failed connect",
+            balancer.COOLDOWNS,
+        ),
+        "affinity_evictions": (
+            "kpx_affinity_evictions",
+            "ClientIP affinity pins dropped because a Service port's table was full (least "
+            "recently used first)",
+            balancer.AFFINITY_EVICTIONS,
+        ),
+    }
+
+    def __init__(self) -> None:
+        self.sources: list[Callable[[str], float]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (metric, doc, count) in self.FIELDS.items():
+            value = count.value + sum(source(name) for source in self.sources)
+            yield CounterMetricFamily(metric, doc, value=float(value))
+
+
+BALANCER_EVENTS = BalancerEventsCollector()
+REGISTRY.register(BALANCER_EVENTS)
 
 
 class ProxyStatsCollector(Collector):

@@ -51,13 +51,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import time
+import subprocess
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import structlog
 from prometheus_client import Counter
 
-from kpx.table import Steer, SteerKey
+from kpx.rules import Steer, SteerKey
 
 # LB frontend -> the source ranges allowed to reach it (ServiceTable.firewall).
 Firewall = Mapping[SteerKey, tuple[str, ...]]
@@ -92,12 +94,6 @@ SET_SUFFIX: dict[Steer, str] = {
 }
 
 
-def set_name(key: SteerKey, state: Steer) -> str:
-    family, ip, _port = key
-    base = f"svc{family}" if ip else f"np{family}"
-    return base + SET_SUFFIX[state]
-
-
 def element(key: SteerKey) -> str:
     _family, ip, port = key
     return f"{ip} . {port}" if ip else str(port)
@@ -111,7 +107,7 @@ def _split_cidrs(cidrs: Iterable[str]) -> dict[int, list[str]]:
     return out
 
 
-def _interval_set(name: str, addr_type: str, cidrs: list[str]) -> str:
+def interval_set(name: str, addr_type: str, cidrs: list[str]) -> str:
     return (
         f"\tset {name} {{ type {addr_type}; flags interval; auto-merge; "
         f"elements = {{ {', '.join(cidrs)} }}; }}"
@@ -145,7 +141,7 @@ def _family_chains(
     np_match: str | None = "fib daddr type local"
     if nodeport_cidrs is not None:
         if nodeport_cidrs:
-            lines.append(_interval_set(f"np-addresses{f}", addr_type, nodeport_cidrs))
+            lines.append(interval_set(f"np-addresses{f}", addr_type, nodeport_cidrs))
             np_match = f"fib daddr type local {ip} daddr @np-addresses{f}"
         else:
             np_match = None
@@ -158,7 +154,7 @@ def _family_chains(
     # (not a local client): dropped, like the `-drop` ones.
     refuse = [f"{svc}-reject {reset}", f"{svc}-local drop", f"{svc}-drop drop"]
     if cluster_cidrs:  # pods are local clients too (kube-proxy's detect-local by clusterCIDR)
-        lines.append(_interval_set(f"cluster{f}", addr_type, cluster_cidrs))
+        lines.append(interval_set(f"cluster{f}", addr_type, cluster_cidrs))
         steer.append(f"{ip} saddr @cluster{f} {svc}-local {{v}}")
     if np_match is not None:
         steer.append(f"{np} {{v}}")
@@ -254,16 +250,6 @@ def render_table(
     return "\n".join(lines) + "\n"
 
 
-def _element_lines(verb: str, groups: Mapping[str, list[str]]) -> list[str]:
-    lines = []
-    for name in sorted(groups):
-        items = groups[name]
-        for start in range(0, len(items), ELEMENTS_PER_LINE):
-            chunk = ", ".join(items[start : start + ELEMENTS_PER_LINE])
-            lines.append(f"{verb} element {TABLE} {name} {{ {chunk} }}")
-    return lines
-
-
 def _firewall_elements(key: SteerKey, ranges: tuple[str, ...]) -> dict[str, list[str]]:
     family, ip, port = key
     return {
@@ -272,21 +258,80 @@ def _firewall_elements(key: SteerKey, ranges: tuple[str, ...]) -> dict[str, list
     }
 
 
-def render_firewall_delta(applied: Firewall, desired: Firewall) -> list[str]:
-    """Element deletes and adds turning the applied firewall into the desired one."""
-    removals: dict[str, list[str]] = {}
-    additions: dict[str, list[str]] = {}
-    for key in sorted(set(applied) | set(desired)):
-        old, new = applied.get(key), desired.get(key)
-        if old == new:
-            continue
-        if old is not None:
-            for name, items in _firewall_elements(key, old).items():
-                removals.setdefault(name, []).extend(items)
-        if new is not None:
-            for name, items in _firewall_elements(key, new).items():
-                additions.setdefault(name, []).extend(items)
-    return _element_lines("delete", removals) + _element_lines("add", additions)
+@dataclass(frozen=True, slots=True)
+class TableSets:
+    """One kpx nftables table and the names of its steering sets: what the TCP table and the
+    UDP one (kpx/udp_nft.py) render alike. Each frontend is one element of one set, named
+    for its kind and steering (`svc4`, `svc4-reject`, `np6-local`, ...)."""
+
+    table: str  # "inet kpx"
+    address: str  # prefix of the (ip . port) sets: "svc" -> svc4, svc4-reject, ...
+    node_port: str  # prefix of the (port) sets of NodePorts
+
+    def set_name(self, key: SteerKey, state: Steer) -> str:
+        family, ip, _port = key
+        return f"{self.address if ip else self.node_port}{family}{SET_SUFFIX[state]}"
+
+    def element_lines(self, verb: str, groups: Mapping[str, list[str]]) -> list[str]:
+        lines = []
+        for name in sorted(groups):
+            items = groups[name]
+            for start in range(0, len(items), ELEMENTS_PER_LINE):
+                chunk = ", ".join(items[start : start + ELEMENTS_PER_LINE])
+                lines.append(f"{verb} element {self.table} {name} {{ {chunk} }}")
+        return lines
+
+    def full(self, body: str, steering: Mapping[SteerKey, Steer], firewall: Firewall) -> str:
+        """One transaction replacing whatever table exists with `body` (the definition, sets
+        empty) filled with `steering` and `firewall`."""
+        groups: dict[str, list[str]] = {}
+        for key in sorted(steering):
+            groups.setdefault(self.set_name(key, steering[key]), []).append(element(key))
+        for key in sorted(firewall):
+            for name, items in _firewall_elements(key, firewall[key]).items():
+                groups.setdefault(name, []).extend(items)
+        # `add table` first so that `delete table` cannot fail on a fresh node.
+        lines = self.element_lines("add", groups)
+        return self.cleanup() + body + "".join(line + "\n" for line in lines)
+
+    def delta(
+        self, applied: Mapping[SteerKey, Steer], desired: Mapping[SteerKey, Steer | None]
+    ) -> str:
+        """Element deletes and adds turning `applied` into `desired` for the keys in
+        `desired`; `desired[key]` None removes the frontend. "" when nothing changes."""
+        removals: dict[str, list[str]] = {}
+        additions: dict[str, list[str]] = {}
+        for key in sorted(desired):
+            old, new = applied.get(key), desired[key]
+            if old == new:
+                continue
+            if old is not None:
+                removals.setdefault(self.set_name(key, old), []).append(element(key))
+            if new is not None:
+                additions.setdefault(self.set_name(key, new), []).append(element(key))
+        lines = self.element_lines("delete", removals) + self.element_lines("add", additions)
+        return "".join(line + "\n" for line in lines)
+
+    def firewall_delta(self, applied: Firewall, desired: Firewall) -> list[str]:
+        """Element deletes and adds (lines) turning the applied firewall into the desired one."""
+        removals: dict[str, list[str]] = {}
+        additions: dict[str, list[str]] = {}
+        for key in sorted(set(applied) | set(desired)):
+            old, new = applied.get(key), desired.get(key)
+            if old == new:
+                continue
+            for ranges, groups in ((old, removals), (new, additions)):
+                if ranges is not None:
+                    for name, items in _firewall_elements(key, ranges).items():
+                        groups.setdefault(name, []).extend(items)
+        return self.element_lines("delete", removals) + self.element_lines("add", additions)
+
+    def cleanup(self) -> str:
+        """Removes the table; never fails on a node without it."""
+        return f"add table {self.table}\ndelete table {self.table}\n"
+
+
+SETS = TableSets(TABLE, "svc", "np")
 
 
 def render_full(
@@ -298,46 +343,30 @@ def render_full(
     firewall: Firewall | None = None,
 ) -> str:
     """One transaction that replaces whatever kpx table exists with the desired one."""
-    groups: dict[str, list[str]] = {}
-    for key in sorted(steering):
-        groups.setdefault(set_name(key, steering[key]), []).append(element(key))
-    for key in sorted(firewall or {}):
-        assert firewall is not None
-        for name, items in _firewall_elements(key, firewall[key]).items():
-            groups.setdefault(name, []).extend(items)
-    # `add table` first so that `delete table` cannot fail on a fresh node.
-    head = f"add table {TABLE}\ndelete table {TABLE}\n"
     body = render_table(proxy_port, nodeport_cidrs, cluster_cidrs, transparent)
-    return head + body + "".join(line + "\n" for line in _element_lines("add", groups))
+    return SETS.full(body, steering, firewall or {})
 
 
 def render_delta(
     applied: Mapping[SteerKey, Steer], desired: Mapping[SteerKey, Steer | None]
 ) -> str:
-    """Element deletes and adds turning `applied` into `desired` for the keys in `desired`.
+    """Element deletes and adds turning `applied` into `desired` (kpx/nft's sets)."""
+    return SETS.delta(applied, desired)
 
-    `desired[key]` None removes the frontend. Returns "" when nothing changes.
-    """
-    removals: dict[str, list[str]] = {}
-    additions: dict[str, list[str]] = {}
-    for key in sorted(desired):
-        old, new = applied.get(key), desired[key]
-        if old == new:
-            continue
-        if old is not None:
-            removals.setdefault(set_name(key, old), []).append(element(key))
-        if new is not None:
-            additions.setdefault(set_name(key, new), []).append(element(key))
-    lines = _element_lines("delete", removals) + _element_lines("add", additions)
-    return "".join(line + "\n" for line in lines)
+
+def render_firewall_delta(applied: Firewall, desired: Firewall) -> list[str]:
+    return SETS.firewall_delta(applied, desired)
 
 
 def render_cleanup() -> str:
-    return f"add table {TABLE}\ndelete table {TABLE}\n"
+    return SETS.cleanup()
 
 
 class NftWriter:
-    """Keeps the kernel's kpx table equal to the table's steering state."""
+    """Keeps the kernel's kpx table equal to the table's steering state. Subclassed for the
+    UDP table (kpx/udp_nft.py): `sets`, `render_table` and the `_applied` hook."""
+
+    sets = SETS
 
     def __init__(
         self,
@@ -362,7 +391,13 @@ class NftWriter:
         self.timeout = timeout
         self.applied: dict[SteerKey, Steer] = {}
         self.needs_full = True
-        self.last_duration = 0.0
+        self._lock = threading.Lock()  # one `nft` of this writer at a time
+
+    def render_table(self) -> str:
+        """The table definition (sets empty) for these settings."""
+        return render_table(
+            self.proxy_port, self.nodeport_cidrs, self.cluster_cidrs, self.transparent
+        )
 
     async def sync(
         self, steering: Mapping[SteerKey, Steer], changed: Iterable[SteerKey] = ()
@@ -371,23 +406,17 @@ class NftWriter:
         failure). Returns whether the kernel was touched; raises NftError on failure."""
         firewall = dict(self.firewall()) if self.firewall is not None else {}
         if self.needs_full:
-            script = render_full(
-                steering,
-                self.proxy_port,
-                self.nodeport_cidrs,
-                self.cluster_cidrs,
-                self.transparent,
-                firewall,
-            )
-            await self._run_or_flag(script)
+            await self._run_or_flag(self.sets.full(self.render_table(), steering, firewall))
+            removed = any(key not in steering for key in self.applied)
             self.applied = dict(steering)
             self.applied_firewall = firewall
             self.needs_full = False
+            self._applied(steering, steering, removed)
             return True
         desired = {key: steering.get(key) for key in changed}
-        script = render_delta(self.applied, desired)
+        script = self.sets.delta(self.applied, desired)
         if firewall != self.applied_firewall:
-            lines = render_firewall_delta(self.applied_firewall, firewall)
+            lines = self.sets.firewall_delta(self.applied_firewall, firewall)
             script += "".join(line + "\n" for line in lines)
         if not script:
             return False
@@ -398,15 +427,21 @@ class NftWriter:
                 self.applied.pop(key, None)
             else:
                 self.applied[key] = state
+        self._applied(steering, desired, any(state is None for state in desired.values()))
         return True
 
+    def _applied(
+        self, steering: Mapping[SteerKey, Steer], keys: Iterable[SteerKey], removed: bool
+    ) -> None:
+        """`keys` are in the kernel as `steering` says; `removed`: some frontend left."""
+
     async def remove(self) -> None:
-        """Delete the kpx table (clean exit)."""
+        """Delete the table (clean exit)."""
         try:
-            await self.run(render_cleanup())
+            await self.run(self.sets.cleanup())
         except NftError as err:
             CLEANUP_FAILURES.inc()
-            log.error("nft_cleanup_failed", problem=str(err))
+            log.error("nft_cleanup_failed", table=self.sets.table, problem=str(err))
         self.applied = {}
         self.applied_firewall = {}
         self.needs_full = True
@@ -421,24 +456,33 @@ class NftWriter:
             raise
 
     async def run(self, script: str) -> None:
-        started = time.monotonic()
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.command,
-                "-f",
-                "-",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-            )
-        except OSError as err:  # no nft binary, no permission, out of processes
-            raise NftError(f"cannot start {self.command[0]}: {err}") from None
-        try:
-            _, stderr = await asyncio.wait_for(proc.communicate(script.encode()), self.timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise NftError(f"nft did not finish within {self.timeout}s") from None
-        self.last_duration = time.monotonic() - started
-        if proc.returncode != 0:
-            raise NftError(" ".join(stderr.decode(errors="replace").split())[:2000])
+        """`nft -f -` with `script`, in a worker thread. Raises NftError.
+
+        Not `asyncio.create_subprocess_exec`: uvloop forks the whole process from the event
+        loop's thread, which held the loop ~12 ms per spawn at 10,000 Services (every
+        proxied connection waited that long). A cancelled caller does not stop the thread:
+        the lock makes the next transaction wait until that one is over."""
+        await asyncio.to_thread(self._run_locked, script)
+
+    def _run_locked(self, script: str) -> None:
+        with self._lock:
+            run_nft(self.command, script, self.timeout)
+
+
+def run_nft(command: Sequence[str], script: str, timeout: float) -> None:
+    """Apply `script` with `command -f -` (blocking; call it from a thread). Raises NftError."""
+    try:
+        proc = subprocess.run(
+            [*command, "-f", "-"],
+            input=script.encode(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+            check=False,
+        )
+    except OSError as err:  # no nft binary, no permission, out of processes
+        raise NftError(f"cannot start {command[0]}: {err}") from None
+    except subprocess.TimeoutExpired:  # killed and reaped by subprocess.run
+        raise NftError(f"nft did not finish within {timeout}s") from None
+    if proc.returncode != 0:
+        raise NftError(" ".join(proc.stderr.decode(errors="replace").split())[:2000])

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from kpx.table import Steer, SteerKey
+from kpx.rules import Steer, SteerKey
 
 log = structlog.get_logger("kpx.ports")
 

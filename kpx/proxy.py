@@ -587,6 +587,48 @@ class Proxy:
             for relay in idle:
                 relay.close()
 
+    # -- handover (kpx/handover.py) -------------------------------------------------------
+
+    def adopt_listener(self, sock: socket.socket) -> Listener:
+        """A redirect listener handed over by the kpx this one replaces: as `bind_redirect`'s,
+        accepted on with `accept_on`."""
+        listener = Listener(self, sock, None)
+        self._listeners.add(listener)
+        return listener
+
+    def redirect_listeners(self) -> list[Listener]:
+        return [listener for listener in self._listeners if listener.frontend is None]
+
+    @property
+    def connecting(self) -> int:
+        """Accepted connections whose backend connect is still under way."""
+        return len(self._dialer.dials) if self._dialer is not None else 0
+
+    def detach_relays(self) -> list[Relay]:
+        """Every relayed connection, no longer this proxy's: the caller `freeze`s them and
+        hands them over (then `release`s them), or gives them back with `make_relay`."""
+        relays = list(self._relays)
+        self._relays.clear()
+        self._by_backend.clear()
+        for draining in self._draining.values():
+            draining.clear()
+        for _ in relays:
+            self._connection_closed()
+        return relays
+
+    def make_relay(
+        self, client: socket.socket, backend_sock: socket.socket, backend: BackendKey
+    ) -> Relay:
+        """A relay of this proxy for a handed-over connection; the caller `resume`s it."""
+        relay = Relay(
+            self.poller, client, backend_sock, self.pool, self.stats, self._on_relay_closed, backend
+        )
+        self._relays.add(relay)
+        self._by_backend.setdefault(backend, set()).add(relay)
+        self.stats.connections_active += 1
+        self._idle.clear()
+        return relay
+
     # -- stop ------------------------------------------------------------------------------
 
     async def stop(self, drain_seconds: float = 0.0) -> int:

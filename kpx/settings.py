@@ -218,6 +218,40 @@ class KpxSettings(AccessSettings):
         " affinity set size); the least recently used goes first",
     )
 
+    handover_socket: str = Field(
+        "@kpx/handover",
+        description="unix socket (a leading @: abstract, in the network namespace) where a "
+        "starting kpx takes the listening and established sockets over from the running one, "
+        "which then serves it; empty: no handover (nftables mode only)",
+    )
+    handover_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="seconds each handover step may take (the listeners, connects under way "
+        "to finish, the connections) before the handover is given up",
+    )
+
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="TCP data-plane processes accepting on the proxy port (SO_REUSEPORT), fed "
+        "by this process, which alone watches the API and programs nftables (nftables mode; "
+        "no handover)",
+    )
+
+    @model_validator(mode="after")
+    def _workers_without_handover(self) -> KpxSettings:
+        if self.workers > 1:
+            if self.mode != "nftables":
+                raise ValueError("--workers above 1 needs --mode nftables")
+            if "handover_socket" in self.model_fields_set and self.handover_socket:
+                raise ValueError(
+                    "--workers above 1 cannot hand over (kpx/handover.py): "
+                    "set --handover-socket '' or --workers 1"
+                )
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _kube_proxy_config(cls, data: Any) -> Any:
@@ -231,6 +265,7 @@ class KpxSettings(AccessSettings):
         "drain_timeout",
         "idle_timeout",
         "udp_timeout",
+        "handover_timeout",
         mode="before",
     )
     @classmethod

@@ -19,7 +19,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import structlog
 
@@ -113,6 +113,16 @@ class FdWatcher(Protocol):
 
     def forget(self, fd: int) -> None:
         """Drop `fd`'s callbacks: it is closed next, which takes it out of the set."""
+
+
+class DirectionState(NamedTuple):
+    """One direction of a relay as a handover carries it (kpx/handover.py): the bytes in its
+    pipe (the pipe itself travels as two fds when there are any), whether its source said EOF
+    and whether that EOF was passed on."""
+
+    pending: int
+    eof: bool
+    done: bool
 
 
 class RelayCounters:
@@ -259,6 +269,29 @@ class _Direction:
         self.done = True
         self.relay.direction_done()
 
+    def state(self) -> DirectionState:
+        return DirectionState(self.pending, self.eof, self.done)
+
+    def resume(self, state: DirectionState, pipe: Pipe | None) -> None:
+        """Continue from a handed-over `state`: deliver what its pipe holds, pass its EOF on,
+        or read again."""
+        self.pending, self.eof, self.done = state
+        self.pipe = pipe
+        if self.done:
+            return
+        if self.pending or self.eof:
+            self.flush()
+        else:
+            self.start_reading()
+
+    def unregister(self) -> None:
+        if self.reading:
+            self.relay.loop.remove_reader(self.src_fd)
+            self.reading = False
+        if self.writing:
+            self.relay.loop.remove_writer(self.dst_fd)
+            self.writing = False
+
     def drop_pipe(self) -> None:
         pipe = self.pipe
         if pipe is None:
@@ -330,6 +363,41 @@ class Relay:
         sent nothing (a server-speaks-first protocol) it costs one splice (EAGAIN)."""
         if not self.closed and self._up.reading:
             self._up.on_readable()
+
+    # -- handover (kpx/handover.py) --------------------------------------------------------
+
+    def freeze(self) -> tuple[DirectionState, DirectionState, list[Pipe]]:
+        """Stop watching the sockets and return both directions' states and the pipes that
+        hold bytes (upstream's first): the relay is still whole, ready to be sent to another
+        process or `resume`d here."""
+        up, down = self._up, self._down
+        up.unregister()
+        down.unregister()
+        pipes = [d.pipe for d in (up, down) if d.pending and d.pipe is not None]
+        return up.state(), down.state(), pipes
+
+    def resume(
+        self, up: DirectionState, down: DirectionState, pipes: list[Pipe] | None = None
+    ) -> None:
+        """Run from frozen (or handed-over) states; `pipes` as `freeze` returned them."""
+        queue = list(pipes or ())
+        self._up.resume(up, queue.pop(0) if up.pending else None)
+        self._down.resume(down, queue.pop(0) if down.pending else None)
+
+    def release(self) -> None:
+        """After a handover: close this process's copies of the sockets and pipes, sending
+        nothing (no FIN, no reset): the process that took them over holds the connection."""
+        if self.closed:
+            return
+        self.closed = True
+        for direction in (self._up, self._down):
+            direction.unregister()
+            if direction.pipe is not None:
+                PipePool.discard(direction.pipe)
+                direction.pipe = None
+            del direction.relay
+        self.client.close()
+        self.backend.close()
 
     def direction_done(self) -> None:
         if self._up.done and self._down.done:

@@ -1,10 +1,11 @@
-"""The coalescing sync loop: store changes -> table recompute -> kernel (or ports) update.
+"""One sync of a protocol's table: store changes -> table recompute -> kernel (or ports) update.
 
 kube-proxy separates change tracking from applying and runs one sync at a time behind a
 rate limiter (BoundedFrequencyRunner, minSyncPeriod). Here store events only mark Services
-dirty and wake this loop; a sync runs at most once per `min_sync_period`, so a burst of
-EndpointSlice writes costs one recompute of the Services involved and at most one `nft`
-transaction. Nothing is programmed before every store holds its first complete list.
+dirty in the table's tracker (kwatch/changes.py) and wake its `SyncLoop`; a sync runs at most
+once per `min_sync_period`, so a burst of EndpointSlice writes costs one recompute of the
+Services involved and at most one `nft` transaction. Nothing is programmed before every store
+holds its first complete list (kpx/main.py runs the first sync once they do).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import structlog
 from kpx import metrics
 from kpx.backends import Backend
 from kpx.health import ProxierHealth, ServiceHealthServers
-from kpx.table import ServiceTable, Steer, SteerKey, SyncResult
+from kpx.rules import Steer, SteerKey
+from kpx.table import ServiceTable, SyncResult
+from kwatch.changes import SyncLoop
 
 log = structlog.get_logger("kpx.sync")
 
@@ -68,34 +71,31 @@ class RuleSyncer:
         # observes the programming latency, so a change is counted once.
         self.observe_programming = observe_programming
         self.syncs = 0
-        self._wake = asyncio.Event()
-        self._last_sync = 0.0
         # EndpointSlice trigger times (epoch seconds) applied to the table, not yet observed.
         self._trigger_times: list[float] = []
-        table.on_change = self.notify
+        table.changes.listen(self.notify)
+        self._loop = SyncLoop(
+            table.changes,
+            self._sync_from_loop,
+            name=f"kpx-sync-{table.protocol.lower()}",
+            min_period=min_sync_period,
+            retry_after=RETRY_AFTER_FAILURE,
+        )
 
     def notify(self) -> None:
-        """A store changed (called synchronously from store subscribers)."""
-        if not self._wake.is_set():
+        """A store changed (called synchronously from the table's change tracker)."""
+        if not self.table.changes.woken:
             self.health.queued()
             metrics.LAST_QUEUED.set(time.time())
-            self._wake.set()
 
     async def run(self) -> None:
-        """Sync now, then whenever woken, at most once per `min_sync_period`."""
-        self._wake.set()
-        while True:
-            await self._wake.wait()
-            delay = self._last_sync + self.min_sync_period - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)  # more changes may pile up meanwhile: coalesced
-            self._wake.clear()
-            try:
-                await self.sync_once()
-            except Exception as err:
-                log.error("sync_failed", problem=f"{type(err).__name__}: {err}")
-                await asyncio.sleep(RETRY_AFTER_FAILURE)
-                self._wake.set()
+        """Sync now, then whenever woken, at most once per `min_sync_period`; a failed sync
+        is retried after RETRY_AFTER_FAILURE (as a full one)."""
+        await self._loop.run()
+
+    async def _sync_from_loop(self) -> bool:
+        await self.sync_once()
+        return False  # chunked inside: the kernel is updated once per sync
 
     async def sync_once(self) -> None:
         """One sync; on any failure the next one rewrites the kernel state in full (what
@@ -105,9 +105,11 @@ class RuleSyncer:
         except Exception:
             metrics.SYNC_FAILURES.inc()
             self.writer.needs_full = True
+            self.table.changes.failed()
             raise
         except BaseException:  # cancelled half-way: what reached the kernel is unknown
             self.writer.needs_full = True
+            self.table.changes.failed()
             raise
 
     async def _recompute(self) -> SyncResult:
@@ -142,7 +144,6 @@ class RuleSyncer:
 
     async def _sync(self) -> None:
         started = time.monotonic()
-        self._last_sync = started
         result = await self._recompute()
         self._backends_changed(result)
         # Kept until a kernel update succeeds: the latency counts until the change is in.

@@ -41,16 +41,8 @@ from pathlib import Path
 
 import structlog
 
-from kpx.nft import (
-    CLEANUP_FAILURES,
-    ELEMENTS_PER_LINE,
-    TPROXY_MARK,
-    Firewall,
-    NftError,
-    NftWriter,
-    _firewall_elements,
-)
-from kpx.table import Steer, SteerKey
+from kpx.nft import SET_SUFFIX, TPROXY_MARK, Firewall, NftWriter, TableSets, interval_set
+from kpx.rules import Steer, SteerKey
 from kpx.udp_relay import UdpRelay
 
 log = structlog.get_logger("kpx.udp_nft")
@@ -74,29 +66,7 @@ def bridge_netfilter_on() -> bool:
 
 TABLE = "inet kpx-udp"
 MARK = TPROXY_MARK  # kpx/policyroute.py delivers it locally
-SET_SUFFIX: dict[Steer, str] = {
-    "serve": "",
-    "local": "-local",
-    "drop": "-drop",
-    "reject": "-reject",
-}
-
-
-def set_name(key: SteerKey, state: Steer) -> str:
-    family, ip, _port = key
-    return (f"usvc{family}" if ip else f"unp{family}") + SET_SUFFIX[state]
-
-
-def element(key: SteerKey) -> str:
-    _family, ip, port = key
-    return f"{ip} . {port}" if ip else str(port)
-
-
-def _interval_set(name: str, addr_type: str, cidrs: list[str]) -> str:
-    return (
-        f"\tset {name} {{ type {addr_type}; flags interval; auto-merge; "
-        f"elements = {{ {', '.join(cidrs)} }}; }}"
-    )
+SETS = TableSets(TABLE, "usvc", "unp")
 
 
 def _chain(name: str, rules: list[str], base: str = "") -> list[str]:
@@ -117,7 +87,7 @@ def _family(
     if nodeport_cidrs is not None:
         np_match = None
         if nodeport_cidrs:
-            lines.append(_interval_set(f"np-addresses{f}", addr_type, nodeport_cidrs))
+            lines.append(interval_set(f"np-addresses{f}", addr_type, nodeport_cidrs))
             np_match = f"fib daddr type local {ip} daddr @np-addresses{f}"
     to_kpx = f"tproxy {ip} to :{proxy_port} meta mark set {MARK:#x} accept"
     frontends = [f"{ip} daddr . udp dport @usvc{f}"]
@@ -142,7 +112,7 @@ def _family(
             f"{match}-drop drop",
         ]
     if cluster_cidrs:
-        lines.append(_interval_set(f"cluster{f}", addr_type, cluster_cidrs))
+        lines.append(interval_set(f"cluster{f}", addr_type, cluster_cidrs))
     lines.append(f"\tset lbfw{f} {{ type {addr_type} . inet_service; }}")
     lines.append(
         f"\tset lbfw-allow{f} {{ type {addr_type} . inet_service . {addr_type}; flags interval; }}"
@@ -199,29 +169,9 @@ def render_table(
     return "\n".join(lines) + "\n"
 
 
-def _element_lines(verb: str, groups: Mapping[str, list[str]]) -> list[str]:
-    lines = []
-    for name in sorted(groups):
-        items = groups[name]
-        for start in range(0, len(items), ELEMENTS_PER_LINE):
-            chunk = ", ".join(items[start : start + ELEMENTS_PER_LINE])
-            lines.append(f"{verb} element {TABLE} {name} {{ {chunk} }}")
-    return lines
-
-
 def render_firewall_delta(applied: Firewall, desired: Firewall) -> list[str]:
     """Element deletes and adds turning the applied UDP firewall into the desired one."""
-    removals: dict[str, list[str]] = {}
-    additions: dict[str, list[str]] = {}
-    for key in sorted(set(applied) | set(desired)):
-        old, new = applied.get(key), desired.get(key)
-        if old == new:
-            continue
-        for ranges, groups in ((old, removals), (new, additions)):
-            if ranges is not None:
-                for name, items in _firewall_elements(key, ranges).items():
-                    groups.setdefault(name, []).extend(items)
-    return _element_lines("delete", removals) + _element_lines("add", additions)
+    return SETS.firewall_delta(applied, desired)
 
 
 def render_full(
@@ -231,38 +181,21 @@ def render_full(
     cluster_cidrs: Sequence[str] = (),
     firewall: Firewall | None = None,
 ) -> str:
-    groups: dict[str, list[str]] = {}
-    for key in sorted(steering):
-        groups.setdefault(set_name(key, steering[key]), []).append(element(key))
-    for key in sorted(firewall or {}):
-        assert firewall is not None
-        for name, items in _firewall_elements(key, firewall[key]).items():
-            groups.setdefault(name, []).extend(items)
-    head = f"add table {TABLE}\ndelete table {TABLE}\n"
     body = render_table(proxy_port, nodeport_cidrs, cluster_cidrs)
-    return head + body + "".join(line + "\n" for line in _element_lines("add", groups))
+    return SETS.full(body, steering, firewall or {})
 
 
 def render_delta(
     applied: Mapping[SteerKey, Steer], desired: Mapping[SteerKey, Steer | None]
 ) -> str:
-    removals: dict[str, list[str]] = {}
-    additions: dict[str, list[str]] = {}
-    for key in sorted(desired):
-        old, new = applied.get(key), desired[key]
-        if old == new:
-            continue
-        if old is not None:
-            removals.setdefault(set_name(key, old), []).append(element(key))
-        if new is not None:
-            additions.setdefault(set_name(key, new), []).append(element(key))
-    lines = _element_lines("delete", removals) + _element_lines("add", additions)
-    return "".join(line + "\n" for line in lines)
+    return SETS.delta(applied, desired)
 
 
 class UdpNftWriter(NftWriter):
     """Keeps `inet kpx-udp` equal to the UDP table's steering, and tells the relay after each
     sync (its sessions are re-checked). The policy routes are kpx/policyroute.py's."""
+
+    sets = SETS
 
     def __init__(
         self,
@@ -279,69 +212,30 @@ class UdpNftWriter(NftWriter):
         )
         self.relay = relay
 
+    def render_table(self) -> str:
+        return render_table(self.proxy_port, self.nodeport_cidrs, self.cluster_cidrs)
+
     async def sync(
         self, steering: Mapping[SteerKey, Steer], changed: Iterable[SteerKey] = ()
     ) -> bool:
+        if self.needs_full and not self.applied and bridge_netfilter_on():
+            log.warning(
+                "tproxy_bridge_netfilter",
+                problem="bridge-nf-call-iptables is 1: UDP from pods behind a bridge "
+                "to a NodePort is not delivered to kpx",
+            )
         try:
-            return await self._sync(steering, list(changed))
+            return await super().sync(steering, changed)
         finally:
             self.relay.invalidate()
 
-    async def _sync(self, steering: Mapping[SteerKey, Steer], changed: list[SteerKey]) -> bool:
-        firewall = dict(self.firewall()) if self.firewall is not None else {}
-        if self.needs_full:
-            if not self.applied and bridge_netfilter_on():
-                log.warning(
-                    "tproxy_bridge_netfilter",
-                    problem="bridge-nf-call-iptables is 1: UDP from pods behind a bridge "
-                    "to a NodePort is not delivered to kpx",
-                )
-            script = render_full(
-                steering, self.proxy_port, self.nodeport_cidrs, self.cluster_cidrs, firewall
-            )
-            await self._run_or_flag(script)
-            removed = any(key not in steering for key in self.applied)
-            self.applied = dict(steering)
-            self.applied_firewall = firewall
-            self.needs_full = False
-            if removed:
-                self.relay.prune_frontends()
-            self._open_frontend_sockets(steering, steering)
-            return True
-        desired = {key: steering.get(key) for key in changed}
-        script = render_delta(self.applied, desired)
-        if firewall != self.applied_firewall:
-            lines = render_firewall_delta(self.applied_firewall, firewall)
-            script += "".join(line + "\n" for line in lines)
-        if not script:
-            return False
-        await self._run_or_flag(script)
-        self.applied_firewall = firewall
-        for key, state in desired.items():
-            if state is None:
-                self.applied.pop(key, None)
-            else:
-                self.applied[key] = state
-        if any(state is None for state in desired.values()):
-            self.relay.prune_frontends()
-        self._open_frontend_sockets(steering, desired)
-        return True
-
-    def _open_frontend_sockets(
-        self, steering: Mapping[SteerKey, Steer], keys: Iterable[SteerKey]
+    def _applied(
+        self, steering: Mapping[SteerKey, Steer], keys: Iterable[SteerKey], removed: bool
     ) -> None:
-        """A socket on each served frontend address, for what comes in without tproxy."""
+        if removed:
+            self.relay.prune_frontends()
+        # A socket on each served frontend address, for what comes in without tproxy.
         for key in keys:
             _family, ip, port = key
             if ip and steering.get(key) in ("serve", "local"):
                 self.relay.frontend_socket((ip, port))
-
-    async def remove(self) -> None:
-        try:
-            await self.run(f"add table {TABLE}\ndelete table {TABLE}\n")
-        except NftError as err:
-            CLEANUP_FAILURES.inc()
-            log.error("nft_cleanup_failed", table=TABLE, problem=str(err))
-        self.applied = {}
-        self.applied_firewall = {}
-        self.needs_full = True

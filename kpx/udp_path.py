@@ -13,6 +13,7 @@ it (kpx/source.py, the same decision as for TCP).
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -114,12 +115,20 @@ class UdpPath:
         self._collector = register_udp_stats(self.relay.stats, lambda: len(self.relay.sessions))
 
     async def claim(
-        self, hosts: Sequence[str], port: int, routing: PolicyRouting, routed: bool
+        self,
+        hosts: Sequence[str],
+        port: int,
+        routing: PolicyRouting,
+        routed: bool,
+        handed_over: Sequence[socket.socket] = (),
     ) -> None:
         """nftables mode, at start: the transparent sockets and the policy routes (`routed`:
-        transparent mode installed them already), or UDP off."""
+        transparent mode installed them already), or UDP off. `handed_over`: the sockets the
+        kpx this one replaces used (kpx/handover.py), taken instead of binding new ones."""
         try:
-            for host in hosts:
+            for sock in handed_over:
+                self.relay.adopt_transparent(sock)
+            for host in hosts if not handed_over else ():
                 self.relay.serve_transparent(host, port)
         except OSError as err:
             await self._disable("no transparent socket (needs CAP_NET_ADMIN in kpx)", str(err))

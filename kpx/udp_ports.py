@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from kpx.ports import frontend_text
-from kpx.table import Steer, SteerKey
+from kpx.rules import Steer, SteerKey
 from kpx.udp_relay import UdpListener, UdpRelay
 
 log = structlog.get_logger("kpx.udp_ports")

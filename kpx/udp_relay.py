@@ -17,14 +17,19 @@ get the node's.
 Per session (kpx/udp_sessions.py) one socket connected to the endpoint: its source port names
 the session, the kernel filters out strangers, and an ICMP error from the endpoint shows up as
 ECONNREFUSED on it (the endpoint is then put in cool-down and the client's next datagram picks
-another one).
+another one). Session sockets sit in one epoll of the relay's, which the event loop watches as
+one reader: an event-loop handle per session would cost memory (uvloop: a poll handle each) and
+a callback per ready session.
 
 The hot path: sockets are watched with `add_reader` (not asyncio's datagram transport, which
 reads one datagram per wake-up and, on uvloop, cannot pass IP_RECVORIGDSTADDR); a readable socket
-is drained with recvmmsg until it would block (bounded rounds, then back to the loop); answers go
-out with one sendmmsg per batch. Sessions are keyed on the raw sockaddr bytes (plus the
-frontend's), so a datagram on an established session builds no address tuple. Datagrams up to
-65,507 bytes pass whole (the kernel reassembles fragments before we see them).
+is drained with recvmmsg until it would block (bounded rounds, then back to the loop). A batch's
+datagrams are grouped by session and each group leaves as one run (kpx/udp_forward.py: one UDP
+GSO send when the sizes allow, else one sendmmsg), straight from the receive buffers; an
+endpoint's answers leave the same way, one run per batch read from its socket. Sessions are
+keyed on the raw sockaddr bytes (plus the frontend's), so a datagram on an established session
+builds no address tuple. Datagrams up to 65,507 bytes pass whole (the kernel reassembles
+fragments before we see them).
 
 Never stale: `invalidate()` (called after each sync) bumps an epoch; a session stamped with an
 older epoch is re-checked on its next datagram: its frontend must still exist and its picker
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -44,26 +50,25 @@ from typing import Any, Protocol
 import structlog
 
 from kpx.backends import Backend
+from kpx.udp_forward import RunSender
 from kpx.udp_sessions import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, Session, SessionTable
 from kwatch.mmsg import (
     CONTROLLEN_I,
     FLAGS_I,
-    LEN_I,
     MSG_TRUNC,
     NAME_SIZE,
     NAMELEN_I,
     PEER_ERRORS,
     RecvBatch,
-    SendBatch,
     sockaddr_to_python,
 )
 
 log = structlog.get_logger("kpx.udp")
 
 BATCH = 32  # datagrams per recvmmsg/sendmmsg
-MAX_DATAGRAM = 65536  # buffer per datagram: the largest UDP payload (65,507 over IPv4) fits
+MAX_DATAGRAM = 65536  # buffer per datagram: the largest UDP payload (65,527 over IPv6) fits
 DRAIN_ROUNDS = 8  # batches per readiness callback before other sockets get their turn
-MAX_QUEUED_ANSWERS = 1024  # answers held for one sendmmsg per socket before sending at once
+MAX_READY_SESSIONS = 256  # sessions drained per wake-up of their epoll before the loop's turn
 CONTROL_SIZE = 64  # cmsghdr (16) + sockaddr_in6 (28), aligned
 SOCKET_BUFFER = 4 << 20  # SO_RCVBUF asked for on client-facing sockets (bursts)
 
@@ -200,15 +205,20 @@ class UdpRelay:
         self._listeners: set[UdpListener] = set()
         self._rx = RecvBatch(BATCH, MAX_DATAGRAM, CONTROL_SIZE)
         self._backend_rx = RecvBatch(BATCH, MAX_DATAGRAM)
-        self._tx = SendBatch(BATCH, MAX_DATAGRAM)
+        # Both send from the receive buffers (kpx/udp_forward.py): no copy of a datagram.
+        self._to_endpoints = RunSender(self._rx)
+        self._to_clients = RunSender(self._backend_rx)
         # Transparent mode: one socket per frontend address that answers leave from.
         # Each is also read: what reaches the frontend address without tproxy (a bridged pod's
         # datagram, marked and routed locally: kpx/udp_nft.py) arrives on it.
         self._reply_socks: dict[tuple[str, int], UdpListener] = {}
         self._sweeper: asyncio.TimerHandle | None = None
-        # Endpoint answers read this turn of the loop: (client-facing socket, data, client).
-        self._answers: list[tuple[UdpListener, bytes, bytes]] = []
-        self._flush_scheduled = False
+        # Every session's socket, in one epoll the loop watches as a single reader: no event
+        # loop handle per session (memory), and one callback drains every ready session.
+        self._session_poll: select.epoll | None = None
+        self._by_fd: dict[int, Session] = {}
+        # Client-facing sockets are not read (`hold`, for a handover), new ones included.
+        self._held = False
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -246,6 +256,65 @@ class UdpRelay:
             raise
         return self._start(sock, None)
 
+    def adopt_transparent(self, sock: socket.socket) -> UdpListener:
+        """A `serve_transparent` socket handed over by the kpx this one replaces."""
+        sock.setblocking(False)
+        return self._start(sock, None)
+
+    def transparent_sockets(self) -> list[socket.socket]:
+        """The `serve_transparent` sockets, for a handover."""
+        return [listener.sock for listener in self._listeners if listener.frontend is None]
+
+    def hold(self, held: bool) -> None:
+        """Stop (True) or resume (False) reading the client-facing sockets, for a handover:
+        the successor reads the same sockets meanwhile, and a session made here now would
+        not move with the others."""
+        if held == self._held:
+            return
+        self._held = held
+        for listener in self._listeners:
+            if held:
+                self.loop.remove_reader(listener.fd)
+            else:
+                self.loop.add_reader(listener.fd, self._on_client_readable, listener)
+
+    def detach_sessions(self) -> list[Session]:
+        """Every session, no longer read nor kept here (its socket stays open), for a
+        handover: the caller closes their sockets once handed over, or gives them back with
+        `adopt_session`."""
+        sessions = list(self.sessions)
+        for session in sessions:
+            self.sessions.remove(session)
+            self._unwatch(session)
+        return sessions
+
+    def adopt_session(
+        self,
+        key: bytes,
+        name: bytes,
+        client_ip: str,
+        frontend: tuple[str, int],
+        backend: Backend,
+        sock: socket.socket,
+    ) -> bool:
+        """A transparent-mode session handed over (or given back) with its endpoint socket:
+        answers leave from this relay's socket for `frontend`, and its next datagram checks
+        it against the table. False (the socket closed) when the client has a session here
+        already or no socket for its frontend could be had."""
+        reply = self.frontend_socket(frontend) if self.sessions.get(key) is None else None
+        if reply is None:
+            sock.close()
+            return False
+        session = Session(key, name, client_ip, frontend, backend, None, self.epoch - 1, 0.0)
+        session.last = self._clock()
+        sock.setblocking(False)
+        session.sock = sock
+        session.fd = sock.fileno()
+        session.reply = reply
+        self._watch(session)
+        self.sessions.add(session)
+        return True
+
     def _socket(self, host: str) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -265,7 +334,8 @@ class UdpRelay:
     ) -> UdpListener:
         listener = UdpListener(self, sock, frontend)
         self._listeners.add(listener)
-        self.loop.add_reader(listener.fd, self._on_client_readable, listener)
+        if not self._held:
+            self.loop.add_reader(listener.fd, self._on_client_readable, listener)
         if self._sweeper is None:
             self._schedule_sweep()
         (log.debug if quiet else log.info)(
@@ -324,22 +394,21 @@ class UdpRelay:
 
     def _from_clients(self, listener: UdpListener, n: int) -> None:
         # The batch's buffers are read in place (RecvBatch's accessors, inlined: this loop runs
-        # once per datagram).
+        # once per datagram); each session's datagrams are then sent on as one run.
         rx = self._rx
-        ints, view, names, controls = rx.ints, rx.view, rx.names_view, rx.controls_view
-        size, control_size = rx.size, rx.control
+        ints, names, controls = rx.ints, rx.names_view, rx.controls_view
+        control_size = rx.control
         table = self.sessions.sessions
-        stats = self.stats
         epoch = self.epoch
         tag = listener.tag
         transparent = listener.frontend is None
         now = self._clock()
-        sent = sent_bytes = 0
         control = b""
+        runs: dict[Session, list[int]] = {}
         for i in range(n):
             base = 16 * i
             if ints[base + FLAGS_I] & MSG_TRUNC:
-                stats.drops["truncated"] += 1
+                self.stats.drops["truncated"] += 1
                 continue
             start = i * NAME_SIZE
             name = names[start : start + ints[base + NAMELEN_I]].tobytes()
@@ -355,28 +424,34 @@ class UdpRelay:
                 if session is None:
                     continue
             session.last = now
-            start = i * size
-            data = view[start : start + ints[base + LEN_I]]
-            try:
-                session.sock.send(data)
-            except BlockingIOError:
-                stats.drops["backend_send_failed"] += 1
-                continue
-            except OSError as exc:
-                # An ICMP error from the endpoint, reported on this send: try a fresh pick once.
-                self._backend_failed(session, exc)
-                session = self._check(None, key, name, listener, control, now)
-                if session is None:
-                    continue
-                try:
-                    session.sock.send(data)
-                except OSError:
-                    stats.drops["backend_send_failed"] += 1
-                    continue
-            sent += 1
-            sent_bytes += len(data)
+            run = runs.get(session)
+            if run is None:
+                runs[session] = [i]
+            else:
+                run.append(i)
+        for session, run in runs.items():
+            self._to_backend(session, run, listener, now)
+
+    def _to_backend(
+        self, session: Session, run: list[int], listener: UdpListener, now: float
+    ) -> None:
+        """One session's datagrams of this batch, to its endpoint."""
+        stats, forward = self.stats, self._to_endpoints
+        sent = forward.send(session.fd, run)  # fd -1 (evicted meanwhile): EBADF, none sent
+        sent_bytes = forward.sent_bytes
+        if sent < len(run) and forward.error in PEER_ERRORS:
+            # An ICMP error from the endpoint, reported on this send: try a fresh pick once.
+            self._backend_failed(session, OSError(forward.error, "send failed"))
+            control = session.key[len(session.name) :] if listener.frontend is None else b""
+            fresh = self._check(None, session.key, session.name, listener, control, now)
+            if fresh is not None:
+                run = run[sent:]
+                sent = forward.send(fresh.fd, run)
+                sent_bytes = forward.sent_bytes
         stats.datagrams_to_backend += sent
         stats.bytes_to_backend += sent_bytes
+        if sent < len(run):
+            stats.drops["backend_send_failed"] += len(run) - sent
 
     def _check(
         self,
@@ -453,7 +528,7 @@ class UdpRelay:
         new.sock = sock
         new.fd = sock.fileno()
         new.reply = reply
-        self.loop.add_reader(new.fd, self._on_backend_readable, new)
+        self._watch(new)
         self.sessions.add(new)
         self.stats.sessions_created += 1
         return new
@@ -488,56 +563,34 @@ class UdpRelay:
 
     # -- endpoint -> client (hot path) ---------------------------------------------------------
 
+    def _on_sessions_readable(self) -> None:
+        assert self._session_poll is not None
+        by_fd = self._by_fd
+        for fd, _ in self._session_poll.poll(0, MAX_READY_SESSIONS):
+            session = by_fd.get(fd)
+            if session is not None:
+                self._on_backend_readable(session)
+
     def _on_backend_readable(self, session: Session) -> None:
-        """Queue the endpoint's answers; `_flush_answers` sends everything queued in this turn
-        of the event loop with one sendmmsg per client-facing socket (many sessions of one
-        frontend answer through the same socket)."""
-        rx = self._backend_rx
-        queued = self._answers
+        """The endpoint's answers, sent on to the client as they were read: one run per
+        batch, from the socket the client sent to."""
+        rx, forward, stats = self._backend_rx, self._to_clients, self.stats
         reply, name = session.reply, session.name
         for _ in range(DRAIN_ROUNDS):
             n = rx.recv(session.fd)
             if n <= 0:
                 if n < 0:
                     self._backend_failed(session, OSError(-n, "receive failed"))
-                break
-            for i in range(n):
-                if rx.truncated(i):
-                    self.stats.drops["truncated"] += 1
-                    continue
-                queued.append((reply, rx.data(i).tobytes(), name))
+                return
             session.last = self._clock()
+            # fileno() -1: the frontend's socket closed meanwhile (EBADF, none sent).
+            sent = forward.send(reply.sock.fileno(), range(n), name)
+            stats.datagrams_to_client += sent
+            stats.bytes_to_client += forward.sent_bytes
+            if sent < n:
+                stats.drops["client_send_failed"] += n - sent
             if n < rx.batch:
-                break
-        if len(queued) >= MAX_QUEUED_ANSWERS:
-            self._flush_answers()
-        elif queued and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush_answers)
-
-    def _flush_answers(self) -> None:
-        self._flush_scheduled = False
-        queued, self._answers = self._answers, []
-        groups: dict[int, list[tuple[UdpListener, bytes, bytes]]] = {}
-        for answer in queued:
-            groups.setdefault(id(answer[0]), []).append(answer)
-        tx, stats = self._tx, self.stats
-        for answers in groups.values():
-            fd = answers[0][0].sock.fileno()
-            if fd < 0:  # the frontend's socket closed meanwhile (its sessions ended)
-                stats.drops["client_send_failed"] += len(answers)
-                continue
-            for start in range(0, len(answers), tx.batch):
-                chunk = answers[start : start + tx.batch]
-                size = 0
-                for _reply, data, name in chunk:
-                    tx.add(data, name)
-                    size += len(data)
-                sent, failed = tx.flush(fd)
-                stats.datagrams_to_client += sent
-                stats.bytes_to_client += size if not failed else 0
-                if failed:
-                    stats.drops["client_send_failed"] += failed
+                return
 
     def _backend_failed(self, session: Session, exc: OSError) -> None:
         """An error on the session's endpoint socket: ICMP unreachable (the endpoint is put in
@@ -557,9 +610,21 @@ class UdpRelay:
         if self.sessions.remove(session):
             self._close(session)
 
+    def _watch(self, session: Session) -> None:
+        poll = self._session_poll
+        if poll is None:
+            poll = self._session_poll = select.epoll()
+            self.loop.add_reader(poll.fileno(), self._on_sessions_readable)
+        poll.register(session.fd, select.EPOLLIN)
+        self._by_fd[session.fd] = session
+
+    def _unwatch(self, session: Session) -> None:
+        if self._by_fd.pop(session.fd, None) is session and self._session_poll is not None:
+            self._session_poll.unregister(session.fd)
+
     def _close(self, session: Session) -> None:
         if session.fd >= 0:
-            self.loop.remove_reader(session.fd)
+            self._unwatch(session)
             session.sock.close()
             session.fd = -1
 
@@ -587,4 +652,8 @@ class UdpRelay:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._session_poll is not None:
+            self.loop.remove_reader(self._session_poll.fileno())
+            self._session_poll.close()
+            self._session_poll = None
         log.info("udp_relay_stopped")

@@ -28,8 +28,12 @@ class HealthServer:
         ready: ReadyCheck,
         alive: ReadyCheck | None = None,
         extra_routes: list[web.RouteDef] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.host, self.port = parse_listen(address)
+        # SO_REUSEPORT: a successor process binds the same port while this one still serves
+        # (kpx's handover, kpx/handover.py).
+        self.reuse_port = reuse_port
         self._ready = ready
         self._alive = alive or (lambda: (True, "ok"))
         self._app = web.Application()
@@ -46,7 +50,9 @@ class HealthServer:
     async def start(self) -> None:
         self._runner = web.AppRunner(self._app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(
+            self._runner, self.host, self.port, reuse_address=True, reuse_port=self.reuse_port
+        )
         await site.start()
         if self.port == 0:  # ephemeral port chosen by the kernel (tests)
             server = site._server

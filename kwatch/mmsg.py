@@ -12,6 +12,7 @@ struct iovec = 16 bytes.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import socket
@@ -133,6 +134,9 @@ class RecvBatch:
         self.names_view = memoryview(self.names)
         self.controls_view = memoryview(self.controls)
         self.ints = memoryview(self._msgs.data).cast("I")
+        # Datagram i's bytes start at buffer_address + i * size (for senders that point at
+        # them instead of copying: kpx/udp_forward.py).
+        self.buffer_address = self._buf.address
         iov = memoryview(self._iov.data).cast("Q")
         msgs = memoryview(self._msgs.data).cast("Q")
         for i in range(batch):
@@ -141,20 +145,32 @@ class RecvBatch:
             msgs[8 * i + NAME_Q] = self._names.address + i * NAME_SIZE
             msgs[8 * i + IOV_Q] = self._iov.address + 16 * i
             msgs[8 * i + IOVLEN_Q] = 1
-            if control:
+        # The kernel overwrites msg_namelen and msg_controllen of each entry it fills: those
+        # are reset before the next call, and only those (one strided copy, no Python loop).
+        self._name_sizes = memoryview(array.array("I", [NAME_SIZE] * batch))
+        self._control_sizes = memoryview(array.array("I", [control] * batch))
+        self.ints[NAMELEN_I::16] = self._name_sizes
+        if control:
+            for i in range(batch):
                 msgs[8 * i + CONTROL_Q] = self._ctl.address + i * control
+            self.ints[CONTROLLEN_I::16] = self._control_sizes  # low half of a size_t (LE)
+        self._filled = 0
 
     def recv(self, fd: int) -> int:
         """Datagrams received (0: none waiting); -errno on failure. Never blocks."""
-        ints, control, name = self.ints, self.control, NAME_SIZE
-        for i in range(self.batch):
-            ints[16 * i + NAMELEN_I] = name
-            if control:
-                ints[16 * i + CONTROLLEN_I] = control  # low half of a size_t (LE)
+        # The entries the last call filled, and the next one (a failure part-way may have
+        # touched it).
+        used = min(self._filled + 1, self.batch)
+        ints = self.ints
+        ints[NAMELEN_I : 16 * used : 16] = self._name_sizes[:used]
+        if self.control:
+            ints[CONTROLLEN_I : 16 * used : 16] = self._control_sizes[:used]
         n: int = self._recvmmsg(fd, self._msgs.address, self.batch, MSG_DONTWAIT, None)
         if n < 0:
+            self._filled = 0
             code = ctypes.get_errno()
             return 0 if code in (errno.EAGAIN, errno.EINTR) else -code
+        self._filled = n
         return n
 
     def length(self, i: int) -> int:

@@ -1,6 +1,6 @@
 """The benchmark harnesses run end to end in `--quick` mode (seconds each).
 
-Only that they work, and that `--json` writes what bench/report.py reads: the figures of a quick
+Only that they work, and that `--json` writes what bench.report reads: the figures of a quick
 run on a shared machine mean nothing, so none is checked. They skip when the peer tools are not
 installed (knot, dnsperf, haproxy, iperf3 and wrk are not in scripts/bootstrap.sh) or network
 namespaces are not available.
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from bench.netns_topology import netns_unavailable
+from bench.report_checks import overload_checks, soak_checks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,7 +104,7 @@ def test_bench_udp_quick(tmp_path: Path) -> None:
     reason = netns_unavailable()
     if reason:
         pytest.skip(reason)
-    _needs("nginx", "taskset")
+    _needs("nginx", "taskset", "gcc")  # gcc builds bench/udpgen.c (CI machines have it)
     if not Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists():
         pytest.skip("needs libnginx-mod-stream (apt-get install it to run the benchmarks)")
     text = _run("bench.udp", "--json", str(tmp_path / "udp.json"))
@@ -113,6 +114,9 @@ def test_bench_udp_quick(tmp_path: Path) -> None:
     assert doc["small"]["kpx"]["answered"] > 0 and doc["small"]["nginx"]["answered"] > 0
     assert doc["sessions"]["kpx"]["held"] > 0
     assert doc["retarget"]["samples"] > 0
+    assert len(doc["runs"]) == 1 and doc["runs"][0]["small"]["kpx"]["answered"] > 0
+    assert set(doc["targets"]) >= {"small_datagrams_per_s", "latency_added_p99"}
+    assert set(doc["targets_missed"]) <= set(doc["targets"])
 
 
 @pytest.mark.timeout(120)
@@ -122,6 +126,17 @@ def test_bench_soak_quick(tmp_path: Path) -> None:
     doc = _json(tmp_path / "soak.json")
     assert doc["differences"] == 0 and doc["writes"] > 100
     assert set(doc["rss_growth_pct"]) == {"dnsd", "kpx"}
+    assert "targets_missed" in doc
+    # The checker asked about every kind of name, present and gone, and both frontend states.
+    kinds = {"service A answer", "service AAAA answer", "service SRV answer",
+             "service CNAME answer", "service A NXDOMAIN", "endpoint A answer", "port SRV answer",
+             "reverse PTR answer", "reverse PTR NXDOMAIN", "pod A answer", "pod A NXDOMAIN",
+             "namespace A NODATA", "frontend serve", "frontend reject"}  # fmt: skip
+    assert kinds <= set(doc["coverage"]), doc["coverage"]
+    # The compactions reached both daemons: each relisted.
+    assert all(doc["watch"][d]["kwatch_relists_total"] > 0 for d in ("dnsd", "kpx"))
+    # bench.report reads every figure it judges (a short run leaves the growth unjudged).
+    assert not [c.what for c in soak_checks(doc) if c.verdict.startswith("n/a: not")]
 
 
 @pytest.mark.timeout(120)
@@ -131,6 +146,11 @@ def test_bench_dns_overload_quick(tmp_path: Path) -> None:
     assert "probe_flood:" in text
     doc = _json(tmp_path / "overload.json")
     assert doc["probe_flood"]["answered"] > 0 and set(doc["flood"]) == {"plain", "edns"}
+    # bench.report reads every figure it judges; at the quick run's 300 outstanding the flood
+    # may have no answer of dnsd's own (all SERVFAIL after the upstream's timeout).
+    probe, wait, rss = overload_checks(doc)
+    assert not probe.verdict.startswith("n/a") and not rss.verdict.startswith("n/a")
+    assert wait.ours.endswith("(0 answers)") or not wait.verdict.startswith("n/a")
 
 
 @pytest.mark.timeout(120)

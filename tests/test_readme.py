@@ -30,6 +30,8 @@ from kpx import settings as kpx_settings
 from kpx.metrics import ProxyStatsCollector, UdpStatsCollector
 from kpx.proxy import ProxyStats
 from kpx.udp_relay import UdpStats
+from kpx.worker_metrics import WorkerCollector
+from kpx.worker_pool import WorkerPool
 from kwatch.settings import AccessSettings, build_parser, load_settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -236,6 +238,7 @@ def registered_metrics() -> dict[str, tuple[str, frozenset[str]]]:
     families += DnsCollector(daemon.stats, daemon.controller.zone_info).collect()
     families += ProxyStatsCollector(ProxyStats()).collect()
     families += UdpStatsCollector(UdpStats(), lambda: 0).collect()
+    families += WorkerCollector(WorkerPool(1, lambda _index: None, dict)).collect()  # type: ignore[arg-type]
     labels: dict[str, frozenset[str]] = {}
     for module in list(sys.modules.values()):
         if getattr(module, "__name__", "").split(".")[0] not in ("dnsd", "kpx", "kwatch"):

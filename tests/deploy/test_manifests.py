@@ -268,7 +268,7 @@ def test_kpx_probes_node_name_and_rolling_update(tmp_path: Path) -> None:
     # The table survives the swap: SIGTERM is turned into SIGKILL (test_image_scripts.py).
     # python-kpx: the interpreter copy with cap_net_admin, for transparent mode.
     assert main["command"] == ["kpx-keep-rules", "/opt/kpx-dnsd/bin/python-kpx", "-m", "kpx.main"]
-    assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
+    # The surge rollout and its handover: tests/deploy/test_rolling_update.py.
 
 
 def test_the_pods_verified_component_grants_pods_and_switches_the_mode(tmp_path: Path) -> None:

@@ -561,17 +561,61 @@ async def test_stub_domains_route_by_longest_suffix(upstream, forwarder):
         assert addresses(await fwd.forward(query(name))) == [ip], name
 
 
-async def test_round_robin_and_random_policies_spread_queries(upstream, forwarder):
-    one = await upstream(answering(), "127.0.0.3")
-    two = await upstream(answering(), "127.0.0.4")
-    fwd = forwarder(one, two, policy="round_robin")
-    for i in range(4):
-        await fwd.forward(query(f"rr{i}.example.com"))
-    assert (len(one.seen), len(two.seen)) == (2, 2)
-    fwd = forwarder(one, two, policy="random")
-    for i in range(30):
-        await fwd.forward(query(f"rnd{i}.example.com"))
-    assert len(one.seen) > 2 and len(two.seen) > 2
+async def orders_tried(upstream, forwarder, policy: str, queries: int) -> list[str]:
+    """Three upstreams a, b, c that all answer SERVFAIL, so every query tries each of them in
+    the policy's order: that order per query, as "abc"."""
+    tried: list[str] = []
+
+    def logging(name: str) -> Handler:
+        async def handle(request: dnslib.DNSRecord, proto: str) -> list[bytes]:
+            tried.append(name)
+            return [reply_to(request, dnslib.RCODE.SERVFAIL).pack()]
+
+        return handle
+
+    fakes = [await upstream(logging(n), f"127.0.0.{i + 3}") for i, n in enumerate("abc")]
+    fwd = forwarder(*fakes, policy=policy)
+    orders = []
+    for i in range(queries):  # a new name each time: a cached SERVFAIL would ask nobody
+        answer = await fwd.forward(query(f"q{i}.example.com"))
+        assert parse(answer).rcode() == dns.rcode.SERVFAIL
+        orders.append("".join(tried))
+        tried.clear()
+    return orders
+
+
+async def test_sequential_policy_tries_the_upstreams_as_listed(upstream, forwarder):
+    assert await orders_tried(upstream, forwarder, "sequential", 4) == ["abc"] * 4
+
+
+async def test_round_robin_policy_puts_the_next_upstream_first_like_coredns(upstream, forwarder):
+    # CoreDNS policy.go: the k-th query (k from 1) starts at upstream k mod n, then the others
+    # in their listed order (not a rotation: after c comes a, b).
+    orders = await orders_tried(upstream, forwarder, "round_robin", 7)
+    assert orders == ["bac", "cab", "abc", "bac", "cab", "abc", "bac"]
+
+
+async def test_random_policy_tries_every_upstream_in_a_fresh_shuffle(upstream, forwarder):
+    orders = await orders_tried(upstream, forwarder, "random", 120)
+    assert all(sorted(order) == ["a", "b", "c"] for order in orders)
+    # 120 uniform shuffles of three: each of the six orders is missing with p = (5/6)^120 < 1e-9.
+    assert set(orders) == {"abc", "acb", "bac", "bca", "cab", "cba"}
+
+
+async def test_round_robin_counts_each_route_on_its_own(upstream, forwarder):
+    one = await upstream(answering("192.0.2.1"), "127.0.0.3")
+    two = await upstream(answering("192.0.2.2"), "127.0.0.4")
+    stub_one = await upstream(answering("192.0.2.11"), "127.0.0.5")
+    stub_two = await upstream(answering("192.0.2.12"), "127.0.0.6")
+    fwd = forwarder(
+        one, two, policy="round_robin", stub_domains={"corp": [stub_one.address, stub_two.address]}
+    )
+    firsts = [
+        addresses(await fwd.forward(query(name)))
+        for name in ("a.example.com", "a.corp", "b.corp", "b.example.com", "c.example.com")
+    ]
+    # Each route starts at its second upstream and alternates, whatever the other route asked.
+    assert firsts == [["192.0.2.2"], ["192.0.2.12"], ["192.0.2.11"], ["192.0.2.1"], ["192.0.2.2"]]
 
 
 async def test_ipv6_upstream(upstream, forwarder):
@@ -695,6 +739,33 @@ async def test_queries_over_max_inflight_are_refused(upstream, forwarder):
     assert len(sluggish.seen) == 2
     # the slots are free again
     assert parse(await fwd.forward(query("after.example.com"))).rcode() == dns.rcode.NOERROR
+
+
+async def test_above_max_inflight_refused_at_once_without_a_task(upstream, forwarder):
+    """A flood above max-concurrent is shed synchronously: answer_at_once refuses it (counted)
+    and neither waits nor asks an upstream; below the limit it leaves the query to forward."""
+    sluggish = await upstream(slow(0.3, answering()))
+    fwd = forwarder(sluggish, max_inflight=1, timeout=1.0)
+    assert fwd.answer_at_once(query("first.example.com")) is None  # room: must be forwarded
+    first = asyncio.ensure_future(fwd.forward(query("first.example.com")))
+    await asyncio.sleep(0.05)  # now waiting upstream: the one slot is taken
+    rejects = metric("dnsd_forward_max_concurrent_rejects_total")
+    refused = fwd.answer_at_once(query("flood.example.com", qid=77))
+    assert parse(refused).rcode() == dns.rcode.REFUSED and parse(refused).id == 77
+    assert metric("dnsd_forward_max_concurrent_rejects_total") == rejects + 1
+    assert [s.record.q.qname for s in sluggish.seen] == [dnslib.DNSLabel("first.example.com")]
+    assert parse(await first).rcode() == dns.rcode.NOERROR
+
+
+async def test_cached_answers_come_at_once(upstream, forwarder):
+    fake = await upstream(answering())
+    fwd = forwarder(fake, cache=DnsCache())
+    assert fwd.answer_at_once(query(qid=1)) is None  # not cached yet
+    await fwd.forward(query(qid=1))
+    assert addresses(fwd.answer_at_once(query(qid=2))) == addresses(await fwd.forward(query()))
+    assert parse(fwd.answer_at_once(query(qid=2))).id == 2
+    assert len(fake.seen) == 1
+    assert fwd.answer_at_once(b"\x00\x01junk") is None  # unparseable: forward() drops it
 
 
 async def test_identical_concurrent_queries_share_one_upstream_query(upstream, forwarder):

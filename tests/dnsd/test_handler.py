@@ -36,6 +36,7 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.forwarded: list[bytes] = []
         self.resolved: list[tuple[str, int]] = []
+        self.saturated = False  # True: refuse at once, as the forwarder above max-concurrent
 
     async def forward(self, query: bytes) -> bytes | None:
         self.forwarded.append(query)
@@ -52,6 +53,13 @@ class FakeUpstream:
             dnslib.RR(request.q.qname, dnslib.QTYPE.A, ttl=30, rdata=dnslib.A("192.0.2.1"))
         )
         return reply.pack()
+
+    def answer_at_once(self, query: bytes) -> bytes | None:
+        if not self.saturated:
+            return None  # nothing cached: every query is forwarded
+        request = dnslib.DNSRecord.parse(query)
+        header = dnslib.DNSHeader(id=request.header.id, qr=1, rd=request.header.rd, rcode=5)
+        return dnslib.DNSRecord(header, q=request.q).pack()
 
     async def resolve(self, qname: str, qtype: int) -> list[dnslib.RR]:
         self.resolved.append((qname, qtype))
@@ -250,6 +258,18 @@ def test_owned_reverse_name_with_another_type_is_nodata(cluster):
 def test_names_outside_the_zones_are_forwarded(cluster):
     msg = cluster.ask("www.example.org")
     assert records(msg) == [("www.example.org", "A", "192.0.2.1")]
+
+
+def test_what_the_forwarder_answers_at_once_is_answered_without_a_coroutine(cluster):
+    """REFUSED above max-concurrent (or a cache hit) comes back as bytes from handle(), so a
+    flood of them costs the event loop no task; it is counted like any answer."""
+    cluster.upstream.saturated = True
+    wire = dns.message.make_query("flood.example.org", "A").to_wire()
+    result = cluster.handler.handle(wire)
+    assert isinstance(result, bytes)
+    assert rcode(dns.message.from_wire(result)) == "REFUSED"
+    assert cluster.upstream.forwarded == []
+    assert cluster.handler.stats.responses[(False, 5)] == 1
 
 
 def test_cluster_names_are_servfail_before_the_stores_synced():

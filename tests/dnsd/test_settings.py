@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dnsd.handler import PodMode
-from dnsd.main import main
+from dnsd.main import Daemon, main
 from dnsd.settings import DnsdSettings, parse_hostport
 from dnsd.settings import load as load_or_exit
 from kwatch.settings import SettingsError, load_settings
@@ -195,3 +195,15 @@ def test_the_options_of_issue_15_from_flags_and_environment():
     assert not off.autopath and not off.namespace_isolation and off.transfer_to == []
     assert off.prefetch == 0 and off.serve_stale == 0
     assert (off.prefetch_duration, off.prefetch_percentage) == (60, 10)  # CoreDNS's defaults
+
+
+def test_forward_policy_is_random_by_default_and_reaches_the_forwarder():
+    assert load().forward_policy == "random"  # CoreDNS forward's default
+    assert load("--forward-policy", "round_robin").forward_policy == "round_robin"
+    assert load(env={"DNSD_FORWARD_POLICY": "sequential"}).forward_policy == "sequential"
+    with pytest.raises(SettingsError) as err:
+        load(env={"DNSD_FORWARD_POLICY": "fastest"})
+    assert "--forward-policy" in str(err.value)
+    argv = ["--upstream", "127.0.0.1:1", "--listen", "127.0.0.1:0"]
+    daemon = Daemon(load(*argv, "--forward-policy", "sequential"))
+    assert daemon.forwarder.policy == "sequential"

@@ -130,9 +130,9 @@ def test_affinity_is_dropped_when_the_endpoint_goes_away_and_kept_otherwise():
 
 def test_failing_backend_cools_down_for_a_growing_time():
     _, picker, clock = make(backends=[A, B])
-    before = COOLDOWNS._value.get()
+    before = COOLDOWNS.value
     picker.report_failure(A)
-    assert COOLDOWNS._value.get() == before + 1
+    assert COOLDOWNS.value == before + 1
     assert [picker.candidates("c")[0] for _ in range(4)] == [B] * 4
     assert picker.candidates("c")[-1] == A  # still a last-resort fallback
     clock.now += 1.01  # first cool-down: 1 s

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kpx.nft import ELEMENTS_PER_LINE, render_cleanup, render_delta, render_full, render_table
-from kpx.table import Steer, SteerKey
+from kpx.rules import Steer, SteerKey
 
 
 def test_full_render_replaces_the_table_in_one_transaction():

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from kpx.nft import NftWriter
-from kpx.table import Steer, SteerKey
+from kpx.rules import Steer, SteerKey
 from tests.kpx.netns import Topology
 
 PROXY_PORT = 10262

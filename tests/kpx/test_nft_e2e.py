@@ -240,9 +240,9 @@ def test_crash_leaves_rules_whole_and_a_restart_takes_over(
 def test_a_second_kpx_that_cannot_start_leaves_the_running_ones_rules_alone(
     netns_topology: Topology, tmp_path: Path
 ) -> None:
-    """An overlapping rollout or a manual run on a node where kpx already runs: the newcomer
-    fails to bind (health port, or the proxy port) and exits 1 without deleting the table the
-    running kpx serves from."""
+    """A manual run on a node where kpx already runs, without a handover (kpx/handover.py,
+    where the newcomer would take over instead): it fails to bind (health port, or the proxy
+    port) and exits 1 without deleting the table the running kpx serves from."""
     topo = netns_topology
     p1 = topo.add_pod("p1")
     p1.start_whoami(8080)
@@ -252,7 +252,7 @@ def test_a_second_kpx_that_cannot_start_leaves_the_running_ones_rules_alone(
     argv = [
         sys.executable, "-c", code, "--manifests", str(path), "--node-name", "node-a",
         "--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", "127.0.0.1:10249",
-        "--min-sync-period", "0.01",
+        "--min-sync-period", "0.01", "--handover-socket", "",
     ]  # fmt: skip
     running = topo.node.popen(*argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

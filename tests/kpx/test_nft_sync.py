@@ -17,8 +17,9 @@ from kpx.balancer import Balancer
 from kpx.health import ProxierHealth
 from kpx.nft import NftError, NftWriter
 from kpx.ports import PortsWriter
+from kpx.rules import Steer, SteerKey
 from kpx.sync import RuleSyncer
-from kpx.table import ServiceTable, Steer, SteerKey
+from kpx.table import ServiceTable
 from kwatch.cluster import DEFAULT_INDEXERS
 from kwatch.resources import ENDPOINTSLICES, SERVICES
 from kwatch.store import Store
@@ -57,6 +58,7 @@ class FakeWriter:
     def __init__(self) -> None:
         self.calls: list[dict[SteerKey, bool | None]] = []
         self.fail = 0
+        self.needs_full = True  # as NftWriter: set by the syncer after a failure
 
     async def sync(
         self, steering: Mapping[SteerKey, bool], changed: Iterable[SteerKey] = ()
@@ -65,6 +67,7 @@ class FakeWriter:
             self.fail -= 1
             raise NftError("boom")
         self.calls.append({key: steering.get(key) for key in changed})
+        self.needs_full = False
         return True
 
     async def remove(self) -> None:
@@ -156,6 +159,29 @@ async def test_a_failed_kernel_update_still_drains_backends_and_keeps_their_trig
     await syncer.sync_once()  # the retry
     assert _histogram_count("kubeproxy_network_programming_duration_seconds") == before + 1
     assert len(removed) == 1
+
+
+async def test_the_sync_after_a_failed_one_is_a_full_one():
+    services, _slices, writer, syncer = setup(min_sync_period=0.0)
+    services.upsert("default/web", service("web", "10.96.0.1"))
+    await syncer.sync_once()
+
+    def counts() -> tuple[float, float]:
+        return (
+            _histogram_count("kubeproxy_sync_full_proxy_rules_duration_seconds"),
+            _histogram_count("kubeproxy_sync_partial_proxy_rules_duration_seconds"),
+        )
+
+    full, partial = counts()
+    services.upsert("default/api", service("api", "10.96.0.2"))
+    writer.fail = 1
+    with pytest.raises(NftError):
+        await syncer.sync_once()
+    await syncer.sync_once()  # what reached the kernel is unknown: everything is rewritten
+    assert counts() == (full + 1, partial)
+    services.upsert("default/db", service("db", "10.96.0.3"))
+    await syncer.sync_once()
+    assert counts() == (full + 1, partial + 1)
 
 
 async def test_endpoint_only_changes_never_run_nft(tmp_path: Path) -> None:

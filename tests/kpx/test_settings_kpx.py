@@ -182,3 +182,16 @@ def test_source_address_mode_choices() -> None:
     assert load([], {"KPX_SOURCE_ADDRESS_MODE": "transparent"}).source_address_mode == "transparent"
     with pytest.raises(SettingsError, match="--source-address-mode"):
         load(["--source-address-mode", "keep"])
+
+
+def test_workers_refuse_a_handover_asked_for_and_ports_mode():
+    assert load([]).workers == 1
+    assert load(["--workers", "2"]).workers == 2  # the default handover socket is just not used
+    assert load([], {"KPX_WORKERS": "3"}).workers == 3
+    with pytest.raises(SettingsError, match="handover"):
+        load(["--workers", "2", "--handover-socket", "@kpx/other"])
+    assert load(["--workers", "2", "--handover-socket", ""]).handover_socket == ""
+    with pytest.raises(SettingsError, match="nftables"):
+        load(["--workers", "2", "--mode", "ports"])
+    with pytest.raises(SettingsError, match="--workers"):
+        load(["--workers", "0"])

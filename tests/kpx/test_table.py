@@ -9,7 +9,8 @@ from prometheus_client import REGISTRY
 from kpx.backends import Backend
 from kpx.balancer import Balancer
 from kpx.endpoints import NodeInfo
-from kpx.table import ServiceTable, compute_service, parse_trigger_time
+from kpx.rules import compute_service
+from kpx.table import ServiceTable
 from kwatch.cluster import DEFAULT_INDEXERS
 from kwatch.resources import ENDPOINTSLICES, NODES, SERVICES
 from kwatch.store import Store
@@ -386,12 +387,6 @@ def test_client_ip_affinity_timeout_defaults_to_three_hours():
     assert rules is not None and rules.ports[0].affinity_timeout is None
 
 
-def test_trigger_time_parses_rfc3339():
-    assert parse_trigger_time("2026-01-01T00:00:00Z") == 1767225600.0
-    assert parse_trigger_time("garbage") is None
-    assert parse_trigger_time(None) is None
-
-
 # --- the incremental table -------------------------------------------------------------------
 
 
@@ -573,7 +568,7 @@ def test_backends_offered_again_are_reported_so_their_drain_is_called_off():
 
 def test_external_local_short_circuit_for_node_and_pod_clients():
     env = Env()
-    env.table._local_client = lambda ip: ip.startswith("10.244.")
+    env.table.frontends.local_client = lambda ip: ip.startswith("10.244.")
     env.put(
         svc(
             type="LoadBalancer",
@@ -637,7 +632,7 @@ def test_internal_local_without_local_endpoints_drops_and_only_no_endpoints_at_a
 
 def test_external_local_frontends_drop_outsiders_when_only_other_nodes_have_endpoints():
     env = Env()
-    env.table._local_client = lambda ip: ip.startswith("10.244.")
+    env.table.frontends.local_client = lambda ip: ip.startswith("10.244.")
     env.put(
         svc(
             type="LoadBalancer",
@@ -663,7 +658,7 @@ def test_external_local_frontends_drop_outsiders_when_only_other_nodes_have_endp
     assert lb.candidates("198.51.100.1") == []
     cluster_ip = env.table.lookup("10.96.0.10", 80)
     assert cluster_ip is not None and cluster_ip.candidates("10.244.0.7") == []
-    env.table._local_client = None  # no way to tell node and pod clients: drop them too
+    env.table.frontends.local_client = None  # no way to tell node and pod clients: drop them too
     env.put(
         svc(
             type="LoadBalancer",

@@ -3,16 +3,19 @@ check (kpx/links.py), the policy-routing listing check and the transparent rules
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import struct
+import threading
 
 import pytest
 
-from kpx.links import SharedLinks, connected_routes
+from kpx import links as links_module
+from kpx.links import Network, SharedLinks, connected_routes
 from kpx.nft import TPROXY_MARK, render_firewall_delta, render_table
 from kpx.policyroute import ack_error, route_message, rule_message
+from kpx.rules import source_ranges
 from kpx.source import FrontendClass, SourceAddresses, keeps_client_address
-from kpx.table import source_ranges
 from kwatch.models import Service
 from kwatch.resources import SERVICES
 from tests.kpx.test_table import Env, ep, eps, svc
@@ -83,6 +86,28 @@ def test_shared_links_from_connected_routes() -> None:
     assert not links("10.244.0.5", "fd00:1::6")
     assert not links("172.30.0.2", "172.30.0.3")  # only the default route covers them
     assert not links("garbage", "garbage")
+
+
+async def test_connected_routes_are_read_off_the_loop_and_unknown_ones_keep_the_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    readers: list[int] = []
+    answers: list[list[tuple[Network, str]] | None] = [
+        [(ipaddress.ip_network("10.244.0.0/24"), "cbr0")],
+        None,  # `ip` failed: the routes known so far stay
+    ]
+
+    def read() -> list[tuple[Network, str]] | None:
+        readers.append(threading.get_ident())
+        return answers.pop(0)
+
+    monkeypatch.setattr(links_module, "read_connected_routes", read)
+    links = SharedLinks([])
+    assert await links.refresh_off_loop()
+    assert links("10.244.0.5", "10.244.0.6")
+    assert not await links.refresh_off_loop()
+    assert links("10.244.0.5", "10.244.0.6")
+    assert threading.get_ident() not in readers
 
 
 def test_a_backend_on_this_nodes_own_address_answers_past_kpx() -> None:

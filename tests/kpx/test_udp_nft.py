@@ -9,7 +9,8 @@ from prometheus_client import REGISTRY
 from kpx.balancer import Balancer
 from kpx.endpoints import NodeInfo
 from kpx.nft import TPROXY_MARK as MARK
-from kpx.table import ServiceTable, compute_service
+from kpx.rules import compute_service
+from kpx.table import ServiceTable
 from kpx.udp_nft import render_delta, render_firewall_delta, render_full, render_table
 from kwatch.cluster import DEFAULT_INDEXERS
 from kwatch.resources import ENDPOINTSLICES, SERVICES
