@@ -675,7 +675,13 @@ def _poll_whoami(client: Ns, ip: str, want: str, start: float) -> float | None:
 
 
 def programming(
-    chain: Chain, tmp: Path, services: int, samples: int, timeout: float, cpus: str | None = None
+    chain: Chain,
+    tmp: Path,
+    services: int,
+    samples: int,
+    timeout: float,
+    cpus: str | None = None,
+    workers: int = 1,
 ) -> dict[str, float]:
     """Two kinds of change, `samples` each, on kpx watching `services` Services:
     - endpoint: PUT the probe Service's EndpointSlice moving its endpoint A <-> B, until a new
@@ -693,7 +699,12 @@ def programming(
     try:
         t0 = time.perf_counter()
         kpx = start_kpx(
-            chain, ["--kubeconfig", str(kubeconfig)], tmp, f"kpx-{services}", timeout, cpus=cpus
+            chain,
+            ["--kubeconfig", str(kubeconfig), "--workers", str(workers)],
+            tmp,
+            f"kpx-{services}",
+            timeout,
+            cpus=cpus,
         )
         wait_until(
             "probe Service through kpx",
@@ -1136,7 +1147,13 @@ class Bench:
         self.doc["programming"] = []
         for count in args.services:
             prog = programming(
-                self.chain, self.tmp, count, args.samples, args.ready_timeout, self.proxy_cpus
+                self.chain,
+                self.tmp,
+                count,
+                args.samples,
+                args.ready_timeout,
+                self.proxy_cpus,
+                args.kpx_workers,
             )
             print(f"  {count:>6,} Services: " + ", ".join(f"{k}={fmt(v)}" for k, v in prog.items()))
             for miss in programming_misses(count, prog):

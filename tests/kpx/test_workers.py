@@ -16,7 +16,9 @@ from kpx.rules import ServiceRules, Steer, SteerKey, compute_service
 from kpx.worker import Worker, stats_snapshot
 from kpx.worker_channel import Channel, WorkerConfig
 from kpx.worker_feed import FedWriter, rules_snapshot
+from kpx.worker_pool import WorkerPool
 from tests.kpx.test_table import NODE, ep, eps, svc
+from tests.waiting import eventually
 
 
 def rules(name: str, cluster_ip: str, *ips: str) -> ServiceRules:
@@ -153,3 +155,51 @@ def test_a_worker_reports_every_proxy_counter() -> None:
     found = stats_snapshot(stats)
     assert found["connections_total"] == 3 and found["bytes_to_backend"] == 10
     assert {"connections_active", "unknown_frontend", "bytes_to_client"} <= set(found)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def test_a_pool_worker_listens_once_fed_and_is_started_again_when_killed() -> None:
+    """Real `python -m kpx.worker` processes on 127.0.0.1 (no namespace needed): none listens
+    before the first rules, each acknowledges them, and a killed one comes back, fed again."""
+    port = free_port()
+    web = rules("web", "10.96.0.10", "10.244.0.5")
+
+    def connects() -> bool:
+        """Something listens (it resets the connection at once: 127.0.0.1 was no
+        redirected frontend)."""
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except ConnectionRefusedError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    async def scenario() -> None:
+        pool = WorkerPool(2, lambda index: config(index=index, proxy_port=port), dict)
+        pool.start()
+        try:
+            await asyncio.sleep(0.5)
+            assert pool.listening == 0 and not connects()
+            await pool.publish({"default/web": web})
+            assert pool.listening == 2 and connects()
+            pids = {slot.pid for slot in pool.slots}
+            victim = pool.slots[0]
+            assert victim.process is not None
+            victim.process.kill()
+            await eventually(lambda: victim.restarts == 1 and victim.listening, within=20)
+            assert victim.pid not in pids and connects()
+            await pool.publish({"default/web": None})  # both acknowledge again
+            assert pool.listening == 2
+        finally:
+            await pool.stop(0.0)
+        assert all(slot.process and slot.process.returncode is not None for slot in pool.slots)
+        assert not connects()
+
+    asyncio.run(scenario())
