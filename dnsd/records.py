@@ -444,14 +444,15 @@ def add_srv_sets(
         if not srvs.targets:
             continue  # nothing but port -1: CoreDNS answers no record (NODATA)
         weight = srv_weight(srvs.count)
-        extra: list[Record] = []
-        glued: set[str] = set()
+        glued: dict[str, None] = {}  # a target with several ports is glued once
         for target, port in srvs.targets:
             srv = Srv(0, weight, port, target)
-            records.add(owner, TYPE_SRV, Record(owner, TYPE_SRV, ttl, srv), repr(srv))
-            if target not in glued:  # a target with several ports is glued once
-                glued.add(target)
-                extra.extend(glue.get(target, ()))
+            records.add(owner, TYPE_SRV, Record(owner, TYPE_SRV, ttl, srv), f"{port} {target}")
+            glued[target] = None
+        if len(glued) == 1:  # one target (a ClusterIP Service's name): share its glue list
+            extra = glue.get(next(iter(glued)), [])
+        else:
+            extra = [rr for target in glued for rr in glue.get(target, ())]
         records.additional[(owner, TYPE_SRV)] = extra
     for key in list(records.answers):
         if key[0].endswith(base):
