@@ -236,9 +236,10 @@ def generate(
                 c.rr.append(f"{base} {'AAAA' if ':' in ip else 'A'} {ip}")
                 c.ptr.append(f"{reverse_name(ip)}. PTR {base}")
                 pools["PTR IPv6" if ":" in ip else "PTR IPv4"].append((reverse_name(ip), "PTR"))
+            weight = 100 // len(ips)  # CoreDNS: one SRV record per ClusterIP in the count
             c.rr += [
-                f"_http._tcp.{base} SRV 0 100 80 {base}",
-                f"{base} SRV 0 100 80 {base}",
+                f"_http._tcp.{base} SRV 0 {weight} 80 {base}",
+                f"{base} SRV 0 {weight} 80 {base}",
             ]
             pools["A clusterIP"].append((base, "A"))
             if len(ips) == 2:

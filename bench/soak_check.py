@@ -4,11 +4,16 @@ own (no dnsd or kpx code), and the comparison with what they do serve.
 DNS (zone cluster.local, `--pods verified`, no endpoint PTRs), per the Kubernetes DNS spec
 1.1.0 and CoreDNS where the spec is silent:
 - a ClusterIP Service: A / AAAA of its ClusterIPs at `<svc>.<ns>.svc`; per named port an SRV
-  `_<port>._<proto>.<svc>.<ns>.svc` -> the Service name, and all of them again at the Service
-  name (weight 100 / N, at least 1); PTR from each ClusterIP (§2.3);
+  `_<port>._<proto>.<svc>.<ns>.svc` -> the Service name, and every port, named or not, at the
+  Service name; PTR from each ClusterIP (§2.3);
 - a headless Service with ready endpoints: A / AAAA of the ready addresses at the Service
   name and at `<hostname or dashed IP>.<svc>.<ns>.svc`, SRV per named EndpointSlice port to
-  those names, PTR from each ready address to its name; without any: NXDOMAIN (§2.4);
+  those names and every slice port at the Service name, PTR from each ready address to its
+  name; without any: NXDOMAIN (§2.4);
+- SRV weights as CoreDNS's (plugin/backend_lookup.go SRV() over kubernetes.go findServices):
+  floor(100 / N), at least 1, N = the records the question matched before duplicate
+  (target, port) pairs are dropped: ClusterIPs x matching ports, or ready endpoint addresses
+  (per EndpointSlice) x matching slice ports, a slice without ports counting one (port -1);
 - an ExternalName Service: CNAME to its target (§2.5);
 - `<dashed-ip>.<ns>.pod`: A when a pod with that IP exists in that existing namespace;
   `<ns>.svc` and `<ns>.pod` exist (NODATA) for an existing namespace;
@@ -132,11 +137,13 @@ class Expected:
     def _ptr(self, ip: str, rank: int, target: str) -> None:
         self.ptrs.setdefault(reverse_name(ip), {}).setdefault(rank, set()).add(target)
 
-    def _srvs(self, owner: str, targets: Iterable[tuple[int, str]], among: int = 0) -> None:
-        """SRV records at `owner`, weight 100 / N (at least 1), N = `among` or the count."""
-        targets = set(targets)
-        weight = max(1, 100 // (among or len(targets)))
-        self._add(owner, "SRV", *(f"0 {weight} {port} {target}." for port, target in targets))
+    def _srvs(self, owner: str, targets: Iterable[tuple[int, str]], count: int) -> None:
+        """SRV records at `owner`, weight 100 / `count` (at least 1): `count` is every record
+        CoreDNS's lookup matched, duplicates and port-less ones included."""
+        weight = max(1, 100 // count)
+        answered = {f"0 {weight} {port} {target}." for port, target in targets}
+        if answered:
+            self._add(owner, "SRV", *answered)
 
     def _service(self, key: str, svc: dict[str, Any]) -> None:
         ns, name = key.split("/")
@@ -151,19 +158,22 @@ class Expected:
             for ip in ips:
                 self._add(base, "AAAA" if family(ip) == 6 else "A", ip)
                 self._ptr(ip, 0, base)
-            named = [p for p in spec.get("ports") or [] if p.get("name")]
-            for port in named:
-                owner = f"_{port['name']}._{port.get('protocol', 'TCP').lower()}.{base}"
-                # dnsd weighs each port's SRV over all the Service's named ports (CoreDNS
-                # over the records its answer holds: 100 for a single-stack port).
-                self._srvs(owner, [(port["port"], base)], among=len(named))
-            if named:
-                self._srvs(base, [(p["port"], base) for p in named])
+            ports = spec.get("ports") or []
+            by_owner: dict[str, list[int]] = {}
+            for port in ports:
+                if port.get("name"):
+                    owner = f"_{port['name']}._{port.get('protocol', 'TCP')}.{base}".lower()
+                    by_owner.setdefault(owner, []).append(port["port"])
+            by_owner[base] = [p["port"] for p in ports]  # the bare name: every port
+            for owner, numbers in by_owner.items():
+                if numbers:  # a record per matching port and ClusterIP
+                    self._srvs(owner, [(n, base) for n in numbers], len(numbers) * len(ips))
 
     def _headless(self, key: str, base: str) -> None:
         srv: dict[str, set[tuple[int, str]]] = {}
+        count: dict[str, int] = {}
         for sl in self.slices.get(key, []):
-            ports = [p for p in sl.get("ports") or [] if p.get("name")]
+            ports = sl.get("ports") or [{}]  # no ports: one without a number (CoreDNS's -1)
             for ep in sl.get("endpoints") or []:
                 if not _is_ready(ep):
                     continue
@@ -175,12 +185,18 @@ class Expected:
                     self._add(target, rtype, ip)
                     self._ptr(ip, 1, target)
                     for p in ports:
-                        owner = f"_{p['name']}._{p.get('protocol', 'TCP').lower()}.{base}"
-                        srv.setdefault(owner, set()).add((p["port"], target))
+                        owners = [base]
+                        if p.get("name"):
+                            owners.append(
+                                f"_{p['name']}._{p.get('protocol', 'TCP')}.{base}".lower()
+                            )
+                        for owner in owners:
+                            count[owner] = count.get(owner, 0) + 1
+                            targets = srv.setdefault(owner, set())
+                            if p.get("port") is not None:
+                                targets.add((p["port"], target))
         for owner, targets in srv.items():
-            self._srvs(owner, targets)
-        if srv:
-            self._srvs(base, set().union(*srv.values()))
+            self._srvs(owner, targets, count[owner])
 
     def answer(self, name: str, rtype: str) -> Answer:
         if (name, rtype) in self.records:

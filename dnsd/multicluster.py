@@ -5,13 +5,14 @@ multicluster zone (`clusterset.local`), per the MCS DNS specification (KEP-1645
 specification.md) and CoreDNS's findMultiClusterServices:
 - ClusterSetIP: `<name>.<ns>.svc.<zone>` A/AAAA of `spec.ips`, whether or not it has
   endpoints; `_<port>._<proto>.<name>.<ns>.svc.<zone>` SRV per named port and the bare name
-  SRV for every named port, target the Service name, its addresses as glue.
+  SRV for every port, target the Service name, its addresses as glue.
 - Headless: from the EndpointSlices labelled `multicluster.kubernetes.io/service-name: <name>`
   in `<ns>`, the ready endpoints: `<name>.<ns>.svc.<zone>` A/AAAA of all of them;
   `<hostname>.<clusterid>.<name>.<ns>.svc.<zone>` A/AAAA per endpoint, the cluster ID being the
   slice's `multicluster.kubernetes.io/source-cluster` label, the hostname as in the cluster
   zone (hostname, pod name with --endpoint-pod-names, dashed IP); SRV per named slice port
-  with those names as targets. No ready endpoint: NXDOMAIN (SPEC §2.4.1).
+  with those names as targets, and at the import's name for every slice port. No ready
+  endpoint: NXDOMAIN (SPEC §2.4.1).
 The multicluster zones are served like the cluster zones (SOA, NS, `<ns>.svc.<zone>`), but
 hold no Service, pod, endpoint or zonal names of the local cluster.
 
@@ -27,14 +28,14 @@ from dnsd.records import (
     Record,
     RecordOptions,
     ServiceRecords,
-    Srv,
+    SrvSet,
     _endpoint_hostname,
-    _srv_weights,
-    add_name,
+    add_endpoint_srvs,
     add_srv_sets,
     address_of,
+    service_srv_sets,
+    slice_ports,
 )
-from dnsd.wire import TYPE_SRV
 from kwatch.mcs import MCS_SERVICE_NAME_LABEL, MCS_SOURCE_CLUSTER_LABEL, ServiceImport
 from kwatch.models import EndpointSlice
 from kwatch.store import EventType, Store, StoreEvent
@@ -119,35 +120,22 @@ class MulticlusterRecords:
             glue.append(rr)
         if not glue:
             return  # no clusterset IP yet: nothing to answer
-        named = [p for p in imported.spec.ports if p.name]  # §2.3.2: unnamed ports: no SRV
-        weight = _srv_weights(len(named))
-        for port in named:
-            owner = f"_{port.name}._{port.protocol}.{base}".lower()
-            srv = Srv(0, weight, port.port, base)
-            records.add(owner, TYPE_SRV, Record(owner, TYPE_SRV, ttl, srv), repr(srv))
-            records.additional[(owner, TYPE_SRV)] = glue
-            records.add(base, TYPE_SRV, Record(base, TYPE_SRV, ttl, srv), repr(srv))
-        if named:
-            records.additional[(base, TYPE_SRV)] = glue
-        for key in list(records.answers):
-            if key[0].endswith(base):
-                add_name(records.names, key[0], zone)
+        # §2.3.2 and the bare name's SRV, weighed as CoreDNS's multicluster findServices
+        # and SRV() do: over the matching ports x clusterset IPs.
+        srv_sets = service_srv_sets(imported.spec.ports, base, len(glue))
+        add_srv_sets(records, srv_sets, {base: glue}, ttl, base, zone)
 
     def _headless(
         self, records: ServiceRecords, slices: list[EndpointSlice], base: str, zone: str
     ) -> None:
         ttl = self.options.ttl
         glue: dict[str, list[Record]] = {}
-        srv_targets: dict[str, dict[tuple[str, int], None]] = {}
+        srv_sets: dict[str, SrvSet] = {base: SrvSet()}
         for eps in slices:
             if eps.address_type == "FQDN":
                 continue
             cluster = eps.metadata.labels.get(MCS_SOURCE_CLUSTER_LABEL, "").lower()
-            named_ports = [
-                (f"_{p.name}._{p.protocol}.{base}".lower(), p.port)
-                for p in eps.ports
-                if p.name and p.port is not None
-            ]
+            ports = slice_ports(eps, base)
             for endpoint in eps.endpoints:
                 if not endpoint.is_ready:
                     continue
@@ -163,9 +151,8 @@ class MulticlusterRecords:
                     rr = Record(owner, qtype, ttl, rdata)
                     records.add(owner, qtype, rr, ip)
                     glue.setdefault(owner, []).append(rr)
-                    for srv_owner, port in named_ports:  # §2.4.2
-                        srv_targets.setdefault(srv_owner, {})[(owner, port)] = None
-        add_srv_sets(records, srv_targets, glue, ttl, base, zone)
+                    add_endpoint_srvs(srv_sets, ports, owner)  # §2.4.2
+        add_srv_sets(records, srv_sets, glue, ttl, base, zone)
 
     # --- store callbacks (cheap: note and wake) -------------------------------------------
 

@@ -10,7 +10,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from dnsd.names import dashed_ip, reverse_of_packed
 from dnsd.wire import TYPE_A, TYPE_AAAA, TYPE_CNAME, TYPE_PTR, TYPE_SRV
@@ -182,9 +182,60 @@ def add_name(names: set[str], name: str, zone: str) -> None:
         name = name[name.index(".") + 1 :]
 
 
-def _srv_weights(count: int) -> int:
-    """CoreDNS backend_lookup SRV(): all priority 0, weight floor(100/N), at least 1."""
+def srv_weight(count: int) -> int:
+    """CoreDNS plugin/backend_lookup.go SRV(): every record priority 0, weight
+    floor(100 / N), at least 1, N = the records its backend lookup matched for the question."""
     return max(1, 100 // count) if count else 100
+
+
+class SrvSet:
+    """One SRV RRset as CoreDNS's SRV() builds it from kubernetes.go findServices' records:
+    `count` is every record the question matched (each address x matching port: dual-stack
+    addresses, duplicates across EndpointSlices and portless slices' port -1 sentinel
+    included), which weighs the set; `targets` are the distinct (target, port) pairs SRV()
+    answers after dropping duplicates and port -1."""
+
+    __slots__ = ("count", "targets")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.targets: dict[tuple[str, int], None] = {}  # an ordered set
+
+    def add(self, target: str, port: int | None, times: int = 1) -> None:
+        self.count += times
+        if port is not None:
+            self.targets[(target, port)] = None
+
+
+class _Port(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+
+
+def port_owner(port_name: str, protocol: str, base: str) -> str:
+    """`_<port>._<proto>.<base>`, lower case (SPEC §2.3.2)."""
+    return f"_{port_name}._{protocol}.{base}".lower()
+
+
+def service_srv_sets(ports: Iterable[_Port], base: str, addresses: int) -> dict[str, SrvSet]:
+    """SRV RRsets of a Service with virtual IPs (ClusterIPs, clusterset IPs), target `base`.
+    CoreDNS kubernetes.go findServices matches each Service port against the question
+    (matchPortAndProtocol: `_<port>._<proto>` one named port, the bare name every port, named
+    or not) and makes a record per matching port and ClusterIP; so a single-stack port weighs
+    100, a dual-stack one 50, and the bare name 100 / (ports x addresses)."""
+    sets: dict[str, SrvSet] = {}
+    for port in ports:
+        owners = [base, port_owner(port.name, port.protocol, base)] if port.name else [base]
+        for owner in owners:
+            srvs = sets.get(owner)
+            if srvs is None:
+                sets[owner] = srvs = SrvSet()
+            srvs.add(base, port.port, addresses)
+    return sets
 
 
 def _is_ipv4_literal(name: str) -> bool:
@@ -294,20 +345,10 @@ def _cluster_ip(
     addresses = [(qtype, Record(base, qtype, ttl, rdata)) for qtype, rdata in rdatas]
     for (qtype, rr), ip in zip(addresses, cluster_ips, strict=True):
         records.add(base, qtype, rr, ip)
-    named = [p for p in service.spec.ports if p.name]  # SPEC §2.3.2: unnamed ports have no SRV
-    weight = _srv_weights(len(named))
-    glue = [rr for _, rr in addresses]
-    for port in named:
-        owner = f"_{port.name.lower()}._{port.protocol.lower()}.{base}"  # base: lower already
-        srv = Srv(0, weight, port.port, base)
-        records.add(owner, TYPE_SRV, Record(owner, TYPE_SRV, ttl, srv), repr(srv))
-        records.additional[(owner, TYPE_SRV)] = glue
-        # CoreDNS extension (dns-features 2.5): SRV at the bare service name, one per port.
-        records.add(base, TYPE_SRV, Record(base, TYPE_SRV, ttl, srv), repr(srv))
-    if named:
-        records.additional[(base, TYPE_SRV)] = glue
-    for key in list(records.answers):
-        add_name(records.names, key[0], zone)
+    # SPEC §2.3.2: `_<port>._<proto>` per named port; CoreDNS extension (dns-features 2.5):
+    # SRV at the bare Service name for every port, named or not.
+    srv_sets = service_srv_sets(service.spec.ports, base, len(addresses))
+    add_srv_sets(records, srv_sets, {base: [rr for _, rr in addresses]}, ttl, base, zone)
     if primary:
         # SPEC §2.3.3: PTR for each ClusterIP, pointing into the first (primary) zone like
         # CoreDNS reverse.go.
@@ -345,19 +386,13 @@ def _headless(
         records.add(base, qtype, Record(base, qtype, ttl, rdata), address.ip)
         if primary:
             records.add_ptr(rdata.packed, PtrRank.HEADLESS_ENDPOINT, owner)  # SPEC §2.4.3
-    # SPEC §2.4.2: per ready endpoint x named port; the port is the EndpointSlice's (CoreDNS).
-    # dicts as ordered sets: identical (target, port) pairs collapse in O(1) each.
-    srv_targets: dict[str, dict[tuple[str, int], None]] = {}
+    # SPEC §2.4.2: per ready endpoint x named port; the port is the EndpointSlice's (CoreDNS),
+    # and the bare name has every port, named or not (CoreDNS findServices, headless branch).
+    srv_sets: dict[str, SrvSet] = {base: SrvSet()}
     for eps in slices:
         if eps.address_type == "FQDN":
             continue
-        named_ports = [
-            (f"_{p.name}._{p.protocol}.{base}".lower(), p.port)
-            for p in eps.ports
-            if p.name and p.port is not None
-        ]
-        if not named_ports:
-            continue
+        owners = slice_ports(eps, base)
         for endpoint in eps.endpoints:
             if not (endpoint.is_ready or publish_all):
                 continue
@@ -365,55 +400,63 @@ def _headless(
                 label = _endpoint_hostname(
                     endpoint.hostname, endpoint.target_ref, ip, options.endpoint_pod_names
                 )
-                target = f"{label.lower()}.{base}"
-                for owner, port in named_ports:
-                    srv_targets.setdefault(owner, {})[(target, port)] = None
-    add_srv_sets(records, srv_targets, glue, ttl, base, zone)
+                add_endpoint_srvs(srv_sets, owners, f"{label.lower()}.{base}")
+    add_srv_sets(records, srv_sets, glue, ttl, base, zone)
+
+
+SlicePorts = list[tuple[str | None, int | None]]  # (`_<port>._<proto>` owner or None, port)
+
+
+def slice_ports(eps: EndpointSlice, base: str) -> SlicePorts:
+    """Each port of an EndpointSlice with its `_<port>._<proto>` owner (None: unnamed), as
+    CoreDNS object/endpoint.go reads it: no port number is port -1, which SRV() counts but
+    does not answer, and a slice without ports has that one sentinel port."""
+    if not eps.ports:
+        return [(None, None)]
+    return [(port_owner(p.name, p.protocol, base) if p.name else None, p.port) for p in eps.ports]
+
+
+def add_endpoint_srvs(srv_sets: dict[str, SrvSet], ports: SlicePorts, target: str) -> None:
+    """One ready endpoint address of a headless Service, `target` its name: a record per port
+    at the bare name (the SrvSet at the first key) and per named port at its owner."""
+    bare = next(iter(srv_sets.values()))
+    for owner, port in ports:
+        bare.add(target, port)
+        if owner is not None:
+            srvs = srv_sets.get(owner)
+            if srvs is None:
+                srv_sets[owner] = srvs = SrvSet()
+            srvs.add(target, port)
 
 
 def add_srv_sets(
     records: ServiceRecords,
-    srv_targets: dict[str, dict[tuple[str, int], None]],
+    srv_sets: dict[str, SrvSet],
     glue: dict[str, list[Record]],
     ttl: int,
     base: str,
     zone: str,
 ) -> None:
-    """SRV RRsets of a headless Service's endpoints: one per named port (`srv_targets`:
-    owner -> (target, port)), every target again at the Service's own name (`base`), and
-    each name below `base` entered into the zone's names (spec 2.4.2)."""
-    all_targets: dict[tuple[str, int], None] = {}
-    for owner, targets in srv_targets.items():
-        _add_srvs(records, owner, list(targets), glue, ttl)
-        all_targets.update(targets)
-    if all_targets:
-        _add_srvs(records, base, list(all_targets), glue, ttl)
+    """SRV RRsets (owner -> set), each record weighed over its set's count as CoreDNS's
+    SRV() does; `glue` maps a target to its address records (SPEC §2.3.2, §2.4.2 MAY). Every
+    name at or below `base` is entered into the zone's names."""
+    for owner, srvs in srv_sets.items():
+        if not srvs.targets:
+            continue  # nothing but port -1: CoreDNS answers no record (NODATA)
+        weight = srv_weight(srvs.count)
+        glued: dict[str, None] = {}  # a target with several ports is glued once
+        for target, port in srvs.targets:
+            srv = Srv(0, weight, port, target)
+            records.add(owner, TYPE_SRV, Record(owner, TYPE_SRV, ttl, srv), f"{port} {target}")
+            glued[target] = None
+        if len(glued) == 1:  # one target (a ClusterIP Service's name): share its glue list
+            extra = glue.get(next(iter(glued)), [])
+        else:
+            extra = [rr for target in glued for rr in glue.get(target, ())]
+        records.additional[(owner, TYPE_SRV)] = extra
     for key in list(records.answers):
         if key[0].endswith(base):
             add_name(records.names, key[0], zone)
-
-
-def _add_srvs(
-    records: ServiceRecords,
-    owner: str,
-    targets: list[tuple[str, int]],
-    glue: dict[str, list[Record]],
-    ttl: int,
-) -> None:
-    weight = _srv_weights(len(targets))
-    extra: list[Record] = []
-    glued: set[str] = set()
-    for target, port in targets:
-        records.add(
-            owner,
-            TYPE_SRV,
-            Record(owner, TYPE_SRV, ttl, Srv(0, weight, port, target)),
-            f"{port} {target}",
-        )
-        if target not in glued:  # a target with several ports is glued once
-            glued.add(target)
-            extra.extend(glue.get(target, ()))
-    records.additional[(owner, TYPE_SRV)] = extra  # SPEC §2.4.2 MAY: targets' addresses
 
 
 def _external_name(

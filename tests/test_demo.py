@@ -19,7 +19,8 @@ def test_demo_serves_real_dns_answers_and_proxies_real_requests():
     text = out.stdout
     assert re.search(r"web\.shop\.svc\.cluster\.local\.\s+5\s+IN\s+A\s+10\.96\.10\.10", text)
     assert re.search(r"IN\s+AAAA\s+fd00:10:96::a", text)
-    assert re.search(r"IN\s+SRV\s+0 100 80 web\.shop\.svc\.cluster\.local\.", text)
+    # shop/web is dual-stack: CoreDNS weighs its SRV over both ClusterIPs, 100 / 2.
+    assert re.search(r"IN\s+SRV\s+0 50 80 web\.shop\.svc\.cluster\.local\.", text)
     assert re.search(r"db-0\.db\.data\.svc\.cluster\.local\.\s+5\s+IN\s+A\s+127\.0\.20\.1", text)
     assert "127.0.20.3" not in text  # db-2 is not ready
     assert re.search(r"IN\s+PTR\s+web\.shop\.svc\.cluster\.local\.", text)

@@ -30,19 +30,80 @@ def test_clusterip_service_has_a_and_aaaa_for_every_cluster_ip():
     assert data(r, BASE, QTYPE.AAAA) == ["fd00::5"]
 
 
-def test_srv_only_for_named_ports_with_the_service_port_and_service_target():
+def srvs(records, name):
+    return data(records, name, QTYPE.SRV)
+
+
+def glue(records, name):
+    return sorted(repr(rr.rdata) for rr in records.additional[(name, QTYPE.SRV)])
+
+
+# SRV weights are CoreDNS's: plugin/backend_lookup.go SRV() gives each record
+# floor(100 / N), at least 1, N = the records plugin/kubernetes/kubernetes.go findServices
+# matched for the question (matchPortAndProtocol; every ClusterIP, or every ready endpoint
+# address, times every matching port), counted before SRV() drops duplicate (target, port)
+# pairs and port -1.
+
+
+def test_a_named_port_weighs_over_its_own_records_not_over_the_services_ports():
+    # CoreDNS: `_http._tcp` matches one port x one ClusterIP: N = 1 (handler_test.go svc1).
     ports = [
         {"name": "http", "port": 80, "protocol": "TCP"},
         {"port": 81},
         {"name": "dns", "port": 53, "protocol": "UDP"},
     ]
     r = build(service("web", ports=ports))
-    assert data(r, f"_http._tcp.{BASE}", QTYPE.SRV) == [f"0 50 80 {BASE}."]
-    assert data(r, f"_dns._udp.{BASE}", QTYPE.SRV) == [f"0 50 53 {BASE}."]
+    assert srvs(r, f"_http._tcp.{BASE}") == [f"0 100 80 {BASE}."]
+    assert srvs(r, f"_dns._udp.{BASE}") == [f"0 100 53 {BASE}."]
+    assert glue(r, f"_http._tcp.{BASE}") == ["10.96.0.1"]
+    # SPEC §2.3.2: an unnamed port has no `_<port>._<proto>` name ...
     assert not [k for k in r.answers if "81" in k[0]]
-    assert sorted(repr(rr.rdata) for rr in r.additional[(f"_http._tcp.{BASE}", QTYPE.SRV)]) == [
-        "10.96.0.1"
+
+
+def test_the_bare_name_srv_has_every_port_named_or_not():
+    # ... but CoreDNS's bare-name SRV matches every port (r.port and r.protocol empty):
+    # N = 3 ports x 1 ClusterIP.
+    ports = [
+        {"name": "http", "port": 80, "protocol": "TCP"},
+        {"port": 81},
+        {"name": "dns", "port": 53, "protocol": "UDP"},
     ]
+    r = build(service("web", ports=ports))
+    assert srvs(r, BASE) == [f"0 33 53 {BASE}.", f"0 33 80 {BASE}.", f"0 33 81 {BASE}."]
+    assert glue(r, BASE) == ["10.96.0.1"]
+    only_unnamed = build(service("web", ports=[{"port": 81}]))
+    assert srvs(only_unnamed, BASE) == [f"0 100 81 {BASE}."]
+    assert build(service("web")).answers.get((BASE, QTYPE.SRV)) is None  # no ports: NODATA
+
+
+def test_a_dual_stack_port_counts_its_a_and_aaaa_backends_as_two_records():
+    # CoreDNS: one record per ClusterIP, the second dropped as a duplicate (target, port)
+    # after the count: N = 2 (handler_test.go svc-dual-stack SRV: 0 50 80).
+    r = build(service("web", ips=["10.96.0.5", "fd00::5"], ports=[{"name": "http", "port": 80}]))
+    assert srvs(r, f"_http._tcp.{BASE}") == [f"0 50 80 {BASE}."]
+    assert glue(r, f"_http._tcp.{BASE}") == ["10.96.0.5", "fd00::5"]
+    assert srvs(r, BASE) == [f"0 50 80 {BASE}."]
+    two = build(
+        service(
+            "web",
+            ips=["10.96.0.5", "fd00::5"],
+            ports=[{"name": "http", "port": 80}, {"port": 8080}],
+        )
+    )
+    assert srvs(two, f"_http._tcp.{BASE}") == [f"0 50 80 {BASE}."]
+    assert srvs(two, BASE) == [f"0 25 80 {BASE}.", f"0 25 8080 {BASE}."]  # 2 ports x 2 IPs
+
+
+def test_ports_sharing_a_number_are_counted_before_the_duplicate_is_dropped():
+    # CoreDNS SRV(): 53/UDP and 53/TCP are two records of the bare name (N = 2) but one
+    # (target, port) pair, answered once.
+    ports = [
+        {"name": "dns", "port": 53, "protocol": "UDP"},
+        {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+    ]
+    r = build(service("web", ports=ports))
+    assert srvs(r, BASE) == [f"0 50 53 {BASE}."]
+    assert srvs(r, f"_dns._udp.{BASE}") == [f"0 100 53 {BASE}."]
 
 
 def test_clusterip_record_exists_without_endpoints_unless_ignore_empty_service():
@@ -118,6 +179,70 @@ def test_headless_srv_per_ready_endpoint_and_named_port_with_the_endpoint_port()
     ]
     glue = sorted(repr(rr.rdata) for rr in r.additional[(f"_pg._tcp.{base}", QTYPE.SRV)])
     assert glue == ["10.1.0.1", "10.1.0.2"]
+
+
+HDLS = "hdls1.default.svc.cluster.local"
+
+
+def test_headless_srv_weighs_over_every_endpoint_address_before_duplicates_are_dropped():
+    # CoreDNS handler_test.go "SRV Service (Headless)": six ready addresses, two sharing the
+    # hostname dup-name, port http: N = 6, five records of weight 16.
+    v4 = [
+        endpoint("172.0.0.2"),
+        endpoint("172.0.0.3"),
+        endpoint("172.0.0.4", hostname="dup-name"),
+        endpoint("172.0.0.5", hostname="dup-name"),
+    ]
+    v6 = [endpoint("5678:abcd::1"), endpoint("5678:abcd::2")]
+    http = [{"name": "http", "port": 80, "protocol": "TCP"}]
+    slices = [
+        endpoint_slice("hdls1-a", "hdls1", v4, ports=http),
+        endpoint_slice("hdls1-b", "hdls1", v6, ports=http, address_type="IPv6"),
+    ]
+    r = build(service("hdls1", headless=True, ports=http), slices)
+    targets = ["172-0-0-2", "172-0-0-3", "5678-abcd--1", "5678-abcd--2", "dup-name"]
+    assert srvs(r, f"_http._tcp.{HDLS}") == [f"0 16 80 {t}.{HDLS}." for t in targets]
+    assert srvs(r, HDLS) == [f"0 16 80 {t}.{HDLS}." for t in targets]
+    assert len(glue(r, f"_http._tcp.{HDLS}")) == 6  # both dup-name addresses
+
+
+def test_headless_endpoint_in_two_slices_counts_twice():
+    # EndpointSlice skew: CoreDNS reads each slice as its own subset, so 10.1.0.1 is two of
+    # the N = 3 records, answered once.
+    pg = [{"name": "pg", "port": 5432}]
+    slices = [
+        endpoint_slice("a", "db", [endpoint("10.1.0.1")], ports=pg),
+        endpoint_slice("b", "db", [endpoint("10.1.0.1"), endpoint("10.1.0.3")], ports=pg),
+    ]
+    r = build(service("db", headless=True, ports=pg), slices)
+    base = "db.default.svc.cluster.local"
+    assert srvs(r, f"_pg._tcp.{base}") == [
+        f"0 33 5432 10-1-0-1.{base}.",
+        f"0 33 5432 10-1-0-3.{base}.",
+    ]
+
+
+def test_headless_bare_name_counts_unnamed_ports_and_portless_slices():
+    # CoreDNS findServices, headless branch: the bare name matches every slice port, named or
+    # not, and a slice without ports has the sentinel port -1 (object/endpoint.go), counted by
+    # SRV() but not answered: N = 2 ports x db-0 + 1 x 10.1.0.2 = 3.
+    slices = [
+        endpoint_slice(
+            "a",
+            "db",
+            [endpoint("10.1.0.1", hostname="db-0")],
+            ports=[{"name": "pg", "port": 5432}, {"port": 9}],
+        ),
+        endpoint_slice("b", "db", [endpoint("10.1.0.2")]),
+    ]
+    r = build(service("db", headless=True), slices)
+    base = "db.default.svc.cluster.local"
+    assert srvs(r, base) == [f"0 33 5432 db-0.{base}.", f"0 33 9 db-0.{base}."]
+    assert glue(r, base) == ["10.1.0.1"]
+    assert srvs(r, f"_pg._tcp.{base}") == [f"0 100 5432 db-0.{base}."]
+    portless = build(service("db", headless=True), slices[1:])
+    assert (base, QTYPE.SRV) not in portless.answers  # port -1 only: NODATA
+    assert data(portless, base, QTYPE.A) == ["10.1.0.2"]
 
 
 def test_headless_ptr_points_at_the_endpoint_name():
