@@ -95,7 +95,7 @@ def plan(quick: bool) -> list[Step]:
             "udp",
             "UDP: kpx vs nginx stream and NAT, sessions, re-targeting",
             ["bench.udp", *q],
-            25 if quick else 150,
+            25 if quick else 330,
         )
     )
     steps.append(
