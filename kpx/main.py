@@ -44,9 +44,9 @@ from kpx.metrics import SOURCE_ADDRESS_MODE, register_proxy_stats
 from kpx.nft import NftWriter
 from kpx.policyroute import PolicyRouteError, PolicyRouting
 from kpx.ports import PortsWriter
-from kpx.proxy import Listener, Proxy
+from kpx.proxy import Listener
+from kpx.proxy_setup import build_proxy
 from kpx.settings import KpxSettings
-from kpx.source import SourceAddresses
 from kpx.stalls import GcPauses, LoopLag
 from kpx.sync import RuleSyncer, SteeringWriter
 from kpx.table import ServiceTable
@@ -224,26 +224,8 @@ class Daemon:
         self.nodeport_cidrs = [] if settings.nodeport_primary else list(settings.nodeport_addresses)
 
     def _build_proxy(self) -> None:
-        settings = self.settings
-        local_clients = self.local_clients
-        self.shared_links = SharedLinks(node_addresses=lambda: local_clients.addresses)
-        if self.transparent:
-            self.shared_links.refresh()
-        source = SourceAddresses(
-            self.table.frontend_class,
-            lambda: local_clients.addresses,
-            local_clients.in_cluster if settings.cluster_cidrs else None,
-            settings.masquerade_all,
-        )
-        self.proxy = Proxy(
-            self.table,
-            connect_ladder=settings.connect_timeouts,
-            max_connections=settings.max_connections,
-            drain_timeout=settings.drain_timeout,
-            idle_timeout=settings.idle_timeout,
-            transparent=self.transparent,
-            source_address=source if self.transparent else None,
-            same_link=self.shared_links,
+        self.proxy, self.shared_links = build_proxy(
+            self.table, self.local_clients, self.settings, self.transparent
         )
         self._collector = register_proxy_stats(self.proxy.stats)
 

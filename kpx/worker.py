@@ -36,11 +36,9 @@ import structlog
 
 from kpx.balancer import AFFINITY_EVICTIONS, COOLDOWNS, Balancer
 from kpx.frontends import Frontends
-from kpx.links import SharedLinks
 from kpx.local import LocalClients, local_addresses
-from kpx.proxy import Proxy
+from kpx.proxy_setup import build_proxy
 from kpx.rules import ServiceRules
-from kpx.source import SourceAddresses
 from kpx.transparent import make_transparent
 from kpx.worker_channel import Channel, WorkerConfig
 from kwatch.logs import configure_logging
@@ -100,24 +98,8 @@ class Worker:
         self.balancer = balancer
         local_clients = self.local_clients = LocalClients(config.cluster_cidrs, local_addresses())
         self.frontends = Frontends(balancer, local_clients)
-        self.shared_links = SharedLinks(node_addresses=lambda: local_clients.addresses)
-        if config.transparent:
-            self.shared_links.refresh()
-        source = SourceAddresses(
-            self.frontends.frontend_class,
-            lambda: local_clients.addresses,
-            local_clients.in_cluster if config.cluster_cidrs else None,
-            config.masquerade_all,
-        )
-        self.proxy = Proxy(
-            self.frontends,
-            connect_ladder=config.connect_timeouts,
-            max_connections=config.max_connections,
-            drain_timeout=config.drain_timeout,
-            idle_timeout=config.idle_timeout,
-            transparent=config.transparent,
-            source_address=source if config.transparent else None,
-            same_link=self.shared_links,
+        self.proxy, self.shared_links = build_proxy(
+            self.frontends, local_clients, config, config.transparent
         )
         self.listening = False
         self.stop_drain = (
