@@ -217,6 +217,25 @@ class Forwarder:
         at_once = self._at_once(parsed)
         if at_once is not None:
             return at_once
+        return await self._ask(parsed)
+
+    def answer_at_once(self, query: bytes) -> bytes | None:
+        """`forward`'s answer when it needs no upstream: from the cache, NOTIMP, or REFUSED
+        while `max_inflight` queries wait upstream (shed, counted in
+        dnsd_forward_max_concurrent_rejects_total). None: `ask` must ask upstream (or drop).
+
+        Synchronous, so a flood of queries the forwarder refuses or answers from the cache
+        costs no task, no coroutine and no extra turn of the event loop per query."""
+        parsed = parse_query(query)
+        return None if parsed is None else self._at_once(parsed)
+
+    async def ask(self, query: bytes) -> bytes | None:
+        """`forward`'s answer for a query `answer_at_once` just left (None): asked upstream
+        without looking at the cache a second time (a miss is counted once)."""
+        parsed = parse_query(query)
+        return None if parsed is None else await self._ask(parsed)
+
+    async def _ask(self, parsed: ParsedQuery) -> bytes:
         self._inflight += 1
         FORWARD_INFLIGHT.inc()
         try:
@@ -225,16 +244,6 @@ class Forwarder:
             self._inflight -= 1
             FORWARD_INFLIGHT.dec()
         return build_answer(parsed, response)
-
-    def answer_at_once(self, query: bytes) -> bytes | None:
-        """`forward`'s answer when it needs no upstream: from the cache, NOTIMP, or REFUSED
-        while `max_inflight` queries wait upstream (shed, counted in
-        dnsd_forward_max_concurrent_rejects_total). None: `forward` must ask (or drop).
-
-        Synchronous, so a flood of queries the forwarder refuses or answers from the cache
-        costs no task, no coroutine and no extra turn of the event loop per query."""
-        parsed = parse_query(query)
-        return None if parsed is None else self._at_once(parsed)
 
     def _at_once(self, parsed: ParsedQuery) -> bytes | None:
         if parsed.opcode != 0:

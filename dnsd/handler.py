@@ -43,6 +43,8 @@ class Upstream(Protocol):
 
     def answer_at_once(self, query: bytes) -> bytes | None: ...
 
+    async def ask(self, query: bytes) -> bytes | None: ...
+
     async def resolve(self, qname: str, qtype: int) -> list[RR]: ...
 
 
@@ -430,7 +432,7 @@ class Handler:
 
     async def _forward_later(self, query: Query, limit: int, tcp: bool) -> bytes | None:
         assert self.upstream is not None
-        response = await self.upstream.forward(query.data)
+        response = await self.upstream.ask(query.data)
         if response is None:
             return None
         return self._fit_foreign(query, response, limit, tcp)

@@ -768,6 +768,21 @@ async def test_cached_answers_come_at_once(upstream, forwarder):
     assert fwd.answer_at_once(b"\x00\x01junk") is None  # unparseable: forward() drops it
 
 
+async def test_a_miss_left_by_answer_at_once_is_asked_upstream_and_counted_once(
+    upstream, forwarder
+):
+    fake = await upstream(answering("192.0.2.11"))
+    fwd = forwarder(fake, cache=DnsCache())
+    misses = metric("dnsd_cache_misses_total")
+    q = query("once.example.com", qid=5)
+    assert fwd.answer_at_once(q) is None
+    answer = await fwd.ask(q)
+    assert addresses(answer) == ["192.0.2.11"] and parse(answer).id == 5
+    assert metric("dnsd_cache_misses_total") == misses + 1
+    assert len(fake.seen) == 1
+    assert await fwd.ask(b"\x00\x01junk") is None  # unparseable: dropped
+
+
 async def test_identical_concurrent_queries_share_one_upstream_query(upstream, forwarder):
     sluggish = await upstream(slow(0.2, answering("192.0.2.80")))
     fwd = forwarder(sluggish, timeout=1.0)

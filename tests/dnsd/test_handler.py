@@ -54,6 +54,9 @@ class FakeUpstream:
         )
         return reply.pack()
 
+    async def ask(self, query: bytes) -> bytes | None:
+        return await self.forward(query)
+
     def answer_at_once(self, query: bytes) -> bytes | None:
         if not self.saturated:
             return None  # nothing cached: every query is forwarded
