@@ -203,6 +203,7 @@ class Daemon:
             self.state.store(ENDPOINTSLICES),
             self.state.store(NODES),
         )
+        metrics.count_changes(self.stores[0], self.stores[1])
 
     def _build_tables(self, addresses: set[str] | None) -> None:
         settings = self.settings

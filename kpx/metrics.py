@@ -12,13 +12,16 @@ kube-proxy (pkg/proxy/metrics/metrics.go) semantics:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
 from kpx import balancer
+
+if TYPE_CHECKING:
+    from kwatch.store import Store
 
 SYNC_BUCKETS = tuple(0.001 * 2**k for k in range(15))
 PROGRAMMING_BUCKETS = (
@@ -85,6 +88,16 @@ ENDPOINT_CHANGES = Counter(
     "kubeproxy_sync_proxy_rules_endpoint_changes_total",
     "Cumulative proxy rules EndpointSlice changes",
 )
+
+
+def count_changes(services: Store[Any], slices: Store[Any]) -> None:
+    """Count every Service and EndpointSlice event once, as kube-proxy's change trackers do.
+    Subscribed once per process by its composition root (kpx/main.py), not by each protocol's
+    table: the TCP and UDP tables see the same events."""
+    services.subscribe(lambda _event: SERVICE_CHANGES.inc())
+    slices.subscribe(lambda _event: ENDPOINT_CHANGES.inc())
+
+
 NO_LOCAL_ENDPOINTS = Gauge(
     "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
     "Number of services with a Local traffic policy and no endpoints",

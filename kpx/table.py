@@ -119,8 +119,6 @@ class ServiceTable:
         self._zone: str | None = None
         # SCTP ports per Service (counted by the TCP table only, logged once per Service).
         self._sctp: dict[str, int] = {}
-        services.subscribe(lambda _event: metrics.SERVICE_CHANGES.inc())
-        slices.subscribe(lambda _event: metrics.ENDPOINT_CHANGES.inc())
         if nodes is not None:
             nodes.subscribe(self._on_node)
 

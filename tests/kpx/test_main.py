@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 
 import kpx.local
 from kpx.balancer import Balancer
@@ -202,3 +203,34 @@ async def test_health_check_listeners_follow_the_node_addresses_inside_nodeport_
     finally:
         housekeeping.cancel()
         await servers.stop()
+
+
+async def test_a_service_and_a_slice_count_once_each_although_tcp_and_udp_tables_watch_them(
+    tmp_path: Path,
+):
+    """kube-proxy counts one Service event and one EndpointSlice event once each in
+    kubeproxy_sync_proxy_rules_{service,endpoint}_changes_total; kpx's TCP and UDP tables
+    both see every event, and must not each add one."""
+    metrics = free_port()
+    path = tmp_path / "cluster.yaml"
+    path.write_text(manifest(free_port(), free_port()))  # one Service, one EndpointSlice
+    settings = load(
+        ["--mode", "ports", "--manifests", str(path), "--node-name", "node-a",
+         "--healthz-bind-address", "127.0.0.1:0",
+         "--metrics-bind-address", f"127.0.0.1:{metrics}", "--min-sync-period", "0.01"]
+    )  # fmt: skip
+    names = [f"kubeproxy_sync_proxy_rules_{kind}_changes_total" for kind in ("service", "endpoint")]
+    # The counters are this process's (earlier tests counted too): compare with their values
+    # before this kpx starts.
+    before = [REGISTRY.get_sample_value(name) or 0.0 for name in names]
+    stop = asyncio.Event()
+    kpx = asyncio.create_task(serve(settings, stop))
+    try:
+        async with aiohttp.ClientSession() as http:
+            await frontend_port(http, metrics, "10.96.0.10:80")  # listed and synced
+            after = [await scrape(http, metrics, name) for name in names]
+            assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1]
+    finally:
+        stop.set()
+        async with asyncio.timeout(10):
+            assert await kpx == 0

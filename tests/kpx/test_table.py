@@ -6,6 +6,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
+from kpx import metrics
 from kpx.backends import Backend
 from kpx.balancer import Balancer
 from kpx.endpoints import NodeInfo
@@ -416,12 +417,15 @@ class Env:
         store.upsert(obj.key, obj)
 
 
-def test_service_and_endpoint_slice_changes_are_counted():
-    # kubeproxy_sync_proxy_rules_{service,endpoint}_changes_total, one per object change.
+def test_service_and_endpoint_slice_changes_are_counted_once_whatever_tables_watch():
+    # kubeproxy_sync_proxy_rules_{service,endpoint}_changes_total, one per object change:
+    # counted by the process (metrics.count_changes), not by each protocol's table.
     def total(name: str) -> float:
         return REGISTRY.get_sample_value(f"kubeproxy_sync_proxy_rules_{name}_changes_total") or 0
 
     env = Env()
+    ServiceTable(env.services, env.slices, env.nodes, "node-a", Balancer(), protocol="UDP")
+    metrics.count_changes(env.services, env.slices)
     services, endpoints = total("service"), total("endpoint")
     env.put(svc())
     env.put(eps([ep("10.1.0.1")]))
