@@ -10,7 +10,12 @@ from dataclasses import dataclass
 from kpx.dial import Dial, Dialer
 from kpx.poller import Poller
 from tests.kpx.conftest import Runner, StaticPicker
-from tests.kpx.test_proxy import blackholed_backend, refusing_backend, whoami_backends
+from tests.kpx.test_proxy import (
+    blackholed_backend,
+    make_room,
+    refusing_backend,
+    whoami_backends,
+)
 
 
 @dataclass
@@ -98,7 +103,6 @@ def test_a_handshake_that_outlives_connect_is_seen_through_the_writability_event
         # A full accept queue drops the SYN; once there is room again, the client's first
         # retransmission (1 s later) completes the handshake: long after connect() returned.
         held, slow = blackholed_backend()
-        listener = held[0]
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[socket.socket | None, bool]] = loop.create_future()
         poller = Poller(loop)
@@ -117,12 +121,7 @@ def test_a_handshake_that_outlives_connect_is_seen_through_the_writability_event
             dialer.dial(client, "10.0.0.1", picker, picker.candidates("10.0.0.1"))
             await asyncio.sleep(0.1)
             assert not done.done() and len(dialer.dials) == 1
-            listener.setblocking(False)
-            while True:  # make room in the accept queue
-                try:
-                    accepted.append(listener.accept()[0])
-                except BlockingIOError:
-                    break
+            accepted = make_room(held)
             sock, watched = await asyncio.wait_for(done, 4)
             assert sock is not None and watched
             assert sock.getpeername()[1] == slow.port

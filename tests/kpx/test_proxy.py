@@ -89,6 +89,23 @@ def blackholed_backend() -> tuple[list[socket.socket], Backend]:
     return held, Backend("127.0.0.1", listener.getsockname()[1])
 
 
+def make_room(held: list[socket.socket]) -> list[socket.socket]:
+    """Unblock a `blackholed_backend` for good: the next SYN retransmission of a connect still
+    waiting on it completes. The fillers are closed first: one of them is itself retransmitting
+    its SYN (every 1, 3, 7 s from when it was made), and it would otherwise take the freed slot
+    before a connect made later does, leaving that connect blocked until its next
+    retransmission. Returns the accepted sockets (to close)."""
+    listener, fillers = held[0], held[1:]
+    for filler in fillers:
+        filler.close()
+    listener.setblocking(False)
+    accepted = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            accepted.append(listener.accept()[0])
+    return accepted
+
+
 @contextlib.asynccontextmanager
 async def proxy_for(
     backends: list[Backend], **options: Any
@@ -723,7 +740,6 @@ def test_a_connect_under_way_when_its_backend_is_removed_obeys_the_drain_deadlin
 ) -> None:
     async def scenario() -> None:
         held, slow = blackholed_backend()
-        listener = held[0]
         try:
             async with proxy_for([slow], drain_timeout=0.2, connect_ladder=(3.0,)) as (
                 proxy,
@@ -734,10 +750,7 @@ def test_a_connect_under_way_when_its_backend_is_removed_obeys_the_drain_deadlin
                 await wait_until(lambda: proxy.stats.connections_active == 1)
                 assert proxy.close_backend(slow) == 0  # nothing relayed yet: one connecting
                 await asyncio.sleep(0.3)  # the deadline passes while the SYN waits
-                listener.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    while True:  # free the accept queue: the SYN retransmit now gets through
-                        held.append(listener.accept()[0])
+                held.extend(make_room(held))  # the SYN's retransmission now gets through
                 await expect_reset(reader, within=3)
                 writer.close()
                 assert proxy.stats.drain_resets == 1
