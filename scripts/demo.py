@@ -91,15 +91,34 @@ class _QuietLogger:
 
 def start_daemons(upstream_port: int, logs: Path) -> list[subprocess.Popen[bytes]]:
     dnsd = [
-        str(VENV_BIN / "dnsd"), "--manifests", str(ROOT / "deploy/demo"),
-        "--listen", f"127.0.0.1:{DNS_PORT}", "--http-listen", DNSD_HTTP,
-        "--upstream", f"127.0.0.1:{upstream_port}", "--log-format", "json",
+        str(VENV_BIN / "dnsd"),
+        "--manifests",
+        str(ROOT / "deploy/demo"),
+        "--listen",
+        f"127.0.0.1:{DNS_PORT}",
+        "--http-listen",
+        DNSD_HTTP,
+        "--upstream",
+        f"127.0.0.1:{upstream_port}",
+        "--log-format",
+        "json",
     ]
     kpx = [
-        str(VENV_BIN / "kpx"), "--mode", "ports", "--manifests", str(ROOT / "deploy/demo"),
-        "--node-name", "demo-node", "--ports-bind-address", "127.0.0.1",
-        "--metrics-bind-address", KPX_METRICS, "--healthz-bind-address", KPX_HEALTHZ,
-        "--log-format", "json",
+        str(VENV_BIN / "kpx"),
+        "--mode",
+        "ports",
+        "--manifests",
+        str(ROOT / "deploy/demo"),
+        "--node-name",
+        "demo-node",
+        "--ports-bind-address",
+        "127.0.0.1",
+        "--metrics-bind-address",
+        KPX_METRICS,
+        "--healthz-bind-address",
+        KPX_HEALTHZ,
+        "--log-format",
+        "json",
     ]
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
@@ -128,19 +147,39 @@ def show_dns() -> None:
     for name, qtype, what in QUESTIONS:
         if dig:
             out = subprocess.run(
-                [dig, "@127.0.0.1", "-p", str(DNS_PORT), name, qtype, "+noall", "+answer",
-                 "+comments", "+time=2", "+tries=1"],
-                capture_output=True, text=True, timeout=10,
+                [
+                    dig,
+                    "@127.0.0.1",
+                    "-p",
+                    str(DNS_PORT),
+                    name,
+                    qtype,
+                    "+noall",
+                    "+answer",
+                    "+comments",
+                    "+time=2",
+                    "+tries=1",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=10,
             ).stdout
-            status = next((ln.split("status: ")[1].split(",")[0]
-                           for ln in out.splitlines() if "status: " in ln), "?")
+            status = next(
+                (
+                    ln.split("status: ")[1].split(",")[0]
+                    for ln in out.splitlines()
+                    if "status: " in ln
+                ),
+                "?",
+            )
             answers = [ln for ln in out.splitlines() if ln and not ln.startswith(";")]
         else:  # dnspython, when dig is not installed
             import dns.message
             import dns.query
 
-            reply = dns.query.udp(dns.message.make_query(name, qtype), "127.0.0.1",
-                                  port=DNS_PORT, timeout=2)
+            reply = dns.query.udp(
+                dns.message.make_query(name, qtype), "127.0.0.1", port=DNS_PORT, timeout=2
+            )
             status = dns.rcode.to_text(reply.rcode())
             answers = [str(rr) for rr in reply.answer]
         print(f"\n; {what}\n; {name} {qtype} -> {status}")
@@ -159,8 +198,10 @@ def show_proxy() -> None:
         }.get(row.get("state") or "", "no endpoints (connections reset)")
         print(f"  {row['frontend']:24} -> {row['address']}:{row['port']}  {state}")
     by_frontend = {row["frontend"]: row for row in rows}
-    for frontend, label in (("10.96.10.10:80", "shop/web ClusterIP"),
-                            ("nodeport/4:30080", "shop/web-public NodePort")):
+    for frontend, label in (
+        ("10.96.10.10:80", "shop/web ClusterIP"),
+        ("nodeport/4:30080", "shop/web-public NodePort"),
+    ):
         row = by_frontend.get(frontend)
         if row is None:
             continue
@@ -184,10 +225,12 @@ def main() -> int:
         show_dns()
         show_proxy()
         if not args.once:
-            print(f"\nBoth daemons keep running: dig @127.0.0.1 -p {DNS_PORT} <name>, "
-                  f"curl http://{KPX_METRICS}/debug/services, metrics on "
-                  f"http://{DNSD_HTTP}/metrics and http://{KPX_METRICS}/metrics; "
-                  "logs in .demo/. Ctrl-C stops everything.")
+            print(
+                f"\nBoth daemons keep running: dig @127.0.0.1 -p {DNS_PORT} <name>, "
+                f"curl http://{KPX_METRICS}/debug/services, metrics on "
+                f"http://{DNSD_HTTP}/metrics and http://{KPX_METRICS}/metrics; "
+                "logs in .demo/. Ctrl-C stops everything."
+            )
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             with contextlib.suppress(KeyboardInterrupt):
                 while all(p.poll() is None for p in procs):

@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_demo_serves_real_dns_answers_and_proxies_real_requests():
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts/demo.py"), "--once"],
-        capture_output=True, text=True, timeout=90, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout

@@ -299,18 +299,22 @@ def test_reference_names_can_be_left_out_and_references_shared():
     from kwatch.models import keep_reference_names
 
     def ref(name):
-        return ENDPOINTSLICES.parse(
-            {
-                "metadata": {"name": "s", "namespace": "shop"},
-                "addressType": "IPv4",
-                "endpoints": [
-                    {
-                        "addresses": ["10.0.0.1"],
-                        "targetRef": {"kind": "Pod", "name": name, "namespace": "shop"},
-                    }
-                ],
-            }
-        ).endpoints[0].target_ref
+        return (
+            ENDPOINTSLICES.parse(
+                {
+                    "metadata": {"name": "s", "namespace": "shop"},
+                    "addressType": "IPv4",
+                    "endpoints": [
+                        {
+                            "addresses": ["10.0.0.1"],
+                            "targetRef": {"kind": "Pod", "name": name, "namespace": "shop"},
+                        }
+                    ],
+                }
+            )
+            .endpoints[0]
+            .target_ref
+        )
 
     assert ref("web-1").name == "web-1"
     keep_reference_names(False)
