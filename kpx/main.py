@@ -348,7 +348,7 @@ class Daemon:
         assert self.pool is not None
         for host in self.listen_hosts:
             self.proxy.bind_redirect(host, self.settings.proxy_port).close()
-        self.pool.start()
+        self.pool.start(self.supervisor.spawn)
         return []
 
     async def _proxy_mode(self, _request: web.Request) -> web.Response:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,8 @@ ACK_TIMEOUT = 10.0  # seconds a worker may take to apply one rules message (star
 STOP_GRACE = 5.0  # seconds past the drain before a stopping worker is killed
 
 Rules = Mapping[str, ServiceRules | None]
+# Runs a named long-running task: the daemon's `Supervisor.spawn`.
+Spawn = Callable[[str, Callable[[], Coroutine[Any, Any, None]]], None]
 
 
 @dataclass(eq=False)
@@ -83,16 +86,18 @@ class WorkerPool:
         # Rules were published once: a (re)started worker gets a snapshot at once.
         self._published = False
         self._stopping = False
-        self._keepers: list[asyncio.Task[None]] = []
 
     @property
     def listening(self) -> int:
         """Workers that applied their rules and accept."""
         return sum(slot.listening for slot in self.slots)
 
-    def start(self) -> None:
-        """Start every worker (each listens once it has the rules: `publish`)."""
-        self._keepers = [asyncio.create_task(self._keep(slot)) for slot in self.slots]
+    def start(self, spawn: Spawn) -> None:
+        """Start every worker (each listens once it has the rules: `publish`), each kept by a
+        task that `spawn` runs: the daemon's supervisor, which logs, counts and restarts a
+        keeper that fails unexpectedly (kwatch/supervisor.py)."""
+        for slot in self.slots:
+            spawn(f"kpx-worker-{slot.index}", functools.partial(self._keep, slot))
 
     async def publish(self, changes: Rules) -> None:
         """Send `changes` to every worker (a full snapshot to one that has none yet) and wait
@@ -120,7 +125,16 @@ class WorkerPool:
         return future
 
     async def _keep(self, slot: WorkerSlot) -> None:
-        """Run a worker in `slot`, again and again, until the pool stops."""
+        """Run a worker in `slot`, again and again, until the pool stops. An unexpected
+        exception ends the process too (nobody would read its channel any more): the
+        restarted keeper starts a fresh one."""
+        try:
+            await self._keep_running(slot)
+        except Exception:
+            await self._discard(slot)
+            raise
+
+    async def _keep_running(self, slot: WorkerSlot) -> None:
         backoff = RESTART_MIN
         while not self._stopping:
             started = time.monotonic()
@@ -189,6 +203,13 @@ class WorkerPool:
         await slot.process.wait()
         self._lost(slot)
 
+    async def _discard(self, slot: WorkerSlot) -> None:
+        """End the process in `slot`, whatever state its keeper left it in."""
+        self._kill(slot)
+        if slot.process is not None:
+            await slot.process.wait()
+        self._lost(slot)
+
     def _lost(self, slot: WorkerSlot) -> None:
         """The process in `slot` is gone: release its publishers, keep its counters."""
         for future in slot.waiting.values():
@@ -211,7 +232,9 @@ class WorkerPool:
 
     async def stop(self, drain_seconds: float) -> None:
         """Tell every worker to stop accepting and drain for up to `drain_seconds`; wait for
-        them (killing the ones still there STOP_GRACE seconds later)."""
+        them (killing the ones still there STOP_GRACE seconds later). The keepers are the
+        supervisor's, stopped with it (before this, in kpx/main.py); one still running returns
+        once its worker is gone."""
         self._stopping = True
         running = [slot for slot in self.slots if slot.process and slot.process.returncode is None]
         for slot in running:
@@ -223,9 +246,6 @@ class WorkerPool:
                 await asyncio.wait_for(slot.process.wait(), drain_seconds + STOP_GRACE)
             except TimeoutError:
                 self._kill(slot)
-        for task in self._keepers:
-            task.cancel()
-        await asyncio.gather(*self._keepers, return_exceptions=True)
         for slot in self.slots:
             if slot.process is not None and slot.process.returncode is None:
                 self._kill(slot)

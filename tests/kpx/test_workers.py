@@ -8,6 +8,9 @@ import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
+
 from kpx.backends import Backend
 from kpx.balancer import Balancer
 from kpx.frontends import Frontends
@@ -16,7 +19,9 @@ from kpx.rules import ServiceRules, Steer, SteerKey, compute_service
 from kpx.worker import Worker, stats_snapshot
 from kpx.worker_channel import Channel, WorkerConfig
 from kpx.worker_feed import FedWriter, rules_snapshot
-from kpx.worker_pool import WorkerPool
+from kpx.worker_pool import WorkerPool, WorkerSlot
+from kwatch.backoff import Backoff
+from kwatch.supervisor import Supervisor
 from tests.kpx.test_table import NODE, ep, eps, svc
 from tests.waiting import eventually
 
@@ -183,7 +188,8 @@ def test_a_pool_worker_listens_once_fed_and_is_started_again_when_killed() -> No
 
     async def scenario() -> None:
         pool = WorkerPool(2, lambda index: config(index=index, proxy_port=port), dict)
-        pool.start()
+        supervisor = Supervisor()
+        pool.start(supervisor.spawn)
         try:
             await asyncio.sleep(0.5)
             assert pool.listening == 0 and not connects()
@@ -198,8 +204,53 @@ def test_a_pool_worker_listens_once_fed_and_is_started_again_when_killed() -> No
             await pool.publish({"default/web": None})  # both acknowledge again
             assert pool.listening == 2
         finally:
+            await supervisor.stop()
             await pool.stop(0.0)
         assert all(slot.process and slot.process.returncode is not None for slot in pool.slots)
         assert not connects()
 
     asyncio.run(scenario())
+
+
+def test_a_worker_keeper_that_fails_unexpectedly_is_restarted_by_the_supervisor() -> None:
+    """A bug in the loop that reads a worker's channel must not leave its slot without a
+    worker for good: the supervisor logs and counts it, and the keeper starts a fresh worker
+    (the old one, whose channel nobody reads any more, is ended), fed before it listens."""
+    port = free_port()
+    web = rules("web", "10.96.0.10", "10.244.0.5")
+
+    def restarts() -> float:
+        found = REGISTRY.get_sample_value("kwatch_task_restarts_total", {"task": "kpx-worker-0"})
+        return found or 0.0
+
+    async def scenario() -> None:
+        pool = WorkerPool(1, lambda index: config(index=index, proxy_port=port), dict)
+        real_serve = pool._serve
+        failing = {"once": True}
+
+        async def serve(slot: WorkerSlot) -> None:
+            if failing.pop("once", False):
+                raise RuntimeError("injected: channel reader bug")
+            await real_serve(slot)
+
+        pool._serve = serve  # type: ignore[method-assign]
+        supervisor = Supervisor(backoff=lambda: Backoff(0.02, 0.05, jitter=0.1))
+        before = restarts()
+        pool.start(supervisor.spawn)
+        slot = pool.slots[0]
+        try:
+            await eventually(lambda: restarts() == before + 1, within=10)
+            await eventually(lambda: slot.process is not None and slot.channel is not None)
+            await pool.publish({"default/web": web})
+            assert pool.listening == 1 and supervisor.liveness() == (True, "ok")
+        finally:
+            await supervisor.stop()
+            await pool.stop(0.0)
+        assert slot.process is not None and slot.process.returncode is not None
+
+    with capture_logs() as logs:
+        asyncio.run(scenario())
+    failed = [e for e in logs if e["event"] == "task_failed"]
+    assert [e["task"] for e in failed] == ["kpx-worker-0"]
+    started = [e["pid"] for e in logs if e["event"] == "worker_started"]
+    assert len(started) == 2 and started[0] != started[1]  # the first one was ended
