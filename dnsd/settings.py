@@ -131,6 +131,14 @@ class DnsdSettings(AccessSettings):
         description="UDP queries the fast path leaves (forwarded names, malformed packets)"
         " waiting for the event loop at most; more are dropped (udp_queue_full)",
     )
+    gil_switch_interval: float = Field(
+        0.0005,
+        gt=0,
+        le=0.1,
+        description="seconds a busy thread keeps the GIL while another waits for it "
+        "(sys.setswitchinterval; Python's own default is 0.005): bounds how long the UDP "
+        "threads' cluster names wait while the event loop works through a flood",
+    )
     listen: list[ListenAddress] = Field(
         default_factory=lambda: ["0.0.0.0:53"], description="UDP and TCP listen ADDR:PORT"
     )
