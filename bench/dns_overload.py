@@ -13,12 +13,13 @@ that never answers (a bound UDP socket nobody reads). Three loads, at once:
 - the probe: cluster names asked at `--probe-qps`, one at a time from one socket, timed.
 The probe also runs alone first (idle). Reported: the probe's p50/p99/max idle and under the
 flood (goal: p99 <= 1 ms under the flood), the flood's answers and their wait per rcode (each
-response's latency from `dnsperf -v`), what dnsd shed by reason (`dnsd_dns_dropped_total`), and
-dnsd's RSS growth over the flood, at its end and at its peak (goal <= 10 MB). Forwarded names
-the upstream never answers are SERVFAIL after `--forward-timeout` (2 s) by design; the wait that
-matters is that of the answers dnsd gives itself (REFUSED above `--max-concurrent`, cached
-SERVFAIL), so the goal (p99 <= 100 ms) is checked on the answers that did not wait for the
-upstream's timeout. The malformed packets come from a process of their own, so the probe's
+response's latency from `dnsperf -v`), what dnsd shed by reason (`dnsd_dns_dropped_total`),
+dnsd's RSS growth over the flood, at its end and at its peak (goal <= 10 MB), and, per
+thread of dnsd and for the probe, the time spent on a core and waiting for one (schedstat).
+Forwarded names the upstream never answers are SERVFAIL after `--forward-timeout` (2 s) by
+design; the wait that matters is that of the answers dnsd gives itself (REFUSED above
+`--max-concurrent`, cached SERVFAIL), so the goal (p99 <= 100 ms) is checked on the answers
+that did not wait for the upstream's timeout. The malformed packets come from a process of their own, so the probe's
 timing never waits for another thread of the benchmark's.
 Figures from a shared machine are noise: the lead runs the real one. `--quick`: 4 s, 300
 outstanding, probe at 200 qps (a smoke test).
@@ -226,6 +227,45 @@ def wait_ready(http_port: int, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit("dnsd did not become ready")
 
 
+def thread_schedstat(pid: int) -> dict[str, tuple[int, int, int]]:
+    """Per thread of `pid` (by name, numbered when names repeat): on-CPU ns, ns waiting on a
+    run queue, time slices (/proc/<pid>/task/<tid>/schedstat)."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                run_ns, wait_ns, slices = (int(v) for v in f.read().split())
+        except (OSError, ValueError):
+            continue  # the thread ended
+        key, n = name, 1
+        while key in out:
+            n += 1
+            key = f"{name}#{n}"
+        out[key] = (run_ns, wait_ns, slices)
+    return out
+
+
+def schedstat_delta(
+    before: dict[str, tuple[int, int, int]], after: dict[str, tuple[int, int, int]]
+) -> dict[str, dict[str, float]]:
+    """CPU seconds, run-queue wait seconds and the mean wait per time slice (ms) of each
+    thread between two `thread_schedstat` readings: how long a runnable thread waited for a
+    core, which no change inside dnsd can shorten."""
+    out = {}
+    for name, (run_ns, wait_ns, slices) in after.items():
+        run0, wait0, slices0 = before.get(name, (0, 0, 0))
+        count = max(slices - slices0, 1)
+        out[name] = {
+            "cpu_s": (run_ns - run0) / 1e9,
+            "runqueue_wait_s": (wait_ns - wait0) / 1e9,
+            "slices": slices - slices0,
+            "wait_per_slice_ms": (wait_ns - wait0) / count / 1e6,
+        }
+    return out
+
+
 FORWARD_TIMEOUT = 2.0  # dnsd's default, passed explicitly: the flood's waits are read with it
 
 
@@ -327,7 +367,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rss_before = rss_kb(proc.pid)
         drops_before = dropped(http_port)
         sampler = RssSampler(proc.pid)
+        sched_before = thread_schedstat(proc.pid)
+        probe_before = thread_schedstat(os.getpid())
         loaded, floods, junk_sent = flood(args, tmp, port, sampler)
+        sched_after = thread_schedstat(proc.pid)
+        probe_after = thread_schedstat(os.getpid())
         rss_after = rss_kb(proc.pid)
         drops_after = dropped(http_port)
         return {
@@ -340,6 +384,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "dropped": {
                 k: drops_after.get(k, 0) - drops_before.get(k, 0) for k in sorted(drops_after)
             },
+            "dnsd_threads": schedstat_delta(sched_before, sched_after),
+            # The probe runs in this process's first thread.
+            "probe_thread": next(iter(schedstat_delta(probe_before, probe_after).values())),
             "rss_growth_mb": (rss_after - rss_before) / 1024,
             "rss_peak_growth_mb": (max(sampler.peak_kb, rss_after) - rss_before) / 1024,
         }
@@ -406,6 +453,14 @@ def main() -> None:
                 f" p99 {w['p99_ms']:.1f} ms, max {w['max_ms']:.1f} ms"
             )
     print(f"malformed packets sent: {result['malformed_sent']}")
+    threads = {f"dnsd {k}": v for k, v in result["dnsd_threads"].items()}
+    for name, t in {**threads, "probe": result["probe_thread"]}.items():
+        if t["cpu_s"] < 0.05:
+            continue  # an idle thread
+        print(
+            f"{name}: {t['cpu_s']:.1f} s on a core, {t['runqueue_wait_s']:.1f} s waiting for"
+            f" one, {t['slices']:.0f} slices ({t['wait_per_slice_ms']:.3f} ms wait each)"
+        )
     print("dnsd dropped during the flood:", result["dropped"] or "nothing")
     print(
         f"dnsd RSS growth over the flood: {result['rss_growth_mb']:+.1f} MB at its end,"
