@@ -48,6 +48,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from dnsd.cache import CACHE_PREFETCHES, RCODE_NOERROR, RCODE_SERVFAIL, CacheKey, DnsCache
+from dnsd.forward_udp import UpstreamFailed, ask_udp
 from dnsd.forward_wire import (
     ParsedQuery,
     build_answer,
@@ -68,7 +69,6 @@ RETRY_RCODES = frozenset({RCODE_SERVFAIL, RCODE_REFUSED})
 FORWARD_DEADLINE = 5.0
 MAX_FAILS = 2
 HEALTH_CHECK_INTERVAL = 0.5
-MAX_MESSAGE = 65535
 # Root NS query used as the health probe (ID patched per probe), RD=1.
 HEALTH_PROBE = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 0) + b"\x00" + struct.pack("!HH", 2, 1)
 
@@ -118,14 +118,6 @@ HEALTHCHECK_BROKEN = Counter(
 UPSTREAM_HEALTHY = Gauge("dnsd_forward_upstream_healthy", "1 if the upstream is healthy", ["to"])
 
 
-class UpstreamFailed(Exception):
-    """One attempt at one upstream failed; `reason` is the metric label."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 def read_resolv_conf(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
     """The `nameserver` addresses of a resolv.conf (IPv4/IPv6, port 53), in order; [] if none."""
     try:
@@ -163,6 +155,7 @@ class Upstream:
             f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         )
         self.family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self.mismatched = FORWARD_MISMATCHED.labels(self.label)
         UPSTREAM_HEALTHY.labels(self.label).set(1)
 
 
@@ -413,12 +406,20 @@ class Forwarder:
             if attempt > 0 and remaining <= 0:
                 break
             budget = min(self.timeout, max(remaining, 0.001))
+            started = time.monotonic()
             try:
-                response = await self._attempt(upstream, template, query.question, budget)
+                # UDP, then TCP if truncated; the UDP wait is a future (no coroutine frame).
+                response = await self._udp_question(upstream, template, query.question, budget)
+                if response[2] & 0x02:
+                    FORWARD_TRUNCATED.labels(upstream.label).inc()
+                    response = await self._tcp_exchange(upstream, template, query.question, budget)
             except UpstreamFailed as failure:
                 FORWARD_ERRORS.labels(upstream.label, failure.reason).inc()
                 self._failed(upstream, failure.reason)
                 continue
+            rcode = RCODE_NAMES.get(response[3] & 0x0F, str(response[3] & 0x0F))
+            FORWARD_RESPONSES.labels(upstream.label, rcode).inc()
+            FORWARD_DURATION.labels(upstream.label, rcode).observe(time.monotonic() - started)
             self._succeeded(upstream)
             if response[3] & 0x0F not in RETRY_RCODES:
                 return response
@@ -439,50 +440,22 @@ class Forwarder:
             HEALTHCHECK_BROKEN.inc()
         return healthy + [up for up in servers if not up.healthy]
 
-    async def _attempt(
+    def _udp_question(
         self, upstream: Upstream, template: bytes, question: bytes, budget: float
-    ) -> bytes:
-        """One question to one upstream: UDP, then TCP if truncated; raises UpstreamFailed."""
-        started = time.monotonic()
-        response = await self._udp_exchange(upstream, template, question, budget)
-        if response[2] & 0x02:
-            FORWARD_TRUNCATED.labels(upstream.label).inc()
-            response = await self._tcp_exchange(upstream, template, question, budget)
-        rcode = RCODE_NAMES.get(response[3] & 0x0F, str(response[3] & 0x0F))
-        FORWARD_RESPONSES.labels(upstream.label, rcode).inc()
-        FORWARD_DURATION.labels(upstream.label, rcode).observe(time.monotonic() - started)
-        return response
-
-    async def _udp_exchange(
-        self, upstream: Upstream, template: bytes, question: bytes, budget: float
-    ) -> bytes:
-        qid = secrets.randbits(16)
-        loop = asyncio.get_running_loop()
+    ) -> asyncio.Future[bytes]:
+        """Our query (a random ID on `template`) to `upstream` over UDP: the reply as a future
+        (dnsd/forward_udp.py); raises or fails with UpstreamFailed."""
         FORWARD_REQUESTS.labels(upstream.label).inc()
-        # A new socket per query: the kernel picks a random ephemeral source port, and
-        # connect() makes it drop datagrams from any other address. One reader callback and
-        # one timer wait for the reply (asyncio.timeout and sock_recv cost about 2 KB more
-        # per query in flight).
-        with socket.socket(upstream.family, socket.SOCK_DGRAM) as sock:
-            sock.setblocking(False)
-            fd = sock.fileno()
-            reply: asyncio.Future[bytes] = loop.create_future()
-            try:
-                sock.connect((upstream.host, upstream.port))
-                sock.send(struct.pack("!H", qid) + template[2:])
-                loop.add_reader(fd, _read_reply, sock, reply, qid, question, upstream.label)
-                timer = loop.call_later(budget, _time_out, reply)
-                try:
-                    return await reply
-                finally:
-                    timer.cancel()
-                    loop.remove_reader(fd)
-            except TimeoutError:
-                raise UpstreamFailed("timeout") from None
-            except ConnectionRefusedError:  # ICMP port unreachable
-                raise UpstreamFailed("refused") from None
-            except OSError:  # BlockingIOError too: a full send buffer
-                raise UpstreamFailed("network") from None
+        message = struct.pack("!H", secrets.randbits(16)) + template[2:]
+        return ask_udp(
+            asyncio.get_running_loop(),
+            upstream.family,
+            (upstream.host, upstream.port),
+            message,
+            question,
+            budget,
+            upstream.mismatched,
+        )
 
     async def _tcp_exchange(
         self, upstream: Upstream, template: bytes, question: bytes, budget: float
@@ -535,7 +508,7 @@ class Forwarder:
         while not upstream.healthy:
             await asyncio.sleep(HEALTH_CHECK_INTERVAL)
             try:
-                await self._udp_exchange(upstream, HEALTH_PROBE, question, self.timeout)
+                await self._udp_question(upstream, HEALTH_PROBE, question, self.timeout)
             except UpstreamFailed:
                 HEALTHCHECK_FAILURES.labels(upstream.label).inc()
                 continue
@@ -562,30 +535,6 @@ class _Waiter:
 
     def __call__(self, exchange: asyncio.Future[bytes]) -> None:
         self.forwarder._answer(self.parsed, self.then, self.answer, exchange)
-
-
-def _read_reply(
-    sock: socket.socket, reply: asyncio.Future[bytes], qid: int, question: bytes, label: str
-) -> None:
-    """The upstream's socket is readable: the first datagram that answers our query
-    (RFC 5452 section 9.1) settles `reply`; others are counted and ignored."""
-    while not reply.done():
-        try:
-            response = sock.recv(MAX_MESSAGE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as err:
-            reply.set_exception(err)
-            return
-        if check_response(response, qid, question):
-            reply.set_result(response)
-            return
-        FORWARD_MISMATCHED.labels(label).inc()
-
-
-def _time_out(reply: asyncio.Future[bytes]) -> None:
-    if not reply.done():
-        reply.set_exception(TimeoutError())
 
 
 def _domain_labels(domain: str) -> tuple[bytes, ...]:
