@@ -34,7 +34,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from prometheus_client import Counter, Gauge
 
@@ -71,14 +70,46 @@ SUCCESS = "success"
 DENIAL = "denial"
 
 
-class CacheKey(NamedTuple):
-    """What a cached answer answers: the qname in lower-case wire form, type, class, DO, CD."""
+_KEY_TAIL = struct.Struct("!HHB")  # qtype, qclass, DO | CD << 1
 
-    name: bytes
-    qtype: int
-    qclass: int = 1
-    do: bool = False
-    cd: bool = False
+
+class CacheKey(bytes):
+    """What a cached answer answers: the qname in lower-case wire form, type, class, DO, CD,
+    packed in one bytes object (the qname, then 5 bytes): a cache entry's key costs 38 bytes
+    more than its name, where a tuple of the five took 88 more."""
+
+    __slots__ = ()
+
+    def __new__(
+        cls, name: bytes, qtype: int, qclass: int = 1, do: bool = False, cd: bool = False
+    ) -> CacheKey:
+        return super().__new__(cls, name + _KEY_TAIL.pack(qtype, qclass, do | (cd << 1)))
+
+    @property
+    def name(self) -> bytes:
+        return bytes(self[:-5])
+
+    @property
+    def qtype(self) -> int:
+        return (self[-5] << 8) | self[-4]
+
+    @property
+    def qclass(self) -> int:
+        return (self[-3] << 8) | self[-2]
+
+    @property
+    def do(self) -> bool:
+        return bool(self[-1] & 1)
+
+    @property
+    def cd(self) -> bool:
+        return bool(self[-1] & 2)
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheKey(name={self.name!r}, qtype={self.qtype}, qclass={self.qclass},"
+            f" do={self.do}, cd={self.cd})"
+        )
 
     @classmethod
     def of(
@@ -170,10 +201,16 @@ class ResponseLayout:
         )
 
 
+_TTL = struct.Struct("!I")
+_OFFSET = struct.Struct("=H")
+
+
 @dataclass(slots=True)
 class _Entry:
+    # The answer as served at age 0: every record's TTL already capped at `ttl`. An answer
+    # without records to age (a SERVFAIL, NODATA without SOA) is the upstream's own bytes.
     wire: bytes
-    ttl_fields: tuple[tuple[int, int], ...]  # (offset, TTL to count down from) per record
+    ttl_offsets: bytes  # where each record's TTL is in `wire`, packed (_OFFSET each)
     stored_at: float
     ttl: int  # seconds the entry lives
     kind: str  # SUCCESS or DENIAL
@@ -275,17 +312,18 @@ class DnsCache:
             return None
         CACHE_SERVED_STALE.inc()
         wire = bytearray(entry.wire)
-        for offset, _ in entry.ttl_fields:
-            struct.pack_into("!I", wire, offset, STALE_TTL)
+        for (offset,) in _OFFSET.iter_unpack(entry.ttl_offsets):
+            _TTL.pack_into(wire, offset, STALE_TTL)
         return bytes(wire)
 
     def _aged(self, entry: _Entry, elapsed: int) -> bytes:
         """The stored answer with its TTLs counted down by `elapsed` seconds."""
-        if elapsed == 0 or not entry.ttl_fields:
+        if elapsed == 0 or not entry.ttl_offsets:
             return entry.wire
         wire = bytearray(entry.wire)
-        for offset, ttl in entry.ttl_fields:
-            struct.pack_into("!I", wire, offset, max(ttl - elapsed, 0))
+        for (offset,) in _OFFSET.iter_unpack(entry.ttl_offsets):
+            (ttl,) = _TTL.unpack_from(wire, offset)
+            _TTL.pack_into(wire, offset, max(ttl - elapsed, 0))
         return bytes(wire)
 
     def put(self, key: CacheKey, response: bytes) -> bool:
@@ -305,14 +343,16 @@ class DnsCache:
             _, evicted = self._entries.popitem(last=False)
             self._counts[evicted.kind] -= 1
             CACHE_EVICTIONS.labels(evicted.kind).inc()
-        fields = tuple(
-            (offset, min(record_ttl, ttl))
-            for offset, record_ttl in zip(layout.ttl_offsets, layout.ttls, strict=True)
-        )
-        wire = bytearray(response[: layout.end])
-        for offset, record_ttl in fields:  # served as stored at age 0 too: capped at `ttl`
-            struct.pack_into("!I", wire, offset, record_ttl)
-        entry = _Entry(bytes(wire), fields, self.clock(), ttl, kind)
+        if layout.ttl_offsets or layout.end != len(response):
+            wire = bytearray(response[: layout.end])
+            for offset, record_ttl in zip(layout.ttl_offsets, layout.ttls, strict=True):
+                # Served as stored at age 0 too: capped at `ttl`.
+                _TTL.pack_into(wire, offset, min(record_ttl, ttl))
+            stored = bytes(wire)
+        else:
+            stored = response  # nothing to age or trim: shared, not copied
+        offsets = b"".join(_OFFSET.pack(offset) for offset in layout.ttl_offsets)
+        entry = _Entry(stored, offsets, self.clock(), ttl, kind)
         if old is not None:  # a refresh (prefetch) keeps how popular the name is
             entry.hits, entry.last_hit = old.hits, old.last_hit
         self._entries[key] = entry

@@ -72,6 +72,10 @@ HEALTH_CHECK_INTERVAL = 0.5
 # Root NS query used as the health probe (ID patched per probe), RD=1.
 HEALTH_PROBE = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 0) + b"\x00" + struct.pack("!HH", 2, 1)
 
+# Every upstream failed: one message for every question (a cache entry then holds no bytes of
+# its own; the client's question replaces this one's, as for every upstream answer).
+SERVFAIL = struct.pack("!HHHHHH", 0, 0x8180 | RCODE_SERVFAIL, 1, 0, 0, 0) + b"\x00\x00\x01\x00\x01"
+
 Policy = Literal["random", "round_robin", "sequential"]
 
 FORWARD_REQUESTS = Counter(
@@ -388,8 +392,7 @@ class Forwarder:
                 return stale
         if response is None:
             FORWARD_SERVFAILS.inc()
-            header = struct.pack("!HHHHHH", 0, 0x8180 | RCODE_SERVFAIL, 1, 0, 0, 0)
-            response = header + query.question
+            response = SERVFAIL
         if self.cache is not None and not self._closed:
             self.cache.put(query.key, response)
         return response
