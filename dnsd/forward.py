@@ -432,6 +432,8 @@ class Forwarder:
         # CoreDNS forward policy.go: random is a uniform shuffle; for the k-th query of a route
         # (k from 1) round_robin puts upstream k mod n first and keeps the others in their
         # order; sequential keeps the configured order.
+        if len(servers) == 1 and servers[0].healthy:
+            return servers  # the common route: nothing to order (and no list per query)
         if self.policy == "random":
             servers = random.sample(servers, len(servers))
         elif self.policy == "round_robin" and servers:
