@@ -48,7 +48,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from dnsd.cache import CACHE_PREFETCHES, RCODE_NOERROR, RCODE_SERVFAIL, CacheKey, DnsCache
-from dnsd.forward_udp import UpstreamFailed, ask_udp
+from dnsd.forward_udp import Deadlines, UpstreamFailed, ask_udp
 from dnsd.forward_wire import (
     ParsedQuery,
     build_answer,
@@ -198,6 +198,7 @@ class Forwarder:
         # on its own, as each CoreDNS forward block has its own policy.
         self._robin: dict[int, int] = {}
         self._closed = False
+        self._deadlines: Deadlines | None = None  # of the UDP questions, made on first use
         if not self.upstreams:
             log.warning("no_upstreams", hint="every forwarded query will be SERVFAIL")
 
@@ -452,8 +453,11 @@ class Forwarder:
         (dnsd/forward_udp.py); raises or fails with UpstreamFailed."""
         FORWARD_REQUESTS.labels(upstream.label).inc()
         message = struct.pack("!H", secrets.randbits(16)) + template[2:]
+        loop = asyncio.get_running_loop()
+        if self._deadlines is None or self._deadlines.loop is not loop:
+            self._deadlines = Deadlines(loop)
         return ask_udp(
-            asyncio.get_running_loop(),
+            self._deadlines,
             upstream.family,
             (upstream.host, upstream.port),
             message,
