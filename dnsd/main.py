@@ -174,6 +174,7 @@ class Daemon:
             query_log_sample=settings.query_log_sample,
             transfer=transfer,
             slow_queue=settings.slow_queue,
+            udp_thread_slice=settings.udp_thread_slice,
         )
         self.health: HealthServer | None = None
         self._collector = DnsCollector(self.stats, self.controller.zone_info)

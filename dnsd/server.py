@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import structlog
 
-from dnsd import udpbatch, wire
+from dnsd import sched, udpbatch, wire
 from dnsd.handler import Handler
 from dnsd.names import from_wire
 from dnsd.transfer import ZoneTransfer
@@ -142,8 +142,10 @@ class UdpListener:
         sample: float,
         batch: int = udpbatch.BATCH,
         slow_queue: int = 256,
+        thread_slice: float = 0.0,
     ) -> None:
         self.sock = sock
+        self.thread_slice = thread_slice  # scheduler slice the thread asks for (dnsd.sched)
         self.handler = handler
         self.sample = sample
         self.batch = batch  # datagrams per recvmmsg; 0: one recvfrom per datagram
@@ -164,6 +166,7 @@ class UdpListener:
         self._thread.start()
 
     def _serve(self) -> None:
+        sched.request_slice(self.thread_slice)
         while not self._closed:
             try:
                 if self.batch and udpbatch.available():
@@ -563,10 +566,12 @@ class DnsServer:
         query_log_sample: float = 0.0,
         transfer: ZoneTransfer | None = None,
         slow_queue: int = 256,
+        udp_thread_slice: float = 0.0,
     ) -> None:
         self.handler = handler
         self.transfer = transfer  # None: no client may transfer the zone (the default)
         self.slow_queue = slow_queue
+        self.udp_thread_slice = udp_thread_slice
         self.addresses = addresses
         self.reuse_port = reuse_port
         self.tcp_idle_timeout = tcp_idle_timeout
@@ -584,7 +589,13 @@ class DnsServer:
         for host, port in self.addresses:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             udp_sock, tcp_sock = self._bind_pair(family, host, port)
-            listener = UdpListener(udp_sock, self.handler, self.sample, slow_queue=self.slow_queue)
+            listener = UdpListener(
+                udp_sock,
+                self.handler,
+                self.sample,
+                slow_queue=self.slow_queue,
+                thread_slice=self.udp_thread_slice,
+            )
             listener.start(loop)
             self._udp.append(listener)
             tcp_sock.listen(1024)
