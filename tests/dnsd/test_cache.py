@@ -303,3 +303,19 @@ def test_a_flood_of_servfail_entries_costs_little_memory_each():
         tracemalloc.stop()
     assert len(cache) == count
     assert per_entry < 330, per_entry
+
+
+def test_cached_entries_add_nothing_to_what_a_garbage_collection_walks():
+    """A full collection holds the GIL the UDP threads need for every answer, for a time that
+    grows with the objects it walks: a full cache adds none (plain tuples and bytes, which
+    the collector untracks)."""
+    cache = DnsCache(max_entries=1000)
+    keys = [CacheKey.of(f"n{i}.example.com", 1) for i in range(1000)]
+    gc.collect()
+    before = len(gc.get_objects())
+    for key in keys:
+        cache.put(key, response(300))
+        cache.get(key)
+    gc.collect()
+    assert len(cache) == 1000
+    assert len(gc.get_objects()) - before < 50
