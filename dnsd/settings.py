@@ -140,7 +140,7 @@ class DnsdSettings(AccessSettings):
         "threads' cluster names wait while the event loop works through a flood",
     )
     udp_thread_slice: float = Field(
-        0.0002,
+        0.0,
         ge=0,
         le=0.1,
         description="scheduler time slice (seconds) the UDP threads ask Linux for "
