@@ -2,7 +2,7 @@
 queries hits the same port.
 
     .venv/bin/python -m bench.dns_overload [--duration 30] [--outstanding 5000]
-        [--probe-qps 1000] [--services 1000] [--quick] [--json PATH]
+        [--probe-qps 1000] [--services 1000] [--control-knot] [--quick] [--json PATH]
 
 dnsd serves `--services` Services from a manifest and forwards everything else to an upstream
 that never answers (a bound UDP socket nobody reads). Three loads, at once:
@@ -10,16 +10,19 @@ that never answers (a bound UDP socket nobody reads). Three loads, at once:
   names outside the cluster zone, half of them with EDNS options (a cookie), each one a miss
   of the UDP threads' fast path that must go to the event loop;
 - malformed packets (random bytes, truncated headers) from a thread, also slow-path work;
-- the probe: cluster names asked at `--probe-qps`, one at a time from one socket, timed.
+- the probe: cluster names asked at `--probe-qps`, one at a time from one socket, timed;
+  with `--control-knot` each name is asked of a knotd too (the flood never reaches it): the
+  latency this machine under this load gives a server without a GIL or a flood of its own.
 The probe also runs alone first (idle). Reported: the probe's p50/p99/max idle and under the
 flood (goal: p99 <= 1 ms under the flood), the flood's answers and their wait per rcode (each
-response's latency from `dnsperf -v`), what dnsd shed by reason (`dnsd_dns_dropped_total`), and
-dnsd's RSS growth over the flood, at its end and at its peak (goal <= 10 MB). Forwarded names
-the upstream never answers are SERVFAIL after `--forward-timeout` (2 s) by design; the wait that
-matters is that of the answers dnsd gives itself (REFUSED above `--max-concurrent`, cached
-SERVFAIL), so the goal (p99 <= 100 ms) is checked on the answers that did not wait for the
-upstream's timeout. The malformed packets come from a process of their own, so the probe's
-timing never waits for another thread of the benchmark's.
+response's latency from `dnsperf -v`), what dnsd shed by reason (`dnsd_dns_dropped_total`),
+dnsd's RSS growth over the flood, at its end and at its peak (goal <= 10 MB), and, per
+thread of dnsd and for the probe, the time spent on a core and waiting for one (schedstat).
+Forwarded names the upstream never answers are SERVFAIL after `--forward-timeout` (2 s) by
+design; the wait that matters is that of the answers dnsd gives itself (REFUSED above
+`--max-concurrent`, cached SERVFAIL), so the goal (p99 <= 100 ms) is checked on the answers
+that did not wait for the upstream's timeout. The malformed packets come from a process of
+their own, so the probe's timing never waits for another thread of the benchmark's.
 Figures from a shared machine are noise: the lead runs the real one. `--quick`: 4 s, 300
 outstanding, probe at 200 qps (a smoke test).
 """
@@ -97,13 +100,22 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
-def probe(port: int, qps: float, seconds: float, services: int) -> dict[str, float]:
-    """Cluster names, one at a time, paced at `qps`: latency in ms of each answer."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.connect(("127.0.0.1", port))
-    sock.settimeout(1.0)
-    latencies: list[float] = []
-    lost = 0
+def probe(
+    port: int, qps: float, seconds: float, services: int, control: int | None = None
+) -> dict[str, Any]:
+    """Cluster names, one at a time, paced at `qps`: latency in ms of each answer. With
+    `control` (a knotd's port), each name is then asked there too, right after: the same
+    question from the same process at the same moment, to a server the flood never reaches,
+    under `"control"` in the result."""
+    targets = [port] if control is None else [port, control]
+    socks = []
+    for target in targets:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect(("127.0.0.1", target))
+        sock.settimeout(1.0)
+        socks.append(sock)
+    latencies: list[list[float]] = [[] for _ in targets]
+    lost = [0 for _ in targets]
     interval = 1.0 / qps
     start = time.perf_counter()
     sent = 0
@@ -111,31 +123,76 @@ def probe(port: int, qps: float, seconds: float, services: int) -> dict[str, flo
         due = start + sent * interval
         if due > now:
             time.sleep(due - now)
-        qid = sent % 65536
-        packet = query(f"svc{sent % services}.default.svc.{ZONE}", qid)
-        began = time.perf_counter()
-        sock.send(packet)
+        packet = query(f"svc{sent % services}.default.svc.{ZONE}", sent % 65536)
         sent += 1
-        try:
-            while True:
-                reply = sock.recv(4096)
-                if reply[:2] == packet[:2]:
-                    break
-        except TimeoutError:
-            lost += 1
-            continue
-        latencies.append((time.perf_counter() - began) * 1000)
-    sock.close()
+        for k, sock in enumerate(socks):
+            began = time.perf_counter()
+            sock.send(packet)
+            try:
+                while True:
+                    reply = sock.recv(4096)
+                    if reply[:2] == packet[:2]:
+                        break
+            except TimeoutError:
+                lost[k] += 1
+                continue
+            latencies[k].append((time.perf_counter() - began) * 1000)
+    for sock in socks:
+        sock.close()
     elapsed = time.perf_counter() - start
-    return {
-        "sent": sent,
-        "answered": len(latencies),
-        "lost": lost,
-        "qps": sent / elapsed,
-        "p50_ms": percentile(latencies, 50),
-        "p99_ms": percentile(latencies, 99),
-        "max_ms": max(latencies) if latencies else float("nan"),
-    }
+    figures = [
+        {
+            "sent": sent,
+            "answered": len(values),
+            "lost": lost[k],
+            "qps": sent / elapsed,
+            "p50_ms": percentile(values, 50),
+            "p99_ms": percentile(values, 99),
+            "max_ms": max(values) if values else float("nan"),
+        }
+        for k, values in enumerate(latencies)
+    ]
+    result: dict[str, Any] = figures[0]
+    if control is not None:
+        result["control"] = figures[1]
+    return result
+
+
+def start_knot(tmp: Path, services: int) -> tuple[subprocess.Popen[bytes], int]:
+    """A knotd answering the probe's names (A of every svc<i>), for `--control-knot`."""
+    port = free_port()
+    folder = tmp / "knot"
+    folder.mkdir()
+    records = "".join(
+        f"svc{i}.default.svc.{ZONE}. 5 A 10.96.{i // 250}.{i % 250 + 1}\n" for i in range(services)
+    )
+    (folder / f"{ZONE}.zone").write_text(
+        f"$TTL 5\n{ZONE}. 5 SOA ns.dns.{ZONE}. hostmaster.{ZONE}. 1 7200 1800 86400 5\n"
+        f"{ZONE}. 5 NS ns.dns.{ZONE}.\n{records}"
+    )
+    conf = folder / "knot.conf"
+    conf.write_text(
+        f'server:\n    rundir: "{folder}"\n    listen: 127.0.0.1@{port}\n'
+        f'database:\n    storage: "{folder}"\n'
+        f'template:\n  - id: default\n    storage: "{folder}"\n    file: "%s.zone"\n'
+        f"    journal-content: none\n    zonefile-sync: -1\n"
+        f"zone:\n  - domain: {ZONE}\n"
+    )
+    proc = subprocess.Popen(
+        ["knotd", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    probe_name = query(f"svc0.default.svc.{ZONE}", 1)
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(0.1)
+            try:
+                sock.sendto(probe_name, ("127.0.0.1", port))
+                if sock.recv(512)[3] & 0x0F == 0:
+                    return proc, port
+            except OSError:
+                time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("knotd did not answer")
 
 
 def malformed(port: int, stop: Any, rate: float, sent_out: Any, nice: int) -> None:
@@ -226,6 +283,45 @@ def wait_ready(http_port: int, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit("dnsd did not become ready")
 
 
+def thread_schedstat(pid: int) -> dict[str, tuple[int, int, int]]:
+    """Per thread of `pid` (by name, numbered when names repeat): on-CPU ns, ns waiting on a
+    run queue, time slices (/proc/<pid>/task/<tid>/schedstat)."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                run_ns, wait_ns, slices = (int(v) for v in f.read().split())
+        except (OSError, ValueError):
+            continue  # the thread ended
+        key, n = name, 1
+        while key in out:
+            n += 1
+            key = f"{name}#{n}"
+        out[key] = (run_ns, wait_ns, slices)
+    return out
+
+
+def schedstat_delta(
+    before: dict[str, tuple[int, int, int]], after: dict[str, tuple[int, int, int]]
+) -> dict[str, dict[str, float]]:
+    """CPU seconds, run-queue wait seconds and the mean wait per time slice (ms) of each
+    thread between two `thread_schedstat` readings: how long a runnable thread waited for a
+    core, which no change inside dnsd can shorten."""
+    out = {}
+    for name, (run_ns, wait_ns, slices) in after.items():
+        run0, wait0, slices0 = before.get(name, (0, 0, 0))
+        count = max(slices - slices0, 1)
+        out[name] = {
+            "cpu_s": (run_ns - run0) / 1e9,
+            "runqueue_wait_s": (wait_ns - wait0) / 1e9,
+            "slices": slices - slices0,
+            "wait_per_slice_ms": (wait_ns - wait0) / count / 1e6,
+        }
+    return out
+
+
 FORWARD_TIMEOUT = 2.0  # dnsd's default, passed explicitly: the flood's waits are read with it
 
 
@@ -273,8 +369,8 @@ def flood_result(text: str) -> dict[str, Any]:
 
 
 def flood(
-    args: argparse.Namespace, tmp: Path, port: int, sampler: RssSampler
-) -> tuple[dict[str, float], dict[str, Any], int]:
+    args: argparse.Namespace, tmp: Path, port: int, sampler: RssSampler, control: int | None
+) -> tuple[dict[str, Any], dict[str, Any], int]:
     """The probe while dnsperf (plain and EDNS) and the malformed packets flood `port`;
     `sampler` watches dnsd's RSS meanwhile."""
     queries = tmp / "flood.txt"
@@ -305,7 +401,7 @@ def flood(
     for thread in floods:
         thread.start()
     time.sleep(min(1.0, args.duration / 4))  # let the flood build up
-    loaded = probe(port, args.probe_qps, args.duration - 1.5, args.services)
+    loaded = probe(port, args.probe_qps, args.duration - 1.5, args.services, control)
     for thread in floods:
         thread.join()
     stop.set()
@@ -321,13 +417,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the upstream: never answers
     silent.bind(("127.0.0.1", 0))
     proc, port, http_port = start_dnsd(args, tmp, silent.getsockname()[1])
+    knot, control = start_knot(tmp, args.services) if args.control_knot else (None, None)
     try:
         wait_ready(http_port, proc)
-        idle = probe(port, args.probe_qps, min(5.0, args.duration), args.services)
+        idle = probe(port, args.probe_qps, min(5.0, args.duration), args.services, control)
         rss_before = rss_kb(proc.pid)
         drops_before = dropped(http_port)
         sampler = RssSampler(proc.pid)
-        loaded, floods, junk_sent = flood(args, tmp, port, sampler)
+        sched_before = thread_schedstat(proc.pid)
+        probe_before = thread_schedstat(os.getpid())
+        loaded, floods, junk_sent = flood(args, tmp, port, sampler, control)
+        sched_after = thread_schedstat(proc.pid)
+        probe_after = thread_schedstat(os.getpid())
         rss_after = rss_kb(proc.pid)
         drops_after = dropped(http_port)
         return {
@@ -340,10 +441,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "dropped": {
                 k: drops_after.get(k, 0) - drops_before.get(k, 0) for k in sorted(drops_after)
             },
+            "dnsd_threads": schedstat_delta(sched_before, sched_after),
+            # The probe runs in this process's first thread.
+            "probe_thread": next(iter(schedstat_delta(probe_before, probe_after).values())),
             "rss_growth_mb": (rss_after - rss_before) / 1024,
             "rss_peak_growth_mb": (max(sampler.peak_kb, rss_after) - rss_before) / 1024,
         }
     finally:
+        if knot is not None:
+            knot.kill()
+            knot.wait()
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=20)
@@ -378,6 +485,12 @@ def main() -> None:
         help="CPU niceness of the flood's senders (dnsperf, malformed packets)",
     )
     parser.add_argument("--services", type=int, default=1000)
+    parser.add_argument(
+        "--control-knot",
+        action="store_true",
+        help="ask every probe name of a knotd too, which the flood never reaches: the"
+        " latency this machine gives any server under the same load",
+    )
     parser.add_argument("--dnsd-arg", action="append", default=[], help="extra dnsd flag")
     parser.add_argument("--quick", action="store_true", help="a few seconds, tiny load")
     parser.add_argument("--json", help="also write the result to this file")
@@ -389,11 +502,13 @@ def main() -> None:
         raise SystemExit("needs dnsperf (apt-get install dnsperf)")
     result = run(args)
     for label in ("probe_idle", "probe_flood"):
-        p = result[label]
-        print(
-            f"{label}: {p['answered']:.0f}/{p['sent']:.0f} answered at {p['qps']:.0f} qps,"
-            f" p50 {p['p50_ms']:.3f} ms, p99 {p['p99_ms']:.3f} ms, max {p['max_ms']:.3f} ms"
-        )
+        for name, p in ((label, result[label]), (f"{label} knotd", result[label].get("control"))):
+            if p is None:
+                continue
+            print(
+                f"{name}: {p['answered']:.0f}/{p['sent']:.0f} answered at {p['qps']:.0f} qps,"
+                f" p50 {p['p50_ms']:.3f} ms, p99 {p['p99_ms']:.3f} ms, max {p['max_ms']:.3f} ms"
+            )
     for name, f in result["flood"].items():
         print(
             f"flood ({name}): {f['sent']:.0f} sent, {f['completed']:.0f} answered"
@@ -406,6 +521,14 @@ def main() -> None:
                 f" p99 {w['p99_ms']:.1f} ms, max {w['max_ms']:.1f} ms"
             )
     print(f"malformed packets sent: {result['malformed_sent']}")
+    threads = {f"dnsd {k}": v for k, v in result["dnsd_threads"].items()}
+    for name, t in {**threads, "probe": result["probe_thread"]}.items():
+        if t["cpu_s"] < 0.05:
+            continue  # an idle thread
+        print(
+            f"{name}: {t['cpu_s']:.1f} s on a core, {t['runqueue_wait_s']:.1f} s waiting for"
+            f" one, {t['slices']:.0f} slices ({t['wait_per_slice_ms']:.3f} ms wait each)"
+        )
     print("dnsd dropped during the flood:", result["dropped"] or "nothing")
     print(
         f"dnsd RSS growth over the flood: {result['rss_growth_mb']:+.1f} MB at its end,"

@@ -34,7 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Final
 
 from prometheus_client import Counter, Gauge
 
@@ -71,14 +71,46 @@ SUCCESS = "success"
 DENIAL = "denial"
 
 
-class CacheKey(NamedTuple):
-    """What a cached answer answers: the qname in lower-case wire form, type, class, DO, CD."""
+_KEY_TAIL = struct.Struct("!HHB")  # qtype, qclass, DO | CD << 1
 
-    name: bytes
-    qtype: int
-    qclass: int = 1
-    do: bool = False
-    cd: bool = False
+
+class CacheKey(bytes):
+    """What a cached answer answers: the qname in lower-case wire form, type, class, DO, CD,
+    packed in one bytes object (the qname, then 5 bytes): a cache entry's key costs 38 bytes
+    more than its name, where a tuple of the five took 88 more."""
+
+    __slots__ = ()
+
+    def __new__(
+        cls, name: bytes, qtype: int, qclass: int = 1, do: bool = False, cd: bool = False
+    ) -> CacheKey:
+        return super().__new__(cls, name + _KEY_TAIL.pack(qtype, qclass, do | (cd << 1)))
+
+    @property
+    def name(self) -> bytes:
+        return bytes(self[:-5])
+
+    @property
+    def qtype(self) -> int:
+        return (self[-5] << 8) | self[-4]
+
+    @property
+    def qclass(self) -> int:
+        return (self[-3] << 8) | self[-2]
+
+    @property
+    def do(self) -> bool:
+        return bool(self[-1] & 1)
+
+    @property
+    def cd(self) -> bool:
+        return bool(self[-1] & 2)
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheKey(name={self.name!r}, qtype={self.qtype}, qclass={self.qclass},"
+            f" do={self.do}, cd={self.cd})"
+        )
 
     @classmethod
     def of(
@@ -170,16 +202,24 @@ class ResponseLayout:
         )
 
 
-@dataclass(slots=True)
-class _Entry:
-    wire: bytes
-    ttl_fields: tuple[tuple[int, int], ...]  # (offset, TTL to count down from) per record
-    stored_at: float
-    ttl: int  # seconds the entry lives
-    kind: str  # SUCCESS or DENIAL
-    hits: int = 0  # hits with no gap of prefetch_duration or more (prefetch only)
-    last_hit: float = 0.0
-    stale_until: float = 0.0  # serve stale without asking upstream until then (a failed refresh)
+_TTL = struct.Struct("!I")
+_OFFSET = struct.Struct("=H")
+
+
+# One entry, a plain tuple of bytes and numbers, under a plain bytes key: the collector
+# untracks such tuples, so a full cache adds nothing to the objects a full garbage collection
+# walks while holding the GIL (an object with slots, or a bytes subclass, stays tracked: 10,000
+# entries made a full collection 12-16 ms longer here). Fields, by index:
+_WIRE: Final = 0  # the answer as served at age 0, every record's TTL already capped at TTL; an
+#            answer with no records to age (a SERVFAIL, NODATA without SOA) is the upstream's
+_OFFSETS: Final = 1  # where each record's TTL is in the wire, packed (_OFFSET each)
+_STORED_AT: Final = 2
+_LIFETIME: Final = 3  # seconds the entry lives
+_KIND: Final = 4  # SUCCESS or DENIAL
+_HITS: Final = 5  # hits with no gap of prefetch_duration or more (prefetch only)
+_LAST_HIT: Final = 6
+_STALE_UNTIL: Final = 7  # serve stale without asking upstream until then (a failed refresh)
+_Entry = tuple[bytes, bytes, float, int, str, int, float, float]
 
 
 class DnsCache:
@@ -211,7 +251,7 @@ class DnsCache:
         self.min_ttl = min_ttl
         self.servfail_ttl = servfail_ttl
         self.clock = clock
-        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self._counts = {SUCCESS: 0, DENIAL: 0}
 
     def __len__(self) -> int:
@@ -224,33 +264,32 @@ class DnsCache:
         them. A record's TTL never goes below 0 (it can only reach 0 when `min_ttl` keeps an
         entry longer than that record's own TTL).
         """
-        entry = self._entries.get(key)
+        plain = bytes(key)
+        entry = self._entries.get(plain)
         if entry is None:
             CACHE_MISSES.inc()
             return None
         now = self.clock()
-        age = max(now - entry.stored_at, 0.0)
-        if age >= entry.ttl:
-            if age >= entry.ttl + self.stale_for:
-                self._remove(key, entry)
+        age = max(now - entry[_STORED_AT], 0.0)
+        if age >= entry[_LIFETIME]:
+            if age >= entry[_LIFETIME] + self.stale_for:
+                self._remove(plain, entry)
             CACHE_MISSES.inc()
             return None
-        self._entries.move_to_end(key)
-        CACHE_HITS.labels(entry.kind).inc()
+        self._entries.move_to_end(plain)
+        CACHE_HITS.labels(entry[_KIND]).inc()
         if self.prefetch:
-            if now - entry.last_hit >= self.prefetch_duration:
-                entry.hits = 0
-            entry.hits += 1
-            entry.last_hit = now
+            hits = 0 if now - entry[_LAST_HIT] >= self.prefetch_duration else entry[_HITS]
+            self._entries[plain] = (*entry[:_HITS], hits + 1, now, entry[_STALE_UNTIL])
         return self._aged(entry, int(age))
 
     def prefetch_due(self, key: CacheKey) -> bool:
         """True when `key` is popular and close to expiring (after a hit from `get`)."""
-        entry = self._entries.get(key)
-        if entry is None or not self.prefetch or entry.hits < self.prefetch:
+        entry = self._entries.get(bytes(key))
+        if entry is None or not self.prefetch or entry[_HITS] < self.prefetch:
             return False
-        left = entry.ttl - (self.clock() - entry.stored_at)
-        threshold = math.ceil(self.prefetch_percentage / 100 * entry.ttl)
+        left = entry[_LIFETIME] - (self.clock() - entry[_STORED_AT])
+        threshold = math.ceil(self.prefetch_percentage / 100 * entry[_LIFETIME])
         return 0 < left <= threshold
 
     def stale(self, key: CacheKey, *, failed: bool = False) -> bytes | None:
@@ -262,30 +301,32 @@ class DnsCache:
         """
         if not self.stale_for:
             return None
-        entry = self._entries.get(key)
+        plain = bytes(key)
+        entry = self._entries.get(plain)
         if entry is None:
             return None
         now = self.clock()
-        age = now - entry.stored_at
-        if age < entry.ttl or age >= entry.ttl + self.stale_for:
+        age = now - entry[_STORED_AT]
+        if age < entry[_LIFETIME] or age >= entry[_LIFETIME] + self.stale_for:
             return None
         if failed:
-            entry.stale_until = now + STALE_TTL
-        elif now >= entry.stale_until:
+            self._entries[plain] = (*entry[:_STALE_UNTIL], now + STALE_TTL)
+        elif now >= entry[_STALE_UNTIL]:
             return None
         CACHE_SERVED_STALE.inc()
-        wire = bytearray(entry.wire)
-        for offset, _ in entry.ttl_fields:
-            struct.pack_into("!I", wire, offset, STALE_TTL)
+        wire = bytearray(entry[_WIRE])
+        for (offset,) in _OFFSET.iter_unpack(entry[_OFFSETS]):
+            _TTL.pack_into(wire, offset, STALE_TTL)
         return bytes(wire)
 
     def _aged(self, entry: _Entry, elapsed: int) -> bytes:
         """The stored answer with its TTLs counted down by `elapsed` seconds."""
-        if elapsed == 0 or not entry.ttl_fields:
-            return entry.wire
-        wire = bytearray(entry.wire)
-        for offset, ttl in entry.ttl_fields:
-            struct.pack_into("!I", wire, offset, max(ttl - elapsed, 0))
+        if elapsed == 0 or not entry[_OFFSETS]:
+            return entry[_WIRE]
+        wire = bytearray(entry[_WIRE])
+        for (offset,) in _OFFSET.iter_unpack(entry[_OFFSETS]):
+            (ttl,) = _TTL.unpack_from(wire, offset)
+            _TTL.pack_into(wire, offset, max(ttl - elapsed, 0))
         return bytes(wire)
 
     def put(self, key: CacheKey, response: bytes) -> bool:
@@ -298,24 +339,26 @@ class DnsCache:
         if lifetime is None:
             return False
         ttl, kind = lifetime
-        old = self._entries.pop(key, None)
+        plain = bytes(key)
+        old = self._entries.pop(plain, None)
         if old is not None:
-            self._counts[old.kind] -= 1
+            self._counts[old[_KIND]] -= 1
         while len(self._entries) >= self.max_entries:
             _, evicted = self._entries.popitem(last=False)
-            self._counts[evicted.kind] -= 1
-            CACHE_EVICTIONS.labels(evicted.kind).inc()
-        fields = tuple(
-            (offset, min(record_ttl, ttl))
-            for offset, record_ttl in zip(layout.ttl_offsets, layout.ttls, strict=True)
-        )
-        wire = bytearray(response[: layout.end])
-        for offset, record_ttl in fields:  # served as stored at age 0 too: capped at `ttl`
-            struct.pack_into("!I", wire, offset, record_ttl)
-        entry = _Entry(bytes(wire), fields, self.clock(), ttl, kind)
-        if old is not None:  # a refresh (prefetch) keeps how popular the name is
-            entry.hits, entry.last_hit = old.hits, old.last_hit
-        self._entries[key] = entry
+            self._counts[evicted[_KIND]] -= 1
+            CACHE_EVICTIONS.labels(evicted[_KIND]).inc()
+        if layout.ttl_offsets or layout.end != len(response):
+            wire = bytearray(response[: layout.end])
+            for offset, record_ttl in zip(layout.ttl_offsets, layout.ttls, strict=True):
+                # Served as stored at age 0 too: capped at `ttl`.
+                _TTL.pack_into(wire, offset, min(record_ttl, ttl))
+            stored = bytes(wire)
+        else:
+            stored = response  # nothing to age or trim: shared, not copied
+        offsets = b"".join(_OFFSET.pack(offset) for offset in layout.ttl_offsets)
+        # A refresh (prefetch) keeps how popular the name is.
+        hits, last_hit = (0, 0.0) if old is None else (old[_HITS], old[_LAST_HIT])
+        self._entries[plain] = (stored, offsets, self.clock(), ttl, kind, hits, last_hit, 0.0)
         self._counts[kind] += 1
         self._publish()
         return True
@@ -347,9 +390,9 @@ class DnsCache:
         self._counts = {SUCCESS: 0, DENIAL: 0}
         self._publish()
 
-    def _remove(self, key: CacheKey, entry: _Entry) -> None:
+    def _remove(self, key: bytes, entry: _Entry) -> None:
         del self._entries[key]
-        self._counts[entry.kind] -= 1
+        self._counts[entry[_KIND]] -= 1
         self._publish()
 
     def _publish(self) -> None:

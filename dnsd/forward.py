@@ -39,7 +39,7 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,6 +48,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from dnsd.cache import CACHE_PREFETCHES, RCODE_NOERROR, RCODE_SERVFAIL, CacheKey, DnsCache
+from dnsd.forward_udp import Deadlines, UpstreamFailed, ask_udp
 from dnsd.forward_wire import (
     ParsedQuery,
     build_answer,
@@ -68,9 +69,12 @@ RETRY_RCODES = frozenset({RCODE_SERVFAIL, RCODE_REFUSED})
 FORWARD_DEADLINE = 5.0
 MAX_FAILS = 2
 HEALTH_CHECK_INTERVAL = 0.5
-MAX_MESSAGE = 65535
 # Root NS query used as the health probe (ID patched per probe), RD=1.
 HEALTH_PROBE = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 0) + b"\x00" + struct.pack("!HH", 2, 1)
+
+# Every upstream failed: one message for every question (a cache entry then holds no bytes of
+# its own; the client's question replaces this one's, as for every upstream answer).
+SERVFAIL = struct.pack("!HHHHHH", 0, 0x8180 | RCODE_SERVFAIL, 1, 0, 0, 0) + b"\x00\x00\x01\x00\x01"
 
 Policy = Literal["random", "round_robin", "sequential"]
 
@@ -118,14 +122,6 @@ HEALTHCHECK_BROKEN = Counter(
 UPSTREAM_HEALTHY = Gauge("dnsd_forward_upstream_healthy", "1 if the upstream is healthy", ["to"])
 
 
-class UpstreamFailed(Exception):
-    """One attempt at one upstream failed; `reason` is the metric label."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 def read_resolv_conf(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
     """The `nameserver` addresses of a resolv.conf (IPv4/IPv6, port 53), in order; [] if none."""
     try:
@@ -163,6 +159,7 @@ class Upstream:
             f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         )
         self.family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self.mismatched = FORWARD_MISMATCHED.labels(self.label)
         UPSTREAM_HEALTHY.labels(self.label).set(1)
 
 
@@ -201,6 +198,7 @@ class Forwarder:
         # on its own, as each CoreDNS forward block has its own policy.
         self._robin: dict[int, int] = {}
         self._closed = False
+        self._deadlines: Deadlines | None = None  # of the UDP questions, made on first use
         if not self.upstreams:
             log.warning("no_upstreams", hint="every forwarded query will be SERVFAIL")
 
@@ -232,18 +230,61 @@ class Forwarder:
     async def ask(self, query: bytes) -> bytes | None:
         """`forward`'s answer for a query `answer_at_once` just left (None): asked upstream
         without looking at the cache a second time (a miss is counted once)."""
-        parsed = parse_query(query)
-        return None if parsed is None else await self._ask(parsed)
+        answer = self.ask_later(query)
+        return None if answer is None else await answer
 
-    async def _ask(self, parsed: ParsedQuery) -> bytes:
+    def ask_later(
+        self, query: bytes, then: Callable[[bytes], bytes] | None = None
+    ) -> asyncio.Future[bytes] | None:
+        """`ask` as a future of the answer (passed through `then` when given); None = drop
+        (unparseable). No task and no coroutine per client query: a flood of forwarded names
+        keeps one exchange (a task) per distinct question in flight, and each client waiting
+        for it costs a future and a callback."""
+        parsed = parse_query(query)
+        return None if parsed is None else self._ask(parsed, then)
+
+    def _ask(
+        self, parsed: ParsedQuery, then: Callable[[bytes], bytes] | None = None
+    ) -> asyncio.Future[bytes]:
+        exchange = self._pending.get(parsed.key)
+        if exchange is None:
+            # It leaves _pending itself when it ends (_exchange), before its waiters run.
+            exchange = asyncio.ensure_future(self._exchange(parsed, shared=True))
+            self._pending[parsed.key] = exchange
+        else:
+            FORWARD_COALESCED.inc()
         self._inflight += 1
         FORWARD_INFLIGHT.inc()
+        answer: asyncio.Future[bytes] = exchange.get_loop().create_future()
+        exchange.add_done_callback(_Waiter(self, parsed, then, answer))
+        return answer
+
+    def _answer(
+        self,
+        parsed: ParsedQuery,
+        then: Callable[[bytes], bytes] | None,
+        answer: asyncio.Future[bytes],
+        exchange: asyncio.Future[bytes],
+    ) -> None:
+        """The exchange a client waited for ended: its answer, re-addressed to that client.
+        A client that went away (its future cancelled) never cancels the exchange others
+        share."""
+        self._inflight -= 1
+        FORWARD_INFLIGHT.dec()
+        if answer.done():
+            return
+        if exchange.cancelled():
+            answer.cancel()
+            return
+        error = exchange.exception()
+        if error is not None:
+            answer.set_exception(error)
+            return
         try:
-            response = await self._shared_exchange(parsed)
-        finally:
-            self._inflight -= 1
-            FORWARD_INFLIGHT.dec()
-        return build_answer(parsed, response)
+            response = build_answer(parsed, exchange.result())
+            answer.set_result(response if then is None else then(response))
+        except Exception as err:  # a bug for one client must not hide it from the others
+            answer.set_exception(err)
 
     def _at_once(self, parsed: ParsedQuery) -> bytes | None:
         if parsed.opcode != 0:
@@ -316,17 +357,6 @@ class Forwarder:
                 servers.append(upstream)
         return servers
 
-    async def _shared_exchange(self, query: ParsedQuery) -> bytes:
-        task = self._pending.get(query.key)
-        if task is None:
-            task = asyncio.ensure_future(self._exchange(query))
-            self._pending[query.key] = task
-            task.add_done_callback(lambda done: self._forget(query.key, done))
-        else:
-            FORWARD_COALESCED.inc()
-        # Shielded: a client that goes away must not cancel the answer others wait for.
-        return await asyncio.shield(task)
-
     def _prefetch(self, query: ParsedQuery) -> None:
         """Refresh a popular entry in the background (CoreDNS cache `prefetch`)."""
         key = query.key
@@ -339,19 +369,21 @@ class Forwarder:
         self._prefetching[key] = task
         task.add_done_callback(lambda _: self._prefetching.pop(key, None))
 
-    def _forget(self, key: CacheKey, task: asyncio.Task[bytes]) -> None:
-        if self._pending.get(key) is task:
-            del self._pending[key]
-
-    async def _exchange(self, query: ParsedQuery, prefetch: bool = False) -> bytes:
+    async def _exchange(
+        self, query: ParsedQuery, prefetch: bool = False, shared: bool = False
+    ) -> bytes:
         """Ask the upstreams in turn; the response to cache and answer with, SERVFAIL if none
         (or, with serve-stale, the expired answer). A failed prefetch changes nothing: the
-        entry it meant to refresh is still good."""
+        entry it meant to refresh is still good. `shared`: the task is `_pending[query.key]`,
+        which it leaves when it ends."""
         try:
             response = await self._ask_upstreams(query)
         except Exception:
             log.exception("forward_failed")
             response = None
+        finally:
+            if shared and self._pending.get(query.key) is asyncio.current_task():
+                del self._pending[query.key]
         if response is None and prefetch:
             return b""
         if response is None and self.cache is not None and self.cache.stale_for:
@@ -361,8 +393,7 @@ class Forwarder:
                 return stale
         if response is None:
             FORWARD_SERVFAILS.inc()
-            header = struct.pack("!HHHHHH", 0, 0x8180 | RCODE_SERVFAIL, 1, 0, 0, 0)
-            response = header + query.question
+            response = SERVFAIL
         if self.cache is not None and not self._closed:
             self.cache.put(query.key, response)
         return response
@@ -379,12 +410,20 @@ class Forwarder:
             if attempt > 0 and remaining <= 0:
                 break
             budget = min(self.timeout, max(remaining, 0.001))
+            started = time.monotonic()
             try:
-                response = await self._attempt(upstream, template, query.question, budget)
+                # UDP, then TCP if truncated; the UDP wait is a future (no coroutine frame).
+                response = await self._udp_question(upstream, template, query.question, budget)
+                if response[2] & 0x02:
+                    FORWARD_TRUNCATED.labels(upstream.label).inc()
+                    response = await self._tcp_exchange(upstream, template, query.question, budget)
             except UpstreamFailed as failure:
                 FORWARD_ERRORS.labels(upstream.label, failure.reason).inc()
                 self._failed(upstream, failure.reason)
                 continue
+            rcode = RCODE_NAMES.get(response[3] & 0x0F, str(response[3] & 0x0F))
+            FORWARD_RESPONSES.labels(upstream.label, rcode).inc()
+            FORWARD_DURATION.labels(upstream.label, rcode).observe(time.monotonic() - started)
             self._succeeded(upstream)
             if response[3] & 0x0F not in RETRY_RCODES:
                 return response
@@ -394,6 +433,8 @@ class Forwarder:
         # CoreDNS forward policy.go: random is a uniform shuffle; for the k-th query of a route
         # (k from 1) round_robin puts upstream k mod n first and keeps the others in their
         # order; sequential keeps the configured order.
+        if len(servers) == 1 and servers[0].healthy:
+            return servers  # the common route: nothing to order (and no list per query)
         if self.policy == "random":
             servers = random.sample(servers, len(servers))
         elif self.policy == "round_robin" and servers:
@@ -405,45 +446,25 @@ class Forwarder:
             HEALTHCHECK_BROKEN.inc()
         return healthy + [up for up in servers if not up.healthy]
 
-    async def _attempt(
+    def _udp_question(
         self, upstream: Upstream, template: bytes, question: bytes, budget: float
-    ) -> bytes:
-        """One question to one upstream: UDP, then TCP if truncated; raises UpstreamFailed."""
-        started = time.monotonic()
-        response = await self._udp_exchange(upstream, template, question, budget)
-        if response[2] & 0x02:
-            FORWARD_TRUNCATED.labels(upstream.label).inc()
-            response = await self._tcp_exchange(upstream, template, question, budget)
-        rcode = RCODE_NAMES.get(response[3] & 0x0F, str(response[3] & 0x0F))
-        FORWARD_RESPONSES.labels(upstream.label, rcode).inc()
-        FORWARD_DURATION.labels(upstream.label, rcode).observe(time.monotonic() - started)
-        return response
-
-    async def _udp_exchange(
-        self, upstream: Upstream, template: bytes, question: bytes, budget: float
-    ) -> bytes:
-        qid = secrets.randbits(16)
-        loop = asyncio.get_running_loop()
+    ) -> asyncio.Future[bytes]:
+        """Our query (a random ID on `template`) to `upstream` over UDP: the reply as a future
+        (dnsd/forward_udp.py); raises or fails with UpstreamFailed."""
         FORWARD_REQUESTS.labels(upstream.label).inc()
-        # A new socket per query: the kernel picks a random ephemeral source port, and
-        # connect() makes it drop datagrams from any other address.
-        with socket.socket(upstream.family, socket.SOCK_DGRAM) as sock:
-            sock.setblocking(False)
-            try:
-                sock.connect((upstream.host, upstream.port))
-                async with asyncio.timeout(budget):
-                    await loop.sock_sendall(sock, struct.pack("!H", qid) + template[2:])
-                    while True:
-                        response = await loop.sock_recv(sock, MAX_MESSAGE)
-                        if check_response(response, qid, question):
-                            return response
-                        FORWARD_MISMATCHED.labels(upstream.label).inc()
-            except TimeoutError:
-                raise UpstreamFailed("timeout") from None
-            except ConnectionRefusedError:  # ICMP port unreachable
-                raise UpstreamFailed("refused") from None
-            except OSError:
-                raise UpstreamFailed("network") from None
+        message = struct.pack("!H", secrets.randbits(16)) + template[2:]
+        loop = asyncio.get_running_loop()
+        if self._deadlines is None or self._deadlines.loop is not loop:
+            self._deadlines = Deadlines(loop)
+        return ask_udp(
+            self._deadlines,
+            upstream.family,
+            (upstream.host, upstream.port),
+            message,
+            question,
+            budget,
+            upstream.mismatched,
+        )
 
     async def _tcp_exchange(
         self, upstream: Upstream, template: bytes, question: bytes, budget: float
@@ -496,11 +517,33 @@ class Forwarder:
         while not upstream.healthy:
             await asyncio.sleep(HEALTH_CHECK_INTERVAL)
             try:
-                await self._udp_exchange(upstream, HEALTH_PROBE, question, self.timeout)
+                await self._udp_question(upstream, HEALTH_PROBE, question, self.timeout)
             except UpstreamFailed:
                 HEALTHCHECK_FAILURES.labels(upstream.label).inc()
                 continue
             self._succeeded(upstream)
+
+
+class _Waiter:
+    """One client query waiting for an exchange: settles its answer when the exchange ends
+    (the exchange's done callback; about 70 bytes where a functools.partial takes 216)."""
+
+    __slots__ = ("answer", "forwarder", "parsed", "then")
+
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        parsed: ParsedQuery,
+        then: Callable[[bytes], bytes] | None,
+        answer: asyncio.Future[bytes],
+    ) -> None:
+        self.forwarder = forwarder
+        self.parsed = parsed
+        self.then = then
+        self.answer = answer
+
+    def __call__(self, exchange: asyncio.Future[bytes]) -> None:
+        self.forwarder._answer(self.parsed, self.then, self.answer, exchange)
 
 
 def _domain_labels(domain: str) -> tuple[bytes, ...]:

@@ -6,10 +6,11 @@ forwarder. The order of decisions mirrors CoreDNS's server + plugin/kubernetes h
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -25,7 +26,9 @@ from dnsd.names import ip_from_dashed
 from dnsd.wire import Answer, Query, Reject, parse_query, respond
 from dnsd.zone import Alias, ZoneIndex
 
-Result = bytes | None | Coroutine[Any, Any, bytes | None]
+# An answer now, none (drop), or later: a future (a forwarded name) or a coroutine (the rarer
+# cases that ask the forwarder and then think: ExternalName chases, search-path completion).
+Result = bytes | None | asyncio.Future[bytes] | Coroutine[Any, Any, bytes | None]
 
 
 class PodMode(StrEnum):
@@ -43,7 +46,9 @@ class Upstream(Protocol):
 
     def answer_at_once(self, query: bytes) -> bytes | None: ...
 
-    async def ask(self, query: bytes) -> bytes | None: ...
+    def ask_later(
+        self, query: bytes, then: Callable[[bytes], bytes] | None = None
+    ) -> asyncio.Future[bytes] | None: ...
 
     async def resolve(self, qname: str, qtype: int) -> list[RR]: ...
 
@@ -284,6 +289,9 @@ class Handler:
         result = self._answer(query, limit, tcp, namespace, True)
         if result is None or isinstance(result, bytes):
             return self._done(query, tcp, started, result)
+        if isinstance(result, asyncio.Future):
+            result.add_done_callback(_CountWhenDone(self, query, tcp, started))
+            return result
         return self._count_later(query, tcp, started, result)
 
     def _answer(
@@ -424,20 +432,14 @@ class Handler:
     def _forward(self, query: Query, limit: int, tcp: bool) -> Result:
         if self.upstream is None:
             return self._rcode(query, wire.SERVFAIL)
-        # Cache hits and REFUSED above max-concurrent at once: a flood costs no task.
+        # Cache hits and REFUSED above max-concurrent at once: a flood costs no task; the
+        # rest waits for upstream as a future (no task or coroutine per query either).
         at_once = self.upstream.answer_at_once(query.data)
         if at_once is not None:
-            return self._fit_foreign(query, at_once, limit, tcp)
-        return self._forward_later(query, limit, tcp)
+            return self._fit_foreign(query, limit, tcp, at_once)
+        return self.upstream.ask_later(query.data, _FitForeign(self, query, limit, tcp))
 
-    async def _forward_later(self, query: Query, limit: int, tcp: bool) -> bytes | None:
-        assert self.upstream is not None
-        response = await self.upstream.ask(query.data)
-        if response is None:
-            return None
-        return self._fit_foreign(query, response, limit, tcp)
-
-    def _fit_foreign(self, query: Query, response: bytes, limit: int, tcp: bool) -> bytes:
+    def _fit_foreign(self, query: Query, limit: int, tcp: bool, response: bytes) -> bytes:
         response = bytes(response)  # the server tells answers from coroutines by type
         if not tcp:
             response = wire.truncate_foreign(query, response, limit, self.max_udp_size)
@@ -459,3 +461,30 @@ class Handler:
     ) -> bytes | None:
         response = await pending
         return self._done(query, tcp, started, response)
+
+
+# Held per forwarded query while it waits for upstream: small objects with slots (about 70
+# bytes) where a functools.partial takes 216.
+class _FitForeign:
+    """`Handler._fit_foreign` of one query, for the forwarder to call with its answer."""
+
+    __slots__ = ("handler", "limit", "query", "tcp")
+
+    def __init__(self, handler: Handler, query: Query, limit: int, tcp: bool) -> None:
+        self.handler, self.query, self.limit, self.tcp = handler, query, limit, tcp
+
+    def __call__(self, response: bytes) -> bytes:
+        return self.handler._fit_foreign(self.query, self.limit, self.tcp, response)
+
+
+class _CountWhenDone:
+    """Counts a forwarded query's answer once its future is done."""
+
+    __slots__ = ("handler", "query", "started", "tcp")
+
+    def __init__(self, handler: Handler, query: Query, tcp: bool, started: float) -> None:
+        self.handler, self.query, self.tcp, self.started = handler, query, tcp, started
+
+    def __call__(self, answer: asyncio.Future[bytes]) -> None:
+        if not answer.cancelled() and answer.exception() is None:
+            self.handler._done(self.query, self.tcp, self.started, answer.result())

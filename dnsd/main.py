@@ -174,6 +174,7 @@ class Daemon:
             query_log_sample=settings.query_log_sample,
             transfer=transfer,
             slow_queue=settings.slow_queue,
+            udp_thread_slice=settings.udp_thread_slice,
         )
         self.health: HealthServer | None = None
         self._collector = DnsCollector(self.stats, self.controller.zone_info)
@@ -290,6 +291,9 @@ def _fork_workers(count: int) -> tuple[int, list[int]]:
 def main(argv: Sequence[str] | None = None) -> int:
     settings = load(argv)
     configure_logging(settings.log_format, settings.log_level, "dnsd")
+    # The UDP threads answer cluster names and the event loop the rest, under one GIL: a
+    # thread that wants it waits until the holder blocks or this interval has passed.
+    sys.setswitchinterval(settings.gil_switch_interval)
     worker, children = _fork_workers(settings.workers)
     try:
         status = run(serve(settings, worker))

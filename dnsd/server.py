@@ -14,12 +14,12 @@ import random
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 import structlog
 
-from dnsd import udpbatch, wire
+from dnsd import sched, udpbatch, wire
 from dnsd.handler import Handler
 from dnsd.names import from_wire
 from dnsd.transfer import ZoneTransfer
@@ -142,8 +142,10 @@ class UdpListener:
         sample: float,
         batch: int = udpbatch.BATCH,
         slow_queue: int = 256,
+        thread_slice: float = 0.0,
     ) -> None:
         self.sock = sock
+        self.thread_slice = thread_slice  # scheduler slice the thread asks for (dnsd.sched)
         self.handler = handler
         self.sample = sample
         self.batch = batch  # datagrams per recvmmsg; 0: one recvfrom per datagram
@@ -164,6 +166,7 @@ class UdpListener:
         self._thread.start()
 
     def _serve(self) -> None:
+        sched.request_slice(self.thread_slice)
         while not self._closed:
             try:
                 if self.batch and udpbatch.available():
@@ -279,12 +282,29 @@ class UdpListener:
             if self.sample and random.random() < self.sample:
                 _log_query(data, addr, "udp", result)
             return
+        if isinstance(result, asyncio.Future):
+            # A forwarded name: a callback when the answer is there, no task per query.
+            result.add_done_callback(_Answered(self, data, addr))
+            return
         assert self._loop is not None
         task = self._loop.create_task(
             self._send_later(data, cast(Coroutine[Any, Any, bytes | None], result), addr)
         )
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    def _answered(self, data: bytes, addr: Any, answer: asyncio.Future[bytes]) -> None:
+        if answer.cancelled():
+            return
+        error = answer.exception()
+        if error is not None:
+            log.error("query_failed", proto="udp", exc_info=error)
+            return
+        response = answer.result()
+        if not self._closed:
+            self._send(response, addr)
+        if self.sample and random.random() < self.sample:
+            _log_query(data, addr, "udp", response)
 
     async def _send_later(
         self, data: bytes, pending: Coroutine[Any, Any, bytes | None], addr: Any
@@ -354,6 +374,19 @@ class UdpListener:
             self._loop.remove_writer(self.sock.fileno())
         self._backlog.clear()
         self.sock.close()
+
+
+class _Answered:
+    """Sends a forwarded query's answer once its future is done (a small object with slots,
+    held per query in flight: about 70 bytes where a functools.partial takes 216)."""
+
+    __slots__ = ("addr", "data", "listener")
+
+    def __init__(self, listener: UdpListener, data: bytes, addr: Any) -> None:
+        self.listener, self.data, self.addr = listener, data, addr
+
+    def __call__(self, answer: asyncio.Future[bytes]) -> None:
+        self.listener._answered(self.data, self.addr, answer)
 
 
 class TcpConnection(asyncio.Protocol):
@@ -473,7 +506,7 @@ class TcpConnection(asyncio.Protocol):
             log.exception("zone_transfer_failed")
             self.server.handler.stats.drop("internal_error")
 
-    async def _write_later(self, pending: Coroutine[Any, Any, bytes | None]) -> None:
+    async def _write_later(self, pending: Awaitable[bytes | None]) -> None:
         try:
             response = await pending
         except Exception:
@@ -533,10 +566,12 @@ class DnsServer:
         query_log_sample: float = 0.0,
         transfer: ZoneTransfer | None = None,
         slow_queue: int = 256,
+        udp_thread_slice: float = 0.0,
     ) -> None:
         self.handler = handler
         self.transfer = transfer  # None: no client may transfer the zone (the default)
         self.slow_queue = slow_queue
+        self.udp_thread_slice = udp_thread_slice
         self.addresses = addresses
         self.reuse_port = reuse_port
         self.tcp_idle_timeout = tcp_idle_timeout
@@ -554,7 +589,13 @@ class DnsServer:
         for host, port in self.addresses:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             udp_sock, tcp_sock = self._bind_pair(family, host, port)
-            listener = UdpListener(udp_sock, self.handler, self.sample, slow_queue=self.slow_queue)
+            listener = UdpListener(
+                udp_sock,
+                self.handler,
+                self.sample,
+                slow_queue=self.slow_queue,
+                thread_slice=self.udp_thread_slice,
+            )
             listener.start(loop)
             self._udp.append(listener)
             tcp_sock.listen(1024)

@@ -131,6 +131,22 @@ class DnsdSettings(AccessSettings):
         description="UDP queries the fast path leaves (forwarded names, malformed packets)"
         " waiting for the event loop at most; more are dropped (udp_queue_full)",
     )
+    gil_switch_interval: float = Field(
+        0.0005,
+        gt=0,
+        le=0.1,
+        description="seconds a busy thread keeps the GIL while another waits for it "
+        "(sys.setswitchinterval; Python's own default is 0.005): bounds how long the UDP "
+        "threads' cluster names wait while the event loop works through a flood",
+    )
+    udp_thread_slice: float = Field(
+        0.0,
+        ge=0,
+        le=0.1,
+        description="scheduler time slice (seconds) the UDP threads ask Linux for "
+        "(sched_setattr; EEVDF, Linux 6.12 and later): a shorter one waits less for a busy "
+        "core when a query arrives, with no larger share of the CPU; 0: the kernel's default",
+    )
     listen: list[ListenAddress] = Field(
         default_factory=lambda: ["0.0.0.0:53"], description="UDP and TCP listen ADDR:PORT"
     )

@@ -23,6 +23,7 @@ from typing import Any
 
 from kwatch.mmsg import CALLS as _CALLS
 from kwatch.mmsg import MMSG_SIZE as _MMSG
+from kwatch.mmsg import MSG_DONTWAIT as _MSG_DONTWAIT
 from kwatch.mmsg import MSG_TRUNC as _MSG_TRUNC
 from kwatch.mmsg import MSG_WAITFORONE as _MSG_WAITFORONE
 from kwatch.mmsg import NAME_SIZE as _NAME
@@ -41,6 +42,32 @@ def available() -> bool:
     return _CALLS is not None
 
 
+def _calls_holding_the_gil() -> tuple[Any, Any] | None:
+    """recvmmsg and sendmmsg bound through ctypes.PyDLL: called without releasing the GIL.
+
+    A thread that releases the GIL around a system call must win it back afterwards, and
+    while the event loop works through a flood that takes up to the switch interval
+    (--gil-switch-interval) each time. The UDP thread calls these with MSG_DONTWAIT first, so
+    it keeps the GIL while datagrams are waiting and gives it up (kwatch.mmsg's calls) only
+    to sleep on an empty socket or a full send buffer."""
+    if _CALLS is None:
+        return None
+    try:
+        libc = ctypes.PyDLL(None, use_errno=True)
+        recvmmsg, sendmmsg = libc.recvmmsg, libc.sendmmsg
+    except (OSError, AttributeError):
+        return None
+    recvmmsg.argtypes = _CALLS[0].argtypes
+    recvmmsg.restype = ctypes.c_int
+    sendmmsg.argtypes = _CALLS[1].argtypes
+    sendmmsg.restype = ctypes.c_int
+    return recvmmsg, sendmmsg
+
+
+_NOW = _calls_holding_the_gil()
+_AGAIN = frozenset({errno.EAGAIN, errno.EWOULDBLOCK})
+
+
 class BatchIO:
     """Receive, answer and send datagrams BATCH at a time on one blocking UDP socket."""
 
@@ -48,6 +75,7 @@ class BatchIO:
         if _CALLS is None:
             raise OSError("recvmmsg/sendmmsg are not available here")
         self._recvmmsg, self._sendmmsg = _CALLS
+        self._recv_now, self._send_now = _NOW if _NOW is not None else _CALLS
         self.sock = sock
         self.batch = batch
         self.answer_room = max_answer
@@ -113,6 +141,7 @@ class BatchIO:
         answers in one call. Both callbacks may call `address(i)` before they return."""
         fd = self.sock.fileno()
         recvmmsg, sendmmsg = self._recvmmsg, self._sendmmsg
+        recv_now, send_now = self._recv_now, self._send_now
         recv_msgs, send_msgs = self._recv_msgs.address, self._send_msgs.address
         recv_i, send_i, send_iov_q = self._recv_i, self._send_i, self._send_iov_q
         in_view, out_view = self._in_view, self._out_view
@@ -121,7 +150,9 @@ class BatchIO:
         room = self.answer_room
         batch = self.batch
         while running():
-            n = recvmmsg(fd, recv_msgs, batch, _MSG_WAITFORONE, None)
+            n = recv_now(fd, recv_msgs, batch, _MSG_DONTWAIT, None)
+            if n < 0 and ctypes.get_errno() in _AGAIN:  # nothing waiting: sleep without the GIL
+                n = recvmmsg(fd, recv_msgs, batch, _MSG_WAITFORONE, None)
             if n <= 0:
                 if n < 0:
                     self._receive_failed(ctypes.get_errno(), dropped)
@@ -151,19 +182,26 @@ class BatchIO:
                 recv_i[base + _NAMELEN] = _NAME
                 j += 1
             if j:
-                self._send(fd, sendmmsg, send_msgs, j, dropped)
+                self._send(fd, send_now, sendmmsg, send_msgs, j, dropped)
                 if j != n:
                     send_bytes[: j * _MMSG] = b"".join(templates[:j])
 
     @staticmethod
     def _send(
-        fd: int, sendmmsg: Any, msgs: int, count: int, dropped: Callable[[str], None]
+        fd: int,
+        send_now: Any,
+        sendmmsg: Any,
+        msgs: int,
+        count: int,
+        dropped: Callable[[str], None],
     ) -> None:
         sent = 0
         for _ in range(2 * count + 2):  # bounded: every round sends or skips one at least
             if sent >= count:
                 return
-            k = sendmmsg(fd, msgs + sent * _MMSG, count - sent, 0)
+            k = send_now(fd, msgs + sent * _MMSG, count - sent, _MSG_DONTWAIT)
+            if k < 0 and ctypes.get_errno() in _AGAIN:  # a full send buffer: wait, GIL free
+                k = sendmmsg(fd, msgs + sent * _MMSG, count - sent, 0)
             if k > 0:
                 sent += k
             elif ctypes.get_errno() != errno.EINTR:

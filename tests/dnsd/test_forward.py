@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -805,6 +806,35 @@ async def test_a_client_going_away_does_not_cancel_the_shared_exchange(upstream,
     impatient.cancel()
     assert addresses(await patient) == ["192.0.2.81"]
     assert len(sluggish.seen) == 1
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_every_upstream_socket_is_closed_whether_answered_timed_out_or_abandoned(
+    upstream, forwarder
+):
+    good = await upstream(answering("192.0.2.82"), "127.0.0.3")
+    silent = await upstream(dead(), "127.0.0.4")
+    before = open_fds()
+    answered = forwarder(good)
+    for i in range(20):
+        assert addresses(await answered.forward(query(f"a{i}.example.com"))) == ["192.0.2.82"]
+    timed_out = forwarder(silent, timeout=0.05)
+    for i in range(5):
+        assert parse(await timed_out.forward(query(f"t{i}.example.com"))).rcode() == 2
+    abandoned = forwarder(silent, timeout=5.0)
+    waiting = [
+        asyncio.ensure_future(abandoned.forward(query(f"w{i}.example.com"))) for i in range(20)
+    ]
+    await asyncio.sleep(0.05)
+    assert open_fds() >= before + 20  # a socket per question waiting upstream
+    await abandoned.close()  # shutting down cancels the exchanges
+    for task in waiting:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert open_fds() <= before + 1  # + the health probe's, at most
 
 
 # --- health ----------------------------------------------------------------------------------
