@@ -403,10 +403,31 @@ def iperf(chain: Chain, mode: str, streams: int, args: argparse.Namespace) -> di
                 "gbps": received["bits_per_second"] / 1e9,
                 "bytes": float(received["bytes"]),
                 "seconds": float(received["seconds"]),
+                **stream_spread(report),
             }
         if attempt < 2:
             time.sleep(1)
     raise RuntimeError(f"iperf3 {mode} -P {streams}: {report['error']}")
+
+
+def stream_spread(report: dict[str, Any]) -> dict[str, float]:
+    """How evenly an iperf3 test moved its bytes: the slowest stream's Gbit/s (received) and
+    the slowest whole second's (all streams; iperf3's 1 s intervals, a short last one left
+    out). A stream that stalls shows in the first, a pause of the whole path in the second."""
+    streams = [
+        s["receiver"]["bits_per_second"] / 1e9
+        for s in report["end"].get("streams") or []
+        if "receiver" in s
+    ]
+    seconds = [
+        i["sum"]["bits_per_second"] / 1e9
+        for i in report.get("intervals") or []
+        if i["sum"]["seconds"] >= 0.9
+    ]
+    return {
+        "slowest_stream_gbps": min(streams, default=float("nan")),
+        "slowest_second_gbps": min(seconds, default=float("nan")),
+    }
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -480,15 +501,56 @@ def bulk_pass(
     """iperf3 with 1 and 8 streams; the proxy's and the machine's CPU per GB in the second."""
     one = iperf(chain, mode, 1, args)
     cpu0, mach0 = cpu_seconds(pids), machine_cpu_seconds()
+    wait0, cores0 = runq_wait_seconds(pids), cpu_times()
     eight = iperf(chain, mode, 8, args)
     cpu, mach = cpu_seconds(pids) - cpu0, machine_cpu_seconds() - mach0
+    wait, cores = runq_wait_seconds(pids) - wait0, cpu_times()
     gb = eight["bytes"] / 1e9
+    nan = float("nan")
     return {
         "gbps_1": one["gbps"],
         "gbps_8": eight["gbps"],
-        "proxy_cpu_s_per_gb": cpu / gb if pids else float("nan"),
+        "proxy_cpu_s_per_gb": cpu / gb if pids else nan,
         "machine_cpu_s_per_gb": mach / gb,
+        # What held the 8-stream pass: a stream that stalled, a pause of the whole path, the
+        # proxy waiting for its core, and how idle (or stolen by the hypervisor) the proxies'
+        # and the load generators' cores were.
+        "bulk_slowest_stream_gbps": eight["slowest_stream_gbps"],
+        "bulk_slowest_second_gbps": eight["slowest_second_gbps"],
+        "bulk_runq_wait_ms": wait * 1000 if pids else nan,
+        **{
+            f"bulk_{side}_{kind}_pct": share
+            for side, cpus in (("proxy_cores", args.cpus), ("load_cores", args.load_cpus))
+            for kind, share in core_shares(cores0, cores, cpu_list(cpus or "")).items()
+        },
     }
+
+
+def cpu_times() -> dict[int, list[int]]:
+    """Per CPU, /proc/stat's ticks: user nice system idle iowait irq softirq steal."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                out[int(name[3:])] = [int(x) for x in fields[:8]]
+    return out
+
+
+def core_shares(
+    before: dict[int, list[int]], after: dict[int, list[int]], cpus: list[int]
+) -> dict[str, float]:
+    """Percent of `cpus`' time between the two samples that was idle, softirq and stolen by
+    the hypervisor (NaN without CPUs)."""
+    grown = [sum(a - b for a, b in zip(after[c], before[c], strict=True)) for c in cpus]
+    total = sum(grown)
+    if not cpus or not total:
+        return dict.fromkeys(("idle", "softirq", "steal"), float("nan"))
+
+    def share(index: int) -> float:
+        return 100 * sum(after[c][index] - before[c][index] for c in cpus) / total
+
+    return {"idle": share(3) + share(4), "softirq": share(6), "steal": share(7)}
 
 
 def conn_pass(
@@ -553,6 +615,15 @@ FIGURES = (
     "gbps_8",
     "proxy_cpu_s_per_gb",
     "machine_cpu_s_per_gb",
+    "bulk_slowest_stream_gbps",
+    "bulk_slowest_second_gbps",
+    "bulk_runq_wait_ms",
+    "bulk_proxy_cores_idle_pct",
+    "bulk_proxy_cores_softirq_pct",
+    "bulk_proxy_cores_steal_pct",
+    "bulk_load_cores_idle_pct",
+    "bulk_load_cores_softirq_pct",
+    "bulk_load_cores_steal_pct",
     "conn_per_s",
     "conn_p50_ms",
     "conn_p99_ms",
@@ -1036,6 +1107,7 @@ class Bench:
         results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
         for run in range(self.args.runs):
             order = modes[run % len(modes) :] + modes[: run % len(modes)]
+            self.doc.setdefault("run_orders", []).append(list(order))
             for mode in order:
                 self.switch_kpx(mode)
                 r = measure_mode(self.chain, mode, self.pid(mode), self.args)
