@@ -40,6 +40,11 @@ Each path gets:
 - in both wrk passes, how long the proxy waited for its CPU while runnable (run-queue wait,
   /proc/PID/task/*/schedstat): on a shared machine a p99 spike that comes with a long wait is
   another process's doing;
+- in the 8-stream pass, what held it: the slowest stream's and the slowest second's Gbit/s, the
+  proxy's run-queue wait, and the share of the proxies' and the load's cores that was idle,
+  softirq or stolen by the hypervisor (/proc/stat per CPU);
+- in the 8-stream and conn passes, the CPU seconds of the proxy and of the load (wrk or iperf3
+  and the origin or iperf3 -s): on shared cores (bench/proxy_workers.py) what took them;
 - proxy RSS after the passes.
 Ratios kpx/haproxy are computed per run and every run's are printed, then the median; a target
 missed in any run (or, for programming latency, at any Service count) is printed as MISSED.
@@ -474,16 +479,22 @@ def wrk(
 
 
 def measure_mode(
-    chain: Chain, mode: str, proxy_pid: int | None, args: argparse.Namespace
+    chain: Chain,
+    mode: str,
+    proxy_pid: int | None,
+    args: argparse.Namespace,
+    server_pids: list[int] | None = None,
 ) -> dict[str, float]:
-    """Every figure of one path in one run; the passes left out (`--passes`) are NaN."""
+    """Every figure of one path in one run; the passes left out (`--passes`) are NaN.
+    `server_pids`: the origin's and iperf3 server's, whose CPU counts as the load's."""
     figures = dict.fromkeys(FIGURES, float("nan"))
     # The proxy's process and its children (kpx --workers N: the workers do the proxying).
     pids = process_tree(proxy_pid) if proxy_pid else []
+    load = LoadMeter(server_pids or [])
     if "bulk" in args.passes:
-        figures.update(bulk_pass(chain, mode, pids, args))
+        figures.update(bulk_pass(chain, mode, pids, args, load))
     if "conn" in args.passes:
-        figures.update(conn_pass(chain, mode, pids, args))
+        figures.update(conn_pass(chain, mode, pids, args, load))
     if "req" in args.passes:
         figures.update(req_pass(chain, mode, pids, args))
     if proxy_pid:
@@ -495,14 +506,40 @@ def pass_seconds(args: argparse.Namespace) -> int:
     return max(1, int(args.duration)) if not args.bulk_mb else 1
 
 
+class LoadMeter:
+    """CPU seconds of the load generators (wrk, iperf3 -c: the benchmark's children, counted
+    once they are waited for) and of the servers (`server_pids`) between `start` and `stop`."""
+
+    def __init__(self, server_pids: list[int]) -> None:
+        self.server_pids = server_pids
+        self._t0 = 0.0
+
+    def _now(self) -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime + cpu_seconds(self.server_pids)
+
+    def start(self) -> None:
+        self._t0 = self._now()
+
+    def stop(self) -> float:
+        return self._now() - self._t0
+
+
 def bulk_pass(
-    chain: Chain, mode: str, pids: list[int], args: argparse.Namespace
+    chain: Chain,
+    mode: str,
+    pids: list[int],
+    args: argparse.Namespace,
+    load: LoadMeter | None = None,
 ) -> dict[str, float]:
     """iperf3 with 1 and 8 streams; the proxy's and the machine's CPU per GB in the second."""
+    load = load or LoadMeter([])
     one = iperf(chain, mode, 1, args)
     cpu0, mach0 = cpu_seconds(pids), machine_cpu_seconds()
     wait0, cores0 = runq_wait_seconds(pids), cpu_times()
+    load.start()
     eight = iperf(chain, mode, 8, args)
+    load_cpu = load.stop()
     cpu, mach = cpu_seconds(pids) - cpu0, machine_cpu_seconds() - mach0
     wait, cores = runq_wait_seconds(pids) - wait0, cpu_times()
     gb = eight["bytes"] / 1e9
@@ -518,6 +555,9 @@ def bulk_pass(
         "bulk_slowest_stream_gbps": eight["slowest_stream_gbps"],
         "bulk_slowest_second_gbps": eight["slowest_second_gbps"],
         "bulk_runq_wait_ms": wait * 1000 if pids else nan,
+        # CPU-s of the proxy and of iperf3 (both ends) in the 8-stream pass.
+        "bulk_proxy_cpu_s": cpu if pids else nan,
+        "bulk_load_cpu_s": load_cpu,
         **{
             f"bulk_{side}_{kind}_pct": share
             for side, cpus in (("proxy_cores", args.cpus), ("load_cores", args.load_cpus))
@@ -554,12 +594,19 @@ def core_shares(
 
 
 def conn_pass(
-    chain: Chain, mode: str, pids: list[int], args: argparse.Namespace
+    chain: Chain,
+    mode: str,
+    pids: list[int],
+    args: argparse.Namespace,
+    load: LoadMeter | None = None,
 ) -> dict[str, float]:
     """New connections/s, one small request each (wrk `Connection: close`)."""
+    load = load or LoadMeter([])
     user0, kernel0 = user_kernel_seconds(pids)
     wait0 = runq_wait_seconds(pids)
+    load.start()
     conn = wrk(chain, mode, args.conns, True, pass_seconds(args), args.load_cpus)
+    load_cpu = load.stop()
     user1, kernel1 = user_kernel_seconds(pids)
     wait = runq_wait_seconds(pids) - wait0
     per_conn = 1e6 / conn["requests"] if pids and conn["requests"] else float("nan")
@@ -574,6 +621,9 @@ def conn_pass(
         "conn_kernel_us": (kernel1 - kernel0) * per_conn,
         # How long the proxy was ready to run but another process had its CPU, in the pass.
         "conn_runq_wait_ms": wait * 1000 if pids else float("nan"),
+        # CPU-s of the proxy and of wrk and the origin in the pass.
+        "conn_proxy_cpu_s": user1 - user0 + kernel1 - kernel0 if pids else float("nan"),
+        "conn_load_cpu_s": load_cpu,
         # Connections per second of the proxy's own CPU time: what one core it had to itself
         # would serve. Unlike conn_per_s, other processes taking the shared core barely move it.
         "conn_per_cpu_s": (
@@ -618,6 +668,8 @@ FIGURES = (
     "bulk_slowest_stream_gbps",
     "bulk_slowest_second_gbps",
     "bulk_runq_wait_ms",
+    "bulk_proxy_cpu_s",
+    "bulk_load_cpu_s",
     "bulk_proxy_cores_idle_pct",
     "bulk_proxy_cores_softirq_pct",
     "bulk_proxy_cores_steal_pct",
@@ -631,6 +683,8 @@ FIGURES = (
     "conn_user_us",
     "conn_kernel_us",
     "conn_runq_wait_ms",
+    "conn_proxy_cpu_s",
+    "conn_load_cpu_s",
     "conn_per_cpu_s",
     "req_p50_ms",
     "req_p99_ms",
@@ -960,6 +1014,8 @@ class Bench:
         self.proxy_cpus: str | None = args.cpus or None
         self.haproxy: subprocess.Popen[Any] | None = None
         self.kpx: subprocess.Popen[Any] | None = None
+        # The origin's and iperf3 server's (their CPU is the load's).
+        self.server_pids: list[int] = []
         # Which of the two kpx passes the running kpx serves ("kpx" or "kpx-tp").
         self.kpx_mode = "kpx"
         self.doc: dict[str, Any] = {
@@ -1017,7 +1073,8 @@ class Bench:
         quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         load = pinned(args.load_cpus)
         origin = server.popen(*load, "haproxy", "-db", "-f", str(tmp / "origin.cfg"), **quiet)
-        server.popen(*load, "iperf3", "-s", "-p", str(IPERF_PORT), **quiet)
+        iperf_server = server.popen(*load, "iperf3", "-s", "-p", str(IPERF_PORT), **quiet)
+        self.server_pids = [origin.pid, iperf_server.pid]
         who = server.popen(
             *load,
             sys.executable,
@@ -1110,7 +1167,7 @@ class Bench:
             self.doc.setdefault("run_orders", []).append(list(order))
             for mode in order:
                 self.switch_kpx(mode)
-                r = measure_mode(self.chain, mode, self.pid(mode), self.args)
+                r = measure_mode(self.chain, mode, self.pid(mode), self.args, self.server_pids)
                 if mode == "haproxy" and "bulk" in self.args.passes:
                     # Splice at work: haproxy keeps the pipes of its bulk transfers pooled.
                     r["haproxy_pipes"] = float(pipes_of(self.pid(mode)))
