@@ -22,7 +22,7 @@ from bench.report_checks import (
     per_run_ratio,
     run_ratios,
 )
-from bench.report_format import Doc, duration, f_int, f_ratio, finite, fmt, num
+from bench.report_format import Doc, duration, f_int, f_num, f_ratio, finite, fmt, num
 
 
 def load_results(folder: Path) -> dict[str, Doc]:
@@ -312,6 +312,85 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
     idle_section(r, proxy.get("idle") or {})
     programming_section(r, proxy)
     r.chart(charts_made.get("latency_proxy.png", False), "latency_proxy.png", "proxy latency")
+
+
+def workers_section(r: Report, workers: Doc | None, run: Doc) -> None:
+    """## kpx --workers N against one worker: every run of both, what held them."""
+    n = (workers or {}).get("workers", 2)
+    r.add(f"## kpx --workers {n} against --workers 1\n")
+    runs = (workers or {}).get("runs") or {}
+    if not runs.get("one") or not runs.get("many"):
+        _missing(r, "proxy-workers", run)
+        return
+    _partial(r, workers or {})
+    doc = workers or {}
+    load = doc.get("load_cpus")
+    r.add(
+        f"`bench/proxy_workers.py`: bench/proxy.py's chain, kpx restarted with `--workers 1` and "
+        f"`--workers {n}` in turn (the order swapped every run; rows in the order they ran), "
+        f"pinned to CPUs {doc.get('cpus')}"
+        + (
+            f", the load generators on CPUs {load}"
+            if load
+            else ", the load generators and "
+            "servers (iperf3, wrk, the origin) unpinned on the same cores"
+        )
+        + f"; iperf3 -P 8 and wrk `-c{doc.get('conns')}` `Connection: close`, "
+        f"{f_num(num(doc.get('duration_s')), 0)} s each. Run-queue wait: time kpx's processes "
+        "were runnable but waited for a core, summed over them; load CPU: iperf3 (both ends), "
+        "or wrk and the origin, in the same pass. Every run:\n"
+    )
+    rows = []
+    orders = doc.get("orders") or []
+    for i, (one, many) in enumerate(zip(runs["one"], runs["many"], strict=False)):
+        pair = (("1", one), (str(n), many))
+        if i < len(orders) and orders[i] and orders[i][0] != 1:
+            pair = pair[::-1]  # in the order they ran
+        for label, fig in pair:
+            rss = fig.get("rss") or {}
+            rows.append(
+                [
+                    str(i + 1),
+                    label,
+                    fmt("{:.2f}", fig.get("gbps_8")),
+                    fmt("{:.1f}", num(fig.get("bulk_runq_wait_ms")) / 1000),
+                    fmt("{:.1f}", fig.get("bulk_proxy_cpu_s")),
+                    fmt("{:.1f}", fig.get("bulk_load_cpu_s")),
+                    fmt("{:,.0f}", fig.get("conn_per_s")),
+                    fmt("{:.1f}", num(fig.get("conn_runq_wait_ms")) / 1000),
+                    fmt("{:.1f}", fig.get("conn_proxy_cpu_s")),
+                    fmt("{:.1f}", fig.get("conn_load_cpu_s")),
+                    fmt("{:.1f}", rss.get("control_mb"))
+                    + "".join(f" + {fmt('{:.1f}', w)}" for w in rss.get("workers_mb") or []),
+                ]
+            )
+    r.add(
+        table(
+            [
+                "run",
+                "workers",
+                "8 streams (Gbit/s)",
+                "wait (s), 8 streams",
+                "kpx CPU-s, 8 streams",
+                "load CPU-s, 8 streams",
+                "conn/s",
+                "wait (s), conn",
+                "kpx CPU-s, conn",
+                "load CPU-s, conn",
+                "RSS (MB): control + workers",
+            ],
+            rows,
+        )
+    )
+    ratio_runs = doc.get("ratio_runs") or {}
+    r.add(
+        f"--workers {n} / --workers 1 per run: "
+        + "; ".join(
+            f"{label} " + ", ".join(f_ratio(num(v)) for v in ratio_runs.get(key) or [])
+            for key, label in (("conn_per_s", "conn/s"), ("gbps_8", "8 streams"))
+        )
+        + ".\n"
+    )
 
 
 def idle_section(r: Report, idle: Doc) -> None:
@@ -781,6 +860,7 @@ def render(out: Path) -> tuple[Path, list[Check]]:
     targets_section(r, checks)
     dns_section(r, results.get("dns"), run, made)
     proxy_section(r, results.get("proxy"), run, made)
+    workers_section(r, results.get("proxy-workers"), run)
     sync_section(r, results.get("sync"), run, made)
     memory_section(r, memory_sweep(results), results.get("proxy"), made)
     overload_section(r, results.get("dns-overload"), run)
