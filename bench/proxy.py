@@ -385,9 +385,17 @@ def machine_cpu_seconds() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
 
 
-def iperf(chain: Chain, mode: str, streams: int, args: argparse.Namespace) -> dict[str, float]:
+def iperf(
+    chain: Chain, mode: str, streams: int, args: argparse.Namespace, share: float = 1.0
+) -> dict[str, float]:
+    """iperf3 -P `streams` through `mode`'s path for `share` of a pass (`--duration` s, or
+    `--bulk-mb` MB)."""
     ip, port = TARGETS[mode]["iperf"]
-    amount = ["-n", f"{args.bulk_mb}M"] if args.bulk_mb else ["-t", str(int(args.duration))]
+    amount = (
+        ["-n", f"{max(1, round(args.bulk_mb * share))}M"]
+        if args.bulk_mb
+        else ["-t", f"{args.duration * share:g}"]
+    )
     argv = ["iperf3", "-c", ip, "-p", str(port), "-P", str(streams), "-J", *amount]
     argv = pinned(args.load_cpus) + argv
     for attempt in range(3):  # a server still busy with the previous test refuses briefly
@@ -484,15 +492,17 @@ def measure_mode(
     proxy_pid: int | None,
     args: argparse.Namespace,
     server_pids: list[int] | None = None,
+    eight: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Every figure of one path in one run; the passes left out (`--passes`) are NaN.
-    `server_pids`: the origin's and iperf3 server's, whose CPU counts as the load's."""
+    `server_pids`: the origin's and iperf3 server's, whose CPU counts as the load's; `eight`:
+    the 8-stream figures when measured already (`paired_eight_streams`)."""
     figures = dict.fromkeys(FIGURES, float("nan"))
     # The proxy's process and its children (kpx --workers N: the workers do the proxying).
     pids = process_tree(proxy_pid) if proxy_pid else []
     load = LoadMeter(server_pids or [])
     if "bulk" in args.passes:
-        figures.update(bulk_pass(chain, mode, pids, args, load))
+        figures.update(bulk_pass(chain, mode, pids, args, load, eight))
     if "conn" in args.passes:
         figures.update(conn_pass(chain, mode, pids, args, load))
     if "req" in args.passes:
@@ -531,39 +541,97 @@ def bulk_pass(
     pids: list[int],
     args: argparse.Namespace,
     load: LoadMeter | None = None,
+    eight: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """iperf3 with 1 and 8 streams; the proxy's and the machine's CPU per GB in the second."""
-    load = load or LoadMeter([])
+    """iperf3 with 1 and 8 streams; the proxy's and the machine's CPU per GB in the second.
+    `eight`: the 8-stream figures, measured already (`paired_eight_streams`)."""
     one = iperf(chain, mode, 1, args)
-    cpu0, mach0 = cpu_seconds(pids), machine_cpu_seconds()
-    wait0, cores0 = runq_wait_seconds(pids), cpu_times()
-    load.start()
-    eight = iperf(chain, mode, 8, args)
-    load_cpu = load.stop()
-    cpu, mach = cpu_seconds(pids) - cpu0, machine_cpu_seconds() - mach0
-    wait, cores = runq_wait_seconds(pids) - wait0, cpu_times()
-    gb = eight["bytes"] / 1e9
-    nan = float("nan")
-    return {
-        "gbps_1": one["gbps"],
-        "gbps_8": eight["gbps"],
-        "proxy_cpu_s_per_gb": cpu / gb if pids else nan,
-        "machine_cpu_s_per_gb": mach / gb,
-        # What held the 8-stream pass: a stream that stalled, a pause of the whole path, the
-        # proxy waiting for its core, and how idle (or stolen by the hypervisor) the proxies'
-        # and the load generators' cores were.
-        "bulk_slowest_stream_gbps": eight["slowest_stream_gbps"],
-        "bulk_slowest_second_gbps": eight["slowest_second_gbps"],
-        "bulk_runq_wait_ms": wait * 1000 if pids else nan,
-        # CPU-s of the proxy and of iperf3 (both ends) in the 8-stream pass.
-        "bulk_proxy_cpu_s": cpu if pids else nan,
-        "bulk_load_cpu_s": load_cpu,
-        **{
-            f"bulk_{side}_{kind}_pct": share
-            for side, cpus in (("proxy_cores", args.cpus), ("load_cores", args.load_cpus))
-            for kind, share in core_shares(cores0, cores, cpu_list(cpus or "")).items()
-        },
-    }
+    if eight is None:  # one 8-stream pass of its own
+        meter = EightStreams(pids, load or LoadMeter([]))
+        meter.measure(chain, mode, args)
+        eight = meter.figures(args)
+    return {"gbps_1": one["gbps"], **eight}
+
+
+class EightStreams:
+    """The 8-stream pass of one path, in one or more slices (an iperf3 -P 8 each): its figures
+    over all of them (bytes / seconds; CPU, run-queue wait and the cores' ticks summed; the
+    slowest stream and second of any slice)."""
+
+    def __init__(self, pids: list[int], load: LoadMeter) -> None:
+        self.pids = pids
+        self.load = load
+        self.bytes = self.seconds = self.cpu = self.machine = self.wait = self.load_cpu = 0.0
+        self.slowest_stream = self.slowest_second = math.inf
+        # Per CPU, /proc/stat's ticks summed over the slices.
+        self.ticks: dict[int, list[int]] = {}
+
+    def measure(self, chain: Chain, mode: str, args: argparse.Namespace, share: float = 1) -> None:
+        """One slice: `share` of a pass."""
+        pids = self.pids
+        cpu0, mach0 = cpu_seconds(pids), machine_cpu_seconds()
+        wait0, cores0 = runq_wait_seconds(pids), cpu_times()
+        self.load.start()
+        eight = iperf(chain, mode, 8, args, share)
+        self.load_cpu += self.load.stop()
+        self.cpu += cpu_seconds(pids) - cpu0
+        self.machine += machine_cpu_seconds() - mach0
+        self.wait += runq_wait_seconds(pids) - wait0
+        for cpu, ticks in cpu_times().items():
+            grown = [a - b for a, b in zip(ticks, cores0.get(cpu, ticks), strict=True)]
+            summed = self.ticks.get(cpu, [0] * 8)
+            self.ticks[cpu] = [a + b for a, b in zip(summed, grown, strict=True)]
+        self.bytes += eight["bytes"]
+        self.seconds += eight["seconds"]
+        self.slowest_stream = min(self.slowest_stream, eight["slowest_stream_gbps"])
+        self.slowest_second = min(self.slowest_second, eight["slowest_second_gbps"])
+
+    def figures(self, args: argparse.Namespace) -> dict[str, float]:
+        nan = float("nan")
+        gb, pids = self.bytes / 1e9, self.pids
+        zero = {cpu: [0] * 8 for cpu in self.ticks}
+        return {
+            "gbps_8": self.bytes * 8 / 1e9 / self.seconds if self.seconds else nan,
+            "proxy_cpu_s_per_gb": self.cpu / gb if pids and gb else nan,
+            "machine_cpu_s_per_gb": self.machine / gb if gb else nan,
+            # What held the 8-stream pass: a stream that stalled, a pause of the whole path,
+            # the proxy waiting for its core, and how idle (or stolen by the hypervisor) the
+            # proxies' and the load generators' cores were.
+            "bulk_slowest_stream_gbps": _finite_or_nan(self.slowest_stream),
+            "bulk_slowest_second_gbps": _finite_or_nan(self.slowest_second),
+            "bulk_runq_wait_ms": self.wait * 1000 if pids else nan,
+            # CPU-s of the proxy and of iperf3 (both ends) in the 8-stream pass.
+            "bulk_proxy_cpu_s": self.cpu if pids else nan,
+            "bulk_load_cpu_s": self.load_cpu,
+            **{
+                f"bulk_{side}_{kind}_pct": share
+                for side, cpus in (("proxy_cores", args.cpus), ("load_cores", args.load_cpus))
+                for kind, share in core_shares(zero, self.ticks, cpu_list(cpus or "")).items()
+            },
+        }
+
+
+def paired_eight_streams(
+    chain: Chain,
+    pids: dict[str, list[int]],
+    args: argparse.Namespace,
+    server_pids: list[int],
+    first: int,
+) -> dict[str, dict[str, float]]:
+    """The 8-stream passes of two paths (haproxy and kpx) in `--bulk-slices` alternating
+    slices, A B B A A B ... (`first`: which of the two starts): whatever else the machine runs
+    meanwhile falls on both alike, not on whichever pass it happened to meet."""
+    modes = list(pids)
+    modes = modes[first % 2 :] + modes[: first % 2]
+    meters = {m: EightStreams(pids[m], LoadMeter(server_pids)) for m in modes}
+    for k in range(args.bulk_slices):
+        for mode in modes if k % 2 == 0 else modes[::-1]:
+            meters[mode].measure(chain, mode, args, 1 / args.bulk_slices)
+    return {m: meter.figures(args) for m, meter in meters.items()}
+
+
+def _finite_or_nan(value: float) -> float:
+    return value if math.isfinite(value) else float("nan")
 
 
 def cpu_times() -> dict[int, list[int]]:
@@ -950,6 +1018,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="kpx --workers: TCP data-plane processes (give --cpus a CPU for each)",
     )
+    parser.add_argument(
+        "--bulk-slices",
+        type=int,
+        default=4,
+        help="haproxy's and kpx's 8-stream passes in N alternating slices (A B B A ...); "
+        "1: one pass each",
+    )
     parser.add_argument("--conns", type=int, default=32, help="wrk -c for the connections/s pass")
     parser.add_argument(
         "--modes", nargs="+", choices=MODES, default=list(MODES), help="paths to measure"
@@ -1165,9 +1240,12 @@ class Bench:
         for run in range(self.args.runs):
             order = modes[run % len(modes) :] + modes[: run % len(modes)]
             self.doc.setdefault("run_orders", []).append(list(order))
+            paired = self.paired_pass(run)
             for mode in order:
                 self.switch_kpx(mode)
-                r = measure_mode(self.chain, mode, self.pid(mode), self.args, self.server_pids)
+                r = measure_mode(
+                    self.chain, mode, self.pid(mode), self.args, self.server_pids, paired.get(mode)
+                )
                 if mode == "haproxy" and "bulk" in self.args.passes:
                     # Splice at work: haproxy keeps the pipes of its bulk transfers pooled.
                     r["haproxy_pipes"] = float(pipes_of(self.pid(mode)))
@@ -1175,6 +1253,23 @@ class Bench:
                 shown = ", ".join(f"{k}={fmt(v)}" for k, v in r.items() if not math.isnan(v))
                 print(f"run {run + 1} {mode:8} {shown}")
         return results
+
+    def paired_pass(self, run: int) -> dict[str, dict[str, float]]:
+        """haproxy's and kpx's 8-stream passes of run `run`, interleaved (`--bulk-slices`;
+        none with 1 slice or without both paths): {} or their figures by mode."""
+        args = self.args
+        if args.bulk_slices < 2 or "bulk" not in args.passes:
+            return {}
+        if not {"haproxy", "kpx"} <= set(args.modes):
+            return {}
+        self.switch_kpx("kpx")
+        pids = {m: process_tree(self.pid(m) or 0) for m in ("haproxy", "kpx")}
+        paired = paired_eight_streams(self.chain, pids, args, self.server_pids, run)
+        print(
+            f"run {run + 1} 8 streams in {args.bulk_slices} alternating slices: "
+            + ", ".join(f"{m} {fmt(f['gbps_8'])} Gbit/s" for m, f in paired.items())
+        )
+        return paired
 
     def summarize(self, results: dict[str, list[dict[str, float]]]) -> None:
         """Medians per mode, kpx's ratios to each peer per run and their median, the targets
