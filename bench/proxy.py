@@ -603,6 +603,8 @@ class EightStreams:
             # CPU-s of the proxy and of iperf3 (both ends) in the 8-stream pass.
             "bulk_proxy_cpu_s": self.cpu if pids else nan,
             "bulk_load_cpu_s": self.load_cpu,
+            # The whole machine's busy CPU-s (stolen included) in the pass.
+            "bulk_machine_cpu_s": self.machine,
             **{
                 f"bulk_{side}_{kind}_pct": share
                 for side, cpus in (("proxy_cores", args.cpus), ("load_cores", args.load_cpus))
@@ -671,10 +673,10 @@ def conn_pass(
     """New connections/s, one small request each (wrk `Connection: close`)."""
     load = load or LoadMeter([])
     user0, kernel0 = user_kernel_seconds(pids)
-    wait0 = runq_wait_seconds(pids)
+    wait0, machine0 = runq_wait_seconds(pids), machine_cpu_seconds()
     load.start()
     conn = wrk(chain, mode, args.conns, True, pass_seconds(args), args.load_cpus)
-    load_cpu = load.stop()
+    load_cpu, machine = load.stop(), machine_cpu_seconds() - machine0
     user1, kernel1 = user_kernel_seconds(pids)
     wait = runq_wait_seconds(pids) - wait0
     per_conn = 1e6 / conn["requests"] if pids and conn["requests"] else float("nan")
@@ -692,6 +694,7 @@ def conn_pass(
         # CPU-s of the proxy and of wrk and the origin in the pass.
         "conn_proxy_cpu_s": user1 - user0 + kernel1 - kernel0 if pids else float("nan"),
         "conn_load_cpu_s": load_cpu,
+        "conn_machine_cpu_s": machine,
         # Connections per second of the proxy's own CPU time: what one core it had to itself
         # would serve. Unlike conn_per_s, other processes taking the shared core barely move it.
         "conn_per_cpu_s": (
@@ -738,6 +741,7 @@ FIGURES = (
     "bulk_runq_wait_ms",
     "bulk_proxy_cpu_s",
     "bulk_load_cpu_s",
+    "bulk_machine_cpu_s",
     "bulk_proxy_cores_idle_pct",
     "bulk_proxy_cores_softirq_pct",
     "bulk_proxy_cores_steal_pct",
@@ -753,6 +757,7 @@ FIGURES = (
     "conn_runq_wait_ms",
     "conn_proxy_cpu_s",
     "conn_load_cpu_s",
+    "conn_machine_cpu_s",
     "conn_per_cpu_s",
     "req_p50_ms",
     "req_p99_ms",

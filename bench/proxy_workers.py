@@ -13,8 +13,8 @@ to it. Per configuration and run:
 - 8-stream throughput (iperf3 -P 8, after a 1-stream pass) and new connections/s (wrk -t1
   -c32 `Connection: close`), as bench/proxy.py measures them;
 - in each of those passes, how long kpx's processes waited for a core while runnable
-  (run-queue wait, summed over them), their CPU seconds and the load's (iperf3 both ends, wrk
-  and the origin);
+  (run-queue wait, summed over them), their CPU seconds, the load's (iperf3 both ends, wrk
+  and the origin) and the rest of the machine's (other processes, interrupts);
 - RSS of every kpx process after the passes: the control process and each worker.
 Every run's ratios N / 1 are printed (N workers' figure over one worker's in the same run),
 then their median; a target missed in any run is printed as MISSED. Targets (issue 12): conn/s
@@ -61,12 +61,14 @@ KEPT = (
     "bulk_runq_wait_ms",
     "bulk_proxy_cpu_s",
     "bulk_load_cpu_s",
+    "bulk_machine_cpu_s",
     "conn_per_s",
     "conn_p99_ms",
     "conn_errors",
     "conn_runq_wait_ms",
     "conn_proxy_cpu_s",
     "conn_load_cpu_s",
+    "conn_machine_cpu_s",
     "proxy_rss_mb",
 )
 

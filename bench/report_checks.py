@@ -292,13 +292,23 @@ def workers_limits(doc: Doc, pass_name: str) -> str:
     wait_many, wait_one = _median_of(many, wait_key) / 1000, _median_of(one, wait_key) / 1000
     budget = f" of the {f_num(cores * seconds, 0)}" if finite(cores * seconds) else ""
     shared = "the same" if not doc.get("load_cpus") else "other"
-    return (
-        f"kpx waited {f_num(wait_many, 1)} s for a core with {n} workers "
-        f"({f_num(wait_one, 1)} s with 1) in each {f_num(seconds, 0)} s pass; the load "
+    text = (
+        f"kpx's processes waited {f_num(wait_many, 1)} s (summed) for a core with {n} "
+        f"workers ({f_num(wait_one, 1)} s with 1) in each {f_num(seconds, 0)} s pass; the load "
         f"generators on {shared} cores used {secs(many, load_key)} CPU-s{budget} "
         f"({secs(one, load_key)} with 1), kpx {secs(many, pass_name + '_proxy_cpu_s')} "
         f"({secs(one, pass_name + '_proxy_cpu_s')} with 1)"
     )
+    rests = [
+        num(r.get(f"{pass_name}_machine_cpu_s"))
+        - num(r.get(load_key))
+        - num(r.get(f"{pass_name}_proxy_cpu_s"))
+        for r in many
+    ]
+    rest = statistics.median([v for v in rests if finite(v)] or [math.nan])
+    if finite(rest):
+        text += f", the rest of the machine (other processes, interrupts) {f_num(rest, 1)}"
+    return text
 
 
 def workers_checks(doc: Doc | None) -> list[Check]:

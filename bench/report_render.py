@@ -338,7 +338,8 @@ def workers_section(r: Report, workers: Doc | None, run: Doc) -> None:
         + f"; iperf3 -P 8 and wrk `-c{doc.get('conns')}` `Connection: close`, "
         f"{f_num(num(doc.get('duration_s')), 0)} s each. Run-queue wait: time kpx's processes "
         "were runnable but waited for a core, summed over them; load CPU: iperf3 (both ends), "
-        "or wrk and the origin, in the same pass. Every run:\n"
+        "or wrk and the origin, in the same pass; rest: the whole machine's busy CPU-s in the pass "
+        "but kpx's and the load's (other processes, interrupts). Every run:\n"
     )
     rows = []
     orders = doc.get("orders") or []
@@ -356,10 +357,12 @@ def workers_section(r: Report, workers: Doc | None, run: Doc) -> None:
                     fmt("{:.1f}", num(fig.get("bulk_runq_wait_ms")) / 1000),
                     fmt("{:.1f}", fig.get("bulk_proxy_cpu_s")),
                     fmt("{:.1f}", fig.get("bulk_load_cpu_s")),
+                    fmt("{:.1f}", _rest(fig, "bulk")),
                     fmt("{:,.0f}", fig.get("conn_per_s")),
                     fmt("{:.1f}", num(fig.get("conn_runq_wait_ms")) / 1000),
                     fmt("{:.1f}", fig.get("conn_proxy_cpu_s")),
                     fmt("{:.1f}", fig.get("conn_load_cpu_s")),
+                    fmt("{:.1f}", _rest(fig, "conn")),
                     fmt("{:.1f}", rss.get("control_mb"))
                     + "".join(f" + {fmt('{:.1f}', w)}" for w in rss.get("workers_mb") or []),
                 ]
@@ -373,10 +376,12 @@ def workers_section(r: Report, workers: Doc | None, run: Doc) -> None:
                 "wait (s), 8 streams",
                 "kpx CPU-s, 8 streams",
                 "load CPU-s, 8 streams",
+                "rest CPU-s, 8 streams",
                 "conn/s",
                 "wait (s), conn",
                 "kpx CPU-s, conn",
                 "load CPU-s, conn",
+                "rest CPU-s, conn",
                 "RSS (MB): control + workers",
             ],
             rows,
@@ -390,6 +395,15 @@ def workers_section(r: Report, workers: Doc | None, run: Doc) -> None:
             for key, label in (("conn_per_s", "conn/s"), ("gbps_8", "8 streams"))
         )
         + ".\n"
+    )
+
+
+def _rest(figures: Doc, pass_name: str) -> float:
+    """The machine's busy CPU-s in a pass that were neither kpx's nor the load's."""
+    return (
+        num(figures.get(f"{pass_name}_machine_cpu_s"))
+        - num(figures.get(f"{pass_name}_load_cpu_s"))
+        - num(figures.get(f"{pass_name}_proxy_cpu_s"))
     )
 
 

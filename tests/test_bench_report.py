@@ -272,10 +272,12 @@ def workers_run(conn: float, gbps: float, wait_s: float, load_s: float, rss: lis
         "bulk_runq_wait_ms": wait_s * 1000,
         "bulk_proxy_cpu_s": 6.0,
         "bulk_load_cpu_s": load_s,
+        "bulk_machine_cpu_s": 15.0,
         "conn_per_s": conn,
         "conn_runq_wait_ms": wait_s * 1000,
         "conn_proxy_cpu_s": 7.0,
         "conn_load_cpu_s": load_s,
+        "conn_machine_cpu_s": 16.0,
         "rss": {"control_mb": 64.0, "workers_mb": rss},
     }
 
@@ -525,8 +527,12 @@ def test_workers_scaling_met_in_every_run_shows_what_held_it(tmp_path: Path) -> 
     conn = rows[WORKERS_CONN]
     assert conn[:4] == ["14,800 /s", "8,000 /s", "1.85x", ">= 1.8x one worker, every run"]
     # met, with what limits the scaling beside it: the wait for a core, the load's CPU
-    assert conn[4].startswith(f"{MET}: kpx waited 4.7 s for a core with 2 workers (0.4 s with 1)")
+    assert conn[4].startswith(
+        f"{MET}: kpx's processes waited 4.7 s (summed) for a core with 2 workers (0.4 s with 1)"
+    )
     assert "used 8.0 CPU-s of the 16 (6.0 with 1)" in conn[4]
+    # what neither kpx nor the load took: 16 busy - 8 load - 7 kpx
+    assert conn[4].endswith("the rest of the machine (other processes, interrupts) 1.0")
     bulk = rows[WORKERS_BULK]
     assert bulk[:4] == ["20.00 Gbit/s", "12.00 Gbit/s", "1.67x", ">= 1.6x one worker, every run"]
     assert bulk[4].startswith(MET)
@@ -549,7 +555,7 @@ def test_workers_scaling_missed_in_one_run_is_flagged_with_that_run(tmp_path: Pa
     conn = rows[WORKERS_CONN]
     assert conn[2] == "1.83x"
     assert conn[4].startswith(
-        f"{NOT_MET}: missed in run 2 of 3 (per run: 1.83x, 1.09x, 1.88x); kpx waited 4.7 s"
+        f"{NOT_MET}: missed in run 2 of 3 (per run: 1.83x, 1.09x, 1.88x); kpx's processes"
     )
     assert rows[WORKERS_BULK][4].startswith(
         f"{NOT_MET}: missed in run 3 of 3 (per run: 1.67x, 1.63x, 1.17x)"
