@@ -168,6 +168,29 @@ def _programming_at(proxy: Doc, services: int) -> tuple[Doc, str | None]:
     return entries[-1], _scale_note(num(entries[-1].get("services")), services)
 
 
+def bulk_conditions(proxy: Doc, missed: Sequence[int]) -> str:
+    """What each missed run's 8-stream passes met, kpx / haproxy (bench/proxy.py records it
+    since the passes are interleaved): their CPU-s, their wait for a core, the load cores'
+    idle share. Empty for results without those figures."""
+    runs = proxy.get("runs") or {}
+    kpx, haproxy = runs.get("kpx") or [], runs.get("haproxy") or []
+    parts = []
+    for i in missed:
+        if i >= len(kpx) or i >= len(haproxy) or "bulk_proxy_cpu_s" not in kpx[i]:
+            continue
+        a, b = kpx[i], haproxy[i]
+
+        def pair(key: str, scale: float = 1.0, a: Doc = a, b: Doc = b) -> str:
+            return f"{f_num(num(a.get(key)) * scale, 1)} / {f_num(num(b.get(key)) * scale, 1)}"
+
+        parts.append(
+            f"run {i + 1}, kpx / haproxy: CPU {pair('bulk_proxy_cpu_s')} s, waited for a core "
+            f"{pair('bulk_runq_wait_ms', 1e-3)} s, load cores idle "
+            f"{pair('bulk_load_cores_idle_pct')} %"
+        )
+    return "".join(f"; {p}" for p in parts)
+
+
 def proxy_checks(proxy: Doc | None) -> list[Check]:
     proxy = proxy or {}
     med = proxy.get("medians") or {}
@@ -188,6 +211,8 @@ def proxy_checks(proxy: Doc | None) -> list[Check]:
         verdict, missed = (
             judge_every_run(each, op, limit) if each else (judge(ratio, op, limit), "")
         )
+        if key == "gbps_8" and missed:
+            missed += bulk_conditions(proxy, [i for i, v in enumerate(each) if not v >= limit])
         checks.append(
             Check(
                 f"kpx {what} vs haproxy",

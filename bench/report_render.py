@@ -299,6 +299,7 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
         "its loop in that pass: collector runs, loop-lag samples over 5 ms):\n"
     )
     r.add(table(["run", *modes], per_run))
+    bulk_section(r, proxy, n_runs)
     if "haproxy" in modes and "kpx" in modes:
         keys = [
             (k, label) for k, label, _ in PROXY_ROWS if k not in ("conn_errors", *KPX_ONLY_ROWS)
@@ -312,6 +313,44 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
     idle_section(r, proxy.get("idle") or {})
     programming_section(r, proxy)
     r.chart(charts_made.get("latency_proxy.png", False), "latency_proxy.png", "proxy latency")
+
+
+BULK_ROWS = (
+    ("gbps_8", "Gbit/s", "{:.2f}", 1.0),
+    ("bulk_slowest_second_gbps", "slowest second (Gbit/s)", "{:.2f}", 1.0),
+    ("bulk_slowest_stream_gbps", "slowest stream (Gbit/s)", "{:.2f}", 1.0),
+    ("bulk_proxy_cpu_s", "proxy CPU-s", "{:.1f}", 1.0),
+    ("bulk_runq_wait_ms", "proxy waited for a core (s)", "{:.1f}", 1e-3),
+    ("bulk_load_cpu_s", "iperf3 CPU-s (both ends)", "{:.1f}", 1.0),
+    ("bulk_proxy_cores_idle_pct", "proxy cores idle (%)", "{:.0f}", 1.0),
+    ("bulk_load_cores_idle_pct", "load cores idle (%)", "{:.0f}", 1.0),
+    ("bulk_proxy_cores_steal_pct", "proxy cores stolen by the hypervisor (%)", "{:.0f}", 1.0),
+)
+
+
+def bulk_section(r: Report, proxy: Doc, n_runs: int) -> None:
+    """haproxy's and kpx's 8-stream passes per run and what they met (results that record it:
+    bench/proxy.py interleaves the two in alternating slices)."""
+    runs = proxy.get("runs") or {}
+    kpx, haproxy = runs.get("kpx") or [], runs.get("haproxy") or []
+    if not kpx or "bulk_proxy_cpu_s" not in kpx[0]:
+        return
+    slices = (proxy.get("args") or {}).get("bulk_slices", 1)
+    how = (
+        f"interleaved in {slices} alternating slices (A B B A ...), the first swapped every run"
+        if slices and slices > 1
+        else "one pass each"
+    )
+    r.add(f"8-stream passes of haproxy and kpx, {how}; what each met, haproxy / kpx:\n")
+    rows = []
+    for key, label, pattern, scale in BULK_ROWS:
+        cells = []
+        for i in range(n_runs):
+            h = num((haproxy[i] if i < len(haproxy) else {}).get(key)) * scale
+            k = num((kpx[i] if i < len(kpx) else {}).get(key)) * scale
+            cells.append(f"{fmt(pattern, h)} / {fmt(pattern, k)}")
+        rows.append([label, *cells])
+    r.add(table(["haproxy / kpx", *(f"run {i + 1}" for i in range(n_runs))], rows))
 
 
 def workers_section(r: Report, workers: Doc | None, run: Doc) -> None:

@@ -515,6 +515,27 @@ def test_charts_are_valid_pngs(tmp_path: Path) -> None:
         assert width >= 600 and height >= 350, (png.name, width, height)
 
 
+def test_a_missed_8_stream_run_says_what_both_passes_met(tmp_path: Path) -> None:
+    proxy = proxy_doc()
+    proxy["args"]["bulk_slices"] = 4
+    for mode, cpu, wait_ms, idle in (("kpx", 2.3, 150.0, 35.0), ("haproxy", 4.4, 220.0, 2.0)):
+        proxy["runs"][mode] = [
+            {**one, "bulk_proxy_cpu_s": cpu, "bulk_runq_wait_ms": wait_ms,
+             "bulk_load_cores_idle_pct": idle, "bulk_slowest_second_gbps": 9.5}
+            for one in proxy["runs"][mode]
+        ]  # fmt: skip
+    write_all(tmp_path, proxy=proxy)
+    md = render(tmp_path)
+    verdict = targets(md)["kpx 8-stream throughput (iperf3 -P 8) vs haproxy"][4]
+    assert verdict == (
+        f"{NOT_MET}: missed in run 2 of 3 (per run: 1.10x, 0.83x, 1.09x); run 2, kpx / haproxy: "
+        "CPU 2.3 / 4.4 s, waited for a core 0.1 / 0.2 s, load cores idle 35.0 / 2.0 %"
+    )
+    assert "8-stream passes of haproxy and kpx, interleaved in 4 alternating slices" in md
+    assert "| proxy CPU-s | 4.4 / 2.3 | 4.4 / 2.3 | 4.4 / 2.3 |" in md
+    assert "| load cores idle (%) | 2 / 35 | 2 / 35 | 2 / 35 |" in md
+
+
 WORKERS_CONN = "kpx --workers 2 new connections/s vs --workers 1 (same cores, same sitting)"
 WORKERS_BULK = "kpx --workers 2 8-stream throughput vs --workers 1 (same cores, same sitting)"
 WORKERS_RSS = "kpx RSS of each worker (--workers 2)"
