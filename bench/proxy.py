@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.proxy [--runs 3] [--duration 8] [--idle 5000] [--samples 50]
         [--services 10 10000] [--cpus 0] [--modes M ...] [--passes bulk conn req]
-        [--no-idle] [--no-programming] [--conn-only] [--quick] [--json PATH]
+        [--bulk-slices 4] [--no-idle] [--no-programming] [--conn-only] [--quick] [--json PATH]
 
 Topology (bench/netns_topology.py): client ns -- node ns -- server ns over veths, all addresses
 in 10.233.0.0/16 inside the namespaces; the node routes. The server ns runs iperf3 -s, haproxy
@@ -24,7 +24,11 @@ Both proxies run pinned (taskset) to the same CPUs, `--cpus` (default 0: one cor
 issue 12); the load generators (wrk, iperf3), the origin and the whoami server to the other
 CPUs, when there are any, so they do not take the proxies' core.
 Each path gets:
-- bulk throughput, iperf3 -P 1 and -P 8 (`--duration` s; Gbit/s received);
+- bulk throughput, iperf3 -P 1 and -P 8 (`--duration` s; Gbit/s received); haproxy's and
+  kpx's 8-stream passes are taken together, interleaved in `--bulk-slices` alternating slices
+  (A B B A ..., the first swapped every run) so that whatever else the shared machine runs meets
+  both alike (one 8 s pass each met it unevenly: 0.83x in one run of 2026-12-04, with kpx's
+  CPU halved); the other paths keep one pass;
 - proxy CPU seconds per GB moved in the 8-stream pass (utime+stime of the proxy process from
   /proc / bytes) and the whole machine's CPU-s per GB (/proc/stat: includes iperf3 and the
   kernel; shared machine, noisy);

@@ -39,7 +39,7 @@ Then it writes into `--out` (default bench/report/):
 all; the figures mean nothing). `--only dns proxy` runs just those steps (step names or
 prefixes) and keeps the other results already in `--out`. `--render-only DIR` runs nothing: it
 renders DIR/report.md and DIR/charts/ again from DIR's saved JSON. The full run takes about
-15-20 minutes on 2 cores.
+20-25 minutes on 2 cores.
 
 The parts: bench/report_run.py runs the steps, bench/report_checks.py judges the figures
 against their targets, bench/report_render.py writes report.md and the charts; this module is
