@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.proxy [--runs 3] [--duration 8] [--idle 5000] [--samples 50]
         [--services 10 10000] [--cpus 0] [--modes M ...] [--passes bulk conn req]
-        [--no-idle] [--no-programming] [--conn-only] [--quick] [--json PATH]
+        [--bulk-slices 4] [--no-idle] [--no-programming] [--conn-only] [--quick] [--json PATH]
 
 Topology (bench/netns_topology.py): client ns -- node ns -- server ns over veths, all addresses
 in 10.233.0.0/16 inside the namespaces; the node routes. The server ns runs iperf3 -s, haproxy
@@ -24,7 +24,11 @@ Both proxies run pinned (taskset) to the same CPUs, `--cpus` (default 0: one cor
 issue 12); the load generators (wrk, iperf3), the origin and the whoami server to the other
 CPUs, when there are any, so they do not take the proxies' core.
 Each path gets:
-- bulk throughput, iperf3 -P 1 and -P 8 (`--duration` s; Gbit/s received);
+- bulk throughput, iperf3 -P 1 and -P 8 (`--duration` s; Gbit/s received); haproxy's and
+  kpx's 8-stream passes are taken together, interleaved in `--bulk-slices` alternating slices
+  (A B B A ..., the first swapped every run) so that whatever else the shared machine runs meets
+  both alike (one 8 s pass each met it unevenly: 0.83x in one run of 2026-12-04, with kpx's
+  CPU halved); the other paths keep one pass;
 - proxy CPU seconds per GB moved in the 8-stream pass (utime+stime of the proxy process from
   /proc / bytes) and the whole machine's CPU-s per GB (/proc/stat: includes iperf3 and the
   kernel; shared machine, noisy);
@@ -40,6 +44,11 @@ Each path gets:
 - in both wrk passes, how long the proxy waited for its CPU while runnable (run-queue wait,
   /proc/PID/task/*/schedstat): on a shared machine a p99 spike that comes with a long wait is
   another process's doing;
+- in the 8-stream pass, what held it: the slowest stream's and the slowest second's Gbit/s, the
+  proxy's run-queue wait, and the share of the proxies' and the load's cores that was idle,
+  softirq or stolen by the hypervisor (/proc/stat per CPU);
+- in the 8-stream and conn passes, the CPU seconds of the proxy and of the load (wrk or iperf3
+  and the origin or iperf3 -s): on shared cores (bench/proxy_workers.py) what took them;
 - proxy RSS after the passes.
 Ratios kpx/haproxy are computed per run and every run's are printed, then the median; a target
 missed in any run (or, for programming latency, at any Service count) is printed as MISSED.
@@ -380,9 +389,17 @@ def machine_cpu_seconds() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
 
 
-def iperf(chain: Chain, mode: str, streams: int, args: argparse.Namespace) -> dict[str, float]:
+def iperf(
+    chain: Chain, mode: str, streams: int, args: argparse.Namespace, share: float = 1.0
+) -> dict[str, float]:
+    """iperf3 -P `streams` through `mode`'s path for `share` of a pass (`--duration` s, or
+    `--bulk-mb` MB)."""
     ip, port = TARGETS[mode]["iperf"]
-    amount = ["-n", f"{args.bulk_mb}M"] if args.bulk_mb else ["-t", str(int(args.duration))]
+    amount = (
+        ["-n", f"{max(1, round(args.bulk_mb * share))}M"]
+        if args.bulk_mb
+        else ["-t", f"{args.duration * share:g}"]
+    )
     argv = ["iperf3", "-c", ip, "-p", str(port), "-P", str(streams), "-J", *amount]
     argv = pinned(args.load_cpus) + argv
     for attempt in range(3):  # a server still busy with the previous test refuses briefly
@@ -403,10 +420,31 @@ def iperf(chain: Chain, mode: str, streams: int, args: argparse.Namespace) -> di
                 "gbps": received["bits_per_second"] / 1e9,
                 "bytes": float(received["bytes"]),
                 "seconds": float(received["seconds"]),
+                **stream_spread(report),
             }
         if attempt < 2:
             time.sleep(1)
     raise RuntimeError(f"iperf3 {mode} -P {streams}: {report['error']}")
+
+
+def stream_spread(report: dict[str, Any]) -> dict[str, float]:
+    """How evenly an iperf3 test moved its bytes: the slowest stream's Gbit/s (received) and
+    the slowest whole second's (all streams; iperf3's 1 s intervals, a short last one left
+    out). A stream that stalls shows in the first, a pause of the whole path in the second."""
+    streams = [
+        s["receiver"]["bits_per_second"] / 1e9
+        for s in report["end"].get("streams") or []
+        if "receiver" in s
+    ]
+    seconds = [
+        i["sum"]["bits_per_second"] / 1e9
+        for i in report.get("intervals") or []
+        if i["sum"]["seconds"] >= 0.9
+    ]
+    return {
+        "slowest_stream_gbps": min(streams, default=float("nan")),
+        "slowest_second_gbps": min(seconds, default=float("nan")),
+    }
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -453,16 +491,24 @@ def wrk(
 
 
 def measure_mode(
-    chain: Chain, mode: str, proxy_pid: int | None, args: argparse.Namespace
+    chain: Chain,
+    mode: str,
+    proxy_pid: int | None,
+    args: argparse.Namespace,
+    server_pids: list[int] | None = None,
+    eight: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Every figure of one path in one run; the passes left out (`--passes`) are NaN."""
+    """Every figure of one path in one run; the passes left out (`--passes`) are NaN.
+    `server_pids`: the origin's and iperf3 server's, whose CPU counts as the load's; `eight`:
+    the 8-stream figures when measured already (`paired_eight_streams`)."""
     figures = dict.fromkeys(FIGURES, float("nan"))
     # The proxy's process and its children (kpx --workers N: the workers do the proxying).
     pids = process_tree(proxy_pid) if proxy_pid else []
+    load = LoadMeter(server_pids or [])
     if "bulk" in args.passes:
-        figures.update(bulk_pass(chain, mode, pids, args))
+        figures.update(bulk_pass(chain, mode, pids, args, load, eight))
     if "conn" in args.passes:
-        figures.update(conn_pass(chain, mode, pids, args))
+        figures.update(conn_pass(chain, mode, pids, args, load))
     if "req" in args.passes:
         figures.update(req_pass(chain, mode, pids, args))
     if proxy_pid:
@@ -474,30 +520,167 @@ def pass_seconds(args: argparse.Namespace) -> int:
     return max(1, int(args.duration)) if not args.bulk_mb else 1
 
 
+class LoadMeter:
+    """CPU seconds of the load generators (wrk, iperf3 -c: the benchmark's children, counted
+    once they are waited for) and of the servers (`server_pids`) between `start` and `stop`."""
+
+    def __init__(self, server_pids: list[int]) -> None:
+        self.server_pids = server_pids
+        self._t0 = 0.0
+
+    def _now(self) -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime + cpu_seconds(self.server_pids)
+
+    def start(self) -> None:
+        self._t0 = self._now()
+
+    def stop(self) -> float:
+        return self._now() - self._t0
+
+
 def bulk_pass(
-    chain: Chain, mode: str, pids: list[int], args: argparse.Namespace
+    chain: Chain,
+    mode: str,
+    pids: list[int],
+    args: argparse.Namespace,
+    load: LoadMeter | None = None,
+    eight: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """iperf3 with 1 and 8 streams; the proxy's and the machine's CPU per GB in the second."""
+    """iperf3 with 1 and 8 streams; the proxy's and the machine's CPU per GB in the second.
+    `eight`: the 8-stream figures, measured already (`paired_eight_streams`)."""
     one = iperf(chain, mode, 1, args)
-    cpu0, mach0 = cpu_seconds(pids), machine_cpu_seconds()
-    eight = iperf(chain, mode, 8, args)
-    cpu, mach = cpu_seconds(pids) - cpu0, machine_cpu_seconds() - mach0
-    gb = eight["bytes"] / 1e9
-    return {
-        "gbps_1": one["gbps"],
-        "gbps_8": eight["gbps"],
-        "proxy_cpu_s_per_gb": cpu / gb if pids else float("nan"),
-        "machine_cpu_s_per_gb": mach / gb,
-    }
+    if eight is None:  # one 8-stream pass of its own
+        meter = EightStreams(pids, load or LoadMeter([]))
+        meter.measure(chain, mode, args)
+        eight = meter.figures(args)
+    return {"gbps_1": one["gbps"], **eight}
+
+
+class EightStreams:
+    """The 8-stream pass of one path, in one or more slices (an iperf3 -P 8 each): its figures
+    over all of them (bytes / seconds; CPU, run-queue wait and the cores' ticks summed; the
+    slowest stream and second of any slice)."""
+
+    def __init__(self, pids: list[int], load: LoadMeter) -> None:
+        self.pids = pids
+        self.load = load
+        self.bytes = self.seconds = self.cpu = self.machine = self.wait = self.load_cpu = 0.0
+        self.slowest_stream = self.slowest_second = math.inf
+        # Per CPU, /proc/stat's ticks summed over the slices.
+        self.ticks: dict[int, list[int]] = {}
+
+    def measure(self, chain: Chain, mode: str, args: argparse.Namespace, share: float = 1) -> None:
+        """One slice: `share` of a pass."""
+        pids = self.pids
+        cpu0, mach0 = cpu_seconds(pids), machine_cpu_seconds()
+        wait0, cores0 = runq_wait_seconds(pids), cpu_times()
+        self.load.start()
+        eight = iperf(chain, mode, 8, args, share)
+        self.load_cpu += self.load.stop()
+        self.cpu += cpu_seconds(pids) - cpu0
+        self.machine += machine_cpu_seconds() - mach0
+        self.wait += runq_wait_seconds(pids) - wait0
+        for cpu, ticks in cpu_times().items():
+            grown = [a - b for a, b in zip(ticks, cores0.get(cpu, ticks), strict=True)]
+            summed = self.ticks.get(cpu, [0] * 8)
+            self.ticks[cpu] = [a + b for a, b in zip(summed, grown, strict=True)]
+        self.bytes += eight["bytes"]
+        self.seconds += eight["seconds"]
+        self.slowest_stream = min(self.slowest_stream, eight["slowest_stream_gbps"])
+        self.slowest_second = min(self.slowest_second, eight["slowest_second_gbps"])
+
+    def figures(self, args: argparse.Namespace) -> dict[str, float]:
+        nan = float("nan")
+        gb, pids = self.bytes / 1e9, self.pids
+        zero = {cpu: [0] * 8 for cpu in self.ticks}
+        return {
+            "gbps_8": self.bytes * 8 / 1e9 / self.seconds if self.seconds else nan,
+            "proxy_cpu_s_per_gb": self.cpu / gb if pids and gb else nan,
+            "machine_cpu_s_per_gb": self.machine / gb if gb else nan,
+            # What held the 8-stream pass: a stream that stalled, a pause of the whole path,
+            # the proxy waiting for its core, and how idle (or stolen by the hypervisor) the
+            # proxies' and the load generators' cores were.
+            "bulk_slowest_stream_gbps": _finite_or_nan(self.slowest_stream),
+            "bulk_slowest_second_gbps": _finite_or_nan(self.slowest_second),
+            "bulk_runq_wait_ms": self.wait * 1000 if pids else nan,
+            # CPU-s of the proxy and of iperf3 (both ends) in the 8-stream pass.
+            "bulk_proxy_cpu_s": self.cpu if pids else nan,
+            "bulk_load_cpu_s": self.load_cpu,
+            # The whole machine's busy CPU-s (stolen included) in the pass.
+            "bulk_machine_cpu_s": self.machine,
+            **{
+                f"bulk_{side}_{kind}_pct": share
+                for side, cpus in (("proxy_cores", args.cpus), ("load_cores", args.load_cpus))
+                for kind, share in core_shares(zero, self.ticks, cpu_list(cpus or "")).items()
+            },
+        }
+
+
+def paired_eight_streams(
+    chain: Chain,
+    pids: dict[str, list[int]],
+    args: argparse.Namespace,
+    server_pids: list[int],
+    first: int,
+) -> dict[str, dict[str, float]]:
+    """The 8-stream passes of two paths (haproxy and kpx) in `--bulk-slices` alternating
+    slices, A B B A A B ... (`first`: which of the two starts): whatever else the machine runs
+    meanwhile falls on both alike, not on whichever pass it happened to meet."""
+    modes = list(pids)
+    modes = modes[first % 2 :] + modes[: first % 2]
+    meters = {m: EightStreams(pids[m], LoadMeter(server_pids)) for m in modes}
+    for k in range(args.bulk_slices):
+        for mode in modes if k % 2 == 0 else modes[::-1]:
+            meters[mode].measure(chain, mode, args, 1 / args.bulk_slices)
+    return {m: meter.figures(args) for m, meter in meters.items()}
+
+
+def _finite_or_nan(value: float) -> float:
+    return value if math.isfinite(value) else float("nan")
+
+
+def cpu_times() -> dict[int, list[int]]:
+    """Per CPU, /proc/stat's ticks: user nice system idle iowait irq softirq steal."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                out[int(name[3:])] = [int(x) for x in fields[:8]]
+    return out
+
+
+def core_shares(
+    before: dict[int, list[int]], after: dict[int, list[int]], cpus: list[int]
+) -> dict[str, float]:
+    """Percent of `cpus`' time between the two samples that was idle, softirq and stolen by
+    the hypervisor (NaN without CPUs)."""
+    grown = [sum(a - b for a, b in zip(after[c], before[c], strict=True)) for c in cpus]
+    total = sum(grown)
+    if not cpus or not total:
+        return dict.fromkeys(("idle", "softirq", "steal"), float("nan"))
+
+    def share(index: int) -> float:
+        return 100 * sum(after[c][index] - before[c][index] for c in cpus) / total
+
+    return {"idle": share(3) + share(4), "softirq": share(6), "steal": share(7)}
 
 
 def conn_pass(
-    chain: Chain, mode: str, pids: list[int], args: argparse.Namespace
+    chain: Chain,
+    mode: str,
+    pids: list[int],
+    args: argparse.Namespace,
+    load: LoadMeter | None = None,
 ) -> dict[str, float]:
     """New connections/s, one small request each (wrk `Connection: close`)."""
+    load = load or LoadMeter([])
     user0, kernel0 = user_kernel_seconds(pids)
-    wait0 = runq_wait_seconds(pids)
+    wait0, machine0 = runq_wait_seconds(pids), machine_cpu_seconds()
+    load.start()
     conn = wrk(chain, mode, args.conns, True, pass_seconds(args), args.load_cpus)
+    load_cpu, machine = load.stop(), machine_cpu_seconds() - machine0
     user1, kernel1 = user_kernel_seconds(pids)
     wait = runq_wait_seconds(pids) - wait0
     per_conn = 1e6 / conn["requests"] if pids and conn["requests"] else float("nan")
@@ -512,6 +695,10 @@ def conn_pass(
         "conn_kernel_us": (kernel1 - kernel0) * per_conn,
         # How long the proxy was ready to run but another process had its CPU, in the pass.
         "conn_runq_wait_ms": wait * 1000 if pids else float("nan"),
+        # CPU-s of the proxy and of wrk and the origin in the pass.
+        "conn_proxy_cpu_s": user1 - user0 + kernel1 - kernel0 if pids else float("nan"),
+        "conn_load_cpu_s": load_cpu,
+        "conn_machine_cpu_s": machine,
         # Connections per second of the proxy's own CPU time: what one core it had to itself
         # would serve. Unlike conn_per_s, other processes taking the shared core barely move it.
         "conn_per_cpu_s": (
@@ -553,6 +740,18 @@ FIGURES = (
     "gbps_8",
     "proxy_cpu_s_per_gb",
     "machine_cpu_s_per_gb",
+    "bulk_slowest_stream_gbps",
+    "bulk_slowest_second_gbps",
+    "bulk_runq_wait_ms",
+    "bulk_proxy_cpu_s",
+    "bulk_load_cpu_s",
+    "bulk_machine_cpu_s",
+    "bulk_proxy_cores_idle_pct",
+    "bulk_proxy_cores_softirq_pct",
+    "bulk_proxy_cores_steal_pct",
+    "bulk_load_cores_idle_pct",
+    "bulk_load_cores_softirq_pct",
+    "bulk_load_cores_steal_pct",
     "conn_per_s",
     "conn_p50_ms",
     "conn_p99_ms",
@@ -560,6 +759,9 @@ FIGURES = (
     "conn_user_us",
     "conn_kernel_us",
     "conn_runq_wait_ms",
+    "conn_proxy_cpu_s",
+    "conn_load_cpu_s",
+    "conn_machine_cpu_s",
     "conn_per_cpu_s",
     "req_p50_ms",
     "req_p99_ms",
@@ -825,6 +1027,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="kpx --workers: TCP data-plane processes (give --cpus a CPU for each)",
     )
+    parser.add_argument(
+        "--bulk-slices",
+        type=int,
+        default=4,
+        help="haproxy's and kpx's 8-stream passes in N alternating slices (A B B A ...); "
+        "1: one pass each",
+    )
     parser.add_argument("--conns", type=int, default=32, help="wrk -c for the connections/s pass")
     parser.add_argument(
         "--modes", nargs="+", choices=MODES, default=list(MODES), help="paths to measure"
@@ -889,6 +1098,8 @@ class Bench:
         self.proxy_cpus: str | None = args.cpus or None
         self.haproxy: subprocess.Popen[Any] | None = None
         self.kpx: subprocess.Popen[Any] | None = None
+        # The origin's and iperf3 server's (their CPU is the load's).
+        self.server_pids: list[int] = []
         # Which of the two kpx passes the running kpx serves ("kpx" or "kpx-tp").
         self.kpx_mode = "kpx"
         self.doc: dict[str, Any] = {
@@ -946,7 +1157,8 @@ class Bench:
         quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         load = pinned(args.load_cpus)
         origin = server.popen(*load, "haproxy", "-db", "-f", str(tmp / "origin.cfg"), **quiet)
-        server.popen(*load, "iperf3", "-s", "-p", str(IPERF_PORT), **quiet)
+        iperf_server = server.popen(*load, "iperf3", "-s", "-p", str(IPERF_PORT), **quiet)
+        self.server_pids = [origin.pid, iperf_server.pid]
         who = server.popen(
             *load,
             sys.executable,
@@ -1036,9 +1248,13 @@ class Bench:
         results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
         for run in range(self.args.runs):
             order = modes[run % len(modes) :] + modes[: run % len(modes)]
+            self.doc.setdefault("run_orders", []).append(list(order))
+            paired = self.paired_pass(run)
             for mode in order:
                 self.switch_kpx(mode)
-                r = measure_mode(self.chain, mode, self.pid(mode), self.args)
+                r = measure_mode(
+                    self.chain, mode, self.pid(mode), self.args, self.server_pids, paired.get(mode)
+                )
                 if mode == "haproxy" and "bulk" in self.args.passes:
                     # Splice at work: haproxy keeps the pipes of its bulk transfers pooled.
                     r["haproxy_pipes"] = float(pipes_of(self.pid(mode)))
@@ -1046,6 +1262,23 @@ class Bench:
                 shown = ", ".join(f"{k}={fmt(v)}" for k, v in r.items() if not math.isnan(v))
                 print(f"run {run + 1} {mode:8} {shown}")
         return results
+
+    def paired_pass(self, run: int) -> dict[str, dict[str, float]]:
+        """haproxy's and kpx's 8-stream passes of run `run`, interleaved (`--bulk-slices`;
+        none with 1 slice or without both paths): {} or their figures by mode."""
+        args = self.args
+        if args.bulk_slices < 2 or "bulk" not in args.passes:
+            return {}
+        if not {"haproxy", "kpx"} <= set(args.modes):
+            return {}
+        self.switch_kpx("kpx")
+        pids = {m: process_tree(self.pid(m) or 0) for m in ("haproxy", "kpx")}
+        paired = paired_eight_streams(self.chain, pids, args, self.server_pids, run)
+        print(
+            f"run {run + 1} 8 streams in {args.bulk_slices} alternating slices: "
+            + ", ".join(f"{m} {fmt(f['gbps_8'])} Gbit/s" for m, f in paired.items())
+        )
+        return paired
 
     def summarize(self, results: dict[str, list[dict[str, float]]]) -> None:
         """Medians per mode, kpx's ratios to each peer per run and their median, the targets

@@ -12,6 +12,10 @@ benchmark's network namespaces; knot, dnsperf, haproxy, iperf3 and wrk must be i
   proxy            bench.proxy: kpx vs haproxy, the kernel's NAT and no proxy (throughput, CPU
                    per GB, connections/s, latency, idle connections), then programming latency
                    and kpx RSS at 10 / 1,000 / 3,000 / 10,000 Services
+  proxy-workers    bench.proxy_workers: kpx --workers 2 against --workers 1 on the same
+                   cores, interleaved (8-stream throughput, connections/s, what held them,
+                   each worker's RSS)
+  udp              bench.udp: kpx vs nginx stream and NAT (UDP)
   relist           bench.relist: peak RSS of dnsd and kpx during a forced 410 relist at
                    10,000 Services / 100,000 endpoints, against their steady RSS
   dns-overload     bench.dns_overload: cluster names timed while a flood of slow-path queries
@@ -35,7 +39,7 @@ Then it writes into `--out` (default bench/report/):
 all; the figures mean nothing). `--only dns proxy` runs just those steps (step names or
 prefixes) and keeps the other results already in `--out`. `--render-only DIR` runs nothing: it
 renders DIR/report.md and DIR/charts/ again from DIR's saved JSON. The full run takes about
-15-20 minutes on 2 cores.
+20-25 minutes on 2 cores.
 
 The parts: bench/report_run.py runs the steps, bench/report_checks.py judges the figures
 against their targets, bench/report_render.py writes report.md and the charts; this module is

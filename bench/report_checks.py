@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from bench.report_format import Doc, f_int, f_num, f_ratio, f_us, finite, num
 
 MET, NOT_MET = "✅ met", "❌ not met"
+NOT_RUN = "n/a: not run"
 
 
 def judge(value: float, op: str, limit: float) -> str:
@@ -167,6 +168,29 @@ def _programming_at(proxy: Doc, services: int) -> tuple[Doc, str | None]:
     return entries[-1], _scale_note(num(entries[-1].get("services")), services)
 
 
+def bulk_conditions(proxy: Doc, missed: Sequence[int]) -> str:
+    """What each missed run's 8-stream passes met, kpx / haproxy (bench/proxy.py records it
+    since the passes are interleaved): their CPU-s, their wait for a core, the load cores'
+    idle share. Empty for results without those figures."""
+    runs = proxy.get("runs") or {}
+    kpx, haproxy = runs.get("kpx") or [], runs.get("haproxy") or []
+    parts = []
+    for i in missed:
+        if i >= len(kpx) or i >= len(haproxy) or "bulk_proxy_cpu_s" not in kpx[i]:
+            continue
+        a, b = kpx[i], haproxy[i]
+
+        def pair(key: str, scale: float = 1.0, a: Doc = a, b: Doc = b) -> str:
+            return f"{f_num(num(a.get(key)) * scale, 1)} / {f_num(num(b.get(key)) * scale, 1)}"
+
+        parts.append(
+            f"run {i + 1}, kpx / haproxy: CPU {pair('bulk_proxy_cpu_s')} s, waited for a core "
+            f"{pair('bulk_runq_wait_ms', 1e-3)} s, load cores idle "
+            f"{pair('bulk_load_cores_idle_pct')} %"
+        )
+    return "".join(f"; {p}" for p in parts)
+
+
 def proxy_checks(proxy: Doc | None) -> list[Check]:
     proxy = proxy or {}
     med = proxy.get("medians") or {}
@@ -187,6 +211,8 @@ def proxy_checks(proxy: Doc | None) -> list[Check]:
         verdict, missed = (
             judge_every_run(each, op, limit) if each else (judge(ratio, op, limit), "")
         )
+        if key == "gbps_8" and missed:
+            missed += bulk_conditions(proxy, [i for i, v in enumerate(each) if not v >= limit])
         checks.append(
             Check(
                 f"kpx {what} vs haproxy",
@@ -255,6 +281,115 @@ def proxy_checks(proxy: Doc | None) -> list[Check]:
             math.nan,
             "<= 150 MB",
             note if note and finite(value) else judge(value, "<=", 150),
+        )
+    )
+    return checks
+
+
+# kpx --workers N / --workers 1 per run (bench/proxy_workers.py): figure, what, unit, digits,
+# limit (issue 12 item 3, on a 2-core machine).
+WORKERS_GOALS = (
+    ("conn_per_s", "new connections/s", "/s", 0, "conn", 1.8),
+    ("gbps_8", "8-stream throughput", "Gbit/s", 2, "bulk", 1.6),
+)
+WORKER_RSS_MB = 30.0
+
+
+def _median_of(runs: Sequence[Doc], key: str) -> float:
+    values = [num(r.get(key)) for r in runs]
+    finite_values = [v for v in values if finite(v)]
+    return statistics.median(finite_values) if finite_values else math.nan
+
+
+def workers_limits(doc: Doc, pass_name: str) -> str:
+    """What holds the scaling in a pass: how long kpx's processes waited for a core and how
+    much CPU the load generators took of the cores they share (medians over runs)."""
+    runs = doc.get("runs") or {}
+    one, many = runs.get("one") or [], runs.get("many") or []
+    cores = num(doc.get("cores"))
+    seconds = num(doc.get("duration_s"))
+    n = doc.get("workers", "N")
+
+    def secs(runs_of: Sequence[Doc], key: str) -> str:
+        return f_num(_median_of(runs_of, key), 1)
+
+    wait_key, load_key = f"{pass_name}_runq_wait_ms", f"{pass_name}_load_cpu_s"
+    wait_many, wait_one = _median_of(many, wait_key) / 1000, _median_of(one, wait_key) / 1000
+    budget = f" of the {f_num(cores * seconds, 0)}" if finite(cores * seconds) else ""
+    shared = "the same" if not doc.get("load_cpus") else "other"
+    text = (
+        f"kpx's processes waited {f_num(wait_many, 1)} s (summed) for a core with {n} "
+        f"workers ({f_num(wait_one, 1)} s with 1) in each {f_num(seconds, 0)} s pass; the load "
+        f"generators on {shared} cores used {secs(many, load_key)} CPU-s{budget} "
+        f"({secs(one, load_key)} with 1), kpx {secs(many, pass_name + '_proxy_cpu_s')} "
+        f"({secs(one, pass_name + '_proxy_cpu_s')} with 1)"
+    )
+    rests = [
+        num(r.get(f"{pass_name}_machine_cpu_s"))
+        - num(r.get(load_key))
+        - num(r.get(f"{pass_name}_proxy_cpu_s"))
+        for r in many
+    ]
+    rest = statistics.median([v for v in rests if finite(v)] or [math.nan])
+    if finite(rest):
+        text += f", the rest of the machine (other processes, interrupts) {f_num(rest, 1)}"
+    return text
+
+
+def workers_checks(doc: Doc | None) -> list[Check]:
+    """Issue 12 item 3 (bench/proxy_workers.py): N workers reach >= 1.8x one worker's
+    connections/s and >= 1.6x its 8-stream throughput in every run, on the same cores in the
+    same sitting; each worker costs <= 30 MB RSS. Next to the scaling: what limits it."""
+    n = (doc or {}).get("workers", 2)
+    what_rss = f"kpx RSS of each worker (--workers {n})"
+
+    def label(what: str) -> str:
+        return f"kpx --workers {n} {what} vs --workers 1 (same cores, same sitting)"
+
+    if not doc:
+        rows = [
+            Check(label(what), "—", "—", math.nan, f">= {limit}x one worker, every run", NOT_RUN)
+            for _, what, _, _, _, limit in WORKERS_GOALS
+        ]
+        return [*rows, Check(what_rss, "—", "—", math.nan, "<= 30 MB", NOT_RUN)]
+    runs = doc.get("runs") or {}
+    one, many = runs.get("one") or [], runs.get("many") or []
+    checks = []
+    for key, what, unit, digits, pass_name, limit in WORKERS_GOALS:
+        ratios = list((doc.get("ratio_runs") or {}).get(key) or [])
+        if not ratios:
+            ratios = [
+                num(a.get(key)) / num(b.get(key))
+                if finite(num(a.get(key))) and finite(num(b.get(key))) and num(b.get(key))
+                else math.nan
+                for a, b in zip(many, one, strict=False)
+            ]
+        finite_ratios = [v for v in ratios if finite(v)]
+        verdict, missed = judge_every_run(ratios, ">=", limit)
+        limits = workers_limits(doc, pass_name)
+        checks.append(
+            Check(
+                label(what),
+                f_num(_median_of(many, key), digits, unit),
+                f_num(_median_of(one, key), digits, unit),
+                statistics.median(finite_ratios) if finite_ratios else math.nan,
+                f">= {limit}x one worker, every run",
+                verdict,
+                f"{missed}; {limits}" if missed else limits,
+            )
+        )
+    worker_rss = [num(w) for run in many for w in ((run.get("rss") or {}).get("workers_mb") or [])]
+    worst = max(worker_rss) if worker_rss else math.nan
+    shown = ", ".join(f_num(w, 1) for w in worker_rss)
+    checks.append(
+        Check(
+            what_rss,
+            f_num(worst, 1, "MB") + " (largest)",
+            "—",
+            math.nan,
+            f"<= {WORKER_RSS_MB:g} MB",
+            judge(worst, "<=", WORKER_RSS_MB),
+            f"every worker, every run: {shown} MB" if worker_rss else "",
         )
     )
     return checks
@@ -401,7 +536,6 @@ def relist_checks(relist: Doc | None) -> list[Check]:
     return checks
 
 
-NOT_RUN = "n/a: not run"
 SOAK_SECONDS, SOAK_RATE = 1200, 50  # issue 14 item 3: 20 minutes of churn at 50 writes/s
 
 
@@ -546,6 +680,7 @@ def all_checks(results: dict[str, Doc]) -> list[Check]:
     return (
         dns_checks(results.get("dns"), memory_sweep(results))
         + proxy_checks(results.get("proxy"))
+        + workers_checks(results.get("proxy-workers"))
         + (udp_checks(udp) if udp else [])  # reports from before bench/udp.py have none
         + sync_checks(results.get("sync"))
         + relist_checks(results.get("relist"))

@@ -22,7 +22,7 @@ from bench.report_checks import (
     per_run_ratio,
     run_ratios,
 )
-from bench.report_format import Doc, duration, f_int, f_ratio, finite, fmt, num
+from bench.report_format import Doc, duration, f_int, f_num, f_ratio, finite, fmt, num
 
 
 def load_results(folder: Path) -> dict[str, Doc]:
@@ -299,6 +299,7 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
         "its loop in that pass: collector runs, loop-lag samples over 5 ms):\n"
     )
     r.add(table(["run", *modes], per_run))
+    bulk_section(r, proxy, n_runs)
     if "haproxy" in modes and "kpx" in modes:
         keys = [
             (k, label) for k, label, _ in PROXY_ROWS if k not in ("conn_errors", *KPX_ONLY_ROWS)
@@ -312,6 +313,137 @@ def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str,
     idle_section(r, proxy.get("idle") or {})
     programming_section(r, proxy)
     r.chart(charts_made.get("latency_proxy.png", False), "latency_proxy.png", "proxy latency")
+
+
+BULK_ROWS = (
+    ("gbps_8", "Gbit/s", "{:.2f}", 1.0),
+    ("bulk_slowest_second_gbps", "slowest second (Gbit/s)", "{:.2f}", 1.0),
+    ("bulk_slowest_stream_gbps", "slowest stream (Gbit/s)", "{:.2f}", 1.0),
+    ("bulk_proxy_cpu_s", "proxy CPU-s", "{:.1f}", 1.0),
+    ("bulk_runq_wait_ms", "proxy waited for a core (s)", "{:.1f}", 1e-3),
+    ("bulk_load_cpu_s", "iperf3 CPU-s (both ends)", "{:.1f}", 1.0),
+    ("bulk_proxy_cores_idle_pct", "proxy cores idle (%)", "{:.0f}", 1.0),
+    ("bulk_load_cores_idle_pct", "load cores idle (%)", "{:.0f}", 1.0),
+    ("bulk_proxy_cores_steal_pct", "proxy cores stolen by the hypervisor (%)", "{:.0f}", 1.0),
+)
+
+
+def bulk_section(r: Report, proxy: Doc, n_runs: int) -> None:
+    """haproxy's and kpx's 8-stream passes per run and what they met (results that record it:
+    bench/proxy.py interleaves the two in alternating slices)."""
+    runs = proxy.get("runs") or {}
+    kpx, haproxy = runs.get("kpx") or [], runs.get("haproxy") or []
+    if not kpx or "bulk_proxy_cpu_s" not in kpx[0]:
+        return
+    slices = (proxy.get("args") or {}).get("bulk_slices", 1)
+    how = (
+        f"interleaved in {slices} alternating slices (A B B A ...), the first swapped every run"
+        if slices and slices > 1
+        else "one pass each"
+    )
+    r.add(f"8-stream passes of haproxy and kpx, {how}; what each met, haproxy / kpx:\n")
+    rows = []
+    for key, label, pattern, scale in BULK_ROWS:
+        cells = []
+        for i in range(n_runs):
+            h = num((haproxy[i] if i < len(haproxy) else {}).get(key)) * scale
+            k = num((kpx[i] if i < len(kpx) else {}).get(key)) * scale
+            cells.append(f"{fmt(pattern, h)} / {fmt(pattern, k)}")
+        rows.append([label, *cells])
+    r.add(table(["haproxy / kpx", *(f"run {i + 1}" for i in range(n_runs))], rows))
+
+
+def workers_section(r: Report, workers: Doc | None, run: Doc) -> None:
+    """## kpx --workers N against one worker: every run of both, what held them."""
+    n = (workers or {}).get("workers", 2)
+    r.add(f"## kpx --workers {n} against --workers 1\n")
+    runs = (workers or {}).get("runs") or {}
+    if not runs.get("one") or not runs.get("many"):
+        _missing(r, "proxy-workers", run)
+        return
+    _partial(r, workers or {})
+    doc = workers or {}
+    load = doc.get("load_cpus")
+    r.add(
+        f"`bench/proxy_workers.py`: bench/proxy.py's chain, kpx restarted with `--workers 1` and "
+        f"`--workers {n}` in turn (the order swapped every run; rows in the order they ran), "
+        f"pinned to CPUs {doc.get('cpus')}"
+        + (
+            f", the load generators on CPUs {load}"
+            if load
+            else ", the load generators and "
+            "servers (iperf3, wrk, the origin) unpinned on the same cores"
+        )
+        + f"; iperf3 -P 8 and wrk `-c{doc.get('conns')}` `Connection: close`, "
+        f"{f_num(num(doc.get('duration_s')), 0)} s each. Run-queue wait: time kpx's processes "
+        "were runnable but waited for a core, summed over them; load CPU: iperf3 (both ends), "
+        "or wrk and the origin, in the same pass; rest: the whole machine's busy CPU-s in the pass "
+        "but kpx's and the load's (other processes, interrupts). Every run:\n"
+    )
+    rows = []
+    orders = doc.get("orders") or []
+    for i, (one, many) in enumerate(zip(runs["one"], runs["many"], strict=False)):
+        pair = (("1", one), (str(n), many))
+        if i < len(orders) and orders[i] and orders[i][0] != 1:
+            pair = pair[::-1]  # in the order they ran
+        for label, fig in pair:
+            rss = fig.get("rss") or {}
+            rows.append(
+                [
+                    str(i + 1),
+                    label,
+                    fmt("{:.2f}", fig.get("gbps_8")),
+                    fmt("{:.1f}", num(fig.get("bulk_runq_wait_ms")) / 1000),
+                    fmt("{:.1f}", fig.get("bulk_proxy_cpu_s")),
+                    fmt("{:.1f}", fig.get("bulk_load_cpu_s")),
+                    fmt("{:.1f}", _rest(fig, "bulk")),
+                    fmt("{:,.0f}", fig.get("conn_per_s")),
+                    fmt("{:.1f}", num(fig.get("conn_runq_wait_ms")) / 1000),
+                    fmt("{:.1f}", fig.get("conn_proxy_cpu_s")),
+                    fmt("{:.1f}", fig.get("conn_load_cpu_s")),
+                    fmt("{:.1f}", _rest(fig, "conn")),
+                    fmt("{:.1f}", rss.get("control_mb"))
+                    + "".join(f" + {fmt('{:.1f}', w)}" for w in rss.get("workers_mb") or []),
+                ]
+            )
+    r.add(
+        table(
+            [
+                "run",
+                "workers",
+                "8 streams (Gbit/s)",
+                "wait (s), 8 streams",
+                "kpx CPU-s, 8 streams",
+                "load CPU-s, 8 streams",
+                "rest CPU-s, 8 streams",
+                "conn/s",
+                "wait (s), conn",
+                "kpx CPU-s, conn",
+                "load CPU-s, conn",
+                "rest CPU-s, conn",
+                "RSS (MB): control + workers",
+            ],
+            rows,
+        )
+    )
+    ratio_runs = doc.get("ratio_runs") or {}
+    r.add(
+        f"--workers {n} / --workers 1 per run: "
+        + "; ".join(
+            f"{label} " + ", ".join(f_ratio(num(v)) for v in ratio_runs.get(key) or [])
+            for key, label in (("conn_per_s", "conn/s"), ("gbps_8", "8 streams"))
+        )
+        + ".\n"
+    )
+
+
+def _rest(figures: Doc, pass_name: str) -> float:
+    """The machine's busy CPU-s in a pass that were neither kpx's nor the load's."""
+    return (
+        num(figures.get(f"{pass_name}_machine_cpu_s"))
+        - num(figures.get(f"{pass_name}_load_cpu_s"))
+        - num(figures.get(f"{pass_name}_proxy_cpu_s"))
+    )
 
 
 def idle_section(r: Report, idle: Doc) -> None:
@@ -781,6 +913,7 @@ def render(out: Path) -> tuple[Path, list[Check]]:
     targets_section(r, checks)
     dns_section(r, results.get("dns"), run, made)
     proxy_section(r, results.get("proxy"), run, made)
+    workers_section(r, results.get("proxy-workers"), run)
     sync_section(r, results.get("sync"), run, made)
     memory_section(r, memory_sweep(results), results.get("proxy"), made)
     overload_section(r, results.get("dns-overload"), run)

@@ -54,7 +54,7 @@ def plan(quick: bool) -> list[Step]:
             "sync",
             "kwatch initial sync" + (" (500 Services)" if quick else ", 10,000 Services"),
             ["bench.sync", *q],
-            5 if quick else 90,
+            5 if quick else 40,
         ),
         Step(
             "dns",
@@ -92,6 +92,14 @@ def plan(quick: bool) -> list[Step]:
     )
     steps.append(
         Step(
+            "proxy-workers",
+            "kpx --workers 2 against --workers 1 on the same cores",
+            ["bench.proxy_workers", *q],
+            15 if quick else 200,
+        )
+    )
+    steps.append(
+        Step(
             "udp",
             "UDP: kpx vs nginx stream and NAT, sessions, re-targeting",
             ["bench.udp", *q],
@@ -103,7 +111,7 @@ def plan(quick: bool) -> list[Step]:
             "relist",
             "peak RSS of dnsd and kpx during a forced 410 relist",
             ["bench.relist", *q],
-            15 if quick else 150,
+            15 if quick else 45,
         )
     )
     steps.append(

@@ -266,10 +266,56 @@ def overload_doc(flood_p99_ms: float = 0.4, lost: int = 0) -> dict[str, Any]:
     }
 
 
+def workers_run(conn: float, gbps: float, wait_s: float, load_s: float, rss: list[float]) -> Any:
+    return {
+        "gbps_8": gbps,
+        "bulk_runq_wait_ms": wait_s * 1000,
+        "bulk_proxy_cpu_s": 6.0,
+        "bulk_load_cpu_s": load_s,
+        "bulk_machine_cpu_s": 15.0,
+        "conn_per_s": conn,
+        "conn_runq_wait_ms": wait_s * 1000,
+        "conn_proxy_cpu_s": 7.0,
+        "conn_load_cpu_s": load_s,
+        "conn_machine_cpu_s": 16.0,
+        "rss": {"control_mb": 64.0, "workers_mb": rss},
+    }
+
+
+def workers_doc(
+    many_conn: tuple[float, ...] = (14_640, 15_040, 14_800),
+    many_gbps: tuple[float, ...] = (20.0, 19.56, 21.0),
+    worker_rss: float = 28.0,
+) -> dict[str, Any]:
+    """bench/proxy_workers.py's output: one worker at 8,000 conn/s and 12 Gbit/s every run."""
+    one = [workers_run(8_000, 12.0, 0.4, 6.0, []) for _ in many_conn]
+    many = [
+        workers_run(c, g, 4.7, 8.0, [worker_rss, 27.8])
+        for c, g in zip(many_conn, many_gbps, strict=True)
+    ]
+    return {
+        "benchmark": "proxy-workers",
+        "workers": 2,
+        "cpus": "0,1",
+        "cores": 2,
+        "load_cpus": None,
+        "duration_s": 8.0,
+        "conns": 32,
+        "orders": [[1, 2], [2, 1], [1, 2]],
+        "runs": {"one": one, "many": many},
+        "ratio_runs": {
+            "conn_per_s": [c / 8_000 for c in many_conn],
+            "gbps_8": [g / 12.0 for g in many_gbps],
+        },
+        "complete": True,
+    }
+
+
 def write_all(out: Path, **overrides: Any) -> None:
     docs: dict[str, Any] = {
         "dns": dns_doc(),
         "proxy": proxy_doc(),
+        "proxy-workers": workers_doc(),
         "sync": sync_doc(),
         "relist": relist_doc(),
         "soak": soak_doc(),
@@ -426,13 +472,15 @@ def test_report_sections_machine_and_summary_line(tmp_path: Path) -> None:
     ):
         assert heading in md
     rows = targets(md)
-    # 20, programming p99 at 10, 1,000 and 3,000 Services, 3 of the overload, 5 of the soak
-    assert len(rows) == 34
+    # 20, programming p99 at 10, 1,000 and 3,000 Services, 3 of the workers, 3 of the
+    # overload, 5 of the soak
+    assert len(rows) == 37
     not_met = [what for what, cells in rows.items() if cells[-1].startswith(NOT_MET)]
     # dnsd CPU, dnsd RSS x 2, kpx conn/s, kpx 8 streams (run 2), new Service p99 at 10,000,
     # kpx relist peak, the flood's wait (EDNS flood), kpx RSS growth in the soak
     assert len(not_met) == 9, not_met
-    assert "25 of 34 targets met, 9 not met, 0 not judged." in md
+    assert "28 of 37 targets met, 9 not met, 0 not judged." in md
+    assert "## kpx --workers 2 against --workers 1" in md
     relist = "peak RSS during a forced 410 relist, 10,000 Services / 100,000 endpoints"
     assert rows[f"dnsd {relist}"][0] == "180.0 MB peak, 160.0 MB steady (1.12x)"
     assert rows[f"dnsd {relist}"][-1] == MET
@@ -465,6 +513,93 @@ def test_charts_are_valid_pngs(tmp_path: Path) -> None:
         image = matplotlib.image.imread(png)
         height, width = image.shape[:2]
         assert width >= 600 and height >= 350, (png.name, width, height)
+
+
+def test_a_missed_8_stream_run_says_what_both_passes_met(tmp_path: Path) -> None:
+    proxy = proxy_doc()
+    proxy["args"]["bulk_slices"] = 4
+    for mode, cpu, wait_ms, idle in (("kpx", 2.3, 150.0, 35.0), ("haproxy", 4.4, 220.0, 2.0)):
+        proxy["runs"][mode] = [
+            {**one, "bulk_proxy_cpu_s": cpu, "bulk_runq_wait_ms": wait_ms,
+             "bulk_load_cores_idle_pct": idle, "bulk_slowest_second_gbps": 9.5}
+            for one in proxy["runs"][mode]
+        ]  # fmt: skip
+    write_all(tmp_path, proxy=proxy)
+    md = render(tmp_path)
+    verdict = targets(md)["kpx 8-stream throughput (iperf3 -P 8) vs haproxy"][4]
+    assert verdict == (
+        f"{NOT_MET}: missed in run 2 of 3 (per run: 1.10x, 0.83x, 1.09x); run 2, kpx / haproxy: "
+        "CPU 2.3 / 4.4 s, waited for a core 0.1 / 0.2 s, load cores idle 35.0 / 2.0 %"
+    )
+    assert "8-stream passes of haproxy and kpx, interleaved in 4 alternating slices" in md
+    assert "| proxy CPU-s | 4.4 / 2.3 | 4.4 / 2.3 | 4.4 / 2.3 |" in md
+    assert "| load cores idle (%) | 2 / 35 | 2 / 35 | 2 / 35 |" in md
+
+
+WORKERS_CONN = "kpx --workers 2 new connections/s vs --workers 1 (same cores, same sitting)"
+WORKERS_BULK = "kpx --workers 2 8-stream throughput vs --workers 1 (same cores, same sitting)"
+WORKERS_RSS = "kpx RSS of each worker (--workers 2)"
+
+
+def test_workers_scaling_met_in_every_run_shows_what_held_it(tmp_path: Path) -> None:
+    write_all(tmp_path)
+    md = render(tmp_path)
+    rows = targets(md)
+    conn = rows[WORKERS_CONN]
+    assert conn[:4] == ["14,800 /s", "8,000 /s", "1.85x", ">= 1.8x one worker, every run"]
+    # met, with what limits the scaling beside it: the wait for a core, the load's CPU
+    assert conn[4].startswith(
+        f"{MET}: kpx's processes waited 4.7 s (summed) for a core with 2 workers (0.4 s with 1)"
+    )
+    assert "used 8.0 CPU-s of the 16 (6.0 with 1)" in conn[4]
+    # what neither kpx nor the load took: 16 busy - 8 load - 7 kpx
+    assert conn[4].endswith("the rest of the machine (other processes, interrupts) 1.0")
+    bulk = rows[WORKERS_BULK]
+    assert bulk[:4] == ["20.00 Gbit/s", "12.00 Gbit/s", "1.67x", ">= 1.6x one worker, every run"]
+    assert bulk[4].startswith(MET)
+    assert rows[WORKERS_RSS][0] == "28.0 MB (largest)"
+    assert rows[WORKERS_RSS][4].startswith(f"{MET}: every worker, every run: 28.0, 27.8")
+    # every run of both, in the order they ran (run 2: two workers first)
+    section = md.split("## kpx --workers 2 against --workers 1", 1)[1].split("\n## ", 1)[0]
+    firsts = [line.split(" | ")[:2] for line in section.splitlines() if line.startswith("| ")]
+    assert firsts[2:] == [["| 1", "1"], ["| 1", "2"], ["| 2", "2"], ["| 2", "1"], ["| 3", "1"],
+                          ["| 3", "2"]]  # fmt: skip
+    assert "conn/s 1.83x, 1.88x, 1.85x; 8 streams 1.67x, 1.63x, 1.75x" in section
+
+
+def test_workers_scaling_missed_in_one_run_is_flagged_with_that_run(tmp_path: Path) -> None:
+    # run 2: 1.09x the connections/s (the median 1.83x meets it), run 3: 1.17x the throughput
+    doc = workers_doc(many_conn=(14_640, 8_720, 15_040), many_gbps=(20.0, 19.56, 14.04))
+    del doc["ratio_runs"]  # computed from the runs then
+    write_all(tmp_path, **{"proxy-workers": doc})
+    rows = targets(render(tmp_path))
+    conn = rows[WORKERS_CONN]
+    assert conn[2] == "1.83x"
+    assert conn[4].startswith(
+        f"{NOT_MET}: missed in run 2 of 3 (per run: 1.83x, 1.09x, 1.88x); kpx's processes"
+    )
+    assert rows[WORKERS_BULK][4].startswith(
+        f"{NOT_MET}: missed in run 3 of 3 (per run: 1.67x, 1.63x, 1.17x)"
+    )
+
+
+def test_a_worker_over_30_mb_is_flagged(tmp_path: Path) -> None:
+    write_all(tmp_path, **{"proxy-workers": workers_doc(worker_rss=30.5)})
+    rss = targets(render(tmp_path))[WORKERS_RSS]
+    assert rss[0] == "30.5 MB (largest)" and rss[3:] == [
+        "<= 30 MB",
+        f"{NOT_MET}: every worker, every run: 30.5, 27.8, 30.5, 27.8, 30.5, 27.8 MB",
+    ]
+
+
+def test_workers_scaling_not_run_is_said_so(tmp_path: Path) -> None:
+    write_all(tmp_path, **{"proxy-workers": None})
+    md = render(tmp_path)
+    rows = targets(md)
+    for what in (WORKERS_CONN, WORKERS_BULK):
+        assert rows[what][4] == "n/a: not run"
+    assert rows[WORKERS_RSS][4] == "n/a: not run"
+    assert "Not measured (no `results/proxy-workers.json`)." in md
 
 
 def test_ratios_come_from_the_runs_when_the_json_has_none(tmp_path: Path) -> None:
@@ -722,7 +857,7 @@ def test_soak_and_overload_without_results_are_not_run(tmp_path: Path) -> None:
         assert rows[what] == ["—", "—", "n/a", rows[what][3], "n/a: not run"]
     assert "Not run (no `results/soak.json`): `.venv/bin/python -m bench.report --only soak`" in md
     assert "Not run (no `results/dns-overload.json`)" in md
-    assert "19 of 34 targets met, 7 not met, 8 not judged." in md
+    assert "22 of 37 targets met, 7 not met, 8 not judged." in md
 
 
 def udp_doc(targets: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -87,6 +87,7 @@ def test_bench_proxy_quick(tmp_path: Path) -> None:
     _needs("iperf3", "wrk", "haproxy")
     text = _run("bench.proxy", "--json", str(tmp_path / "proxy.json"))
     assert "medians of 1 runs" in text
+    assert "run 1 8 streams in 4 alternating slices: haproxy" in text
     assert "network programming latency" in text
     doc = _json(tmp_path / "proxy.json")
     assert set(doc["medians"]) == {"direct", "nat", "haproxy", "kpx", "kpx-tp"}
@@ -168,3 +169,18 @@ def test_bench_relist_quick(tmp_path: Path) -> None:
     name = text.split("network namespace ", 1)[1].split()[0]
     leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert name not in leftovers
+
+
+@pytest.mark.timeout(120)
+def test_bench_proxy_workers_quick(tmp_path: Path) -> None:
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    _needs("iperf3", "wrk", "haproxy")
+    text = _run("bench.proxy_workers", "--json", str(tmp_path / "workers.json"))
+    assert "run 1 --workers 1:" in text and "run 1 --workers 2:" in text
+    doc = _json(tmp_path / "workers.json")
+    assert len(doc["runs"]["one"]) == len(doc["runs"]["many"]) == 1
+    assert set(doc["ratio_runs"]) == {"conn_per_s", "gbps_8"}
+    assert doc["runs"]["one"][0]["rss"]["workers_mb"] == []  # one worker: kpx proxies itself
+    assert len(doc["runs"]["many"][0]["rss"]["workers_mb"]) == 2
