@@ -35,7 +35,7 @@ from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
 from kwatch.models import keep_reference_names
 from kwatch.resources import ENDPOINTSLICES, NAMESPACES, PODS, SERVICEIMPORTS, SERVICES
-from kwatch.runtime import release_free_memory, run, stop_event
+from kwatch.runtime import release_free_memory, run, steady_heap, stop_event
 from kwatch.supervisor import Supervisor
 
 log = structlog.get_logger("dnsd")
@@ -289,6 +289,7 @@ def _fork_workers(count: int) -> tuple[int, list[int]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    steady_heap()  # before the first list: the watches' churn otherwise fragments the heap
     settings = load(argv)
     configure_logging(settings.log_format, settings.log_level, "dnsd")
     # The UDP threads answer cluster names and the event loop the rest, under one GIL: a

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from kwatch.mcs import ServiceImport
@@ -41,7 +41,16 @@ class Resource:
             {"metadata": ListMeta, "items": list[self.model] | None},  # type: ignore[name-defined]
             total=False,
         )
-        object.__setattr__(self, "list_adapter", TypeAdapter(envelope))
+        # Only keys go through pydantic's string cache (16,384 strings under 64 bytes, for the
+        # whole process), not values: resourceVersions, names and addresses that change with
+        # every relist filled it slowly, about 1 MB of dead strings that the soak's RSS after
+        # warm-up counted as growth; as fast (10,000 Services: 161 ms, 170 with values).
+        # A TypedDict carries no config for the adapter: hence `| None`, which takes one.
+        object.__setattr__(
+            self,
+            "list_adapter",
+            TypeAdapter(envelope | None, config=ConfigDict(cache_strings="keys")),
+        )
 
     @property
     def group(self) -> str:
@@ -79,7 +88,7 @@ class Resource:
         annotations, ...) are skipped by the parser and never become Python objects. Raises
         pydantic.ValidationError when any item is invalid (or the body is not JSON); the
         caller then parses item by item to keep the valid ones."""
-        doc = self.list_adapter.validate_json(body)
+        doc = self.list_adapter.validate_json(body) or {}  # `null`: no resourceVersion
         meta = doc.get("metadata") or {}
         return (
             doc.get("items") or [],
