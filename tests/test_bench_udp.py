@@ -68,3 +68,12 @@ def test_over_runs_judges_the_median_of_each_runs_own_ratio() -> None:
     assert got["small_datagrams_per_s"]["ratio"] == 1.5 and got["small_datagrams_per_s"]["met"]
     assert got["datagrams_per_s_with_sessions_held"]["ratio"] == 1.0
     assert len(got["bulk_datagrams_per_s"]["bound_by_runs"]) == 3
+
+
+def test_the_sessions_target_compares_with_the_pass_right_before_the_sessions() -> None:
+    doc = run(60_000, 40_000, 45_000)
+    doc["sessions"]["kpx"]["small_without_sessions"] = {"answers_per_s": 50_000.0}
+    got = targets(doc)["datagrams_per_s_with_sessions_held"]
+    assert got["ratio"] == 0.9 and got["met"]
+    del doc["sessions"]["kpx"]["small_without_sessions"]  # older results: the first pass
+    assert targets(doc)["datagrams_per_s_with_sessions_held"]["ratio"] == 0.75
