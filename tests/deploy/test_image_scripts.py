@@ -108,6 +108,19 @@ def test_keep_rules_passes_the_exit_status_through() -> None:
     assert subprocess.run(["sh", str(KEEP_RULES), "sh", "-c", "exit 7"]).returncode == 7
 
 
+def test_keep_rules_reports_the_kill_whenever_the_child_dies() -> None:
+    """The wrapper exits 137 (its child's SIGKILL), never 143 from its own interrupted `wait`.
+    Before the final `wait`, a child the shell had reaped before `kill -0` made about 4 stops
+    in 10 report 143 (the rolling-update test caught it)."""
+    statuses = []
+    for _ in range(20):
+        wrapper = subprocess.Popen(["sh", str(KEEP_RULES), "sleep", "60"])
+        time.sleep(0.05)  # the trap is set
+        wrapper.send_signal(signal.SIGTERM)
+        statuses.append(wrapper.wait(timeout=10))
+    assert statuses == [128 + signal.SIGKILL] * 20
+
+
 @pytest.fixture
 def public_dir() -> Iterator[Path]:
     """A directory uid 65532 can reach (pytest's tmp_path lives under a 0700 parent)."""
