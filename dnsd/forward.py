@@ -56,6 +56,7 @@ from dnsd.forward_wire import (
     error_answer,
     parse_query,
 )
+from kwatch import metrics as kwatch_metrics
 
 log = structlog.get_logger("dnsd.forward")
 
@@ -514,12 +515,27 @@ class Forwarder:
     async def _probe(self, upstream: Upstream) -> None:
         """Ask an unhealthy upstream `. IN NS` every HEALTH_CHECK_INTERVAL until it answers."""
         question = HEALTH_PROBE[12:]
+        crashed = False
         while not upstream.healthy:
             await asyncio.sleep(HEALTH_CHECK_INTERVAL)
             try:
                 await self._udp_question(upstream, HEALTH_PROBE, question, self.timeout)
             except UpstreamFailed:
                 HEALTHCHECK_FAILURES.labels(upstream.label).inc()
+                continue
+            except Exception as err:
+                # Not an upstream failure: a bug. The probe is the only way back to healthy
+                # besides a lucky client query, so it goes on at the next interval (it is not
+                # supervised on its own); counted as a restart, its traceback logged once.
+                HEALTHCHECK_FAILURES.labels(upstream.label).inc()
+                kwatch_metrics.TASK_RESTARTS.labels("forward-probe").inc()
+                if crashed:
+                    log.error(
+                        "forward_probe_failed_again", upstream=upstream.label, problem=repr(err)
+                    )
+                else:
+                    log.exception("forward_probe_failed", upstream=upstream.label)
+                crashed = True
                 continue
             self._succeeded(upstream)
 

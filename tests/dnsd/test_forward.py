@@ -864,6 +864,42 @@ async def test_upstream_going_bad_and_recovering_is_logged_once_each(upstream, f
     assert metric("dnsd_forward_upstream_healthy", to=to(flaky)) == 1
 
 
+async def test_a_probe_that_hits_a_bug_keeps_probing_and_counts_it(upstream, forwarder):
+    """An unexpected exception inside the probe (not an upstream failure) must not end it: the
+    upstream would then come back only through a lucky client query."""
+    flaky = await upstream(answering("192.0.2.92"))
+    flaky.silent = True
+    fwd = forwarder(flaky, timeout=0.1)
+    real = fwd._udp_question
+    broken = 2
+
+    def failing_probe(up, template, question, budget):
+        nonlocal broken
+        if template == forward_module.HEALTH_PROBE and broken:
+            broken -= 1
+            raise RuntimeError("injected")
+        return real(up, template, question, budget)
+
+    fwd._udp_question = failing_probe
+    restarts = metric("kwatch_task_restarts_total", task="forward-probe")
+    with structlog.testing.capture_logs() as logs:
+        for i in range(2):
+            await fwd.forward(query(f"p{i}.example.com"))
+        assert not fwd.upstreams[0].healthy
+        flaky.silent = False
+        for _ in range(50):  # two broken probes at 0.5 s each, then a real one
+            if fwd.upstreams[0].healthy:
+                break
+            await asyncio.sleep(0.1)
+    assert fwd.upstreams[0].healthy
+    assert broken == 0
+    assert metric("kwatch_task_restarts_total", task="forward-probe") == restarts + 2
+    events = [e["event"] for e in logs]
+    assert events.count("forward_probe_failed") == 1  # with its traceback, once
+    assert events.count("forward_probe_failed_again") == 1
+    await fwd.close()
+
+
 async def test_close_stops_health_probes(upstream, forwarder):
     silent = await upstream(dead())
     fwd = forwarder(silent, timeout=0.1)
