@@ -4,11 +4,7 @@ addresses that change with every relist (bench/soak.py counted them as RSS growt
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kwatch.fresh import fresh_python
 
 # A fresh process: the cache is the process's, and earlier tests may have filled it.
 SCRIPT = """
@@ -41,14 +37,6 @@ print(tracemalloc.get_traced_memory()[0])
 
 
 def test_relisting_new_values_keeps_none_of_them() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
+    out = fresh_python(SCRIPT, timeout=120)
     # With values cached: about 16,000 strings, 0.9 MB.
-    assert int(out.stdout) < 100_000
+    assert int(out) < 100_000

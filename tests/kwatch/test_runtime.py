@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import ctypes
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kwatch.fresh import fresh_python
 
 # In a child process: mallopt changes the allocator of the whole process it runs in.
 SCRIPT = """
@@ -47,15 +45,7 @@ def has_mallinfo2() -> bool:
     not sys.platform.startswith("linux") or not has_mallinfo2(), reason="glibc >= 2.33 only"
 )
 def test_a_freed_big_block_no_longer_moves_big_blocks_into_the_heap() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.split()
+    out = fresh_python(SCRIPT, timeout=60).split()
     default_mib, taken, steady_mib, steady_64k = out
     # glibc's own behaviour: after the 4 MiB block, a 1 MiB one comes from the heap.
     assert int(default_mib) == 0
