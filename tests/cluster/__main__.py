@@ -345,6 +345,12 @@ class PodRun:
     def start_probing(self) -> None:
         self._prober = asyncio.create_task(self._probe_loop())
 
+    async def stop_probing(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            await asyncio.gather(self._prober, return_exceptions=True)
+            self._prober = None
+
     async def _probe_loop(self) -> None:
         async def poll(probe: podlib.Probe) -> None:
             await asyncio.sleep(probe.initial_delay)
@@ -368,9 +374,7 @@ class PodRun:
 
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL after terminationGracePeriodSeconds, as a kubelet does."""
-        if self._prober is not None:
-            self._prober.cancel()
-            await asyncio.gather(self._prober, return_exceptions=True)
+        await self.stop_probing()
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -1126,6 +1130,13 @@ async def rolling_update(
             down.add(old.node.node_name)
         if not surge:
             await asyncio.gather(*(old.stop() for old in group))
+        else:
+            # With hostNetwork the old and the new pod share the probe port from here on
+            # (kpx/handover.py): a poll for the old pod may be answered by the new one still
+            # waiting for its first sync, and the old one rightly answers 503 while it hands
+            # its connections over. A kubelet marking the leaving pod unready then is
+            # harmless (the surge waits for the new pod only), so its probes end here.
+            await asyncio.gather(*(old.stop_probing() for old in group))
         replacements = [PodRun(env, ds, old.node, generation) for old in group]
         for new in replacements:
             await new.start()
