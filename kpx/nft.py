@@ -28,8 +28,13 @@ the policy routing kpx installs (kpx/policyroute.py: `fwmark lookup` a table who
 is `local default dev lo`) turns into local delivery. The same chain marks every TCP packet of
 a connection that belongs to a transparent socket (`socket transparent 1`): the client's later
 packets and, above all, the backends' replies to the client's address, which the node would
-otherwise forward to the client pod. Host processes (output hook) are still `redirect`ed, and
-the refusing chains skip marked packets (a tproxied packet keeps its frontend destination).
+otherwise forward to the client pod. Except a connection's first SYN: the socket it finds may
+be a TIME_WAIT one (kpx closed first towards that client port, and the client reuses the port
+within the minute), which would answer it with a bare ACK: the client resets it and connects
+only with a retransmitted SYN (bench/proxy.py's transparent connection rate was half of node
+mode's). `tproxy` hands such a SYN to the listener, which takes the tuple over. Host processes
+(output hook) are still `redirect`ed, and the refusing chains skip marked packets (a tproxied
+packet keeps its frontend destination).
 Clients behind a bridge (the ingress device is a bridge, as with bridge CNIs) are `redirect`ed
 too: tproxy does not work for them (see `_BRIDGE`); the proxy still connects from their
 address where their backend is not on the same bridge (kpx/links.py).
@@ -225,7 +230,9 @@ def render_table(
             # Packets of connections kpx holds transparently (clients' later packets, the
             # backends' replies to a client's address): delivered to kpx, not forwarded. UDP
             # too: the answers to UDP sessions sent from a client's address (kpx/udp_nft.py).
-            f"meta l4proto {{ tcp, udp }} socket transparent 1 {mark} accept\n"
+            # Not a TCP SYN (the module's doc: a TIME_WAIT socket's tuple reused).
+            f"meta l4proto udp socket transparent 1 {mark} accept\n"
+            f"tcp flags & (syn | ack) != syn socket transparent 1 {mark} accept\n"
             f"{_BRIDGE} return\n"
             "meta nfproto ipv4 jump tproxy4\nmeta nfproto ipv6 jump tproxy6"
         )

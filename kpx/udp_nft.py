@@ -13,7 +13,7 @@ states per frontend and the same "only set membership changes" property:
 - `-local`: externalTrafficPolicy Local without endpoints here: tproxied for host processes and
   the cluster CIDRs, dropped for everyone else;
 - answers to sessions that send from the client's address (transparent mode) are marked by
-  the TCP table's `socket transparent` rule (kpx/nft.py), which matches UDP too: a second
+  the TCP table's `socket transparent` rules (kpx/nft.py), one of them for UDP: a second
   such rule for IPv6 in this table was seen to stop IPv6 TCP replies from being taken back;
 - `-drop`: dropped; `-reject`: ICMP port unreachable (kube-proxy's reject), in prerouting
   (after the steering rules) and, for host processes, in the output hook. Datagrams carrying

@@ -138,7 +138,9 @@ def test_transparent_ruleset_tproxies_prerouting_and_redirects_the_rest() -> Non
     assert "tproxy" not in plain and "socket" not in plain
     text = render_table(10262, cluster_cidrs=["10.244.0.0/16"], transparent=True)
     mark = f"meta mark set meta mark | {TPROXY_MARK:#x}"
-    assert f"meta l4proto {{ tcp, udp }} socket transparent 1 {mark} accept" in text
+    assert f"meta l4proto udp socket transparent 1 {mark} accept" in text
+    # A connection's first SYN is never taken by a TIME_WAIT socket: tproxy reopens those.
+    assert f"tcp flags & (syn | ack) != syn socket transparent 1 {mark} accept" in text
     assert f"ip daddr . tcp dport @svc4 tproxy ip to :10262 {mark} accept" in text
     assert f"ip6 daddr . tcp dport @svc6 tproxy ip6 to :10262 {mark} accept" in text
     assert "ip saddr @cluster4 ip daddr . tcp dport @svc4-local tproxy ip to :10262" in text
