@@ -9,6 +9,14 @@ everything, it stops reading the source and waits for the destination to become 
 Pipes are borrowed from a `PipePool` only while data is in flight: an idle connection holds its
 two sockets and nothing else, which keeps a 5,000-idle-connection node far below the open-file
 limit (two sockets per connection instead of six fds) and its memory small.
+
+Small messages are copied instead (recv into the pool's scratch buffer, send), as haproxy does
+before it starts splicing: for a request of a few hundred bytes two splices, a pipe taken from
+the pool and given back cost more, in the kernel and in Python calls, than two copies
+(bench/conncost.py). A direction copies until one read fills the scratch buffer (COPY_MAX):
+from then on it splices. What a copy could not send goes into a pipe (it fits: an empty pipe
+holds at least PIPE_BUF bytes), so bytes in flight are always in a pipe, as the handover
+(kpx/handover.py) expects, and the splice path's backpressure takes over.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import _socket
 import fcntl
 import os
+import select
 import socket
 import struct
 from collections.abc import Callable
@@ -27,6 +36,9 @@ log = structlog.get_logger("kpx.splice")
 
 # One splice asks for up to this much; the pipe's capacity bounds what actually moves.
 SPLICE_CHUNK = 1 << 20
+# Reads up to this size are copied (recv, send) rather than spliced; a read that fills it turns
+# its direction to splicing. PIPE_BUF, so the unsent rest of a copy always fits an empty pipe.
+COPY_MAX = select.PIPE_BUF
 DEFAULT_PIPE_SIZE = 1 << 20
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -47,10 +59,13 @@ class PipePool:
     """Empty, non-blocking pipes kept for reuse, so a busy relay does not pay pipe2 + fcntl
     per burst and an idle relay holds none."""
 
-    __slots__ = ("_free", "_max_free", "_pipe_size", "_resize_refused", "created")
+    __slots__ = ("_free", "_max_free", "_pipe_size", "_resize_refused", "created", "scratch")
 
     def __init__(self, pipe_size: int = DEFAULT_PIPE_SIZE, max_free: int = 64) -> None:
         self._free: list[Pipe] = []
+        # The buffer small messages are copied through (one per pool, that is per proxy and
+        # event loop: a copy is over before the callback returns).
+        self.scratch = memoryview(bytearray(COPY_MAX))
         self._max_free = max_free
         # Desired capacity (0: keep the kernel's default, 64 KiB).
         self._pipe_size = pipe_size
@@ -139,6 +154,7 @@ class _Direction:
     """One direction of a relay: src socket -> pipe -> dst socket."""
 
     __slots__ = (
+        "copying",
         "done",
         "dst",
         "dst_fd",
@@ -172,6 +188,8 @@ class _Direction:
         # src reached EOF; `done` once that EOF was passed on (shutdown of dst's write side).
         self.eof = False
         self.done = False
+        # Small reads are copied, not spliced, until one fills COPY_MAX (the module's doc).
+        self.copying = True
 
     def start_reading(self) -> None:
         self.relay.loop.add_reader(self.src_fd, self.on_readable)
@@ -180,6 +198,56 @@ class _Direction:
     def on_readable(self) -> None:
         relay = self.relay
         pipe = self.pipe
+        if pipe is None and self.copying:
+            scratch = relay.pool.scratch
+            try:
+                n = self.src.recv_into(scratch, COPY_MAX)
+            except BlockingIOError:
+                return
+            except OSError:
+                relay.abort()
+                return
+            if n:
+                relay.idle_sweeps = 0
+                if n == COPY_MAX:
+                    self.copying = False  # bulk: splice from the next read on
+                try:
+                    sent = self.dst.send(scratch[:n])
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    relay.abort()
+                    return
+                if sent:
+                    if self.upstream:
+                        relay.counters.bytes_to_backend += sent
+                    else:
+                        relay.counters.bytes_to_client += sent
+                if sent == n:
+                    return
+                # The destination is full: the rest waits in a pipe, sent by `flush` as
+                # the destination drains (and handed over as any pipe's bytes are).
+                try:
+                    pipe = self.pipe = relay.pool.acquire()
+                    written = os.write(pipe[1], scratch[sent:n])
+                except OSError as exc:
+                    log.error("pipe_create_failed", error=exc.strerror)
+                    relay.abort()
+                    return
+                if written != n - sent:  # cannot happen with an empty pipe (PIPE_BUF)
+                    log.error("pipe_write_short", wanted=n - sent, written=written)
+                    relay.abort()
+                    return
+                self.pending = n - sent
+                self.flush()
+                return
+            # EOF: as the splice path's below, with nothing in flight.
+            self.eof = True
+            self.reading = False
+            if not (relay._down if self.upstream else relay._up).done:
+                relay.loop.remove_reader(self.src_fd)
+            self.flush()
+            return
         if pipe is None:
             try:
                 pipe = self.pipe = relay.pool.acquire()
