@@ -191,6 +191,38 @@ def bulk_conditions(proxy: Doc, missed: Sequence[int]) -> str:
     return "".join(f"; {p}" for p in parts)
 
 
+# Transparent mode (the default, `--source-address-mode auto`) against node mode, same run:
+# backends keeping the client's address must cost at most 5 % (issue 10).
+TRANSPARENT_TARGETS = (
+    ("gbps_8", "8-stream throughput", 2, "Gbit/s", ">=", 0.95),
+    ("proxy_cpu_s_per_gb", "CPU per GB moved", 2, "CPU-s/GB", "<=", 1.05),
+    ("conn_per_s", "new connections/s", 0, "/s", ">=", 0.95),
+)
+
+
+def transparent_checks(proxy: Doc) -> list[Check]:
+    med = proxy.get("medians") or {}
+    tp, node = med.get("kpx-tp") or {}, med.get("kpx") or {}
+    if not tp:
+        return []
+    checks = []
+    for key, what, digits, unit, op, limit in TRANSPARENT_TARGETS:
+        each = run_ratios(proxy, "kpx-tp", "kpx", key)
+        verdict, missed = judge_every_run(each, op, limit)
+        checks.append(
+            Check(
+                f"kpx transparent mode {what} vs node mode",
+                f_num(num(tp.get(key)), digits, unit),
+                f_num(num(node.get(key)), digits, unit),
+                per_run_ratio(proxy, "kpx-tp", "kpx", key),
+                f"{op} {limit}x node mode, every run",
+                verdict,
+                missed,
+            )
+        )
+    return checks
+
+
 def proxy_checks(proxy: Doc | None) -> list[Check]:
     proxy = proxy or {}
     med = proxy.get("medians") or {}
@@ -224,6 +256,7 @@ def proxy_checks(proxy: Doc | None) -> list[Check]:
                 missed,
             )
         )
+    checks += transparent_checks(proxy)
     idle = proxy.get("idle") or {}
     ours = num((idle.get("kpx") or {}).get("kib_per_conn"))
     peer = num((idle.get("haproxy") or {}).get("kib_per_conn"))

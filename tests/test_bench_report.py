@@ -906,3 +906,21 @@ def test_udp_ratios_are_bench_udps_own_when_it_writes_its_targets() -> None:
     assert (bulk_cpu.ratio, bulk_cpu.target, bulk_cpu.verdict) == (0.5, "<= 0.8x nginx", MET)
     assert rows["kpx UDP datagrams/s with the sessions held vs without"].verdict == NOT_MET
     assert rows["kpx UDP 1,200-byte datagrams/s vs nginx"].ratio == 2.0  # not in its targets
+
+
+def test_transparent_mode_is_judged_against_node_mode_in_every_run(tmp_path: Path) -> None:
+    proxy = proxy_doc()
+    write_all(tmp_path, proxy=proxy)
+    assert not any("transparent" in what for what in targets(render(tmp_path)))  # not run
+    proxy["runs"]["kpx-tp"] = [
+        {**run, "conn_per_s": conns}
+        for run, conns in zip(proxy["runs"]["kpx"], (4_400, 2_000, 4_500), strict=True)
+    ]
+    proxy["medians"]["kpx-tp"] = {**proxy["medians"]["kpx"], "conn_per_s": 4_400}
+    write_all(tmp_path, proxy=proxy)
+    rows = targets(render(tmp_path))
+    conns = rows["kpx transparent mode new connections/s vs node mode"]
+    assert conns[:3] == ["4,400 /s", "4,500 /s", "0.98x"]
+    assert conns[-1] == f"{NOT_MET}: missed in run 2 of 3 (per run: 0.98x, 0.44x, 1.00x)"
+    assert rows["kpx transparent mode 8-stream throughput vs node mode"][-1] == MET
+    assert rows["kpx transparent mode CPU per GB moved vs node mode"][-1] == MET
