@@ -60,8 +60,15 @@ class Poller:
 
     def add_reader(self, fd: int, callback: Callable[[], object]) -> None:
         self._readers[fd] = callback
-        old = self._masks.get(fd, 0)
-        if not old & _IN:
+        masks = self._masks
+        old = masks.get(fd, 0)
+        if not old:  # a new socket's registration, the common case: without `_set_mask`
+            try:
+                self._epoll.register(fd, _IN)
+            except FileExistsError:
+                self._epoll.modify(fd, _IN)
+            masks[fd] = _IN
+        elif not old & _IN:
             self._set_mask(fd, old, old | _IN)
 
     def remove_reader(self, fd: int) -> bool:

@@ -118,12 +118,24 @@ class ProxyStats(RelayCounters):
 class Listener:
     """One listening socket; `frontend` is fixed in ports mode, None in redirect mode."""
 
-    __slots__ = ("_accepting", "_family", "_held", "_paused", "_proxy", "fd", "frontend", "sock")
+    __slots__ = (
+        "_accepting",
+        "_family",
+        "_held",
+        "_paused",
+        "_proxy",
+        "bound_port",
+        "fd",
+        "frontend",
+        "sock",
+    )
 
     def __init__(self, proxy: Proxy, sock: socket.socket, frontend: BackendKey | None) -> None:
         self._proxy = proxy
         self.sock = sock
         self.fd = sock.fileno()
+        # The port it is bound to (`port` without a getsockname per connection).
+        self.bound_port: int = sock.getsockname()[1]
         # The address family as a plain int, for the sockets `Proxy._on_acceptable` makes.
         self._family = int(sock.family)
         self.frontend = frontend
@@ -392,7 +404,7 @@ class Proxy:
             # tproxied: the local address is the frontend; redirected (host processes): the
             # local port is the listener's and conntrack knows the frontend.
             local = client.getsockname()
-            if local[1] != listener.port:
+            if local[1] != listener.bound_port:
                 frontend = (local[0], local[1])
         if frontend is None:
             try:
@@ -424,7 +436,7 @@ class Proxy:
         stats.connections_active += 1
         if stats.connections_active == 1:
             self._idle.clear()
-        self.dialer.dial(client, client_ip, picker, candidates, source)
+        (self._dialer or self.dialer).dial(client, client_ip, picker, candidates, source)
 
     def _refuse_over_limit(self, client: _socket.socket) -> None:
         self.stats.limit_hits += 1

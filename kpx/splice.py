@@ -170,13 +170,19 @@ class _Direction:
     )
 
     def __init__(
-        self, relay: Relay, src: _socket.socket, dst: _socket.socket, upstream: bool
+        self,
+        relay: Relay,
+        src: _socket.socket,
+        dst: _socket.socket,
+        upstream: bool,
+        src_fd: int,
+        dst_fd: int,
     ) -> None:
         self.relay = relay
         self.src = src
         self.dst = dst
-        self.src_fd = src.fileno()
-        self.dst_fd = dst.fileno()
+        self.src_fd = src_fd
+        self.dst_fd = dst_fd
         # True for client -> backend (decides which byte counter grows).
         self.upstream = upstream
         self.pipe: Pipe | None = None
@@ -410,8 +416,9 @@ class Relay:
         self.closed = False
         # Idle-timeout sweeps since bytes last moved (reset by every splice; see Proxy).
         self.idle_sweeps = 0
-        self._up = _Direction(self, client, backend, upstream=True)
-        self._down = _Direction(self, backend, client, upstream=False)
+        client_fd, backend_fd = client.fileno(), backend.fileno()
+        self._up = _Direction(self, client, backend, True, client_fd, backend_fd)
+        self._down = _Direction(self, backend, client, False, backend_fd, client_fd)
 
     def start(self, backend_watched: bool = False) -> None:
         """Watch both sockets for data; `backend_watched`: the backend socket is watched for
@@ -489,7 +496,8 @@ class Relay:
         self.loop.forget(self._down.src_fd)
         for direction in (self._up, self._down):
             direction.reading = direction.writing = False
-            direction.drop_pipe()
+            if direction.pipe is not None:
+                direction.drop_pipe()
             # Break the relay <-> direction reference cycle: reference counting frees the
             # connection's objects now, so the data path gives the cyclic garbage collector
             # nothing to do and never triggers its full collections (latency spikes).
