@@ -1308,16 +1308,7 @@ class Bench:
             print(
                 "  kpx / haproxy, every run, then the median (a target missed in any run: MISSED):"
             )
-            for key, op, limit in RATIO_TARGETS:
-                if key not in per_run["haproxy"]:
-                    continue
-                runs = per_run["haproxy"][key]
-                print("    " + ratio_line(key, runs, _median(runs), op, limit))
-                for run in misses(runs, op, limit):
-                    missed.append(
-                        f"{key} kpx/haproxy {runs[run - 1]:.2f}x in run {run} "
-                        f"(target {op} {limit}x)"
-                    )
+            missed += judge_runs(per_run["haproxy"], RATIO_TARGETS, "kpx/haproxy")
         ratios = self.doc["ratios"]
         if "nat" in ratios:
             print(
@@ -1328,16 +1319,9 @@ class Bench:
             )
         if "transparent_vs_node" in per_run:
             print("  kpx transparent / node address, every run (target: within 5 %):")
-            for key, op, limit in TRANSPARENT_TARGETS:
-                if key not in per_run["transparent_vs_node"]:
-                    continue
-                runs = per_run["transparent_vs_node"][key]
-                print("    " + ratio_line(key, runs, _median(runs), op, limit))
-                for run in misses(runs, op, limit):
-                    missed.append(
-                        f"{key} kpx transparent/node {runs[run - 1]:.2f}x in run {run} "
-                        f"(target {op} {limit}x)"
-                    )
+            missed += judge_runs(
+                per_run["transparent_vs_node"], TRANSPARENT_TARGETS, "kpx transparent/node"
+            )
         self.save()
 
     def idle_pass(self) -> None:
@@ -1479,6 +1463,25 @@ def misses(values: list[float], op: str | None, limit: float | None) -> list[int
         for i, v in enumerate(values)
         if not (v >= limit if op == ">=" else v <= limit)  # NaN compares false: missed
     ]
+
+
+def judge_runs(
+    per_run: dict[str, list[float]],
+    targets: tuple[tuple[str, str | None, float | None], ...],
+    label: str,
+) -> list[str]:
+    """Print each target's per-run ratios; the runs that missed, one line each."""
+    missed = []
+    for key, op, limit in targets:
+        if key not in per_run:
+            continue
+        runs = per_run[key]
+        print("    " + ratio_line(key, runs, _median(runs), op, limit))
+        missed += [
+            f"{key} {label} {runs[run - 1]:.2f}x in run {run} (target {op} {limit}x)"
+            for run in misses(runs, op, limit)
+        ]
+    return missed
 
 
 def ratio_line(
