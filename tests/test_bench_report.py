@@ -924,3 +924,48 @@ def test_transparent_mode_is_judged_against_node_mode_in_every_run(tmp_path: Pat
     assert conns[-1] == f"{NOT_MET}: missed in run 2 of 3 (per run: 0.98x, 0.44x, 1.00x)"
     assert rows["kpx transparent mode 8-stream throughput vs node mode"][-1] == MET
     assert rows["kpx transparent mode CPU per GB moved vs node mode"][-1] == MET
+
+
+UDP_MEMORY = "kpx memory per UDP session (10,000 held)"
+
+
+def test_udp_memory_per_session_says_when_the_peers_rss_did_not_grow() -> None:
+    doc = udp_doc()
+    rows = {c.what: c for c in udp_checks(doc)}
+    grew = rows[UDP_MEMORY]
+    assert (grew.ours, grew.peer, grew.ratio) == ("0.50 KiB", "1.00 KiB", 0.5)
+    # nginx's RSS stays flat while it holds the sessions (bench/udp.py measures 0 bytes or
+    # less): no "0.00 KiB" as if a session cost it nothing, and no ratio to it.
+    doc["sessions"]["nginx"].update(
+        bytes_per_session=0.0, rss_before_mb=40.296448, rss_after_mb=40.296448
+    )
+    flat = {c.what: c for c in udp_checks(doc)}[UDP_MEMORY]
+    assert flat.ours == "0.50 KiB"
+    assert flat.peer == "no RSS growth (40.3 MB before, 40.3 MB after)"
+    assert math.isnan(flat.ratio)
+    doc["sessions"]["nginx"].update(bytes_per_session=-30.7, rss_after_mb=39.903232)
+    shrank = {c.what: c for c in udp_checks(doc)}[UDP_MEMORY]
+    assert shrank.peer == "no RSS growth (40.3 MB before, 39.9 MB after)"
+
+
+SAVED_UDP = Path(__file__).resolve().parent.parent / "bench" / "report" / "results" / "udp.json"
+
+
+def saved_udp() -> dict[str, Any]:
+    """bench/udp.py's results kept in the repository (bench/report/results/udp.json)."""
+    doc: dict[str, Any] = json.loads(SAVED_UDP.read_text())
+    return doc
+
+
+def test_udp_memory_row_from_the_saved_results_shows_no_zero_kib(tmp_path: Path) -> None:
+    udp = saved_udp()
+    write_all(tmp_path, udp=udp)
+    row = targets(render(tmp_path))[UDP_MEMORY]
+    nginx = udp["sessions"]["nginx"]
+    expected = (
+        f"{nginx['bytes_per_session'] / 1024:.2f} KiB"
+        if nginx["bytes_per_session"] > 0
+        else "no RSS growth ("
+    )
+    assert row[1].startswith(expected) and row[1] != "0.00 KiB"
+    assert row[0] == f"{udp['sessions']['kpx']['bytes_per_session'] / 1024:.2f} KiB"
