@@ -42,8 +42,8 @@ renders DIR/report.md and DIR/charts/ again from DIR's saved JSON. The full run 
 20-25 minutes on 2 cores.
 
 The parts: bench/report_run.py runs the steps, bench/report_checks.py judges the figures
-against their targets, bench/report_render.py writes report.md and the charts; this module is
-the command line.
+against their targets, bench/report_render.py writes report.md (with the Markdown building
+blocks of bench/report_md.py) and the charts; this module is the command line.
 """
 
 from __future__ import annotations

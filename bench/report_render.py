@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench import charts
@@ -23,6 +22,7 @@ from bench.report_checks import (
     run_ratios,
 )
 from bench.report_format import Doc, duration, f_int, f_num, f_ratio, finite, fmt, num
+from bench.report_md import Report, missing, not_run, partial, per_run_rows, table
 
 
 def load_results(folder: Path) -> dict[str, Doc]:
@@ -50,46 +50,6 @@ def _cpus_text(proxy: Doc) -> str:
     load = proxy.get("load_cpus")
     where = f", the load generators and servers on CPUs {load}" if load else ""
     return f"both proxies pinned to CPUs {cpus}{where}"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(h) for h in headers) + " |"]
-    lines.append("| " + " | ".join("---" for _ in headers) + " |")
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-@dataclass
-class Report:
-    out: Path
-    parts: list[str] = field(default_factory=list)
-
-    def add(self, text: str = "") -> None:
-        self.parts.append(text)
-
-    def chart(self, made: bool, name: str, alt: str) -> None:
-        if made:
-            self.add(f"![{alt}](charts/{name})\n")
-
-    def text(self) -> str:
-        return "\n".join(self.parts).rstrip() + "\n"
-
-
-def per_run_rows(
-    runs: Doc, labels: Sequence[str], n_runs: int, cell: Callable[[Doc], str]
-) -> list[list[str]]:
-    """One row per run: its number, then `cell` of each label's figures in that run."""
-    rows = []
-    for i in range(n_runs):
-        row = [str(i + 1)]
-        for label in labels:
-            figures = runs.get(label) or []
-            row.append(cell(figures[i] if i < len(figures) else {}))
-        rows.append(row)
-    return rows
 
 
 DNS_ROWS = (
@@ -125,25 +85,12 @@ PROXY_ROWS = (
 KPX_ONLY_ROWS = ("req_gc_runs", "req_lag_over_5ms", "req_lag_max_ms_below")
 
 
-def _missing(r: Report, step: str, run: Doc) -> None:
-    rec = next((s for s in run.get("steps") or [] if s.get("name") == step), None)
-    if rec:
-        r.add(f"Not measured: the step {rec.get('status', '?')} (see `{rec.get('log')}`).\n")
-    else:
-        r.add(f"Not measured (no `results/{step}.json`).\n")
-
-
-def _partial(r: Report, doc: Doc) -> None:
-    if doc.get("complete") is False:
-        r.add("> The benchmark stopped before its end: these are the figures it had saved.\n")
-
-
 def dns_section(r: Report, dns: Doc | None, run: Doc, charts_made: dict[str, bool]) -> None:
     r.add("## DNS: dnsd vs knot\n")
     if not dns or not dns.get("medians"):
-        _missing(r, "dns", run)
+        missing(r, "dns", run)
         return
-    _partial(r, dns)
+    partial(r, dns)
     args, cluster = dns.get("args") or {}, dns.get("cluster") or {}
     n_runs = len((dns.get("runs") or {}).get("knot") or [])
     r.add(
@@ -236,9 +183,9 @@ def propagation_section(r: Report, prop: Doc | None) -> None:
 def proxy_section(r: Report, proxy: Doc | None, run: Doc, charts_made: dict[str, bool]) -> None:
     r.add("## Proxy: kpx vs haproxy and the kernel's NAT\n")
     if not proxy or not proxy.get("medians"):
-        _missing(r, "proxy", run)
+        missing(r, "proxy", run)
         return
-    _partial(r, proxy)
+    partial(r, proxy)
     args = proxy.get("args") or {}
     modes = [m for m in proxy.get("modes") or proxy["medians"] if m in proxy["medians"]]
     n_runs = len((proxy.get("runs") or {}).get("kpx") or [])
@@ -359,9 +306,9 @@ def workers_section(r: Report, workers: Doc | None, run: Doc) -> None:
     r.add(f"## kpx --workers {n} against --workers 1\n")
     runs = (workers or {}).get("runs") or {}
     if not runs.get("one") or not runs.get("many"):
-        _missing(r, "proxy-workers", run)
+        missing(r, "proxy-workers", run)
         return
-    _partial(r, workers or {})
+    partial(r, workers or {})
     doc = workers or {}
     load = doc.get("load_cpus")
     r.add(
@@ -523,7 +470,7 @@ def programming_section(r: Report, proxy: Doc) -> None:
 def sync_section(r: Report, sync: Doc | None, run: Doc, charts_made: dict[str, bool]) -> None:
     r.add("## kwatch initial sync\n")
     if not sync or not sync.get("runs"):
-        _missing(r, "sync", run)
+        missing(r, "sync", run)
         return
     r.add(
         f"`bench/sync.py`: {f_int(num(sync.get('services')))} Services and as many "
@@ -595,22 +542,12 @@ def memory_section(
     r.chart(charts_made.get("memory.png", False), "memory.png", "memory vs Services")
 
 
-def _not_run(r: Report, step: str, run: Doc, minutes: str) -> None:
-    if any(s.get("name") == step for s in run.get("steps") or []):
-        _missing(r, step, run)
-    else:
-        r.add(
-            f"Not run (no `results/{step}.json`): `.venv/bin/python -m bench.report --only "
-            f"{step}` runs it ({minutes}).\n"
-        )
-
-
 def overload_section(r: Report, overload: Doc | None, run: Doc) -> None:
     r.add("## dnsd under a slow-path flood\n")
     if not overload or not overload.get("probe_flood"):
-        _not_run(r, "dns-overload", run, "about a minute")
+        not_run(r, "dns-overload", run, "about a minute")
         return
-    _partial(r, overload)
+    partial(r, overload)
     r.add(
         "`bench/dns_overload.py`: dnsd forwards names outside the cluster to an upstream that "
         "never answers; dnsperf floods it with such names (half with an EDNS cookie) at the "
@@ -685,9 +622,9 @@ def overload_section(r: Report, overload: Doc | None, run: Doc) -> None:
 def soak_section(r: Report, soak: Doc | None, run: Doc) -> None:
     r.add("## Convergence soak\n")
     if not soak or "differences" not in soak:
-        _not_run(r, "soak", run, "20 minutes")
+        not_run(r, "soak", run, "20 minutes")
         return
-    _partial(r, soak)
+    partial(r, soak)
     kinds: dict[str, int] = {}
     for event in soak.get("chaos") or []:  # "600s api_stop": counted by what happened
         what = str(event).split(" ", 1)[-1]
