@@ -331,6 +331,94 @@ def latency_proxy(proxy: Doc | None, path: Path) -> bool:
     return _save(fig, path)
 
 
+# --- UDP -----------------------------------------------------------------------------------
+
+UDP_COLORS = {**MODE_COLORS, "nginx": PEER}
+UDP_SIZES = (("small", "64 B"), ("bulk", "1,200 B"))
+
+
+def _per_size_targets(
+    ax: Axes, centres: Sequence[float], peer: Sequence[float], label: str
+) -> None:
+    """A target line over each size's group of bars, at that size's figure of the peer times
+    the limit (`peer` already multiplied), named once in the legend."""
+    for i, (centre, y) in enumerate(zip(centres, peer, strict=True)):
+        _target_line(ax, y, label if i == 0 else "_nolegend_", centre - 0.45, centre + 0.45)
+
+
+def _legend_above(ax: Axes, series: dict[str, list[float]], *lines: float) -> None:
+    """Room above the highest bar and target line for a legend in rows across the top."""
+    drawn = [v for values in series.values() for v in values] + list(lines)
+    top = max([v for v in drawn if finite(v)], default=0.0)
+    if top > 0:
+        ax.set_ylim(0, top * 1.55)
+    ax.legend(fontsize=8, framealpha=0.9, loc="upper left", ncols=3)
+
+
+def udp(doc: Doc | None, path: Path) -> bool:
+    """bench/udp.py: datagrams/s per path and size, proxy CPU per datagram (nginx, kpx) and
+    latency at a fixed rate per path, with issue 11's targets against nginx."""
+    if not doc or not doc.get("small"):
+        return False
+    modes = [m for m in ("direct", "nat", "nginx", "kpx") if m in doc["small"]]
+    fig, (rate, cpu, lat) = _figure(
+        3, "Proxy UDP: kpx vs nginx and the kernel's NAT, same run", bool(doc.get("quick"))
+    )
+    groups = [label for _, label in UDP_SIZES]
+
+    def figures(mode: str, key: str) -> list[float]:
+        return [_median(doc, section, mode, key) for section, _ in UDP_SIZES]
+
+    def thousands(mode: str) -> list[float]:
+        return [v / 1000 for v in figures(mode, "answers_per_s")]
+
+    series = {m: thousands(m) for m in modes}
+    centres = _grouped(rate, groups, series, UDP_COLORS, "{:.0f}")
+    rate.set_title("Request/response datagrams/s at saturation", fontsize=10)
+    rate.set_ylabel("answered datagrams per second (thousands)")
+    limits = [1.5 * v for v in thousands("nginx")] if "nginx" in modes else []
+    if limits:
+        _per_size_targets(rate, centres, limits, "target: kpx >= 1.5x nginx")
+    _legend_above(rate, series, *limits)
+    proxies = [m for m in ("nginx", "kpx") if m in modes]
+    if proxies:
+        series = {m: figures(m, "proxy_cpu_us_per_datagram") for m in proxies}
+        centres = _grouped(cpu, groups, series, UDP_COLORS, "{:.2f}")
+        cpu.set_title("Proxy CPU per answered datagram (utime+stime)", fontsize=10)
+        cpu.set_ylabel("CPU microseconds per datagram (µs)")
+        if "nginx" in proxies:
+            nginx = [0.8 * v for v in figures("nginx", "proxy_cpu_us_per_datagram")]
+            _per_size_targets(cpu, centres, nginx, "target: kpx <= 0.8x nginx")
+        _legend_above(cpu, series)  # the targets are below nginx's bars
+    else:
+        _nothing(cpu, "proxy CPU")
+    latency = doc.get("latency") or {}
+    lat_modes = [m for m in modes if m in latency]
+    if lat_modes:
+        series = {
+            m: [_median(doc, "latency", m, "p50_us"), _median(doc, "latency", m, "p99_us")]
+            for m in lat_modes
+        }
+        centres = _grouped(lat, ["p50", "p99"], series, UDP_COLORS, "{:,.0f}")
+        rate_per_s = num((doc.get("args") or {}).get("rate"))
+        offered = f"{rate_per_s:,.0f}/s" if finite(rate_per_s) else "a fixed rate"
+        lat.set_title(f"One datagram in flight at {offered}", fontsize=10)
+        lat.set_ylabel("round trip (µs)")
+        # kpx's p99 minus the direct path's within 1.5x nginx's: drawn on the p99 bars.
+        direct, added = (
+            _median(doc, "latency", "direct", "p99_us"),
+            _median(doc, "latency", "nginx", "added_p99_us"),
+        )
+        limit = direct + 1.5 * added
+        _target_line(
+            lat, limit, "target: added p99 <= 1.5x nginx's", centres[1] - 0.45, centres[1] + 0.45
+        )
+        _legend_above(lat, series, limit)
+    else:
+        _nothing(lat, "latency")
+    return _save(fig, path)
+
+
 # --- memory --------------------------------------------------------------------------------
 
 

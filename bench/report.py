@@ -31,7 +31,8 @@ Then it writes into `--out` (default bench/report/):
   run.json         the steps: command, duration, exit status
   results/*.json   each benchmark's own --json output
   charts/*.png     qps and CPU per query; proxy throughput, CPU per GB and connections/s;
-                   latency percentiles (DNS, proxy, programming); memory vs Services; sync
+                   latency percentiles (DNS, proxy, programming); memory vs Services; sync;
+                   UDP datagrams/s, CPU per datagram and latency
   report.md        the tables (ours, the peer measured in the same run, ratio, target, verdict)
                    and the charts
 

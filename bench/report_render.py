@@ -785,6 +785,7 @@ def draw_charts(out: Path, results: dict[str, Doc], quick: bool) -> dict[str, bo
         "latency_proxy.png": charts.latency_proxy(proxy, chart_dir / "latency_proxy.png"),
         "memory.png": charts.memory(memory_sweep(results), proxy, quick, chart_dir / "memory.png"),
         "sync.png": charts.sync(sync, chart_dir / "sync.png"),
+        "udp.png": charts.udp(results.get("udp"), chart_dir / "udp.png"),
     }
 
 

@@ -969,3 +969,22 @@ def test_udp_memory_row_from_the_saved_results_shows_no_zero_kib(tmp_path: Path)
     )
     assert row[1].startswith(expected) and row[1] != "0.00 KiB"
     assert row[0] == f"{udp['sessions']['kpx']['bytes_per_session'] / 1024:.2f} KiB"
+
+
+def test_udp_chart_is_drawn_when_udp_results_exist(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    write_all(tmp_path, udp=saved_udp())
+    render(tmp_path)
+    png = tmp_path / "charts" / "udp.png"
+    data = png.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 15_000
+    height, width = matplotlib.image.imread(png).shape[:2]
+    assert width >= 1200 and height >= 350, (width, height)  # three panels side by side
+    # A bare document (no direct or nat path, no latency percentiles) still draws.
+    write_all(tmp_path, udp=udp_doc())
+    render(tmp_path)
+    assert (tmp_path / "charts" / "udp.png").read_bytes().startswith(PNG_SIGNATURE)
+    write_all(tmp_path, udp={"benchmark": "udp", "complete": False})
+    render(tmp_path)
+    assert not (tmp_path / "charts" / "udp.png").exists()
