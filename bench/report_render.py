@@ -23,6 +23,7 @@ from bench.report_checks import (
 )
 from bench.report_format import Doc, duration, f_int, f_num, f_ratio, finite, fmt, num
 from bench.report_md import Report, missing, not_run, partial, per_run_rows, table
+from bench.report_udp import udp_section
 
 
 def load_results(folder: Path) -> dict[str, Doc]:
@@ -852,6 +853,7 @@ def render(out: Path) -> tuple[Path, list[Check]]:
     dns_section(r, results.get("dns"), run, made)
     proxy_section(r, results.get("proxy"), run, made)
     workers_section(r, results.get("proxy-workers"), run)
+    udp_section(r, results.get("udp"), run, made)
     sync_section(r, results.get("sync"), run, made)
     memory_section(r, memory_sweep(results), results.get("proxy"), made)
     overload_section(r, results.get("dns-overload"), run)

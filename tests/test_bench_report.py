@@ -463,6 +463,7 @@ def test_report_sections_machine_and_summary_line(tmp_path: Path) -> None:
         "## Proxy: kpx vs haproxy and the kernel's NAT",
         "### Idle connections",
         "### Network programming latency",
+        UDP_HEADING,
         "## kwatch initial sync",
         "## Memory vs number of Services",
         "## dnsd under a slow-path flood",
@@ -988,3 +989,174 @@ def test_udp_chart_is_drawn_when_udp_results_exist(tmp_path: Path) -> None:
     write_all(tmp_path, udp={"benchmark": "udp", "complete": False})
     render(tmp_path)
     assert not (tmp_path / "charts" / "udp.png").exists()
+
+
+UDP_HEADING = "## Proxy UDP: kpx vs nginx and the kernel's NAT"
+
+
+def udp_section(md: str) -> str:
+    return md.split(UDP_HEADING, 1)[1].split("\n## ", 1)[0]
+
+
+def udp_pass(rate: float, cpu: float, proxy_busy: float, client_busy: float) -> dict[str, float]:
+    """One saturation pass as bench/udp.py's saturation() records it."""
+    return {
+        "answers_per_s": rate,
+        "mb_per_s": rate * 64 / 1e6,
+        "proxy_cpu_us_per_datagram": cpu,
+        "proxy_user_us_per_datagram": cpu / 4,
+        "proxy_core_busy": proxy_busy,
+        "client_server_core_busy": client_busy,
+        "proxy_core_total_busy": max(proxy_busy, 0.01),
+        "client_core_total_busy": client_busy,
+    }
+
+
+def udp_run(kpx: float, nginx: float, kpx_added_p99: float, retarget_p99: float) -> Any:
+    """One run of bench/udp.py: kpx's and nginx's 64-byte rate, kpx's added p99 (nginx's is
+    400 µs), the re-targeting p99; the 1,200-byte passes at 90 % of the 64-byte ones."""
+    cpu = {"kpx": 5.0, "nginx": 10.0}
+    small = {
+        "direct": udp_pass(170_000, NAN, NAN, 1.0),
+        "nat": udp_pass(175_000, NAN, NAN, 1.0),
+        "nginx": udp_pass(nginx, cpu["nginx"], 0.98, 0.96),
+        "kpx": udp_pass(kpx, cpu["kpx"], 0.6 if kpx > 190_000 else 0.94, 0.99),
+    }
+    bulk = {m: {**f, "answers_per_s": 0.9 * f["answers_per_s"]} for m, f in small.items()}
+    latency = {
+        m: {"p50_us": p50, "p99_us": 40.0 + added, "lost": 0.0, "added_p99_us": added}
+        for m, p50, added in (
+            ("direct", 12.0, 0.0),
+            ("nat", 13.0, 5.0),
+            ("nginx", 190.0, 400.0),
+            ("kpx", 220.0, kpx_added_p99),
+        )
+    }
+    sessions = {
+        "nginx": {"held": 10_000.0, "failed": 0.0, "rss_before_mb": 40.3, "rss_after_mb": 40.3,
+                  "bytes_per_session": 0.0, "small_without_sessions": small["nginx"],
+                  "small_with_sessions": small["nginx"]},
+        "kpx": {"held": 10_000.0, "failed": 0.0, "rss_before_mb": 64.1, "rss_after_mb": 71.4,
+                "bytes_per_session": 730.0, "small_without_sessions": small["kpx"],
+                "small_with_sessions": {**small["kpx"], "answers_per_s": 0.95 * kpx}},
+    }  # fmt: skip
+    retarget = {"p50_ms": 3.0, "p99_ms": retarget_p99, "samples": 50.0, "not_seen_in_5s": 0.0}
+    return {"small": small, "bulk": bulk, "latency": latency, "sessions": sessions,
+            "retarget": retarget}  # fmt: skip
+
+
+def udp_full_doc() -> dict[str, Any]:
+    """Put together as bench/udp.py's main() does: the runs, their medians, the targets."""
+    from bench import udp
+
+    runs = [udp_run(180_000, 96_000, 480.0, 3.5), udp_run(200_000, 100_000, 700.0, 4.5)]
+    for one in runs:
+        one["targets"] = udp.targets(one)
+    args = {"runs": 2, "duration": 4.0, "flows": 64, "window": 8, "rate": 2000.0,
+            "sessions": 10_000, "samples": 50, "quick": False}  # fmt: skip
+    doc: dict[str, Any] = {"benchmark": "udp", "quick": False, "args": args, "runs": runs}
+    doc.update(udp.medians(runs))
+    doc["targets"] = udp.over_runs([one["targets"] for one in runs])
+    doc["targets_missed"] = [n for n, t in doc["targets"].items() if not t["met"]]
+    return {**doc, "complete": True}
+
+
+def test_udp_section_renders_the_medians_every_runs_ratios_sessions_and_retargeting(
+    tmp_path: Path,
+) -> None:
+    write_all(tmp_path, udp=udp_full_doc())
+    md = render(tmp_path)
+    # after the TCP proxy and its workers, before kwatch
+    assert md.index("## kpx --workers 2") < md.index(UDP_HEADING) < md.index("## kwatch")
+    section = udp_section(md)
+    assert "saturation passes of 4 s, 64 client sockets each keeping 8 datagrams" in section
+    assert "in flight at 2,000/s" in section and "10,000 sessions held" in section
+    assert "50 re-targetings of kpx" in section and "2 run(s)" in section
+    assert "](charts/udp.png)" in section
+    for line in (
+        "| median | direct | nat | nginx | kpx |",
+        "| 64-byte datagrams/s | 170,000 | 175,000 | 98,000 | 190,000 |",
+        "| 1,200-byte datagrams/s | 153,000 | 157,500 | 88,200 | 171,000 |",
+        "| proxy CPU per 64-byte datagram (µs) | — | — | 10.00 | 5.00 |",
+        "| proxy CPU per 1,200-byte datagram (µs) | — | — | 10.00 | 5.00 |",
+        "| proxy core busy, 64-byte pass (CPU 0) | — | — | 0.98 | 0.77 |",
+        "| fixed-rate latency p50 (µs) | 12 | 13 | 190 | 220 |",
+        "| fixed-rate latency p99 (µs) | 40 | 45 | 440 | 630 |",
+        "| p99 added over direct (µs) | 0 | 5 | 400 | 590 |",
+        # run 1: kpx's core busy 94 %; run 2: 60 %, the client and server's 99 %
+        "| what bound the 64-byte rate | — | — | proxy core (2 of 2 runs) | proxy core (1 of 2 "
+        "runs), client/server core (1 of 2 runs) |",
+    ):
+        assert line + "\n" in section, line
+    # every run's ratio with the figures it divides; run 2 misses the latency target
+    assert (
+        "| 1 | 1.88x (180,000 / 96,000) | 0.50x (5.0 / 10.0) | 1.88x (162,000 / 86,400) | "
+        "0.50x (5.0 / 10.0) | 1.20x (480 / 400) | 0.95x (171,000 / 180,000) |"
+    ) in section
+    assert "| 2 | 2.00x (200,000 / 100,000) |" in section
+    assert "| 1.75x (700 / 400), not met | 0.95x (190,000 / 200,000) |" in section
+    assert "| nginx | 10,000 | 0 | 40.3 | 40.3 | none | 98,000 | 98,000 | 1.00x |" in section
+    assert "| kpx | 10,000 | 0 | 64.1 | 71.4 | 730 bytes | 190,000 | 180,500 | 0.95x |" in section
+    assert "nginx's RSS did not grow while it held them" in section
+    assert "| 2 | 100,000 -> 100,000 /s (1.00x); RSS 40.3 -> 40.3 MB, none per session |" in section
+    assert "| run 2 | 3.00 | 4.50 | 50 | 0 |" in section
+    assert "| median | 3.00 | 4.00 | 50 | 0 |" in section
+
+
+def test_udp_section_renders_from_the_saved_results(tmp_path: Path) -> None:
+    udp = saved_udp()
+    write_all(tmp_path, udp=udp)
+    section = udp_section(render(tmp_path))
+    assert (tmp_path / "charts" / "udp.png").exists() and "](charts/udp.png)" in section
+    cells = [line.strip("| ").split(" | ") for line in section.splitlines() if line[:2] == "| "]
+    rows = {row[0]: row[1:] for row in cells}
+    small = udp["small"]
+    assert rows["64-byte datagrams/s"][:4] == [
+        f"{small[m]['answers_per_s']:,.0f}" for m in ("direct", "nat", "nginx", "kpx")
+    ]
+    every_run = section.split("kpx / nginx in every run", 1)[1].split("\n### ", 1)[0]
+    ratios = [line.strip("| ").split(" | ") for line in every_run.splitlines() if line[:2] == "| "]
+    assert len(ratios) == 2 + len(udp["runs"])  # the header, its rule, a row per run
+    for i, one in enumerate(udp["runs"]):
+        assert ratios[2 + i][0] == str(i + 1)
+        assert len(ratios[2 + i][1:]) == len(one["targets"])
+        for cell, target in zip(ratios[2 + i][1:], one["targets"].values(), strict=True):
+            assert cell.startswith(f"{target['ratio']:.2f}x ("), (i, cell)
+        assert rows[f"run {i + 1}"][1] == f"{one['retarget']['p99_ms']:.2f}"
+    retarget = udp["retarget"]
+    assert rows["median"][-4:] == [
+        f"{retarget['p50_ms']:.2f}",
+        f"{retarget['p99_ms']:.2f}",
+        f"{retarget['samples']:,.0f}",
+        f"{retarget['not_seen_in_5s']:,.0f}",
+    ]
+    assert "| — | — | — | — |" not in section  # every path has its figures
+
+
+def test_udp_section_from_a_bare_document_shows_what_it_has(tmp_path: Path) -> None:
+    write_all(tmp_path, udp=udp_doc())  # no runs, no args, no direct or nat path
+    section = udp_section(render(tmp_path))
+    assert "| median | nginx | kpx |" in section
+    assert "| 64-byte datagrams/s | 150,000 | 300,000 |" in section
+    assert "| p99 added over direct (µs) | 40 | 30 |" in section
+    assert "| kpx | 10,000 | — | — | — | 512 bytes | — | 285,000 | n/a |" in section
+    assert "in every run" not in section and "Re-targeting" not in section
+
+
+def test_udp_section_says_when_the_benchmark_did_not_run_or_stopped(tmp_path: Path) -> None:
+    write_all(tmp_path)
+    section = udp_section(render(tmp_path))
+    assert section.strip() == (
+        "Not run (no `results/udp.json`): `.venv/bin/python -m bench.report --only udp` runs it "
+        "(about 4 minutes)."
+    )
+    write_json(
+        tmp_path / "run.json",
+        {"steps": [{"name": "udp", "status": "failed (exit 1)", "log": "logs/udp.log"}]},
+    )
+    section = udp_section(render(tmp_path))
+    assert section.strip() == "Not measured: the step failed (exit 1) (see `logs/udp.log`)."
+    write_all(tmp_path, udp={**udp_full_doc(), "complete": False})
+    section = udp_section(render(tmp_path))
+    assert "> The benchmark stopped before its end" in section
+    assert "| 64-byte datagrams/s | 170,000 |" in section
