@@ -168,7 +168,9 @@ class Daemon:
         self.server = DnsServer(
             self.handler,
             settings.listen_addresses(),
-            reuse_port=settings.workers > 1,
+            # Always: a successor (a rolling update's surge pod, the next worker) joins the
+            # port while this process still answers on it.
+            reuse_port=True,
             tcp_idle_timeout=settings.tcp_idle_timeout,
             tcp_max_connections=settings.tcp_max_connections,
             query_log_sample=settings.query_log_sample,
@@ -191,20 +193,28 @@ class Daemon:
         return True, "ok"
 
     async def start(self) -> None:
-        if self.worker == 0:
-            # The first process binds at once: a port conflict fails the start, and clients
-            # get SERVFAIL for cluster names until the first sync, as CoreDNS does.
+        # The first process binds at once when the port is free: a conflict with anything
+        # but another dnsd fails the start, and clients get SERVFAIL for cluster names until
+        # the first sync, as CoreDNS does. Extra workers, and a first process whose port a
+        # dnsd still serves (the pod it replaces, in a rolling update with a surge), join the
+        # SO_REUSEPORT group only with a complete zone: bound earlier, the kernel would hash
+        # some clients to a process that can only SERVFAIL.
+        join_later = self.worker != 0 or self.server.port_in_use()
+        if not join_later:
             await self.server.start()
+        elif self.worker == 0:
+            log.info("port_in_use_joining_when_ready", addresses=self.settings.listen)
         await self.state.start(self.settings, USER_AGENT)
         self.supervisor.spawn("zone-controller", self.controller.run)
-        if self.worker != 0:
-            # Extra workers join the SO_REUSEPORT group only with a complete zone: bound
-            # earlier, the kernel would hash some clients to a worker that can only SERVFAIL.
+        if join_later:
             self.supervisor.spawn("listen", self._listen_when_ready, forever=False)
         if self.worker == 0:
             REGISTRY.register(self._collector)
             self.health = HealthServer(
-                self.settings.http_listen, ready=self.readiness, alive=self.supervisor.liveness
+                self.settings.http_listen,
+                ready=self.readiness,
+                alive=self.supervisor.liveness,
+                reuse_port=True,  # shared with a surge pod's dnsd, as the DNS port
             )
             await self.health.start()
             log.info("http_listening", address=self.health.host, port=self.health.port)
@@ -239,6 +249,23 @@ class Daemon:
     def dns_port(self) -> int:
         return self.server.bound[0][1]
 
+    async def lameduck(self, seconds: float) -> None:
+        """CoreDNS's `health { lameduck }`: keep answering for `seconds` after SIGTERM.
+
+        /healthz and /readyz go first, so that a successor on the same port (hostNetwork)
+        answers the kubelet's probes; then, with one process per pod, the DNS sockets'
+        SO_REUSEPORT groups are steered to the successor once it has joined
+        (`DnsServer.steer_to_successor`), so that nothing waits in a queue that is about to
+        close. Without a successor this process keeps answering everything until the end."""
+        if self.health is not None:
+            await self.health.stop()
+            self.health = None
+        steered = 0
+        if self.settings.workers == 1 and self.server.listening:
+            steered = self.server.steer_to_successor()
+        log.info("lameduck", seconds=seconds, steered_sockets=steered)
+        await asyncio.sleep(seconds)
+
     async def stop(self) -> None:
         await self.server.stop()
         await self.supervisor.stop()
@@ -246,6 +273,8 @@ class Daemon:
         await self.forwarder.close()
         if self.health is not None:
             await self.health.stop()
+            self.health = None
+        if self.worker == 0:
             with contextlib.suppress(KeyError):
                 REGISTRY.unregister(self._collector)
 
@@ -263,6 +292,8 @@ async def serve(settings: DnsdSettings, worker: int) -> int:
     daemon.supervisor.spawn("settle-heap", daemon.settle_heap, forever=False)
     await stop.wait()
     log.info("dnsd_stopping", worker=worker)
+    if settings.lameduck > 0:
+        await daemon.lameduck(settings.lameduck)
     await daemon.stop()
     return 0
 

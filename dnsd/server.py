@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
+import errno
 import random
 import socket
 import threading
@@ -531,6 +533,59 @@ class TcpConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
 
+# setsockopt SO_ATTACH_REUSEPORT_CBPF (asm-generic/socket.h) and a one-instruction classic
+# BPF program, `ret #1`: the group's socket at index 1 gets every packet, or the kernel's
+# own hash picks one when the group has fewer sockets (linux/net/core/sock_reuseport.c).
+SO_ATTACH_REUSEPORT_CBPF = 51
+_BPF_RET_K = 0x06
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def steer_to_newest(sock: socket.socket) -> None:
+    """Send the SO_REUSEPORT group of `sock` (its address and port) to the group's socket at
+    index 1 from now on: in a rolling update with a surge, that is the successor's.
+
+    A group lists its sockets in the order they joined, and a leaving socket's slot takes
+    the last one: with one process per pod, the leaving dnsd is at index 0 and its successor,
+    which joins once its zone is built, at index 1. So no query waits in the queue of a socket
+    about to close. The program belongs to the group and outlives this process: while the
+    group holds one socket, index 1 does not exist and the kernel's hash picks as before;
+    the next successor gets every query from the moment it joins, ready as it then is.
+    Linux only; raises OSError where classic BPF cannot be attached."""
+    program = (_SockFilter * 1)(_SockFilter(_BPF_RET_K, 0, 0, 1))
+    fprog = _SockFprog(1, program)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
+
+
+def port_in_use(family: int, host: str, port: int) -> bool:
+    """True if another socket holds UDP `host`:`port` (a dnsd being replaced, or anything
+    else): a bind with neither SO_REUSEADDR nor SO_REUSEPORT fails then."""
+    if port == 0:
+        return False
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
 def _bind(family: int, kind: int, host: str, port: int, reuse_port: bool) -> socket.socket:
     sock = socket.socket(family, kind)
     try:
@@ -618,6 +673,27 @@ class DnsServer:
                 raise
             return udp, tcp
         raise OSError(f"no port free for both UDP and TCP on {host}")
+
+    def port_in_use(self) -> bool:
+        """Another process already serves one of the listen addresses (see `port_in_use`)."""
+        return any(
+            port_in_use(socket.AF_INET6 if ":" in host else socket.AF_INET, host, port)
+            for host, port in self.addresses
+        )
+
+    def steer_to_successor(self) -> int:
+        """`steer_to_newest` on every UDP and TCP listening socket; how many took it."""
+        steered = 0
+        socks = [listener.sock for listener in self._udp]
+        for server in self._tcp:
+            socks.extend(server.sockets)
+        for sock in socks:
+            try:
+                steer_to_newest(sock)
+                steered += 1
+            except OSError as err:
+                log.warning("steer_failed", problem=str(err))
+        return steered
 
     async def stop(self) -> None:
         self.listening = False

@@ -154,6 +154,13 @@ class DnsdSettings(AccessSettings):
         ":9153", description="/healthz, /readyz and /metrics ADDR:PORT"
     )
     workers: int = Field(1, ge=1, le=64, description="processes sharing the port (SO_REUSEPORT)")
+    lameduck: float = Field(
+        0.0,
+        ge=0,
+        le=300,
+        description="seconds dnsd keeps answering after SIGTERM, its health endpoints closed "
+        "and its port steered to a successor (CoreDNS health `lameduck`); 0: stop at once",
+    )
     max_udp_size: int = Field(
         1232, ge=512, le=65535, description="largest UDP answer and the EDNS size we advertise"
     )

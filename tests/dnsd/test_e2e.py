@@ -30,8 +30,8 @@ Z = "cluster.local"
 
 
 class DnsdProcess:
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.port = free_udp_tcp_port()
+    def __init__(self, args: list[str], log: Path, port: int | None = None) -> None:
+        self.port = free_udp_tcp_port() if port is None else port
         self.log = log
         self._log_file = log.open("wb")
         self.proc = subprocess.Popen(
@@ -97,8 +97,8 @@ class DnsdProcess:
 def run_dnsd(tmp_path: Path) -> Iterator[Callable[..., DnsdProcess]]:
     started: list[DnsdProcess] = []
 
-    def run(*args: str) -> DnsdProcess:
-        process = DnsdProcess(list(args), tmp_path / f"dnsd{len(started)}.log")
+    def run(*args: str, port: int | None = None) -> DnsdProcess:
+        process = DnsdProcess(list(args), tmp_path / f"dnsd{len(started)}.log", port)
         started.append(process)
         return process
 
@@ -169,6 +169,72 @@ def test_workers_share_the_port_and_stop_together(run_dnsd, tmp_path):
         time.sleep(0.05)
     status = Path(f"/proc/{children[0]}/status")
     assert not status.exists() or "zombie" in status.read_text()
+
+
+# --- a rolling update with a surge: the successor joins the port, the old one lameducks -----
+
+
+def _fresh_port_answer(port: int, name: str) -> str | None:
+    """One query from a new source port (so SO_REUSEPORT hashes it afresh): the A record's
+    address, or None if nothing answered within a second."""
+    try:
+        msg = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=1)
+    except dns.exception.Timeout:
+        return None
+    return next((rd.to_text() for rrset in msg.answer for rd in rrset), msg.rcode())
+
+
+def _logged(process: DnsdProcess, event: str) -> bool:
+    return f'"event": "{event}"'.encode() in process.log.read_bytes()
+
+
+def test_a_successor_takes_the_port_over_and_no_query_is_lost(run_dnsd, tmp_path):
+    """The old dnsd serves web as 10.96.0.5, its successor (same port) as 10.96.0.6, so each
+    answer says who gave it. The successor joins only with its zone built; on SIGTERM the old
+    one steers the port to it and keeps answering what it already holds for --lameduck."""
+    name = f"web.default.svc.{Z}"
+    old = run_dnsd("--manifests", str(write_manifest(tmp_path / "old.yaml", CLUSTER)),
+                   "--lameduck", "3")  # fmt: skip
+    old.wait_for(lambda: old.answers(name) == ["10.96.0.5"])
+    successor_cluster = [
+        namespace("default"),
+        service("web", ips=["10.96.0.6"], ports=[{"name": "http", "port": 80}]),
+    ]
+    new = run_dnsd("--manifests", str(write_manifest(tmp_path / "new.yaml", successor_cluster)),
+                   "--lameduck", "3", port=old.port)  # fmt: skip
+    new.wait_for(lambda: _logged(new, "worker_listening"))
+    assert _logged(new, "port_in_use_joining_when_ready")
+    # Both in the group: the kernel's hash spreads fresh source ports over the two.
+    before = [_fresh_port_answer(old.port, name) for _ in range(60)]
+    assert set(before) == {"10.96.0.5", "10.96.0.6"}, before
+    old.proc.send_signal(signal.SIGTERM)
+    old.wait_for(lambda: _logged(old, "lameduck"))
+    assert b'"steered_sockets": 2' in old.log.read_bytes()  # UDP and TCP
+    # Lameduck: the old process still runs, and every query goes to the successor.
+    during = [_fresh_port_answer(old.port, name) for _ in range(60)]
+    assert old.proc.poll() is None, "the old dnsd left before its lameduck ended"
+    assert set(during) == {"10.96.0.6"}, during
+    assert old.proc.wait(10) == 0
+    after = [_fresh_port_answer(new.port, name) for _ in range(20)]
+    assert set(after) == {"10.96.0.6"}, after
+
+
+def test_lameduck_without_a_successor_keeps_answering_then_exits(run_dnsd, tmp_path):
+    name = f"web.default.svc.{Z}"
+    dnsd = run_dnsd("--manifests", str(write_manifest(tmp_path / "m.yaml", CLUSTER)),
+                    "--lameduck", "2")  # fmt: skip
+    dnsd.wait_for(lambda: dnsd.answers(name) == ["10.96.0.5"])
+    assert not _logged(dnsd, "port_in_use_joining_when_ready")
+    signalled = time.monotonic()
+    dnsd.proc.send_signal(signal.SIGTERM)
+    dnsd.wait_for(lambda: _logged(dnsd, "lameduck"))
+    answers = []
+    while time.monotonic() - signalled < 1.5:
+        answers.append(_fresh_port_answer(dnsd.port, name))
+        time.sleep(0.05)
+    assert answers and set(answers) == {"10.96.0.5"}, answers
+    assert dnsd.proc.wait(10) == 0
+    assert time.monotonic() - signalled >= 2.0
 
 
 # --- against the fake API server, through a kubeconfig ---------------------------------------

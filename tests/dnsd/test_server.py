@@ -7,6 +7,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import time
 
 import aiohttp
 import dns.flags
@@ -14,6 +15,7 @@ import dns.message
 import dns.rcode
 import pytest
 
+from dnsd import server as server_mod
 from tests.dnsd.helpers import (
     ask,
     endpoint,
@@ -425,3 +427,95 @@ async def test_an_oversized_datagram_is_dropped_and_counted(dnsd):
     assert await asyncio.to_thread(raw_udp, dnsd.port, big, 0.3) is None
     assert dnsd.daemon.stats.dropped.get("udp_oversized") == 1
     assert rdatas(await ask(dnsd.port, f"web.default.svc.{Z}", "A")) == ["10.96.0.5"]
+
+
+# --- handing the port to a successor (rolling update with a surge) ---------------------------
+
+
+def _group_member(kind: int, port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+def _udp_spread(members: list[socket.socket], port: int, count: int = 64) -> list[int]:
+    """Datagrams from `count` fresh source ports: how many each member received."""
+    for _ in range(count):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.sendto(b"q", ("127.0.0.1", port))
+    time.sleep(0.05)
+    got = []
+    for sock in members:
+        n = 0
+        while True:
+            try:
+                sock.recv(16)
+            except BlockingIOError:
+                break
+            n += 1
+        got.append(n)
+    return got
+
+
+def test_steering_sends_a_udp_group_to_its_newest_member_for_good():
+    old = _group_member(socket.SOCK_DGRAM)
+    port = old.getsockname()[1]
+    new = _group_member(socket.SOCK_DGRAM, port)
+    try:
+        spread = _udp_spread([old, new], port)
+        assert sum(spread) == 64 and min(spread) > 0, spread  # the kernel's hash: both
+        server_mod.steer_to_newest(old)
+        assert _udp_spread([old, new], port) == [0, 64]
+        old.close()  # the successor alone: the program has no index 1, the hash serves it
+        assert _udp_spread([new], port) == [64]
+        newest = _group_member(socket.SOCK_DGRAM, port)  # the next rollout's successor
+        try:
+            assert _udp_spread([new, newest], port) == [0, 64]
+        finally:
+            newest.close()
+    finally:
+        old.close()
+        new.close()
+
+
+def test_steering_sends_new_tcp_connections_to_the_newest_listener():
+    old = _group_member(socket.SOCK_STREAM)
+    port = old.getsockname()[1]
+    new = _group_member(socket.SOCK_STREAM, port)
+    clients = []
+    try:
+        server_mod.steer_to_newest(old)
+        for _ in range(32):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+        time.sleep(0.05)
+        accepted = []
+        for sock in (old, new):
+            n = 0
+            while True:
+                try:
+                    sock.accept()[0].close()
+                except BlockingIOError:
+                    break
+                n += 1
+            accepted.append(n)
+        assert accepted == [0, 32]
+    finally:
+        for client in clients:
+            client.close()
+        old.close()
+        new.close()
+
+
+def test_port_in_use_sees_another_holder_of_the_udp_port():
+    holder = _group_member(socket.SOCK_DGRAM)
+    try:
+        port = holder.getsockname()[1]
+        assert server_mod.port_in_use(socket.AF_INET, "127.0.0.1", port)
+    finally:
+        holder.close()
+    assert not server_mod.port_in_use(socket.AF_INET, "127.0.0.1", port)
+    assert not server_mod.port_in_use(socket.AF_INET, "127.0.0.1", 0)
