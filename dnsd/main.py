@@ -179,6 +179,7 @@ class Daemon:
             udp_thread_slice=settings.udp_thread_slice,
         )
         self.health: HealthServer | None = None
+        self.failed = asyncio.Event()  # set when the DNS ports could not be bound after all
         self._collector = DnsCollector(self.stats, self.controller.zone_info)
 
     def readiness(self) -> tuple[bool, str]:
@@ -241,7 +242,10 @@ class Daemon:
         try:
             await self.server.start()
         except OSError as err:
+            # Held by something that is not a dnsd (no SO_REUSEPORT, another user): fail as a
+            # first process binding at once would, rather than run unready for good.
             log.error("listen_failed", worker=self.worker, problem=str(err))
+            self.failed.set()
             return
         log.info("worker_listening", worker=self.worker)
 
@@ -290,7 +294,14 @@ async def serve(settings: DnsdSettings, worker: int) -> int:
         return 1
     log.info("dnsd_started", worker=worker, zones=settings.zone, pods=str(settings.pods))
     daemon.supervisor.spawn("settle-heap", daemon.settle_heap, forever=False)
-    await stop.wait()
+    stopping = asyncio.ensure_future(stop.wait())
+    failing = asyncio.ensure_future(daemon.failed.wait())
+    await asyncio.wait((stopping, failing), return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    failing.cancel()
+    if daemon.failed.is_set():
+        await daemon.stop()
+        return 1
     log.info("dnsd_stopping", worker=worker)
     if settings.lameduck > 0:
         await daemon.lameduck(settings.lameduck)

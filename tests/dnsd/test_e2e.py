@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -217,6 +218,18 @@ def test_a_successor_takes_the_port_over_and_no_query_is_lost(run_dnsd, tmp_path
     assert old.proc.wait(10) == 0
     after = [_fresh_port_answer(new.port, name) for _ in range(20)]
     assert set(after) == {"10.96.0.6"}, after
+
+
+def test_a_port_held_by_something_else_fails_the_start_once_the_zone_is_built(run_dnsd, tmp_path):
+    """Not a dnsd (no SO_REUSEPORT): dnsd waits for its zone as for a successor's port, then
+    its bind fails, and it exits 1 as it would binding at once, instead of running unready."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        dnsd = run_dnsd("--manifests", str(write_manifest(tmp_path / "m.yaml", CLUSTER)),
+                        port=port)  # fmt: skip
+        assert dnsd.proc.wait(15) == 1
+    assert _logged(dnsd, "port_in_use_joining_when_ready") and _logged(dnsd, "listen_failed")
 
 
 def test_lameduck_without_a_successor_keeps_answering_then_exits(run_dnsd, tmp_path):
