@@ -251,7 +251,9 @@ def _encode_addresses(name: str, answers: Sequence[Record], rcode: int) -> Answe
         parts.append(piece)
         offset += len(piece)
         ends.append(offset)
-    return wire.make_answer(rcode, len(answers), 0, 0, b"".join(parts), tuple(ends))
+    # Address records of one name and type are all the same size: `--loadbalance` rotates them.
+    turn = ends[0] if len(ends) > 1 and rcode == wire.NOERROR else 0
+    return wire.make_answer(rcode, len(answers), 0, 0, b"".join(parts), tuple(ends), turn)
 
 
 def _skip_record(packed: bytes, offset: int) -> int:

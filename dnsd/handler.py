@@ -89,8 +89,12 @@ class Handler:
         autopath: AutoPath | None = None,
         isolation: NamespaceIsolation | None = None,
         lazy: tuple[LazyNames, ...] = (),
+        loadbalance: bool = False,
     ) -> None:
         self.index = index
+        # CoreDNS `loadbalance` (kubeadm's Corefile has it): A and AAAA answers of two or more
+        # records come in an order that changes per query (wire.turned).
+        self.loadbalance = loadbalance
         self.lazy = lazy  # empty unless an option that needs it is on
         self.upstream = upstream
         self.pod_mode = pod_mode
@@ -169,6 +173,8 @@ class Handler:
                 answer = self._fast_negative(key)
                 if answer is None:
                     return None
+            if answer.turn and self.loadbalance:
+                answer = wire.turned(answer, data)
             variant = (data[2] & 1) | ((data[3] >> 3) & 2)
             out = data[:2] + answer.heads[variant] + data[12:] + answer.tail
             if len(out) > wire.UDP_PLAIN_LIMIT and not tcp:
@@ -195,6 +201,8 @@ class Handler:
                 answer = self._fast_negative(key)
                 if answer is None:
                     return None
+            if answer.turn and self.loadbalance:
+                answer = wire.turned(answer, data)
             size = (data[n - 8] << 8) | data[n - 7]
             variant = 4 | (data[2] & 1) | ((data[3] >> 3) & 2)
             opt = self._opts[data[n - 4] >> 7]
@@ -308,6 +316,8 @@ class Handler:
             query.name_key + data[query.question_end - 4 : query.question_end - 2]
         )
         if answer is not None and self.index.ready:
+            if answer.turn and self.loadbalance:
+                answer = wire.turned(answer, data)
             return respond(query, answer, limit, self.max_udp_size)
         return self._miss(query, limit, tcp, namespace if complete else None)
 

@@ -148,6 +148,7 @@ class Daemon:
             max_udp_size=settings.max_udp_size,
             stats=self.stats,
             lazy=tuple(lazy),
+            loadbalance=settings.loadbalance,
             clients=self.clients,
             autopath=(
                 AutoPath(settings.zone, read_resolv_search(settings.resolv_conf))

@@ -102,6 +102,11 @@ class DnsdSettings(AccessSettings):
     ignore_empty_service: bool = Field(
         False, description="NXDOMAIN for ClusterIP services without ready endpoints"
     )
+    loadbalance: bool = Field(
+        False,
+        description="A and AAAA answers of two or more records in an order that changes per "
+        "query, each record first as often as any other (CoreDNS loadbalance)",
+    )
     upstream: list[str] = Field(
         default_factory=list,
         description="upstream resolver IP[:PORT] or [IPv6]:PORT for names outside the zones "

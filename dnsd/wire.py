@@ -60,6 +60,22 @@ class Answer(NamedTuple):
     heads: tuple[bytes, ...]
     tail: bytes
     record_ends: tuple[int, ...]
+    # `--loadbalance`: the size of each record when the answer is two or more A (or AAAA)
+    # records of the question's name and nothing else, all that size; 0 for any other answer.
+    turn: int = 0
+
+
+def turned(answer: Answer, data: bytes) -> Answer:
+    """`answer` with its records rotated by the ID of the query `data` modulo their number
+    (CoreDNS `loadbalance` shuffles them at random; the ID is random per query, RFC 5452):
+    each record comes first as often as any other. Answers without `turn` are returned as
+    they are."""
+    width = answer.turn
+    if not width:
+        return answer
+    tail = answer.tail
+    k = (((data[0] << 8) | data[1]) % (len(tail) // width)) * width
+    return answer._replace(tail=tail[k:] + tail[:k]) if k else answer
 
 
 _heads_cache: dict[tuple[int, int, int, int, int, int], tuple[bytes, ...]] = {}
@@ -95,7 +111,13 @@ _ends_cache: dict[tuple[int, ...], tuple[int, ...]] = {}
 
 
 def make_answer(
-    rcode: int, ancount: int, nscount: int, arcount: int, tail: bytes, record_ends: tuple[int, ...]
+    rcode: int,
+    ancount: int,
+    nscount: int,
+    arcount: int,
+    tail: bytes,
+    record_ends: tuple[int, ...],
+    turn: int = 0,
 ) -> Answer:
     """An authoritative (AA=1, RA=0, as CoreDNS answers for its zones) response."""
     # Most answers are one record whose end repeats ((16,) for an A): keep one copy. Only
@@ -103,7 +125,7 @@ def make_answer(
     if len(record_ends) == 1:
         record_ends = _ends_cache.setdefault(record_ends, record_ends)
     return Answer(
-        make_heads(FLAG_QR | FLAG_AA, rcode, ancount, nscount, arcount), tail, record_ends
+        make_heads(FLAG_QR | FLAG_AA, rcode, ancount, nscount, arcount), tail, record_ends, turn
     )
 
 

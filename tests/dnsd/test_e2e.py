@@ -172,6 +172,31 @@ def test_workers_share_the_port_and_stop_together(run_dnsd, tmp_path):
     assert not status.exists() or "zombie" in status.read_text()
 
 
+def test_loadbalance_turns_headless_answers_over_udp_and_tcp(run_dnsd, tmp_path):
+    pool = [
+        namespace("default"),
+        service("pool", headless=True, ports=[{"name": "http", "port": 80}]),
+        endpoint_slice(
+            "pool-1",
+            "pool",
+            [endpoint(f"10.1.0.{i}") for i in range(1, 5)],
+            ports=[{"name": "http", "port": 80}],
+        ),
+    ]
+    dnsd = run_dnsd("--manifests", str(write_manifest(tmp_path / "m.yaml", pool)),
+                    "--loadbalance")  # fmt: skip
+    name = f"pool.default.svc.{Z}"
+    dnsd.wait_for(lambda: len(dnsd.answers(name)) == 4)
+    for tcp in (False, True):
+        firsts = set()
+        for _ in range(40):  # dnspython picks a random ID per query
+            msg = dnsd.ask(name, tcp=tcp)
+            order = [rd.to_text() for rrset in msg.answer for rd in rrset]
+            assert sorted(order) == [f"10.1.0.{i}" for i in range(1, 5)]
+            firsts.add(order[0])
+        assert len(firsts) == 4, (tcp, firsts)
+
+
 # --- a rolling update with a surge: the successor joins the port, the old one lameducks -----
 
 

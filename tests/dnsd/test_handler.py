@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.rcode
@@ -499,3 +500,85 @@ def test_plain_negative_answers_take_the_fast_path(cluster):
         counted = {k: v for k, v in udp.items() if before.get(k) != v}
         assert [(k >> 8, k & 0xF) for k in counted] == [(dns.rdatatype.from_text(rdtype), code)]
         assert fast == cluster.handler.full(data, False)
+
+
+# --- --loadbalance (CoreDNS loadbalance) ------------------------------------------------------
+
+SPREAD = [
+    namespace("default"),
+    service("pool", headless=True, ports=[{"name": "http", "port": 80}]),
+    endpoint_slice(
+        "pool-1",
+        "pool",
+        [endpoint(f"10.1.0.{i}") for i in range(1, 6)],
+        ports=[{"name": "http", "port": 80}],
+    ),
+    service("one", headless=True, ports=[{"name": "http", "port": 80}]),
+    endpoint_slice("one-1", "one", [endpoint("10.2.0.1")], ports=[{"name": "http", "port": 80}]),
+]
+
+
+def _order(cluster: Cluster, qid: int, **kw: Any) -> list[str]:
+    query = dns.message.make_query(f"pool.default.svc.{Z}", "A", **kw)
+    query.id = qid
+    answered = cluster.handler.handle(query.to_wire(), kw.pop("tcp", False))
+    assert isinstance(answered, bytes)
+    msg = dns.message.from_wire(answered)
+    assert msg.id == qid and rcode(msg) == "NOERROR"
+    return [rd.to_text() for rrset in msg.answer for rd in rrset]
+
+
+@pytest.mark.parametrize("edns", [False, True], ids=["plain", "edns"])
+def test_loadbalance_puts_each_address_first_as_often_as_any_other(edns):
+    cluster = Cluster(SPREAD)
+    cluster.handler.loadbalance = True
+    kw = {"use_edns": 0} if edns else {}
+    orders = [_order(cluster, qid, **kw) for qid in range(1000, 1010)]
+    expected = [f"10.1.0.{i}" for i in range(1, 6)]
+    for order in orders:
+        assert sorted(order) == expected  # every record, once: a rotation
+        start = expected.index(order[0])
+        assert order == expected[start:] + expected[:start]
+    firsts = [order[0] for order in orders]
+    assert {first: firsts.count(first) for first in expected} == dict.fromkeys(expected, 2)
+
+
+def test_loadbalance_off_keeps_one_order_and_leaves_single_records_alone():
+    cluster = Cluster(SPREAD)
+    assert {tuple(_order(cluster, qid)) for qid in range(20)} == {
+        tuple(f"10.1.0.{i}" for i in range(1, 6))
+    }
+    cluster.handler.loadbalance = True
+    assert cluster.ask(f"one.default.svc.{Z}").answer[0][0].to_text() == "10.2.0.1"
+
+
+def test_loadbalance_through_the_full_path_and_truncation_keeps_whole_records():
+    """An EDNS query with an option (a cookie) takes the full path; a 512-byte limit with
+    many endpoints cuts the rotated answer at a record boundary with TC."""
+    many = [
+        namespace("default"),
+        service("pool", headless=True, ports=[{"name": "http", "port": 80}]),
+        endpoint_slice(
+            "pool-1",
+            "pool",
+            [endpoint(f"10.3.{i // 250}.{i % 250 + 1}") for i in range(60)],
+            ports=[{"name": "http", "port": 80}],
+        ),
+    ]
+    cluster = Cluster(many)
+    cluster.handler.loadbalance = True
+    cookie = dns.edns.GenericOption(dns.edns.OptionType.COOKIE, b"\x01" * 8)
+    firsts = set()
+    for qid in range(7, 67, 6):
+        full = _order(cluster, qid, use_edns=0, payload=4096, options=[cookie])
+        assert len(full) == 60
+        firsts.add(full[0])
+        query = dns.message.make_query(f"pool.default.svc.{Z}", "A")  # 512 bytes, no EDNS
+        query.id = qid
+        answered = cluster.handler.handle(query.to_wire())
+        assert isinstance(answered, bytes) and len(answered) <= 512
+        msg = dns.message.from_wire(answered)
+        assert msg.flags & dns.flags.TC
+        cut = [rd.to_text() for rrset in msg.answer for rd in rrset]
+        assert cut and cut == full[: len(cut)]
+    assert len(firsts) == 10
