@@ -223,7 +223,10 @@ def test_zone_answers_match_the_dnslib_encoding_of_the_same_records():
         if qtype == wire.TYPE_SRV:  # the glue points into the SRV targets (see above)
             assert len(ours.tail) < len(reference.tail)
         else:
-            assert ours == reference
+            assert ours[:3] == reference[:3]  # heads, tail, record_ends
+            # --loadbalance's record size: several address records of the name, nothing else
+            several = qtype in (wire.TYPE_A, wire.TYPE_AAAA) and len(rrs) > 1 and not extra
+            assert ours.turn == (ours.record_ends[0] if several else 0), (name, qtype)
 
 
 def test_a_non_ascii_cname_target_is_idna_encoded_like_dnslib():
