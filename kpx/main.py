@@ -249,9 +249,18 @@ class Daemon:
             on_synced=lambda: supervisor.mark_healthy("kpx-sync-udp"),
         )
         balancer, udp = self.balancer, self.udp
-        metrics.AFFINITY_ENTRIES.set_function(
-            lambda: balancer.affinity_entries() + udp.balancer.affinity_entries()
-        )
+
+        def affinity_entries() -> int:
+            # With --workers, each worker pins the TCP clients it accepted (kpx/worker.py
+            # reports them every STATS_PERIOD); UDP stays in this process.
+            workers = self.pool.slots if self.pool is not None else ()
+            return (
+                balancer.affinity_entries()
+                + udp.balancer.affinity_entries()
+                + sum(slot.counter("affinity_entries") for slot in workers)
+            )
+
+        metrics.AFFINITY_ENTRIES.set_function(affinity_entries)
 
     def _build_writer(self) -> None:
         settings = self.settings

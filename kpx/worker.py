@@ -156,7 +156,9 @@ class Worker:
 
     async def report(self) -> None:
         while True:
-            self.channel.send(("stats", stats_snapshot(self.proxy.stats)))
+            snapshot = stats_snapshot(self.proxy.stats)
+            snapshot["affinity_entries"] = self.balancer.affinity_entries()
+            self.channel.send(("stats", snapshot))
             await asyncio.sleep(STATS_PERIOD)
 
     async def housekeeping(self) -> None:

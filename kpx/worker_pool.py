@@ -37,6 +37,9 @@ RESTART_MIN = 0.2  # seconds before a dead worker is started again, doubling ...
 RESTART_MAX = 10.0  # ... up to this
 RESTART_RESET = 30.0  # a worker that ran this long restarts after RESTART_MIN again
 ACK_TIMEOUT = 10.0  # seconds a worker may take to apply one rules message (start-up included)
+# A worker's stats that say what it holds now, not how often something happened: a dead
+# worker's are gone with it, never carried over to its successor's.
+GAUGES = frozenset({"connections_active", "affinity_entries"})
 STOP_GRACE = 5.0  # seconds past the drain before a stopping worker is killed
 
 Rules = Mapping[str, ServiceRules | None]
@@ -67,7 +70,7 @@ class WorkerSlot:
         return self.process.pid if self.process is not None else None
 
     def counter(self, name: str) -> int:
-        """A counter across this slot's processes (a gauge for connections_active)."""
+        """A counter across this slot's processes (for GAUGES: its current process's)."""
         return self.stats.get(name, 0) + self.carried.get(name, 0)
 
 
@@ -217,7 +220,7 @@ class WorkerPool:
                 future.set_result(None)  # it restarts from a full snapshot
         slot.waiting.clear()
         for name, value in slot.stats.items():
-            if name != "connections_active":
+            if name not in GAUGES:
                 slot.carried[name] = slot.carried.get(name, 0) + value
         slot.stats = {}
         slot.listening = slot.fed = False

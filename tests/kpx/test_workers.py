@@ -254,3 +254,13 @@ def test_a_worker_keeper_that_fails_unexpectedly_is_restarted_by_the_supervisor(
     assert [e["task"] for e in failed] == ["kpx-worker-0"]
     started = [e["pid"] for e in logs if e["event"] == "worker_started"]
     assert len(started) == 2 and started[0] != started[1]  # the first one was ended
+
+
+def test_a_dead_workers_counters_carry_over_but_what_it_held_does_not() -> None:
+    pool = WorkerPool(1, lambda index: config(index=index), dict)
+    slot = pool.slots[0]
+    slot.stats = {"connections_total": 7, "connections_active": 2, "affinity_entries": 3}
+    assert slot.counter("affinity_entries") == 3
+    pool._lost(slot)
+    assert slot.counter("connections_total") == 7
+    assert slot.counter("connections_active") == 0 and slot.counter("affinity_entries") == 0

@@ -12,6 +12,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import yaml
+
 from tests.kpx.netns import Netns, Topology
 from tests.kpx.test_nft_e2e import PROXY_PORT, manifest, whoami, write_atomically
 from tests.waiting import wait_for
@@ -146,3 +148,37 @@ def test_two_workers_stop_cleanly_on_sigterm(netns_topology: Topology, tmp_path:
     assert status == 0, log_path.read_text()
     assert not any(alive(pid) for pid in workers)
     assert "kpx" not in topo.node.run("nft", "list", "tables")  # table removed on clean exit
+
+
+def test_the_workers_clientip_pins_are_in_kpx_affinity_entries(
+    netns_topology: Topology, tmp_path: Path
+) -> None:
+    """With --workers the TCP clients are pinned in the workers, not in the control process
+    that serves /metrics: the gauge adds what each worker reports."""
+    topo = netns_topology
+    p1, p2 = topo.add_pod("p1"), topo.add_pod("p2")
+    p1.start_whoami(8080)
+    p2.start_whoami(8080)
+    docs = list(yaml.safe_load_all(manifest([p1, p2])))
+    for doc in docs:
+        if doc["kind"] == "Service" and doc["metadata"]["name"] == "web":
+            doc["spec"]["sessionAffinity"] = "ClientIP"
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    log_path = tmp_path / "kpx.log"
+    kpx = start_kpx(topo, path, log_path)
+
+    def pins() -> float:
+        found = re.search(r"^kpx_affinity_entries (\S+)$", scrape(topo.node), re.M)
+        return float(found[1]) if found else -1.0
+
+    try:
+        assert wait_for(lambda: whoami(topo.client, "10.96.0.10", 80, 0.5) in ("p1", "p2"))
+        for _ in range(20):  # from one client address, spread over both workers
+            assert whoami(topo.client, "10.96.0.10", 80) in ("p1", "p2")
+        # Each worker that accepted one pins that client: 1 or 2 pins (one per worker).
+        assert wait_for(lambda: pins() >= 1.0), pins()
+        assert pins() <= 2.0
+    finally:
+        kpx.send_signal(signal.SIGTERM)
+        kpx.wait(timeout=40)
