@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bench import charts
 from bench.jsonout import read_json_object
@@ -18,6 +20,7 @@ from bench.report_checks import (
     Check,
     all_checks,
     memory_sweep,
+    overload_runs,
     per_run_ratio,
     run_ratios,
 )
@@ -557,6 +560,19 @@ def overload_section(r: Report, overload: Doc | None, run: Doc) -> None:
         f"{fmt('{:.0f}', overload.get('duration_s'))} s, first alone (idle), then during the "
         "flood.\n"
     )
+    runs = overload_runs(overload)
+    pinned = overload.get("server_cpus")
+    if pinned:
+        r.add(
+            f"dnsd (and the control knotd) pinned to CPU {_cpus(pinned)}, the flood, the "
+            f"malformed packets and the probe to CPU {_cpus(overload.get('load_cpus'))}: "
+            "as on a node whose flood comes from other machines.\n"
+        )
+    if len(runs) > 1 or (overload.get("probe_flood") or {}).get("control"):
+        r.add(_overload_runs_table(runs))
+        r.add("The tables below are those of run " + str(_worst_run(runs) + 1) + ", whose "
+              "cluster-name p99 was the highest.\n")  # fmt: skip
+        overload = runs[_worst_run(runs)]
     rows = []
     for label, key in (("idle", "probe_idle"), ("during the flood", "probe_flood")):
         probe = overload.get(key) or {}
@@ -618,6 +634,52 @@ def overload_section(r: Report, overload: Doc | None, run: Doc) -> None:
         f"{fmt('{:+.1f}', overload.get('rss_growth_mb'))} MB at its end, "
         f"{fmt('{:+.1f}', overload.get('rss_peak_growth_mb'))} MB at its peak.\n"
     )
+
+
+def _cpus(cpus: Any) -> str:
+    return ",".join(str(c) for c in cpus) if isinstance(cpus, list) else str(cpus)
+
+
+def _worst_run(runs: list[Doc]) -> int:
+    p99s = [num((run.get("probe_flood") or {}).get("p99_ms")) for run in runs]
+    return max(range(len(runs)), key=lambda i: p99s[i] if finite(p99s[i]) else math.inf)
+
+
+def _overload_runs_table(runs: list[Doc]) -> str:
+    """Every run: the probe's p99 from dnsd and from the control knotd under the same load,
+    the floods' rate, the wait of the answers dnsd gave itself, the RSS growth."""
+    rows = []
+    for i, run in enumerate(runs):
+        probe = run.get("probe_flood") or {}
+        control = probe.get("control") or {}
+        floods = [f for f in (run.get("flood") or {}).values() if isinstance(f, dict)]
+        itself = [
+            num(((f.get("waits") or {}).get("dnsd_itself") or {}).get("p99_ms")) for f in floods
+        ]
+        worst = max((w for w in itself if finite(w)), default=math.nan)
+        rows.append(
+            [
+                str(i + 1),
+                fmt("{:.3f}", probe.get("p99_ms")),
+                fmt("{:.3f}", control.get("p99_ms")),
+                fmt("{:.3f}", probe.get("p50_ms")),
+                fmt("{:,.0f}", probe.get("lost")),
+                fmt("{:,.0f}", sum(num(f.get("qps")) for f in floods)),
+                fmt("{:.1f}", worst),
+                fmt("{:+.1f}", run.get("rss_peak_growth_mb")),
+            ]
+        )
+    headers = [
+        "run",
+        "cluster names p99, dnsd (ms)",
+        "same, knotd (ms)",
+        "p50, dnsd (ms)",
+        "probes lost",
+        "floods answered/s",
+        "flood's answers by dnsd itself, p99 (ms)",
+        "RSS peak growth (MB)",
+    ]
+    return table(headers, rows)
 
 
 def soak_section(r: Report, soak: Doc | None, run: Doc) -> None:

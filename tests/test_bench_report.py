@@ -1160,3 +1160,28 @@ def test_udp_section_says_when_the_benchmark_did_not_run_or_stopped(tmp_path: Pa
     section = udp_section(render(tmp_path))
     assert "> The benchmark stopped before its end" in section
     assert "| 64-byte datagrams/s | 170,000 |" in section
+
+
+def test_overload_runs_are_each_judged_with_knotd_as_the_peer(tmp_path: Path) -> None:
+    """bench.dns_overload --runs 3 --control-knot: one run over 1 ms misses the target, the
+    control knotd's p99 is the peer, and a table shows every run."""
+    runs = []
+    for p99, knotd, peak in ((0.6, 0.3, 5.0), (1.4, 0.9, 6.0), (0.8, 0.4, 4.0)):
+        run = overload_doc(flood_p99_ms=p99)
+        run["probe_flood"]["control"] = {"p99_ms": knotd, "p50_ms": 0.05, "lost": 0}
+        run["rss_peak_growth_mb"] = peak
+        runs.append(run)
+    doc = {**runs[1], "runs": runs, "server_cpus": [0], "load_cpus": [1]}
+    write_all(tmp_path, **{"dns-overload": doc})
+    md = render(tmp_path)
+    row = targets(md)[f"{PROBE_P99} (probe at 1,000 qps)"]
+    assert row[0] == "0.600, 1.400, 0.800 ms (per run; 0 lost; idle 0.150, 0.150, 0.150 ms)"
+    assert row[1] == "knotd 0.300, 0.900, 0.400 ms"
+    assert row[2] == "2.00x"  # the median of 2.0, 1.56, 2.0
+    assert row[-1] == f"{NOT_MET}: missed in run 2 of 3"
+    peak = targets(md)["dnsd RSS growth over the flood, at its peak"]
+    assert peak[0] == "5.0, 6.0, 4.0 MB (per run)" and peak[-1] == MET
+    assert targets(md)[f"{FLOOD_WAIT} (worst of 6 floods in 3 runs)"][-1] == NOT_MET
+    assert "| 2 | 1.400 | 0.900 | 0.080 | 0 | 2,600 | 150.0 | +6.0 |" in md
+    assert "pinned to CPU 0, the flood, the malformed packets and the probe to CPU 1" in md
+    assert "The tables below are those of run 2, whose cluster-name p99 was the highest." in md
