@@ -217,3 +217,13 @@ class FakeUpstream(asyncio.DatagramProtocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+def headless_pool(name: str, addresses: list[str]) -> list[dict[str, Any]]:
+    """A headless Service `name` with one port (http 80) and one EndpointSlice of `addresses`,
+    all ready."""
+    ports = [{"name": "http", "port": 80}]
+    return [
+        service(name, headless=True, ports=ports),
+        endpoint_slice(f"{name}-1", name, [endpoint(a) for a in addresses], ports=ports),
+    ]

@@ -22,6 +22,7 @@ from tests.dnsd.helpers import (
     endpoint,
     endpoint_slice,
     free_udp_tcp_port,
+    headless_pool,
     namespace,
     service,
     write_manifest,
@@ -173,16 +174,7 @@ def test_workers_share_the_port_and_stop_together(run_dnsd, tmp_path):
 
 
 def test_loadbalance_turns_headless_answers_over_udp_and_tcp(run_dnsd, tmp_path):
-    pool = [
-        namespace("default"),
-        service("pool", headless=True, ports=[{"name": "http", "port": 80}]),
-        endpoint_slice(
-            "pool-1",
-            "pool",
-            [endpoint(f"10.1.0.{i}") for i in range(1, 5)],
-            ports=[{"name": "http", "port": 80}],
-        ),
-    ]
+    pool = [namespace("default"), *headless_pool("pool", [f"10.1.0.{i}" for i in range(1, 5)])]
     dnsd = run_dnsd("--manifests", str(write_manifest(tmp_path / "m.yaml", pool)),
                     "--loadbalance")  # fmt: skip
     name = f"pool.default.svc.{Z}"

@@ -25,6 +25,7 @@ from kwatch.store import Store
 from tests.dnsd.helpers import (
     endpoint,
     endpoint_slice,
+    headless_pool,
     namespace,
     pod,
     records,
@@ -506,15 +507,8 @@ def test_plain_negative_answers_take_the_fast_path(cluster):
 
 SPREAD = [
     namespace("default"),
-    service("pool", headless=True, ports=[{"name": "http", "port": 80}]),
-    endpoint_slice(
-        "pool-1",
-        "pool",
-        [endpoint(f"10.1.0.{i}") for i in range(1, 6)],
-        ports=[{"name": "http", "port": 80}],
-    ),
-    service("one", headless=True, ports=[{"name": "http", "port": 80}]),
-    endpoint_slice("one-1", "one", [endpoint("10.2.0.1")], ports=[{"name": "http", "port": 80}]),
+    *headless_pool("pool", [f"10.1.0.{i}" for i in range(1, 6)]),
+    *headless_pool("one", ["10.2.0.1"]),
 ]
 
 
@@ -557,13 +551,7 @@ def test_loadbalance_through_the_full_path_and_truncation_keeps_whole_records():
     many endpoints cuts the rotated answer at a record boundary with TC."""
     many = [
         namespace("default"),
-        service("pool", headless=True, ports=[{"name": "http", "port": 80}]),
-        endpoint_slice(
-            "pool-1",
-            "pool",
-            [endpoint(f"10.3.{i // 250}.{i % 250 + 1}") for i in range(60)],
-            ports=[{"name": "http", "port": 80}],
-        ),
+        *headless_pool("pool", [f"10.3.{i // 250}.{i % 250 + 1}" for i in range(60)]),
     ]
     cluster = Cluster(many)
     cluster.handler.loadbalance = True
