@@ -13,6 +13,8 @@ that never answers (a bound UDP socket nobody reads). Three loads, at once:
 - the probe: cluster names asked at `--probe-qps`, one at a time from one socket, timed;
   with `--control-knot` each name is asked of a knotd too (the flood never reaches it): the
   latency this machine under this load gives a server without a GIL or a flood of its own.
+`--server-cpus` / `--load-cpus` pin dnsd (and the control knotd) and the loads apart, as on a
+node whose flood comes from other machines.
 The probe also runs alone first (idle). Reported: the probe's p50/p99/max idle and under the
 flood (goal: p99 <= 1 ms under the flood), the flood's answers and their wait per rcode (each
 response's latency from `dnsperf -v`), what dnsd shed by reason (`dnsd_dns_dropped_total`),
@@ -158,7 +160,16 @@ def probe(
     return result
 
 
-def start_knot(tmp: Path, services: int) -> tuple[subprocess.Popen[bytes], int]:
+def _pin(cpus: set[int] | None) -> Any:
+    """A preexec_fn that pins a child (and every thread it starts) to `cpus`, or None."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def start_knot(
+    tmp: Path, services: int, cpus: set[int] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     """A knotd answering the probe's names (A of every svc<i>), for `--control-knot`."""
     port = free_port()
     folder = tmp / "knot"
@@ -179,7 +190,10 @@ def start_knot(tmp: Path, services: int) -> tuple[subprocess.Popen[bytes], int]:
         f"zone:\n  - domain: {ZONE}\n"
     )
     proc = subprocess.Popen(
-        ["knotd", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ["knotd", "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_pin(cpus),
     )
     probe_name = query(f"svc0.default.svc.{ZONE}", 1)
     for _ in range(200):
@@ -349,7 +363,7 @@ def start_dnsd(
          "--listen", f"127.0.0.1:{port}", "--http-listen", f"127.0.0.1:{http_port}",
          "--upstream", f"127.0.0.1:{upstream}", "--forward-timeout", str(FORWARD_TIMEOUT),
          "--log-level", "warning", "--log-format", "json", *args.dnsd_arg],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_pin(args.server_cpus),
     )  # fmt: skip
     log.close()  # the child holds its own descriptor
     return proc, port, http_port
@@ -417,7 +431,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the upstream: never answers
     silent.bind(("127.0.0.1", 0))
     proc, port, http_port = start_dnsd(args, tmp, silent.getsockname()[1])
-    knot, control = start_knot(tmp, args.services) if args.control_knot else (None, None)
+    knot, control = (
+        start_knot(tmp, args.services, args.server_cpus) if args.control_knot else (None, None)
+    )
     try:
         wait_ready(http_port, proc)
         idle = probe(port, args.probe_qps, min(5.0, args.duration), args.services, control)
@@ -472,6 +488,15 @@ def goals(result: dict[str, Any]) -> dict[str, bool]:
     }
 
 
+def _cpus(text: str) -> set[int]:
+    """`0`, `0,1` or `0-1` as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=30.0)
@@ -491,10 +516,24 @@ def main() -> None:
         help="ask every probe name of a knotd too, which the flood never reaches: the"
         " latency this machine gives any server under the same load",
     )
+    parser.add_argument(
+        "--server-cpus",
+        type=_cpus,
+        default=None,
+        help="CPUs for dnsd and the control knotd, e.g. 0 (default: any)",
+    )
+    parser.add_argument(
+        "--load-cpus",
+        type=_cpus,
+        default=None,
+        help="CPUs for the flood, the malformed packets and the probe, e.g. 1 (default: any)",
+    )
     parser.add_argument("--dnsd-arg", action="append", default=[], help="extra dnsd flag")
     parser.add_argument("--quick", action="store_true", help="a few seconds, tiny load")
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
+    if args.load_cpus:
+        os.sched_setaffinity(0, args.load_cpus)  # inherited by dnsperf and the junk sender
     if args.quick:
         args.duration, args.outstanding, args.probe_qps = 4.0, 300, 200.0
         args.malformed_rate, args.services = 200.0, min(args.services, 100)
