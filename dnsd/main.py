@@ -15,11 +15,10 @@ import structlog
 from prometheus_client import REGISTRY
 
 from dnsd.autopath import AutoPath, read_resolv_search
-from dnsd.cache import DnsCache
+from dnsd.build import build_forwarder, build_index
 from dnsd.clients import POD_ADDRESSES, PodClients
 from dnsd.controller import ExtraSource, ZoneController
 from dnsd.endpoint_names import EndpointNames
-from dnsd.forward import Forwarder, read_resolv_conf
 from dnsd.handler import Handler, LazyNames, PodMode
 from dnsd.isolation import NamespaceIsolation
 from dnsd.metrics import DnsCollector, DnsStats
@@ -29,7 +28,6 @@ from dnsd.server import DnsServer
 from dnsd.settings import DnsdSettings, load
 from dnsd.transfer import ZoneTransfer, parse_networks
 from dnsd.zonal import ZonalNames
-from dnsd.zone import ZoneIndex
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
@@ -64,9 +62,7 @@ class Daemon:
         # its liveness.
         self.supervisor = Supervisor(wedge_deadline=settings.task_deadline)
         self.state = ClusterState(resources, supervisor=self.supervisor)
-        self.index = ZoneIndex(
-            settings.zone, settings.ttl, settings.external_zone, settings.multicluster
-        )
+        self.index = build_index(settings)
         self.clients: PodClients | None = None
         if per_client:
             self.clients = PodClients()
@@ -112,28 +108,7 @@ class Daemon:
             extra=extra,
             progress=self.supervisor.progress("zone-controller"),
         )
-        upstreams = settings.upstream_addresses() or read_resolv_conf(settings.resolv_conf)
-        cache = (
-            DnsCache(
-                max_entries=settings.cache_size,
-                max_ttl=settings.cache_max_ttl,
-                max_negative_ttl=settings.cache_max_negative_ttl,
-                prefetch=settings.prefetch,
-                prefetch_duration=settings.prefetch_duration,
-                prefetch_percentage=settings.prefetch_percentage,
-                stale_for=settings.serve_stale,
-            )
-            if settings.cache_size > 0
-            else None
-        )
-        self.forwarder = Forwarder(
-            upstreams,
-            stub_domains=settings.stub_domains(),
-            cache=cache,
-            timeout=settings.forward_timeout,
-            max_inflight=settings.max_concurrent,
-            policy=settings.forward_policy,
-        )
+        self.forwarder = build_forwarder(settings)
         lazy: list[LazyNames] = []
         if settings.endpoint_names:
             lazy.append(EndpointNames(*stores, options, exposed))
