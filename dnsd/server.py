@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import structlog
 
@@ -52,6 +52,21 @@ def _log_query(data: bytes, peer: Any, proto: str, response: bytes | None) -> No
 
 _UDP_MAX = 65535
 UDP_BACKLOG = 4096
+
+# What a ForwardSink did with a query (see UdpListener.forwarding).
+FORWARD_SENT = 0  # on its way to the process that answers it
+FORWARD_FULL = 1  # that process has as many waiting as it may: shed (forward_queue_full)
+FORWARD_GONE = 2  # that process is not there: the event loop answers it as without one
+
+
+class ForwardSink(Protocol):
+    """Where a UDP thread hands the forwarded names it receives (dnsd.forward_process):
+    called from the thread, so it must never block."""
+
+    def offer(self, listener: int, sockaddr: bytes, data: bytes) -> int:
+        """Take query `data` from `sockaddr` (raw, as the kernel wrote it) that arrived on
+        listener number `listener`; one of FORWARD_SENT, FORWARD_FULL, FORWARD_GONE."""
+        ...
 
 
 class SlowQueue:
@@ -130,6 +145,9 @@ class UdpListener:
     them, and drops what finds the queue full. The loop runs `Handler.full` and sends with
     MSG_DONTWAIT, queueing when the buffer is full, so only one thread ever touches the
     forwarder, the cache and the per-query accounting.
+    With --forward-process, a name outside every zone (`Handler.forwards`) goes instead to a
+    child process (`forwarding`, dnsd.forward_process), which answers it from this very
+    socket: its forwarding never holds this process's GIL.
     The zone index is updated by the event loop while the thread reads it: every answer is
     one immutable bytes object swapped in whole, so a query sees a service before or after
     a change, never a half-written answer.
@@ -156,6 +174,20 @@ class UdpListener:
         # Answers from the event loop waiting for room in the socket's send buffer.
         self._backlog: collections.deque[tuple[bytes, Any]] = collections.deque()
         self.slow = SlowQueue(slow_queue, handler.stats.thread_drops(), self._full)
+        # --forward-process: forwarded names go there instead of to the event loop (set and
+        # cleared by the loop, read by the thread; one reference, swapped whole).
+        self.forwarding: ForwardSink | None = None
+        self.number = 0  # this listener's position in its DnsServer (for the ForwardSink)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Answer through `answer_slow` on `loop` without a thread of our own receiving:
+        the --forward-process child, which sends from a listener socket the parent reads."""
+        self._loop = loop
+        self.slow.start(loop)
+
+    def answer_slow(self, data: bytes, addr: Any) -> None:
+        """On the event loop: answer a query the fast path left, as the thread's own are."""
+        self._full(data, addr)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -215,7 +247,18 @@ class UdpListener:
                     return None
                 return plain(data, i)
 
+        forwards = self.handler.forwards
+        shed = self.slow.shed
+
         def leftover(data: bytes, i: int) -> None:
+            sink = self.forwarding
+            if sink is not None and forwards(data):
+                taken = sink.offer(self.number, io.sockaddr(i), data)
+                if taken == FORWARD_SENT:
+                    return
+                if taken == FORWARD_FULL:
+                    shed["forward_queue_full"] = shed.get("forward_queue_full", 0) + 1
+                    return
             address = io.address(i)
             if address is not None:  # None: woken by close()
                 hand_over(data, address)
@@ -596,6 +639,7 @@ class DnsServer:
                 slow_queue=self.slow_queue,
                 thread_slice=self.udp_thread_slice,
             )
+            listener.number = len(self._udp)
             listener.start(loop)
             self._udp.append(listener)
             tcp_sock.listen(1024)
@@ -618,6 +662,15 @@ class DnsServer:
                 raise
             return udp, tcp
         raise OSError(f"no port free for both UDP and TCP on {host}")
+
+    def udp_sockets(self) -> list[socket.socket]:
+        """The bound UDP sockets, in listener-number order."""
+        return [listener.sock for listener in self._udp]
+
+    def forward_through(self, sink: ForwardSink | None) -> None:
+        """Hand the UDP threads' forwarded names to `sink` (None: to the event loop again)."""
+        for listener in self._udp:
+            listener.forwarding = sink
 
     async def stop(self) -> None:
         self.listening = False

@@ -117,6 +117,12 @@ class BatchIO:
             return None
         return sockaddr_to_python(bytes(self._names.data[i * _NAME : i * _NAME + length]))
 
+    def sockaddr(self, i: int) -> bytes:
+        """The sender of datagram i as the kernel wrote it (a sockaddr_in or sockaddr_in6;
+        kwatch.mmsg.sockaddr_to_python reads it): for a process that answers in our stead."""
+        start = i * _NAME
+        return bytes(self._names.data[start : start + self._recv_i[16 * i + _NAMELEN]])
+
     def client_packed(self, i: int) -> bytes:
         """The sender's IP of datagram i as 4 or 16 packed bytes (b"" if unknown): cheaper
         than `address` where only the IP matters (per-client answers)."""
