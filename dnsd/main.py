@@ -19,6 +19,8 @@ from dnsd.build import build_forwarder, build_index
 from dnsd.clients import POD_ADDRESSES, PodClients
 from dnsd.controller import ExtraSource, ZoneController
 from dnsd.endpoint_names import EndpointNames
+from dnsd.forward_channel import MergedRegistry
+from dnsd.forward_process import ForwardProcess
 from dnsd.handler import Handler, LazyNames, PodMode
 from dnsd.isolation import NamespaceIsolation
 from dnsd.metrics import DnsCollector, DnsStats
@@ -153,6 +155,9 @@ class Daemon:
         )
         self.health: HealthServer | None = None
         self._collector = DnsCollector(self.stats, self.controller.zone_info)
+        self.forward_process = (
+            ForwardProcess(settings, self.server) if settings.forward_process else None
+        )
 
     def readiness(self) -> tuple[bool, str]:
         """Ready = every store synced, the zone built, and the DNS sockets bound."""
@@ -165,11 +170,25 @@ class Daemon:
             return False, "not listening"
         return True, "ok"
 
+    def liveness(self) -> tuple[bool, str]:
+        """Alive = every supervised task running, and the forward process up (if any)."""
+        alive, text = self.supervisor.liveness()
+        if self.forward_process is not None:
+            child_alive, child_text = self.forward_process.liveness()
+            if not child_alive:
+                return False, child_text if alive else f"{text}; {child_text}"
+        return alive, text
+
+    def _start_forward_process(self) -> None:
+        if self.forward_process is not None:
+            self.supervisor.spawn("forward-process", self.forward_process.run)
+
     async def start(self) -> None:
         if self.worker == 0:
             # The first process binds at once: a port conflict fails the start, and clients
             # get SERVFAIL for cluster names until the first sync, as CoreDNS does.
             await self.server.start()
+            self._start_forward_process()
         await self.state.start(self.settings, USER_AGENT)
         self.supervisor.spawn("zone-controller", self.controller.run)
         if self.worker != 0:
@@ -178,8 +197,16 @@ class Daemon:
             self.supervisor.spawn("listen", self._listen_when_ready, forever=False)
         if self.worker == 0:
             REGISTRY.register(self._collector)
+            metrics = (
+                REGISTRY
+                if self.forward_process is None
+                else MergedRegistry(REGISTRY, self.forward_process.metric_families)
+            )
             self.health = HealthServer(
-                self.settings.http_listen, ready=self.readiness, alive=self.supervisor.liveness
+                self.settings.http_listen,
+                ready=self.readiness,
+                alive=self.liveness,
+                registry=metrics,
             )
             await self.health.start()
             log.info("http_listening", address=self.health.host, port=self.health.port)
@@ -208,6 +235,7 @@ class Daemon:
         except OSError as err:
             log.error("listen_failed", worker=self.worker, problem=str(err))
             return
+        self._start_forward_process()
         log.info("worker_listening", worker=self.worker)
 
     @property
@@ -215,6 +243,9 @@ class Daemon:
         return self.server.bound[0][1]
 
     async def stop(self) -> None:
+        if self.forward_process is not None:
+            # First: the child holds the listener sockets too, so they close with it.
+            await self.forward_process.stop()
         await self.server.stop()
         await self.supervisor.stop()
         await self.state.stop()
