@@ -18,8 +18,10 @@ node whose flood comes from other machines.
 The probe also runs alone first (idle). Reported: the probe's p50/p99/max idle and under the
 flood (goal: p99 <= 1 ms under the flood), the flood's answers and their wait per rcode (each
 response's latency from `dnsperf -v`), what dnsd shed by reason (`dnsd_dns_dropped_total`),
-dnsd's RSS growth over the flood, at its end and at its peak (goal <= 10 MB), and, per
-thread of dnsd and for the probe, the time spent on a core and waiting for one (schedstat).
+dnsd's RSS growth over the flood (summed over its process tree: the --forward-process child
+and --workers count too), at its end and at its peak (goal <= 10 MB), and, per thread of
+dnsd (its children's included) and for the probe, the time spent on a core and waiting for
+one (schedstat).
 Forwarded names the upstream never answers are SERVFAIL after `--forward-timeout` (2 s) by
 design; the wait that matters is that of the answers dnsd gives itself (REFUSED above
 `--max-concurrent`, cached SERVFAIL), so the goal (p99 <= 100 ms) is checked on the answers
@@ -87,12 +89,33 @@ def query(name: str, qid: int, qtype: int = 1) -> bytes:
     return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + wire + struct.pack("!HH", qtype, 1)
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (dnsd's --forward-process child, --workers)."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            for tid in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{tid}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
+        except OSError:
+            continue  # ended meanwhile
+    return out
+
+
 def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    """The RSS of `pid` and its descendants, summed (pages they share counted in each)."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -297,15 +320,25 @@ def wait_ready(http_port: int, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit("dnsd did not become ready")
 
 
-def thread_schedstat(pid: int) -> dict[str, tuple[int, int, int]]:
+def thread_schedstat(pid: int, tree: bool = False) -> dict[str, tuple[int, int, int]]:
     """Per thread of `pid` (by name, numbered when names repeat): on-CPU ns, ns waiting on a
-    run queue, time slices (/proc/<pid>/task/<tid>/schedstat)."""
+    run queue, time slices (/proc/<pid>/task/<tid>/schedstat). `tree`: the threads of its
+    descendants too, named `child <pid>/<name>`."""
     out: dict[str, tuple[int, int, int]] = {}
-    for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+    threads = [(pid, tid, "") for tid in os.listdir(f"/proc/{pid}/task")]
+    if tree:
+        for child in process_tree(pid)[1:]:
+            try:
+                threads += [
+                    (child, tid, f"child {child}/") for tid in os.listdir(f"/proc/{child}/task")
+                ]
+            except OSError:
+                continue
+    for owner, tid, prefix in sorted(threads, key=lambda t: (t[2], int(t[1]))):
         try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                name = f.read().strip()
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            with open(f"/proc/{owner}/task/{tid}/comm") as f:
+                name = prefix + f.read().strip()
+            with open(f"/proc/{owner}/task/{tid}/schedstat") as f:
                 run_ns, wait_ns, slices = (int(v) for v in f.read().split())
         except (OSError, ValueError):
             continue  # the thread ended
@@ -440,10 +473,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rss_before = rss_kb(proc.pid)
         drops_before = dropped(http_port)
         sampler = RssSampler(proc.pid)
-        sched_before = thread_schedstat(proc.pid)
+        sched_before = thread_schedstat(proc.pid, tree=True)
         probe_before = thread_schedstat(os.getpid())
         loaded, floods, junk_sent = flood(args, tmp, port, sampler, control)
-        sched_after = thread_schedstat(proc.pid)
+        sched_after = thread_schedstat(proc.pid, tree=True)
         probe_after = thread_schedstat(os.getpid())
         rss_after = rss_kb(proc.pid)
         drops_after = dropped(http_port)
