@@ -3,10 +3,12 @@
 One AF_UNIX SOCK_SEQPACKET socket pair joins them; every message is one packet, its first
 byte its kind:
 
-- parent -> child, `Q`: a query to answer. Then the number of the listener it came on (one
-  byte), the length of the client's sockaddr (one byte), the sockaddr as the kernel wrote it
-  (sockaddr_in / sockaddr_in6), then the query itself. The child answers from that
-  listener's socket (passed to it at start), so the client sees the address it asked.
+- parent -> child, `Q`: queries to answer, those of one batch of a UDP thread's recvmmsg
+  (one message and one wake-up of the child per batch, not per query). Then the number of
+  the listener they came on (one byte), then per query the length of the client's sockaddr
+  (one byte), the sockaddr as the kernel wrote it (sockaddr_in / sockaddr_in6), the query's
+  length (two bytes, big-endian) and the query. The child answers from that listener's
+  socket (passed to it at start), so the client sees the address it asked.
 - child -> parent, `R`: the child is ready to answer (sent once).
 - child -> parent, `M`: a JSON snapshot of the child's `dnsd_*` metrics (every second and
   when it stops), which the parent's /metrics adds to its own (`merge`).
@@ -30,6 +32,7 @@ from prometheus_client.registry import Collector
 QUERY = b"Q"
 READY = b"R"
 METRICS = b"M"
+MESSAGE_LIMIT = 8 * 1024  # bytes of queries in one message, about (a batch is 64 at most)
 
 # Gauges where the lowest of the processes' values is the truth (1 = healthy).
 LOWEST = frozenset({"dnsd_forward_upstream_healthy"})
@@ -38,18 +41,46 @@ Sample = tuple[str, dict[str, str], float]
 Family = tuple[str, str, str, list[Sample]]  # name, type, documentation, samples
 
 
-def query_message(listener: int, sockaddr: bytes, data: bytes) -> bytes:
-    return QUERY + bytes((listener, len(sockaddr))) + sockaddr + data
+def query_messages(
+    listener: int, queries: list[tuple[bytes, bytes]], limit: int = MESSAGE_LIMIT
+) -> list[tuple[bytes, int]]:
+    """`queries` (sockaddr, query) of listener number `listener` as messages of at most
+    about `limit` bytes, each with the number of queries it holds."""
+    out: list[tuple[bytes, int]] = []
+    parts = [QUERY + bytes((listener,))]
+    size, count = 2, 0
+    for sockaddr, data in queries:
+        frame = bytes((len(sockaddr),)) + sockaddr + len(data).to_bytes(2, "big") + data
+        if count and size + len(frame) > limit:
+            out.append((b"".join(parts), count))
+            parts, size, count = [parts[0]], 2, 0
+        parts.append(frame)
+        size += len(frame)
+        count += 1
+    if count:
+        out.append((b"".join(parts), count))
+    return out
 
 
-def read_query(message: bytes) -> tuple[int, bytes, bytes]:
-    """(listener number, sockaddr, query) of a `query_message`; ValueError if malformed."""
-    if len(message) < 3 or message[:1] != QUERY:
+def read_queries(message: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """(listener number, [(sockaddr, query), ...]) of a query message; ValueError if it is
+    malformed."""
+    if len(message) < 2 or message[:1] != QUERY:
         raise ValueError("not a query message")
-    length = message[2]
-    if len(message) < 3 + length:
-        raise ValueError("sockaddr cut short")
-    return message[1], message[3 : 3 + length], message[3 + length :]
+    queries: list[tuple[bytes, bytes]] = []
+    i, n = 2, len(message)
+    while i < n:
+        length = message[i]
+        start = i + 1 + length
+        if start + 2 > n:
+            raise ValueError("sockaddr cut short")
+        size = (message[start] << 8) | message[start + 1]
+        end = start + 2 + size
+        if end > n:
+            raise ValueError("query cut short")
+        queries.append((message[i + 1 : start], message[start + 2 : end]))
+        i = end
+    return message[1], queries
 
 
 def snapshot(registry: Collector, prefix: str = "dnsd_") -> list[Family]:

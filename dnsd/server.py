@@ -53,19 +53,15 @@ def _log_query(data: bytes, peer: Any, proto: str, response: bytes | None) -> No
 _UDP_MAX = 65535
 UDP_BACKLOG = 4096
 
-# What a ForwardSink did with a query (see UdpListener.forwarding).
-FORWARD_SENT = 0  # on its way to the process that answers it
-FORWARD_FULL = 1  # that process has as many waiting as it may: shed (forward_queue_full)
-FORWARD_GONE = 2  # that process is not there: the event loop answers it as without one
-
 
 class ForwardSink(Protocol):
     """Where a UDP thread hands the forwarded names it receives (dnsd.forward_process):
     called from the thread, so it must never block."""
 
-    def offer(self, listener: int, sockaddr: bytes, data: bytes) -> int:
-        """Take query `data` from `sockaddr` (raw, as the kernel wrote it) that arrived on
-        listener number `listener`; one of FORWARD_SENT, FORWARD_FULL, FORWARD_GONE."""
+    def offer(self, listener: int, queries: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
+        """Take `queries`, each (client sockaddr as the kernel wrote it, query), that arrived
+        on listener number `listener`, together. Returns (how many of them were shed because
+        the taker is full, whether it is gone): a taker that is gone took none of them."""
         ...
 
 
@@ -249,21 +245,31 @@ class UdpListener:
 
         forwards = self.handler.forwards
         shed = self.slow.shed
+        # --forward-process: the batch's forwarded names, passed on together after the
+        # batch's answers went out (one message and one wake-up of the child per batch).
+        forwarded: list[tuple[bytes, bytes]] = []
 
         def leftover(data: bytes, i: int) -> None:
-            sink = self.forwarding
-            if sink is not None and forwards(data):
-                taken = sink.offer(self.number, io.sockaddr(i), data)
-                if taken == FORWARD_SENT:
-                    return
-                if taken == FORWARD_FULL:
-                    shed["forward_queue_full"] = shed.get("forward_queue_full", 0) + 1
-                    return
+            if self.forwarding is not None and forwards(data):
+                forwarded.append((io.sockaddr(i), data))
+                return
             address = io.address(i)
             if address is not None:  # None: woken by close()
                 hand_over(data, address)
 
-        io.serve(answer, leftover, self.handler.stats.drop, lambda: not self._closed)
+        def flush() -> None:
+            if not forwarded:
+                return
+            sink = self.forwarding
+            lost, gone = (0, True) if sink is None else sink.offer(self.number, forwarded)
+            if lost:
+                shed["forward_queue_full"] = shed.get("forward_queue_full", 0) + lost
+            if gone:  # the child ended: the event loop forwards, as without one
+                for sockaddr, data in forwarded:
+                    hand_over(data, udpbatch.sockaddr_to_python(sockaddr))
+            forwarded.clear()
+
+        io.serve(answer, leftover, self.handler.stats.drop, lambda: not self._closed, flush)
 
     def _serve_single(self) -> None:
         """One datagram per system call: where recvmmsg is missing (not Linux)."""

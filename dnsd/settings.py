@@ -144,6 +144,12 @@ class DnsdSettings(AccessSettings):
         description="CPU niceness of the --forward-process child (0-19; raising it needs no "
         "privilege): on a busy core the kernel prefers dnsd's own threads",
     )
+    forward_idle: bool = Field(
+        True,
+        description="run the --forward-process child under SCHED_IDLE (no privilege "
+        "needed): a core runs it only when nothing else wants it, and dnsd's threads "
+        "preempt it at once; off: --forward-nice alone",
+    )
     gil_switch_interval: float = Field(
         0.0005,
         gt=0,

@@ -291,17 +291,18 @@ def test_merge_adds_counters_and_keeps_each_family_once():
     assert channel.read_metrics(message) == child
 
 
-def test_query_messages_round_trip_and_refuse_garbage():
-    sockaddr = bytes(range(16))
-    assert channel.read_query(channel.query_message(3, sockaddr, b"query")) == (
-        3,
-        sockaddr,
-        b"query",
-    )
-    with pytest.raises(ValueError):
-        channel.read_query(b"Q\x00\x10short")
-    with pytest.raises(ValueError):
-        channel.read_query(b"M{}")
+def test_query_messages_round_trip_split_by_size_and_refuse_garbage():
+    v4, v6 = bytes(range(16)), bytes(range(28))
+    queries = [(v4, b"q" * 100), (v6, b"r" * 300), (v4, b"")]
+    ((message, count),) = channel.query_messages(3, queries)
+    assert count == 3 and channel.read_queries(message) == (3, queries)
+    split = channel.query_messages(1, queries * 10, limit=1000)
+    assert len(split) > 1 and all(len(m) <= 1000 for m, _ in split)
+    assert sum(count for _, count in split) == 30
+    assert [q for m, _ in split for q in channel.read_queries(m)[1]] == queries * 10
+    for garbage in (b"Q\x00\x10short", message[:-1], b"M{}", b""):
+        with pytest.raises(ValueError):
+            channel.read_queries(garbage)
 
 
 # --- the dnsd command -------------------------------------------------------------------------
@@ -344,6 +345,7 @@ def test_no_child_outlives_dnsd(tmp_path, stop):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert os.getpriority(os.PRIO_PROCESS, child) == 5
+        assert os.sched_getscheduler(child) == os.SCHED_IDLE  # --forward-idle, the default
         proc.send_signal(stop)
         proc.wait(10)
         assert _gone(child), (tmp_path / "dnsd.log").read_text()[-3000:]
