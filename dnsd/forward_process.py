@@ -13,8 +13,9 @@ SCHED_IDLE (--forward-idle, the default) at --forward-nice: on a busy core a wak
 thread of the parent preempts it at once. A nice value alone is not enough: the kernel
 (EEVDF) lets the running child finish its time slice before the woken thread runs. Measured
 with bench.dns_overload, dnsd and a control knotd pinned to one core, the loads on another:
-probe p99 4.3 ms without the option, 2.6 and 3.4 ms with the child at nice 10, 2.8 ms adding
---udp-thread-slice 0.0001, 0.8 ms under SCHED_IDLE (knotd 0.13-0.45 ms in the same runs).
+probe p99 4.3 and 3.9 ms without the option; 2.6, 3.4 and 2.4 ms with the child at nice 10
+(2.8 ms adding --udp-thread-slice 0.0001); 0.80, 0.69, 2.30 and 1.05 ms under SCHED_IDLE
+(knotd 0.10-0.45 ms in the same runs).
 
 Everything else stays in the parent: cluster, reverse and ExternalName names, autopath,
 isolation, malformed messages (they need the zone or are answered at once), TCP, and the
