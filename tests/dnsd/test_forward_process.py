@@ -25,6 +25,7 @@ import dns.rdatatype
 import pytest
 
 from dnsd import forward_channel as channel
+from dnsd import forward_process
 from dnsd.forward_process import PROCESS_RESTARTS
 from tests.dnsd.conftest import Running
 from tests.dnsd.helpers import (
@@ -230,6 +231,28 @@ async def test_a_killed_child_is_replaced_and_forwarding_goes_on_meanwhile(start
     assert answer is not None and answer[0][3] & 0x0F == dns.rcode.NOERROR
 
 
+async def test_healthz_fails_while_no_child_comes_up_and_forwarding_goes_on(
+    start_dnsd, monkeypatch
+):
+    monkeypatch.setattr(forward_process, "START_TIMEOUT", 0.5)
+    monkeypatch.setattr(forward_process.sys, "executable", "/bin/false")  # exits at once
+    run = await start_dnsd(CLUSTER, "--forward-process")
+    assert run.daemon.liveness() == (True, "ok")  # a restart is due, not overdue
+    for _ in range(100):
+        if not run.daemon.liveness()[0]:
+            break
+        await asyncio.sleep(0.05)
+    assert run.daemon.liveness() == (False, "forward process is not running")
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{run.http_port}/healthz") as resp,
+    ):
+        assert resp.status == 503
+    answer = await asyncio.to_thread(exchange, run.port, make("www.example.org"))
+    assert answer is not None and answer[0][3] & 0x0F == dns.rcode.NOERROR
+    assert forward_process.PROCESS_UP._value.get() == 0
+
+
 async def test_a_child_that_cannot_keep_up_sheds_and_counts(start_dnsd):
     run = await start_dnsd(CLUSTER, "--forward-process")
     pid = await child_up(run)
@@ -321,6 +344,43 @@ def _gone(pid: int, within: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def _forward_children(pid: int) -> list[int]:
+    return [
+        p
+        for p in _children(pid)
+        if b"dnsd.forward_child" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
+
+
+def test_each_worker_has_its_own_child_and_none_outlives_dnsd(tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", CLUSTER)
+    log = (tmp_path / "dnsd.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dnsd.main", "--manifests", str(manifest),
+         "--listen", f"127.0.0.1:{free_udp_tcp_port()}", "--http-listen", "127.0.0.1:0",
+         "--upstream", f"127.0.0.1:{free_udp_tcp_port()}", "--log-format", "json",
+         "--forward-process", "--workers", "2"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            workers = _children(proc.pid)
+            children = [c for p in [proc.pid, *workers] for c in _forward_children(p)]
+            if len(children) == 2:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, children
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        assert all(_gone(pid) for pid in [*children, *workers])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
