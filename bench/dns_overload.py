@@ -13,11 +13,15 @@ that never answers (a bound UDP socket nobody reads). Three loads, at once:
 - the probe: cluster names asked at `--probe-qps`, one at a time from one socket, timed;
   with `--control-knot` each name is asked of a knotd too (the flood never reaches it): the
   latency this machine under this load gives a server without a GIL or a flood of its own.
+`--server-cpus` / `--load-cpus` pin dnsd (and the control knotd) and the loads apart, as on a
+node whose flood comes from other machines.
 The probe also runs alone first (idle). Reported: the probe's p50/p99/max idle and under the
 flood (goal: p99 <= 1 ms under the flood), the flood's answers and their wait per rcode (each
 response's latency from `dnsperf -v`), what dnsd shed by reason (`dnsd_dns_dropped_total`),
-dnsd's RSS growth over the flood, at its end and at its peak (goal <= 10 MB), and, per
-thread of dnsd and for the probe, the time spent on a core and waiting for one (schedstat).
+dnsd's RSS growth over the flood (summed over its process tree: the --forward-process child
+and --workers count too), at its end and at its peak (goal <= 10 MB), and, per thread of
+dnsd (its children's included) and for the probe, the time spent on a core and waiting for
+one (schedstat).
 Forwarded names the upstream never answers are SERVFAIL after `--forward-timeout` (2 s) by
 design; the wait that matters is that of the answers dnsd gives itself (REFUSED above
 `--max-concurrent`, cached SERVFAIL), so the goal (p99 <= 100 ms) is checked on the answers
@@ -85,12 +89,33 @@ def query(name: str, qid: int, qtype: int = 1) -> bytes:
     return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + wire + struct.pack("!HH", qtype, 1)
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (dnsd's --forward-process child, --workers)."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            for tid in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{tid}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
+        except OSError:
+            continue  # ended meanwhile
+    return out
+
+
 def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    """The RSS of `pid` and its descendants, summed (pages they share counted in each)."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -158,7 +183,16 @@ def probe(
     return result
 
 
-def start_knot(tmp: Path, services: int) -> tuple[subprocess.Popen[bytes], int]:
+def _pin(cpus: set[int] | None) -> Any:
+    """A preexec_fn that pins a child (and every thread it starts) to `cpus`, or None."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def start_knot(
+    tmp: Path, services: int, cpus: set[int] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     """A knotd answering the probe's names (A of every svc<i>), for `--control-knot`."""
     port = free_port()
     folder = tmp / "knot"
@@ -179,7 +213,10 @@ def start_knot(tmp: Path, services: int) -> tuple[subprocess.Popen[bytes], int]:
         f"zone:\n  - domain: {ZONE}\n"
     )
     proc = subprocess.Popen(
-        ["knotd", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ["knotd", "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_pin(cpus),
     )
     probe_name = query(f"svc0.default.svc.{ZONE}", 1)
     for _ in range(200):
@@ -283,15 +320,25 @@ def wait_ready(http_port: int, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit("dnsd did not become ready")
 
 
-def thread_schedstat(pid: int) -> dict[str, tuple[int, int, int]]:
+def thread_schedstat(pid: int, tree: bool = False) -> dict[str, tuple[int, int, int]]:
     """Per thread of `pid` (by name, numbered when names repeat): on-CPU ns, ns waiting on a
-    run queue, time slices (/proc/<pid>/task/<tid>/schedstat)."""
+    run queue, time slices (/proc/<pid>/task/<tid>/schedstat). `tree`: the threads of its
+    descendants too, named `child <pid>/<name>`."""
     out: dict[str, tuple[int, int, int]] = {}
-    for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+    threads = [(pid, tid, "") for tid in os.listdir(f"/proc/{pid}/task")]
+    if tree:
+        for child in process_tree(pid)[1:]:
+            try:
+                threads += [
+                    (child, tid, f"child {child}/") for tid in os.listdir(f"/proc/{child}/task")
+                ]
+            except OSError:
+                continue
+    for owner, tid, prefix in sorted(threads, key=lambda t: (t[2], int(t[1]))):
         try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                name = f.read().strip()
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            with open(f"/proc/{owner}/task/{tid}/comm") as f:
+                name = prefix + f.read().strip()
+            with open(f"/proc/{owner}/task/{tid}/schedstat") as f:
                 run_ns, wait_ns, slices = (int(v) for v in f.read().split())
         except (OSError, ValueError):
             continue  # the thread ended
@@ -349,7 +396,7 @@ def start_dnsd(
          "--listen", f"127.0.0.1:{port}", "--http-listen", f"127.0.0.1:{http_port}",
          "--upstream", f"127.0.0.1:{upstream}", "--forward-timeout", str(FORWARD_TIMEOUT),
          "--log-level", "warning", "--log-format", "json", *args.dnsd_arg],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_pin(args.server_cpus),
     )  # fmt: skip
     log.close()  # the child holds its own descriptor
     return proc, port, http_port
@@ -417,17 +464,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the upstream: never answers
     silent.bind(("127.0.0.1", 0))
     proc, port, http_port = start_dnsd(args, tmp, silent.getsockname()[1])
-    knot, control = start_knot(tmp, args.services) if args.control_knot else (None, None)
+    knot, control = (
+        start_knot(tmp, args.services, args.server_cpus) if args.control_knot else (None, None)
+    )
     try:
         wait_ready(http_port, proc)
         idle = probe(port, args.probe_qps, min(5.0, args.duration), args.services, control)
         rss_before = rss_kb(proc.pid)
         drops_before = dropped(http_port)
         sampler = RssSampler(proc.pid)
-        sched_before = thread_schedstat(proc.pid)
+        sched_before = thread_schedstat(proc.pid, tree=True)
         probe_before = thread_schedstat(os.getpid())
         loaded, floods, junk_sent = flood(args, tmp, port, sampler, control)
-        sched_after = thread_schedstat(proc.pid)
+        sched_after = thread_schedstat(proc.pid, tree=True)
         probe_after = thread_schedstat(os.getpid())
         rss_after = rss_kb(proc.pid)
         drops_after = dropped(http_port)
@@ -472,6 +521,15 @@ def goals(result: dict[str, Any]) -> dict[str, bool]:
     }
 
 
+def _cpus(text: str) -> set[int]:
+    """`0`, `0,1` or `0-1` as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=30.0)
@@ -491,10 +549,24 @@ def main() -> None:
         help="ask every probe name of a knotd too, which the flood never reaches: the"
         " latency this machine gives any server under the same load",
     )
+    parser.add_argument(
+        "--server-cpus",
+        type=_cpus,
+        default=None,
+        help="CPUs for dnsd and the control knotd, e.g. 0 (default: any)",
+    )
+    parser.add_argument(
+        "--load-cpus",
+        type=_cpus,
+        default=None,
+        help="CPUs for the flood, the malformed packets and the probe, e.g. 1 (default: any)",
+    )
     parser.add_argument("--dnsd-arg", action="append", default=[], help="extra dnsd flag")
     parser.add_argument("--quick", action="store_true", help="a few seconds, tiny load")
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
+    if args.load_cpus:
+        os.sched_setaffinity(0, args.load_cpus)  # inherited by dnsperf and the junk sender
     if args.quick:
         args.duration, args.outstanding, args.probe_qps = 4.0, 300, 200.0
         args.malformed_rate, args.services = 200.0, min(args.services, 100)

@@ -272,6 +272,31 @@ class Handler:
                 return None
         return index.nxdomain[zid]
 
+    def forwards(self, data: bytes) -> bool:
+        """Would `full` answer this message with `_forward` alone, for any client? True only
+        for a well-formed query (EDNS version 0, class IN) of a name outside every zone that
+        the zone does not own either (a reverse name of a ClusterIP), once the zone is built:
+        then any process holding the same forwarder settings answers it alike, without the
+        zone (--forward-process). Everything else, and anything in doubt, is False. Reads the
+        zone like `fast`, so the UDP threads may call it."""
+        index = self.index
+        if self.upstream is None or not index.ready:
+            return False
+        try:
+            query = parse_query(data)
+        except Reject:
+            return False
+        if (query.edns and query.edns_version != 0) or query.qclass != wire.CLASS_IN:
+            return False
+        key = query.name_key
+        # As `_answer` and `_miss` decide (isolation hides names inside the zones only).
+        end = query.question_end
+        return (
+            key + data[end - 4 : end - 2] not in index.answers
+            and index.zone_of(key, query.label_offsets) is None
+            and key not in index.existing
+        )
+
     def full(self, data: bytes, tcp: bool = False, client: str | None = None) -> Result:
         """Every case, decided by parsing the message; `fast` is a shortcut through it."""
         started = time.perf_counter()

@@ -15,11 +15,12 @@ import structlog
 from prometheus_client import REGISTRY
 
 from dnsd.autopath import AutoPath, read_resolv_search
-from dnsd.cache import DnsCache
+from dnsd.build import build_forwarder, build_index
 from dnsd.clients import POD_ADDRESSES, PodClients
 from dnsd.controller import ExtraSource, ZoneController
 from dnsd.endpoint_names import EndpointNames
-from dnsd.forward import Forwarder, read_resolv_conf
+from dnsd.forward_channel import MergedRegistry
+from dnsd.forward_process import ForwardProcess
 from dnsd.handler import Handler, LazyNames, PodMode
 from dnsd.isolation import NamespaceIsolation
 from dnsd.metrics import DnsCollector, DnsStats
@@ -29,7 +30,6 @@ from dnsd.server import DnsServer
 from dnsd.settings import DnsdSettings, load
 from dnsd.transfer import ZoneTransfer, parse_networks
 from dnsd.zonal import ZonalNames
-from dnsd.zone import ZoneIndex
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
@@ -64,9 +64,7 @@ class Daemon:
         # its liveness.
         self.supervisor = Supervisor(wedge_deadline=settings.task_deadline)
         self.state = ClusterState(resources, supervisor=self.supervisor)
-        self.index = ZoneIndex(
-            settings.zone, settings.ttl, settings.external_zone, settings.multicluster
-        )
+        self.index = build_index(settings)
         self.clients: PodClients | None = None
         if per_client:
             self.clients = PodClients()
@@ -112,28 +110,7 @@ class Daemon:
             extra=extra,
             progress=self.supervisor.progress("zone-controller"),
         )
-        upstreams = settings.upstream_addresses() or read_resolv_conf(settings.resolv_conf)
-        cache = (
-            DnsCache(
-                max_entries=settings.cache_size,
-                max_ttl=settings.cache_max_ttl,
-                max_negative_ttl=settings.cache_max_negative_ttl,
-                prefetch=settings.prefetch,
-                prefetch_duration=settings.prefetch_duration,
-                prefetch_percentage=settings.prefetch_percentage,
-                stale_for=settings.serve_stale,
-            )
-            if settings.cache_size > 0
-            else None
-        )
-        self.forwarder = Forwarder(
-            upstreams,
-            stub_domains=settings.stub_domains(),
-            cache=cache,
-            timeout=settings.forward_timeout,
-            max_inflight=settings.max_concurrent,
-            policy=settings.forward_policy,
-        )
+        self.forwarder = build_forwarder(settings)
         lazy: list[LazyNames] = []
         if settings.endpoint_names:
             lazy.append(EndpointNames(*stores, options, exposed))
@@ -182,6 +159,9 @@ class Daemon:
         self.health: HealthServer | None = None
         self.failed = asyncio.Event()  # set when the DNS ports could not be bound after all
         self._collector = DnsCollector(self.stats, self.controller.zone_info)
+        self.forward_process = (
+            ForwardProcess(settings, self.server) if settings.forward_process else None
+        )
 
     def readiness(self) -> tuple[bool, str]:
         """Ready = every store synced, the zone built, and the DNS sockets bound."""
@@ -194,6 +174,19 @@ class Daemon:
             return False, "not listening"
         return True, "ok"
 
+    def liveness(self) -> tuple[bool, str]:
+        """Alive = every supervised task running, and the forward process up (if any)."""
+        alive, text = self.supervisor.liveness()
+        if self.forward_process is not None:
+            child_alive, child_text = self.forward_process.liveness()
+            if not child_alive:
+                return False, child_text if alive else f"{text}; {child_text}"
+        return alive, text
+
+    def _start_forward_process(self) -> None:
+        if self.forward_process is not None:
+            self.supervisor.spawn("forward-process", self.forward_process.run)
+
     async def start(self) -> None:
         # The first process binds at once when the port is free: a conflict with anything
         # but another dnsd fails the start, and clients get SERVFAIL for cluster names until
@@ -204,6 +197,7 @@ class Daemon:
         join_later = self.worker != 0 or self.server.port_in_use()
         if not join_later:
             await self.server.start()
+            self._start_forward_process()
         elif self.worker == 0:
             log.info("port_in_use_joining_when_ready", addresses=self.settings.listen)
         await self.state.start(self.settings, USER_AGENT)
@@ -212,10 +206,16 @@ class Daemon:
             self.supervisor.spawn("listen", self._listen_when_ready, forever=False)
         if self.worker == 0:
             REGISTRY.register(self._collector)
+            metrics = (
+                REGISTRY
+                if self.forward_process is None
+                else MergedRegistry(REGISTRY, self.forward_process.metric_families)
+            )
             self.health = HealthServer(
                 self.settings.http_listen,
                 ready=self.readiness,
-                alive=self.supervisor.liveness,
+                alive=self.liveness,
+                registry=metrics,
                 reuse_port=True,  # shared with a surge pod's dnsd, as the DNS port
             )
             await self.health.start()
@@ -248,6 +248,7 @@ class Daemon:
             log.error("listen_failed", worker=self.worker, problem=str(err))
             self.failed.set()
             return
+        self._start_forward_process()
         log.info("worker_listening", worker=self.worker)
 
     @property
@@ -272,6 +273,9 @@ class Daemon:
         await asyncio.sleep(seconds)
 
     async def stop(self) -> None:
+        if self.forward_process is not None:
+            # First: the child holds the listener sockets too, so they close with it.
+            await self.forward_process.stop()
         await self.server.stop()
         await self.supervisor.stop()
         await self.state.stop()

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import structlog
 
@@ -54,6 +54,17 @@ def _log_query(data: bytes, peer: Any, proto: str, response: bytes | None) -> No
 
 _UDP_MAX = 65535
 UDP_BACKLOG = 4096
+
+
+class ForwardSink(Protocol):
+    """Where a UDP thread hands the forwarded names it receives (dnsd.forward_process):
+    called from the thread, so it must never block."""
+
+    def offer(self, listener: int, queries: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
+        """Take `queries`, each (client sockaddr as the kernel wrote it, query), that arrived
+        on listener number `listener`, together. Returns (how many of them were shed because
+        the taker is full, whether it is gone): a taker that is gone took none of them."""
+        ...
 
 
 class SlowQueue:
@@ -132,6 +143,9 @@ class UdpListener:
     them, and drops what finds the queue full. The loop runs `Handler.full` and sends with
     MSG_DONTWAIT, queueing when the buffer is full, so only one thread ever touches the
     forwarder, the cache and the per-query accounting.
+    With --forward-process, a name outside every zone (`Handler.forwards`) goes instead to a
+    child process (`forwarding`, dnsd.forward_process), which answers it from this very
+    socket: its forwarding never holds this process's GIL.
     The zone index is updated by the event loop while the thread reads it: every answer is
     one immutable bytes object swapped in whole, so a query sees a service before or after
     a change, never a half-written answer.
@@ -158,6 +172,20 @@ class UdpListener:
         # Answers from the event loop waiting for room in the socket's send buffer.
         self._backlog: collections.deque[tuple[bytes, Any]] = collections.deque()
         self.slow = SlowQueue(slow_queue, handler.stats.thread_drops(), self._full)
+        # --forward-process: forwarded names go there instead of to the event loop (set and
+        # cleared by the loop, read by the thread; one reference, swapped whole).
+        self.forwarding: ForwardSink | None = None
+        self.number = 0  # this listener's position in its DnsServer (for the ForwardSink)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Answer through `answer_slow` on `loop` without a thread of our own receiving:
+        the --forward-process child, which sends from a listener socket the parent reads."""
+        self._loop = loop
+        self.slow.start(loop)
+
+    def answer_slow(self, data: bytes, addr: Any) -> None:
+        """On the event loop: answer a query the fast path left, as the thread's own are."""
+        self._full(data, addr)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -217,12 +245,33 @@ class UdpListener:
                     return None
                 return plain(data, i)
 
+        forwards = self.handler.forwards
+        shed = self.slow.shed
+        # --forward-process: the batch's forwarded names, passed on together after the
+        # batch's answers went out (one message and one wake-up of the child per batch).
+        forwarded: list[tuple[bytes, bytes]] = []
+
         def leftover(data: bytes, i: int) -> None:
+            if self.forwarding is not None and forwards(data):
+                forwarded.append((io.sockaddr(i), data))
+                return
             address = io.address(i)
             if address is not None:  # None: woken by close()
                 hand_over(data, address)
 
-        io.serve(answer, leftover, self.handler.stats.drop, lambda: not self._closed)
+        def flush() -> None:
+            if not forwarded:
+                return
+            sink = self.forwarding
+            lost, gone = (0, True) if sink is None else sink.offer(self.number, forwarded)
+            if lost:
+                shed["forward_queue_full"] = shed.get("forward_queue_full", 0) + lost
+            if gone:  # the child ended: the event loop forwards, as without one
+                for sockaddr, data in forwarded:
+                    hand_over(data, udpbatch.sockaddr_to_python(sockaddr))
+            forwarded.clear()
+
+        io.serve(answer, leftover, self.handler.stats.drop, lambda: not self._closed, flush)
 
     def _serve_single(self) -> None:
         """One datagram per system call: where recvmmsg is missing (not Linux)."""
@@ -651,6 +700,7 @@ class DnsServer:
                 slow_queue=self.slow_queue,
                 thread_slice=self.udp_thread_slice,
             )
+            listener.number = len(self._udp)
             listener.start(loop)
             self._udp.append(listener)
             tcp_sock.listen(1024)
@@ -694,6 +744,15 @@ class DnsServer:
             except OSError as err:
                 log.warning("steer_failed", problem=str(err))
         return steered
+
+    def udp_sockets(self) -> list[socket.socket]:
+        """The bound UDP sockets, in listener-number order."""
+        return [listener.sock for listener in self._udp]
+
+    def forward_through(self, sink: ForwardSink | None) -> None:
+        """Hand the UDP threads' forwarded names to `sink` (None: to the event loop again)."""
+        for listener in self._udp:
+            listener.forwarding = sink
 
     async def stop(self) -> None:
         self.listening = False

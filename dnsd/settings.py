@@ -136,6 +136,25 @@ class DnsdSettings(AccessSettings):
         description="UDP queries the fast path leaves (forwarded names, malformed packets)"
         " waiting for the event loop at most; more are dropped (udp_queue_full)",
     )
+    forward_process: bool = Field(
+        False,
+        description="forward the names outside dnsd's zones that the UDP threads receive from "
+        "a child process with its own GIL, at --forward-nice: cluster names never wait for "
+        "forwarding work (TCP, and the parent's own lookups, still forward in the parent)",
+    )
+    forward_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU niceness of the --forward-process child (0-19; raising it needs no "
+        "privilege): on a busy core the kernel prefers dnsd's own threads",
+    )
+    forward_idle: bool = Field(
+        True,
+        description="run the --forward-process child under SCHED_IDLE (no privilege "
+        "needed): a core runs it only when nothing else wants it, and dnsd's threads "
+        "preempt it at once; off: --forward-nice alone",
+    )
     gil_switch_interval: float = Field(
         0.0005,
         gt=0,

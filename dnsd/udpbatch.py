@@ -117,6 +117,12 @@ class BatchIO:
             return None
         return sockaddr_to_python(bytes(self._names.data[i * _NAME : i * _NAME + length]))
 
+    def sockaddr(self, i: int) -> bytes:
+        """The sender of datagram i as the kernel wrote it (a sockaddr_in or sockaddr_in6;
+        kwatch.mmsg.sockaddr_to_python reads it): for a process that answers in our stead."""
+        start = i * _NAME
+        return bytes(self._names.data[start : start + self._recv_i[16 * i + _NAMELEN]])
+
     def client_packed(self, i: int) -> bytes:
         """The sender's IP of datagram i as 4 or 16 packed bytes (b"" if unknown): cheaper
         than `address` where only the IP matters (per-client answers)."""
@@ -135,10 +141,13 @@ class BatchIO:
         leftover: Callable[[bytes, int], None],
         dropped: Callable[[str], None],
         running: Callable[[], bool],
+        flush: Callable[[], None] | None = None,
     ) -> None:
         """Until `running()` turns false: receive a batch, `answer(data, i)` each datagram
         (bytes to send, or None), pass the unanswered ones to `leftover(data, i)`, send the
-        answers in one call. Both callbacks may call `address(i)` before they return."""
+        answers in one call, then call `flush()` (if given: `leftover` may collect the
+        batch's leftovers and pass them on together). Both callbacks may call `address(i)`
+        and `sockaddr(i)` before they return."""
         fd = self.sock.fileno()
         recvmmsg, sendmmsg = self._recvmmsg, self._sendmmsg
         recv_now, send_now = self._recv_now, self._send_now
@@ -185,6 +194,8 @@ class BatchIO:
                 self._send(fd, send_now, sendmmsg, send_msgs, j, dropped)
                 if j != n:
                     send_bytes[: j * _MMSG] = b"".join(templates[:j])
+            if flush is not None:
+                flush()
 
     @staticmethod
     def _send(

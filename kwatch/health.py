@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client.registry import Collector
 
 ReadyCheck = Callable[[], tuple[bool, str]]
 
@@ -29,12 +30,14 @@ class HealthServer:
         alive: ReadyCheck | None = None,
         extra_routes: list[web.RouteDef] | None = None,
         reuse_port: bool = False,
+        registry: Collector = REGISTRY,
     ) -> None:
         self.host, self.port = parse_listen(address)
         # SO_REUSEPORT: a successor process binds the same port while this one still serves
         # (kpx's handover, kpx/handover.py).
         self.reuse_port = reuse_port
         self._ready = ready
+        self._registry = registry  # what /metrics serves (dnsd adds its child's, see there)
         self._alive = alive or (lambda: (True, "ok"))
         self._app = web.Application()
         self._app.add_routes(
@@ -74,5 +77,5 @@ class HealthServer:
         return web.Response(status=200 if ok else 503, text=text + "\n")
 
     async def _metrics(self, _request: web.Request) -> web.Response:
-        body = generate_latest(REGISTRY)
+        body = generate_latest(self._registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

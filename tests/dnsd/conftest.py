@@ -49,6 +49,8 @@ UPSTREAM_DATA = {
     ("www.example.org", "A"): ["192.0.2.80"],
     ("www.example.org", "AAAA"): ["2001:db8::80"],
     ("db.example.org", "A"): ["192.0.2.5"],
+    # More than 512 bytes of answer: truncated for a client without EDNS.
+    ("many.example.org", "A"): [f"192.0.2.{i}" for i in range(1, 61)],
 }
 
 
