@@ -672,7 +672,7 @@ def _per_run_ms(values: Sequence[float], digits: int) -> str:
     return ", ".join(f_num(v, digits) for v in values) + " ms"
 
 
-def overload_checks(overload: Doc | None) -> list[Check]:
+def overload_checks(overload: Doc | None, variant: str = "") -> list[Check]:
     """Issue 14 item 4 (bench/dns_overload.py): during a flood of slow-path queries, cluster
     names keep p99 <= 1 ms, the flood's answers dnsd gives itself (REFUSED, cached, not those
     that waited for the silent upstream's timeout by design) wait <= 100 ms at p99 in every
@@ -680,9 +680,9 @@ def overload_checks(overload: Doc | None) -> list[Check]:
     the same probe's p99 from a knotd under the same load (the flood never reaches it) is the
     peer: what this machine gives a server without a GIL or a flood of its own."""
     targets = (
-        ("dnsd cluster names p99 during a slow-path flood", "<= 1 ms"),
-        ("dnsd flood's answers given by dnsd itself, p99 wait", "<= 100 ms"),
-        ("dnsd RSS growth over the flood, at its peak", "<= 10 MB"),
+        (f"dnsd{variant} cluster names p99 during a slow-path flood", "<= 1 ms"),
+        (f"dnsd{variant} flood's answers given by dnsd itself, p99 wait", "<= 100 ms"),
+        (f"dnsd{variant} RSS growth over the flood, at its peak", "<= 10 MB"),
     )
     if not overload:
         return [Check(what, "—", "—", math.nan, target, NOT_RUN) for what, target in targets]
@@ -782,5 +782,10 @@ def all_checks(results: dict[str, Doc]) -> list[Check]:
         + sync_checks(results.get("sync"))
         + relist_checks(results.get("relist"))
         + overload_checks(results.get("dns-overload"))
+        + (  # reports from before the option have none
+            overload_checks(forward_process, " --forward-process")
+            if (forward_process := results.get("dns-overload-forward-process"))
+            else []
+        )
         + soak_checks(results.get("soak"))
     )

@@ -636,6 +636,23 @@ def overload_section(r: Report, overload: Doc | None, run: Doc) -> None:
     )
 
 
+def forward_process_section(r: Report, doc: Doc | None) -> None:
+    """The same flood with `--forward-process`: every run's figures, next to the section
+    above (absent from reports made before the option)."""
+    if not doc or not doc.get("probe_flood"):
+        return
+    r.add("### The same flood with --forward-process\n")
+    partial(r, doc)
+    r.add(
+        "dnsd `--forward-process`: the names it forwards are answered by a child process with "
+        "its own GIL, at the lowest CPU priority (SCHED_IDLE); RSS counts the child.\n"
+    )
+    r.add(_overload_runs_table(overload_runs(doc)))
+    dropped = doc.get("dropped") or {}
+    shed = ", ".join(f"{reason} {f_int(num(n))}" for reason, n in dropped.items()) or "nothing"
+    r.add(f"dnsd shed during the flood of the run above with the highest p99: {shed}.\n")
+
+
 def _cpus(cpus: Any) -> str:
     return ",".join(str(c) for c in cpus) if isinstance(cpus, list) else str(cpus)
 
@@ -919,6 +936,7 @@ def render(out: Path) -> tuple[Path, list[Check]]:
     sync_section(r, results.get("sync"), run, made)
     memory_section(r, memory_sweep(results), results.get("proxy"), made)
     overload_section(r, results.get("dns-overload"), run)
+    forward_process_section(r, results.get("dns-overload-forward-process"))
     soak_section(r, results.get("soak"), run)
     machine_section(r, machine)
     how_section(r, run)

@@ -736,7 +736,10 @@ def test_only_names_the_optional_soak_and_a_full_sitting_keeps_its_result(
 ) -> None:
     steps = report_run.plan(quick=False)
     assert [s.name for s in report_run.select(steps, ["soak"])] == ["soak"]
-    assert [s.name for s in report_run.select(steps, ["dns-o"])] == ["dns-overload"]
+    assert [s.name for s in report_run.select(steps, ["dns-o"])] == [
+        "dns-overload",
+        "dns-overload-forward-process",
+    ]
     soak_stamp = {"date": "2026-11-20T08:00:00+00:00", "commit": "c" * 40}
     write_json(tmp_path / "results" / "soak.json", soak_doc())
     write_json(tmp_path / "results" / "dns.json", dns_doc())
@@ -1185,3 +1188,23 @@ def test_overload_runs_are_each_judged_with_knotd_as_the_peer(tmp_path: Path) ->
     assert "| 2 | 1.400 | 0.900 | 0.080 | 0 | 2,600 | 150.0 | +6.0 |" in md
     assert "pinned to CPU 0, the flood, the malformed packets and the probe to CPU 1" in md
     assert "The tables below are those of run 2, whose cluster-name p99 was the highest." in md
+
+
+def test_the_forward_process_flood_gets_its_own_rows_and_runs_table(tmp_path: Path) -> None:
+    runs = [overload_doc(flood_p99_ms=p99) for p99 in (0.7, 0.9, 1.1)]
+    for run in runs:
+        run["probe_flood"]["control"] = {"p99_ms": 0.2}
+    write_all(tmp_path, **{"dns-overload-forward-process": {**runs[2], "runs": runs}})
+    md = render(tmp_path)
+    rows = targets(md)
+    row = rows[
+        "dnsd --forward-process cluster names p99 during a slow-path flood (probe at 1,000 qps)"
+    ]
+    assert row[0].startswith("0.700, 0.900, 1.100 ms (per run;")
+    assert row[-1] == f"{NOT_MET}: missed in run 3 of 3"
+    assert rows[f"{PROBE_P99} (probe at 1,000 qps)"][-1] == MET  # the plain flood's, unchanged
+    assert "### The same flood with --forward-process" in md
+    assert "| 3 | 1.100 | 0.200 |" in md
+    # Without those results (reports made before the option) nothing is added.
+    write_all(tmp_path / "old")
+    assert "forward-process" not in render(tmp_path / "old")
