@@ -244,6 +244,8 @@ class Handler:
         zid = index.existing.get(name_key)
         if zid is not None:
             return index.nodata[zid]
+        if not name_key.endswith(index.zone_suffixes):
+            return None  # in no zone (zone_of would find none): spare the walk
         # Walk the labels: the key is everything before QCLASS, which need not be a name.
         offsets = []
         i = 0
@@ -278,10 +280,56 @@ class Handler:
         the zone does not own either (a reverse name of a ClusterIP), once the zone is built:
         then any process holding the same forwarder settings answers it alike, without the
         zone (--forward-process). Everything else, and anything in doubt, is False. Reads the
-        zone like `fast`, so the UDP threads may call it."""
+        zone like `fast`, so the UDP threads may call it.
+
+        The common shapes (one question, then nothing or one OPT at the end, options such as
+        a cookie included) are read here with a label walk and no objects; the zones are
+        matched with bytes.endswith on the lower-cased wire name (label-aligned only when it
+        hits). Any other shape takes `parse_query`, as `full` does. The UDP thread runs this
+        for every query of a flood of forwarded names: 4.5 us per query with the parser."""
         index = self.index
         if self.upstream is None or not index.ready:
             return False
+        n = len(data)
+        if n < 17 or data[2] & 0xF8:
+            return self._forwards_parsed(data)
+        sections = data[4:12]
+        if sections != _ONE_QUESTION and sections != _ONE_QUESTION_OPT:
+            return self._forwards_parsed(data)
+        i = 12
+        while i < n:
+            length = data[i]
+            if not length:
+                break
+            if length > 63:
+                return self._forwards_parsed(data)
+            i += length + 1
+        end = i + 1  # past the root label; QTYPE and QCLASS follow
+        if i >= n or end - 12 > 255 or data[end + 2 : end + 4] != b"\x00\x01":
+            return self._forwards_parsed(data)  # (a slice past the end is short: no match)
+        if sections == _ONE_QUESTION:
+            if end + 4 != n:
+                return self._forwards_parsed(data)
+        else:
+            # The OPT: root owner, TYPE 41, class = UDP size, TTL = extended rcode, version,
+            # flags; RDLENGTH bytes of options, then the end of the message.
+            opt = end + 4
+            if (
+                opt + 11 > n
+                or data[opt : opt + 3] != b"\x00\x00\x29"
+                or opt + 11 + ((data[opt + 9] << 8) | data[opt + 10]) != n
+            ):
+                return self._forwards_parsed(data)
+            if data[opt + 6]:
+                return False  # EDNS version other than 0: BADVERS from `full`
+        key = data[12:end].lower()
+        if key.endswith(index.zone_suffixes) and _in_zone(key, index.zone_suffixes):
+            return False
+        return key not in index.existing and key + data[end : end + 2] not in index.answers
+
+    def _forwards_parsed(self, data: bytes) -> bool:
+        """`forwards` with the full parser: any shape `full` reads."""
+        index = self.index
         try:
             query = parse_query(data)
         except Reject:
@@ -496,6 +544,21 @@ class Handler:
     ) -> bytes | None:
         response = await pending
         return self._done(query, tcp, started, response)
+
+
+def _in_zone(key: bytes, suffixes: tuple[bytes, ...]) -> bool:
+    """Does the wire name `key` (labels already checked) end in one of `suffixes` at a label
+    boundary, as ZoneIndex.zone_of would find? `x\\007cluster.local` ends in the bytes of
+    `cluster.local` but is not in it."""
+    for suffix in suffixes:
+        if key.endswith(suffix):
+            start = len(key) - len(suffix)
+            i = 0
+            while i < start:
+                i += key[i] + 1
+            if i == start:
+                return True
+    return False
 
 
 # Held per forwarded query while it waits for upstream: small objects with slots (about 70

@@ -92,6 +92,10 @@ class ZoneIndex:
         first_external = len(self.zones) + len(REVERSE_ZONES)
         for i, zone in enumerate(self.external_zones):
             self.zone_ids[to_wire(zone)] = first_external + i
+        # The same wire names as one tuple, for bytes.endswith: a name that does not end in
+        # any of them is in none of these zones (zone_of finds no label-aligned suffix), which
+        # the UDP threads learn without a label walk (Handler._fast_negative, forwards).
+        self.zone_suffixes: tuple[bytes, ...] = tuple(self.zone_ids)
         self.answers: dict[bytes, Answer] = {}
         self.existing: dict[bytes, int] = {}  # name -> soa zone id, for NODATA
         self.aliases: dict[bytes, Alias] = {}

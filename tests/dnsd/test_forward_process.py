@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import signal
 import socket
@@ -83,6 +84,17 @@ def comparable(answer: bytes) -> str:
     return message.to_text()
 
 
+def raw(wire_name: bytes, qtype: int = 1, qclass: int = 1, opt: bytes | None = None) -> bytes:
+    """A query for a wire name as given (labels dnspython would escape or refuse), with an
+    OPT record's bytes after the question if `opt`."""
+    header = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0 if opt is None else 1)
+    return header + wire_name + struct.pack("!HH", qtype, qclass) + (opt or b"")
+
+
+def opt(version: int = 0, options: bytes = b"", size: int = 1232) -> bytes:
+    return b"\x00" + struct.pack("!HHBBHH", 41, size, 0, version, 0, len(options)) + options
+
+
 COOKIE = dns.edns.GenericOption(10, bytes(range(8)))
 # Every kind of question whose answer must not change with the option (name, raw query).
 CASES = {
@@ -96,7 +108,14 @@ CASES = {
     "forwarded_truncated_edns_512": make("many.example.org", use_edns=0, payload=512),
     "forwarded_whole_edns_4096": make("many.example.org", use_edns=0, payload=4096),
     "forwarded_reverse_not_ours": make("9.9.168.192.in-addr.arpa", "PTR"),
+    "forwarded_zone_bytes_inside_a_label": raw(b"\x0aab\x07cluster\x05local\x00"),
+    "forwarded_zone_then_more_labels": make(f"{Z}.example.org", use_edns=0, options=[COOKIE]),
     "cluster_a": make(f"web.default.svc.{Z}"),
+    "cluster_upper_case_cookie": make(f"WEB.default.SVC.{Z.upper()}", use_edns=0, options=[COOKIE]),
+    "cluster_apex_upper_case_soa": make(Z.upper(), "SOA", use_edns=0, options=[COOKIE]),
+    "reverse_cluster_ip_upper_case_cookie": make(
+        "5.0.96.10.IN-ADDR.ARPA", "PTR", use_edns=0, options=[COOKIE]
+    ),
     "cluster_edns_cookie": make(f"web.default.svc.{Z}", use_edns=0, options=[COOKIE]),
     "cluster_nxdomain": make(f"nope.default.svc.{Z}"),
     "cluster_nxdomain_cookie": make(f"nope.default.svc.{Z}", use_edns=0, options=[COOKIE]),
@@ -185,6 +204,104 @@ async def test_forwarded_names_are_classified_exactly(start_dnsd):
     run = await start_dnsd(CLUSTER)
     forwards = run.daemon.handler.forwards
     assert [name for name, packet in CASES.items() if forwards(packet)] == FORWARDED
+
+
+COOKIE_OPTION = struct.pack("!HH", 10, 8) + bytes(range(8))
+# Names the UDP thread's label walk and bytes.endswith must classify as the parser does: a
+# zone's bytes inside a label or not at a label boundary, upper case, apexes, reverse names.
+TRICKY = {
+    "zone_bytes_inside_a_label": b"\x0aab\x07cluster\x05local\x00",
+    "zone_bytes_a_whole_label": b"\x0e\x07cluster\x05local\x00",
+    "zone_then_more_labels": b"\x07cluster\x05local\x07example\x03org\x00",
+    "zone_name_glued": b"\x0bevilcluster\x05local\x00",
+    "zone_label_only": b"\x05local\x00",
+    "apex": b"\x07cluster\x05local\x00",
+    "apex_upper": b"\x07CLUSTER\x05LOCAL\x00",
+    "service_upper": b"\x03WEB\x07DeFaUlT\x03SVC\x07CLUSTER\x05local\x00",
+    "nxdomain_upper": b"\x04NOPE\x07default\x03svc\x07Cluster\x05Local\x00",
+    "external_name": b"\x03ext\x07default\x03svc\x07cluster\x05local\x00",
+    "reverse_owned": b"\x015\x010\x0296\x0210\x07in-addr\x04arpa\x00",
+    "reverse_owned_upper": b"\x015\x010\x0296\x0210\x07IN-ADDR\x04ARPA\x00",
+    "reverse_not_owned": b"\x019\x019\x03168\x03192\x07in-addr\x04arpa\x00",
+    "reverse_apex": b"\x07in-addr\x04arpa\x00",
+    "reverse_v6_not_owned": b"\x011" * 32 + b"\x03ip6\x04arpa\x00",
+    "outside": b"\x03www\x07example\x03org\x00",
+    "outside_upper": b"\x03WWW\x07EXAMPLE\x03ORG\x00",
+    "root": b"\x00",
+    "longest_name": (b"\x3f" + b"a" * 63) * 3 + b"\x3d" + b"b" * 61 + b"\x00",
+}
+SHAPES = {
+    "plain": lambda name, qtype: raw(name, qtype),
+    "edns": lambda name, qtype: raw(name, qtype, opt=opt()),
+    "cookie": lambda name, qtype: raw(name, qtype, opt=opt(options=COOKIE_OPTION)),
+    "edns_version_1": lambda name, qtype: raw(name, qtype, opt=opt(1, COOKIE_OPTION)),
+    "chaos": lambda name, qtype: raw(name, qtype, qclass=3),
+    "trailing_byte": lambda name, qtype: raw(name, qtype) + b"\x00",
+    "opt_trailing_byte": lambda name, qtype: raw(name, qtype, opt=opt()) + b"\x00",
+    "opt_cut_short": lambda name, qtype: raw(name, qtype, opt=opt(options=COOKIE_OPTION))[:-1],
+}
+
+
+def _forwarded_by_full(cluster, packet: bytes) -> bool:
+    """Did `Handler.full` answer `packet` by forwarding it (the ground truth)?"""
+
+    async def ask() -> None:
+        result = cluster.handler.full(packet)
+        if not isinstance(result, bytes | None):
+            await result
+
+    before = len(cluster.upstream.forwarded)
+    asyncio.run(ask())
+    return len(cluster.upstream.forwarded) > before and not cluster.upstream.resolved
+
+
+def test_the_cheap_classifier_agrees_with_the_parser_and_with_full_on_tricky_names():
+    from tests.dnsd.test_handler import Cluster
+
+    cluster = Cluster(CLUSTER)
+    handler = cluster.handler
+    assert handler.index.zone_suffixes == (b"\x07cluster\x05local\x00",)
+    wrong = []
+    for name, wire_name in TRICKY.items():
+        for qtype in (1, 12, 28, 6, 252):
+            for shape, build in SHAPES.items():
+                packet = build(wire_name, qtype)
+                cheap, parsed = handler.forwards(packet), handler._forwards_parsed(packet)
+                cluster.upstream.resolved.clear()
+                truth = _forwarded_by_full(cluster, packet)
+                if not cheap == parsed == truth:
+                    wrong.append((name, qtype, shape, cheap, parsed, truth))
+    assert wrong == []
+    # The cases above cover both answers, in the zone and out of it.
+    cookie = SHAPES["cookie"]
+    assert handler.forwards(cookie(TRICKY["zone_bytes_inside_a_label"], 1))
+    assert handler.forwards(cookie(TRICKY["reverse_not_owned"], 12))
+    for name in ("apex_upper", "service_upper", "nxdomain_upper", "reverse_owned_upper"):
+        assert not handler.forwards(cookie(TRICKY[name], 12 if "reverse" in name else 1)), name
+
+
+def test_the_cheap_classifier_agrees_with_the_parser_on_damaged_packets():
+    from tests.dnsd.test_handler import Cluster
+
+    handler = Cluster(CLUSTER).handler
+    rng = random.Random(5)
+    seeds = [build(wire_name, 1) for wire_name in TRICKY.values() for build in SHAPES.values()]
+    seeds += [packet for packet in CASES.values()]
+    for _ in range(20_000):
+        packet = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(packet) or 1)
+            action = rng.random()
+            if not packet:
+                packet.append(rng.randrange(256))
+            elif action < 0.6:
+                packet[at] = rng.choice((0, 1, 3, 7, 41, 63, 64, 0xC0, rng.randrange(256)))
+            elif action < 0.8:
+                del packet[at:]
+            else:
+                packet[at:at] = bytes((rng.randrange(256),))
+        data = bytes(packet)
+        assert handler.forwards(data) == handler._forwards_parsed(data), data.hex()
 
 
 async def test_the_childs_counts_are_in_the_parents_metrics(start_dnsd):
