@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
-import signal
 import socket
 import struct
 import sys
@@ -36,22 +34,13 @@ from dnsd.server import UdpListener
 from dnsd.settings import DnsdSettings
 from kwatch.logs import configure_logging
 from kwatch.mmsg import sockaddr_to_python
-from kwatch.runtime import run, stop_event
+from kwatch.runtime import die_with_parent, run, stop_event
 
 log = structlog.get_logger("dnsd.forward_child")
 
 METRICS_INTERVAL = 1.0  # seconds between two snapshots sent to the parent
 DRAIN_BATCH = 16  # messages (of up to 64 queries) read per wake-up, so timers get a turn
 CHANNEL_MAX = 1 << 17  # a query message: MESSAGE_LIMIT, or one query of up to 64 KiB
-
-
-def die_with_parent(parent: int) -> None:
-    """SIGTERM when the parent dies (PR_SET_PDEATHSIG), and exit now if it already did."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    if os.getppid() != parent:
-        sys.exit(0)
 
 
 def lower_priority(nice: int, idle: bool) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import os
 import signal
@@ -35,7 +34,7 @@ from kwatch.health import HealthServer
 from kwatch.logs import configure_logging
 from kwatch.models import keep_reference_names
 from kwatch.resources import ENDPOINTSLICES, NAMESPACES, PODS, SERVICEIMPORTS, SERVICES
-from kwatch.runtime import release_free_memory, run, steady_heap, stop_event
+from kwatch.runtime import die_with_parent, release_free_memory, run, steady_heap, stop_event
 from kwatch.supervisor import Supervisor
 
 log = structlog.get_logger("dnsd")
@@ -314,13 +313,6 @@ async def serve(settings: DnsdSettings, worker: int) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    """A worker must not outlive the first process (Linux PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-
-
 def _fork_workers(count: int) -> tuple[int, list[int]]:
     """Fork `count - 1` workers sharing the DNS ports through SO_REUSEPORT; each watches the
     API itself (like running that many CoreDNS replicas on one address). Worker 0 alone serves
@@ -329,7 +321,7 @@ def _fork_workers(count: int) -> tuple[int, list[int]]:
     for worker in range(1, count):
         pid = os.fork()
         if pid == 0:
-            _die_with_parent()
+            die_with_parent()
             return worker, []
         children.append(pid)
     return 0, children

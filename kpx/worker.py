@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
 import gc
-import os
 import signal
 import socket
 import sys
@@ -42,7 +39,7 @@ from kpx.rules import ServiceRules
 from kpx.transparent import make_transparent
 from kpx.worker_channel import Channel, WorkerConfig
 from kwatch.logs import configure_logging
-from kwatch.runtime import release_free_memory, run
+from kwatch.runtime import die_with_parent, release_free_memory, run
 
 log = structlog.get_logger("kpx.worker")
 
@@ -50,7 +47,6 @@ log = structlog.get_logger("kpx.worker")
 STATS_PERIOD = 1.0
 # Seconds open connections may finish on SIGTERM without --drain-timeout (kpx/main.py's).
 DEFAULT_STOP_DRAIN = 30.0
-PR_SET_PDEATHSIG = 1
 
 
 def reuse_port_listener(host: str, port: int, transparent: bool) -> socket.socket:
@@ -197,15 +193,6 @@ class Worker:
         return status
 
 
-def _die_with_parent(parent: int) -> None:
-    """SIGTERM when the control process dies (it may already have: then exit now)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
-        sys.exit(0)
-
-
 async def serve(sock: socket.socket) -> int:
     channel = await Channel.open(sock)
     config: Any = await channel.receive()
@@ -221,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--channel-fd", type=int, required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
-    _die_with_parent(args.parent_pid)
+    die_with_parent(args.parent_pid)
     return run(serve(socket.socket(fileno=args.channel_fd)))
 
 

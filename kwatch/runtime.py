@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -30,6 +32,20 @@ def stop_event() -> asyncio.Event:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     return event
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Get SIGTERM when the parent process dies (Linux PR_SET_PDEATHSIG): a worker or child
+    must not outlive the daemon that started it. With `parent` (its pid, passed before an
+    exec), exit now if it already died: then the signal was set too late to come."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if parent is not None and os.getppid() != parent:
+        sys.exit(0)
 
 
 def release_free_memory() -> None:
