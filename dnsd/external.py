@@ -16,6 +16,7 @@ external addresses (and headless ones with `--external-headless`) have any.
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING
 
 from dnsd import answers as enc
 from dnsd import wire
@@ -35,7 +36,9 @@ from dnsd.records import (
     ready_addresses,
 )
 from dnsd.wire import TYPE_SRV, Answer
-from kwatch.models import EndpointSlice, Service
+
+if TYPE_CHECKING:
+    from kwatch.models import EndpointSlice, Service
 
 APEX = "dns"  # CoreDNS k8s_external `apex` default: the label the nameserver lives under
 NS_LABEL = "ns1"

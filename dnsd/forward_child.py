@@ -27,11 +27,10 @@ import structlog
 from prometheus_client import REGISTRY
 
 from dnsd import forward_channel as channel
-from dnsd.build import build_forwarder, build_index
+from dnsd.build import ForwardOptions, build_forwarder, build_index
 from dnsd.handler import Handler
 from dnsd.metrics import DnsCollector, DnsStats
 from dnsd.server import UdpListener
-from dnsd.settings import DnsdSettings
 from kwatch.logs import configure_logging
 from kwatch.mmsg import sockaddr_to_python
 from kwatch.runtime import die_with_parent, run, stop_event
@@ -63,19 +62,24 @@ def lower_priority(nice: int, idle: bool) -> None:
 class ForwardChild:
     """The child's parts: one Handler with its forwarder, one UdpListener per passed socket."""
 
-    def __init__(self, settings: DnsdSettings, link: socket.socket, sockets: list[int]) -> None:
-        self.settings = settings
+    def __init__(
+        self,
+        forward: ForwardOptions,
+        options: dict[str, Any],
+        link: socket.socket,
+        sockets: list[int],
+    ) -> None:
         self.link = link
-        self.forwarder = build_forwarder(settings)
+        self.forwarder = build_forwarder(forward)
         self.stats = DnsStats()
         self.handler = Handler(
-            build_index(settings),  # never ready: the parent sends no name of a zone
+            build_index(forward),  # never ready: the parent sends no name of a zone
             upstream=self.forwarder,
-            max_udp_size=settings.max_udp_size,
+            max_udp_size=options["max_udp_size"],
             stats=self.stats,
         )
         self.listeners = [
-            UdpListener(socket.socket(fileno=fd), self.handler, settings.query_log_sample)
+            UdpListener(socket.socket(fileno=fd), self.handler, options["query_log_sample"])
             for fd in sockets
         ]
         self.collector = DnsCollector(self.stats)
@@ -144,9 +148,11 @@ class ForwardChild:
             self.link.send(message, socket.MSG_DONTWAIT)
 
 
-async def serve(settings: DnsdSettings, link: int, sockets: list[int]) -> int:
+async def serve(
+    forward: ForwardOptions, options: dict[str, Any], link: int, sockets: list[int]
+) -> int:
     stop = stop_event()
-    child = ForwardChild(settings, socket.socket(fileno=link), sockets)
+    child = ForwardChild(forward, options, socket.socket(fileno=link), sockets)
     log.info(
         "forward_process_started",
         pid=os.getpid(),
@@ -160,10 +166,11 @@ async def serve(settings: DnsdSettings, link: int, sockets: list[int]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args: dict[str, Any] = json.loads((argv if argv is not None else sys.argv[1:])[0])
     die_with_parent(int(args["parent"]))
-    settings = DnsdSettings.model_validate(args["settings"])
-    configure_logging(settings.log_format, settings.log_level, "dnsd")
-    lower_priority(settings.forward_nice, settings.forward_idle)
-    return run(serve(settings, int(args["link"]), [int(fd) for fd in args["sockets"]]))
+    options = args["child"]
+    configure_logging(options["log_format"], options["log_level"], "dnsd")
+    lower_priority(int(options["nice"]), bool(options["idle"]))
+    sockets = [int(fd) for fd in args["sockets"]]
+    return run(serve(args["forward"], options, int(args["link"]), sockets))
 
 
 if __name__ == "__main__":

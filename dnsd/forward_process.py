@@ -47,11 +47,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import structlog
 from prometheus_client import Counter, Gauge
 
 from dnsd import forward_channel as channel
+from dnsd.build import ForwardOptions
 from dnsd.server import DnsServer
 from dnsd.settings import DnsdSettings
 from kwatch.backoff import Backoff
@@ -111,11 +113,26 @@ class ChildChannel:
         return lost, False
 
 
+def child_options(settings: DnsdSettings) -> dict[str, Any]:
+    """The child's own settings beside its forwarder's (dnsd.build.forward_options)."""
+    return {
+        "max_udp_size": settings.max_udp_size,
+        "query_log_sample": settings.query_log_sample,
+        "log_format": settings.log_format,
+        "log_level": settings.log_level,
+        "nice": settings.forward_nice,
+        "idle": settings.forward_idle,
+    }
+
+
 class ForwardProcess:
     """Starts, watches and restarts the child; see the module docstring."""
 
-    def __init__(self, settings: DnsdSettings, server: DnsServer) -> None:
+    def __init__(
+        self, settings: DnsdSettings, forward_options: ForwardOptions, server: DnsServer
+    ) -> None:
         self.settings = settings
+        self.forward_options = forward_options
         self.server = server
         self.backoff = Backoff(initial=0.5, maximum=30.0)
         self.pid: int | None = None
@@ -227,7 +244,8 @@ class ForwardProcess:
             "parent": os.getpid(),
             "link": theirs.fileno(),
             "sockets": sockets,
-            "settings": self.settings.model_dump(mode="json"),
+            "forward": self.forward_options,
+            "child": child_options(self.settings),
         }
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)

@@ -12,19 +12,21 @@ import struct
 import time
 from collections.abc import Callable, Coroutine
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dnslib import RR
 
 from dnsd import answers as enc
 from dnsd import wire
-from dnsd.autopath import AutoPath
-from dnsd.clients import PodClients
-from dnsd.isolation import NamespaceIsolation
 from dnsd.metrics import DnsStats
 from dnsd.names import ip_from_dashed
 from dnsd.wire import Answer, Query, Reject, parse_query, respond
 from dnsd.zone import Alias, ZoneIndex
+
+if TYPE_CHECKING:  # (not imported at run time: the --forward-process child stays small)
+    from dnsd.autopath import AutoPath
+    from dnsd.clients import PodClients
+    from dnsd.isolation import NamespaceIsolation
 
 # An answer now, none (drop), or later: a future (a forwarded name) or a coroutine (the rarer
 # cases that ask the forwarder and then think: ExternalName chases, search-path completion).

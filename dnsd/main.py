@@ -14,7 +14,7 @@ import structlog
 from prometheus_client import REGISTRY
 
 from dnsd.autopath import AutoPath, read_resolv_search
-from dnsd.build import build_forwarder, build_index
+from dnsd.build import build_forwarder, build_index, forward_options
 from dnsd.clients import POD_ADDRESSES, PodClients
 from dnsd.controller import ExtraSource, ZoneController
 from dnsd.endpoint_names import EndpointNames
@@ -63,7 +63,9 @@ class Daemon:
         # its liveness.
         self.supervisor = Supervisor(wedge_deadline=settings.task_deadline)
         self.state = ClusterState(resources, supervisor=self.supervisor)
-        self.index = build_index(settings)
+        # Also the --forward-process child's values, so that it forwards as this process does.
+        self.forward_options = forward_options(settings)
+        self.index = build_index(self.forward_options)
         self.clients: PodClients | None = None
         if per_client:
             self.clients = PodClients()
@@ -109,7 +111,7 @@ class Daemon:
             extra=extra,
             progress=self.supervisor.progress("zone-controller"),
         )
-        self.forwarder = build_forwarder(settings)
+        self.forwarder = build_forwarder(self.forward_options)
         lazy: list[LazyNames] = []
         if settings.endpoint_names:
             lazy.append(EndpointNames(*stores, options, exposed))
@@ -159,7 +161,9 @@ class Daemon:
         self.failed = asyncio.Event()  # set when the DNS ports could not be bound after all
         self._collector = DnsCollector(self.stats, self.controller.zone_info)
         self.forward_process = (
-            ForwardProcess(settings, self.server) if settings.forward_process else None
+            ForwardProcess(settings, self.forward_options, self.server)
+            if settings.forward_process
+            else None
         )
 
     def readiness(self) -> tuple[bool, str]:

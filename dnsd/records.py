@@ -10,11 +10,13 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from dnsd.names import dashed_ip, reverse_of_packed
 from dnsd.wire import TYPE_A, TYPE_AAAA, TYPE_CNAME, TYPE_PTR, TYPE_SRV
-from kwatch.models import EndpointSlice, Service
+
+if TYPE_CHECKING:
+    from kwatch.models import EndpointSlice, Service
 
 RRKey = tuple[str, int]  # (owner name, qtype)
 
