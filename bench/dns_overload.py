@@ -484,6 +484,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {
             "complete": True,
             "duration_s": args.duration,
+            "dnsd_args": list(args.dnsd_arg),
             "probe_idle": idle,
             "probe_flood": loaded,
             "flood": floods,

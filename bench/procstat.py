@@ -4,7 +4,9 @@ CPU = utime + stime of every thread of a process (/proc/<pid>/stat fields 14 and
 ticks), summed over a process and its live descendants (dnsd's `--workers` children are forked
 from the first process; they are sampled directly because their time only reaches the parent's
 cutime once they are reaped). Memory: VmRSS (/proc/<pid>/status) and, for forked workers that
-share pages, Pss (/proc/<pid>/smaps_rollup).
+share pages, Pss (/proc/<pid>/smaps_rollup). dnsd's footprint (`dnsd_footprint`): its VmRSS
+plus the private memory (Private_Clean + Private_Dirty) of its --forward-process child, which
+is what the child adds to the pod's memory (the libraries both map are counted once).
 """
 
 from __future__ import annotations
@@ -92,6 +94,44 @@ def pss_mb(pids: list[int]) -> float:
                     total += int(line.split()[1])
                     break
     return total * 1024 / 1e6
+
+
+def private_mb(pids: list[int]) -> float:
+    """Sum of the pages only these processes map (Private_Clean + Private_Dirty, MB)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    total += int(line.split()[1])
+    return total * 1024 / 1e6
+
+
+def forward_children(pid: int) -> list[int]:
+    """dnsd's --forward-process children among `pid`'s descendants."""
+    out = []
+    for child in process_tree(pid)[1:]:
+        with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"dnsd.forward_child" in f.read():
+                out.append(child)
+    return out
+
+
+def dnsd_footprint(pid: int, wait_s: float = 10.0) -> dict[str, float]:
+    """dnsd's memory once ready: its own VmRSS, its --forward-process child's private memory
+    (waiting up to `wait_s` for the child, which starts once the listeners are bound; none
+    with --no-forward-process), and their sum, `total_mb`."""
+    deadline = time.monotonic() + wait_s
+    while not (children := forward_children(pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = private_mb(children)
+    while children and time.monotonic() < deadline:  # until its imports are done
+        time.sleep(0.3)
+        before, child = child, private_mb(forward_children(pid))
+        if abs(child - before) < 0.1:
+            break
+    own = rss_mb([pid])
+    return {"rss_mb": own, "child_private_mb": child, "total_mb": own + child}
 
 
 @dataclass

@@ -21,8 +21,8 @@ benchmark's network namespaces; knot, dnsperf, haproxy, iperf3 and wrk must be i
   dns-overload     bench.dns_overload: cluster names timed while a flood of slow-path queries
                    (forwarded names to a silent upstream, EDNS, malformed packets) hits dnsd;
                    3 runs, knotd as the control, dnsd and knotd pinned apart from the loads
-  dns-overload-forward-process
-                   the same with dnsd --forward-process
+  dns-overload-in-process
+                   the same with dnsd --no-forward-process (forwarding in its event loop)
   soak             bench.soak, only when named by --only (20 minutes): both daemons under
                    churn and chaos, then compared with the API; a full run keeps its last result
 Progress: one line per line the benchmark prints, prefixed with [step n/N, name, elapsed], and a

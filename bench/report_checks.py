@@ -131,7 +131,7 @@ def dns_checks(dns: Doc | None, memory: Sequence[Doc] = ()) -> list[Check]:
     ):
         checks.append(
             Check(
-                f"dnsd RSS at 10,000 Services / 100,000 endpoints, {what}",
+                f"dnsd RSS + forward child at 10,000 Services / 100,000 endpoints, {what}",
                 f_num(value, 1, "MB"),
                 "—",
                 math.nan,
@@ -145,8 +145,8 @@ def dns_checks(dns: Doc | None, memory: Sequence[Doc] = ()) -> list[Check]:
         if num(size.get("services")) == 10_000 and num(size.get("endpoints")) == 100_000:
             checks.append(
                 Check(
-                    "dnsd RSS at 10,000 Services / 100,000 endpoints, in-cluster style "
-                    "(API URL + token file, as the DaemonSet runs)",
+                    "dnsd RSS + forward child at 10,000 Services / 100,000 endpoints, "
+                    "in-cluster style (API URL + token file, as the DaemonSet runs)",
                     f_num(value, 1, "MB"),
                     "—",
                     math.nan,
@@ -782,9 +782,9 @@ def all_checks(results: dict[str, Doc]) -> list[Check]:
         + sync_checks(results.get("sync"))
         + relist_checks(results.get("relist"))
         + overload_checks(results.get("dns-overload"))
-        + (  # reports from before the option have none
-            overload_checks(forward_process, " --forward-process")
-            if (forward_process := results.get("dns-overload-forward-process"))
+        + (  # reports from before the comparison have none
+            overload_checks(in_process, " --no-forward-process")
+            if (in_process := results.get("dns-overload-in-process"))
             else []
         )
         + soak_checks(results.get("soak"))

@@ -67,7 +67,7 @@ def plan(quick: bool) -> list[Step]:
         steps.append(
             Step(
                 f"dns-memory-{n}",
-                f"dnsd RSS at {n:,} Services",
+                f"dnsd RSS + forward child at {n:,} Services",
                 [
                     "bench.dns",
                     "--memory-only",
@@ -116,7 +116,8 @@ def plan(quick: bool) -> list[Step]:
     )
     # Three runs, each judged; knotd answers the same probe under the same load (the peer);
     # dnsd and knotd pinned to one core, the loads to the other, as on a node whose flood
-    # comes from other machines. Then the same with forwarding in its own process.
+    # comes from other machines. Then the same with forwarding in dnsd's own event loop
+    # (--no-forward-process), as dnsd forwarded before its child became the default.
     overload = [*q, "--control-knot", "--server-cpus", "0", "--load-cpus", "1"]
     if not quick:
         overload += ["--runs", "3", "--duration", "15"]
@@ -130,9 +131,9 @@ def plan(quick: bool) -> list[Step]:
     )
     steps.append(
         Step(
-            "dns-overload-forward-process",
-            "the same with --forward-process",
-            ["bench.dns_overload", *overload, "--dnsd-arg=--forward-process"],
+            "dns-overload-in-process",
+            "the same with --no-forward-process",
+            ["bench.dns_overload", *overload, "--dnsd-arg=--no-forward-process"],
             10 if quick else 90,
         )
     )

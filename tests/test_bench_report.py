@@ -391,7 +391,9 @@ def test_targets_table_has_ours_peer_ratio_and_verdicts(tmp_path: Path) -> None:
         "<= 100 ms",
         MET,
     ]
-    api = rows["dnsd RSS at 10,000 Services / 100,000 endpoints, via the API server"]
+    api = rows[
+        "dnsd RSS + forward child at 10,000 Services / 100,000 endpoints, via the API server"
+    ]
     assert api[0] == "174.5 MB" and api[3:] == ["<= 164 MB", NOT_MET]
 
     # the median meets the target, run 2 does not: a miss in any run is a miss
@@ -646,7 +648,10 @@ def test_targets_at_10000_services_are_not_judged_at_another_scale(tmp_path: Pat
     rows = targets(md)
     assert "Quick run" in md
     na = "n/a: measured at 200 Services, the target is for 10,000"
-    assert rows["dnsd RSS at 10,000 Services / 100,000 endpoints, from manifests"][-1] == na
+    assert (
+        rows["dnsd RSS + forward child at 10,000 Services / 100,000 endpoints, from manifests"][-1]
+        == na
+    )
     assert rows["kpx RSS at 10,000 Services"][-1] == (
         "n/a: measured at 3,000 Services, the target is for 10,000"
     )
@@ -738,7 +743,7 @@ def test_only_names_the_optional_soak_and_a_full_sitting_keeps_its_result(
     assert [s.name for s in report_run.select(steps, ["soak"])] == ["soak"]
     assert [s.name for s in report_run.select(steps, ["dns-o"])] == [
         "dns-overload",
-        "dns-overload-forward-process",
+        "dns-overload-in-process",
     ]
     soak_stamp = {"date": "2026-11-20T08:00:00+00:00", "commit": "c" * 40}
     write_json(tmp_path / "results" / "soak.json", soak_doc())
@@ -1190,21 +1195,21 @@ def test_overload_runs_are_each_judged_with_knotd_as_the_peer(tmp_path: Path) ->
     assert "The tables below are those of run 2, whose cluster-name p99 was the highest." in md
 
 
-def test_the_forward_process_flood_gets_its_own_rows_and_runs_table(tmp_path: Path) -> None:
+def test_the_in_process_flood_gets_its_own_rows_and_runs_table(tmp_path: Path) -> None:
     runs = [overload_doc(flood_p99_ms=p99) for p99 in (0.7, 0.9, 1.1)]
     for run in runs:
         run["probe_flood"]["control"] = {"p99_ms": 0.2}
-    write_all(tmp_path, **{"dns-overload-forward-process": {**runs[2], "runs": runs}})
+    write_all(tmp_path, **{"dns-overload-in-process": {**runs[2], "runs": runs}})
     md = render(tmp_path)
     rows = targets(md)
     row = rows[
-        "dnsd --forward-process cluster names p99 during a slow-path flood (probe at 1,000 qps)"
+        "dnsd --no-forward-process cluster names p99 during a slow-path flood (probe at 1,000 qps)"
     ]
     assert row[0].startswith("0.700, 0.900, 1.100 ms (per run;")
     assert row[-1] == f"{NOT_MET}: missed in run 3 of 3"
     assert rows[f"{PROBE_P99} (probe at 1,000 qps)"][-1] == MET  # the plain flood's, unchanged
-    assert "### The same flood with --forward-process" in md
+    assert "### The same flood with --no-forward-process" in md
     assert "| 3 | 1.100 | 0.200 |" in md
-    # Without those results (reports made before the option) nothing is added.
+    # Without those results (reports made before the comparison) nothing is added.
     write_all(tmp_path / "old")
-    assert "forward-process" not in render(tmp_path / "old")
+    assert "no-forward-process" not in render(tmp_path / "old")

@@ -65,10 +65,11 @@ def test_bench_dns_quick(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_bench_dns_memory_only(tmp_path: Path) -> None:
     text = _run("bench.dns", "--memory-only", "--json", str(tmp_path / "mem.json"))
-    assert "dnsd RSS once ready" in text
+    assert "dnsd RSS + its forward child's private memory" in text
     doc = _json(tmp_path / "mem.json")
     assert doc["cluster"]["services"] == 200
     assert doc["memory"]["rss_api_mb"] > 0 and doc["memory"]["rss_manifests_mb"] > 0
+    assert doc["memory"]["child_private_mb"] > 5  # the child was found and measured
 
 
 @pytest.mark.timeout(120)
