@@ -367,11 +367,15 @@ def select(steps: list[Step], only: list[str] | None) -> list[Step]:
 def earlier_steps(out: Path, keep: set[str] | None) -> list[Doc]:
     """The steps of `out`'s earlier run that this sitting keeps, each stamped with the commit
     and date it ran at: those named in `keep`, every one when `keep` is None (an `--only`
-    sitting). The results of the steps not kept are removed, so nothing stale gets rendered."""
+    sitting). The results of the steps not kept are removed, so nothing stale gets rendered;
+    a step whose results are gone (a step renamed or dropped since) is not kept either."""
     previous = read_json_object(out / "run.json")
     earlier = read_json_object(out / "machine.json")
     kept: list[Doc] = [
-        s for s in previous.get("steps") or [] if keep is None or s.get("name") in keep
+        s
+        for s in previous.get("steps") or []
+        if (keep is None or s.get("name") in keep)
+        and (not isinstance(s.get("json"), str) or (out / s["json"]).exists())
     ]
     for kept_step in kept:
         kept_step.setdefault("measured", stamp(earlier))

@@ -762,6 +762,21 @@ def test_only_names_the_optional_soak_and_a_full_sitting_keeps_its_result(
     assert [p.name for p in (tmp_path / "results").glob("*.json")] == ["soak.json"]
 
 
+def test_an_only_sitting_drops_earlier_steps_whose_results_are_gone(tmp_path: Path) -> None:
+    write_json(tmp_path / "results" / "dns.json", dns_doc())
+    write_json(
+        tmp_path / "run.json",
+        {
+            "steps": [
+                {"name": "dns", "status": "ok", "json": "results/dns.json"},
+                {"name": "renamed", "status": "ok", "json": "results/renamed.json"},
+            ]
+        },
+    )
+    kept = report_run.earlier_steps(tmp_path, None)
+    assert [s["name"] for s in kept] == ["dns"]
+
+
 def test_steps_rerun_with_only_say_which_commit_and_date_they_ran_at(tmp_path: Path) -> None:
     write_all(tmp_path)
     first = {"date": "2026-11-23T09:00:00+00:00", "commit": "a" * 40}
