@@ -10,6 +10,8 @@ small process (measured in dnsd/forward_child.py).
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dnsd.cache import DnsCache
@@ -43,6 +45,10 @@ def forward_options(settings: DnsdSettings) -> ForwardOptions:
         "timeout": settings.forward_timeout,
         "max_inflight": settings.max_concurrent,
         "policy": settings.forward_policy,
+        # The loop probes' names (dnsd/forward_loop.py), the same in the child, and the
+        # upstreams found looping so far (the parent adds to it; a new child starts with them).
+        "loop_seed": secrets.randbits(31) if settings.loop_detect else None,
+        "looping": [],
         "zones": list(settings.zone),
         "ttl": settings.ttl,
         "external_zones": list(settings.external_zone),
@@ -54,10 +60,13 @@ def _addresses(values: Any) -> list[tuple[str, int]]:
     return [(str(host), int(port)) for host, port in values]
 
 
-def build_forwarder(options: ForwardOptions) -> Forwarder:
-    """The forwarder with its own cache (none for --cache-size 0)."""
+def build_forwarder(
+    options: ForwardOptions, on_loop: Callable[[str], None] | None = None
+) -> Forwarder:
+    """The forwarder with its own cache (none for --cache-size 0); `on_loop` is told the
+    label of an upstream it finds looping."""
     cache = options["cache"]
-    return Forwarder(
+    forwarder = Forwarder(
         _addresses(options["upstreams"]),
         stub_domains={
             zone: _addresses(servers) for zone, servers in options["stub_domains"].items()
@@ -66,7 +75,12 @@ def build_forwarder(options: ForwardOptions) -> Forwarder:
         timeout=options["timeout"],
         max_inflight=options["max_inflight"],
         policy=options["policy"],
+        loop_seed=options.get("loop_seed"),
+        on_loop=on_loop,
     )
+    for label in options.get("looping", ()):
+        forwarder.mark_looping(label)
+    return forwarder
 
 
 def build_index(options: ForwardOptions) -> ZoneIndex:

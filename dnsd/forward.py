@@ -48,6 +48,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from dnsd.cache import CACHE_PREFETCHES, RCODE_NOERROR, RCODE_SERVFAIL, CacheKey, DnsCache
+from dnsd.forward_loop import FORWARD_LOOPS, probe_labels, probe_question
 from dnsd.forward_udp import Deadlines, UpstreamFailed, ask_udp
 from dnsd.forward_wire import (
     ParsedQuery,
@@ -153,6 +154,7 @@ class Upstream:
     label: str = ""  # "host:port", the `to` label of the metrics
     fails: int = 0  # consecutive transport failures
     healthy: bool = True
+    looping: bool = False  # sends our queries back to us (dnsd/forward_loop.py): never used
     probe: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -176,6 +178,8 @@ class Forwarder:
         timeout: float = 2.0,
         max_inflight: int = 1000,
         policy: Policy = "random",
+        loop_seed: int | None = None,
+        on_loop: Callable[[str], None] | None = None,
     ) -> None:
         self.cache = cache
         self.timeout = timeout
@@ -200,6 +204,14 @@ class Forwarder:
         self._robin: dict[int, int] = {}
         self._closed = False
         self._deadlines: Deadlines | None = None  # of the UDP questions, made on first use
+        # Loop probes (dnsd/forward_loop.py): probe labels -> the upstream probed with them.
+        self.loop_probes: dict[tuple[bytes, ...], Upstream] = (
+            {}
+            if loop_seed is None
+            else {probe_labels(loop_seed, i): up for i, up in enumerate(self._by_address.values())}
+        )
+        self.on_loop = on_loop  # told the label of an upstream found looping here
+        self._looping = False  # any upstream looping: _order filters them out
         if not self.upstreams:
             log.warning("no_upstreams", hint="every forwarded query will be SERVFAIL")
 
@@ -288,6 +300,11 @@ class Forwarder:
             answer.set_exception(err)
 
     def _at_once(self, parsed: ParsedQuery) -> bytes | None:
+        if self.loop_probes:
+            probed = self.loop_probes.get(parsed.labels)
+            if probed is not None:  # our probe came back: that upstream loops to us
+                self._loop_found(probed)
+                return error_answer(parsed, RCODE_SERVFAIL)  # and is not sent round again
         if parsed.opcode != 0:
             return error_answer(parsed, RCODE_NOTIMP)
         cache = self.cache
@@ -326,6 +343,39 @@ class Forwarder:
         if record.header.rcode != RCODE_NOERROR:
             return []
         return list(record.rr)
+
+    async def probe_loops(self, budget: float = 2.0) -> None:
+        """Ask every upstream its own probe name once (HINFO, straight to it): one that
+        arrives back at dnsd marks that upstream (`_at_once`). The answers do not matter."""
+        exchanges = []
+        for labels, upstream in self.loop_probes.items():
+            template = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 0) + probe_question(labels)
+            with contextlib.suppress(UpstreamFailed, OSError):  # (an address it cannot reach)
+                exchanges.append(self._udp_question(upstream, template, template[12:], budget))
+        for exchange in exchanges:
+            with contextlib.suppress(UpstreamFailed, asyncio.TimeoutError, OSError):
+                await exchange
+
+    def mark_looping(self, label: str) -> None:
+        """What another process of this dnsd found (its --forward-process child): `label`'s
+        upstream loops. Counted and logged where it was found, not again here."""
+        for upstream in self._by_address.values():
+            if upstream.label == label and not upstream.looping:
+                upstream.looping = self._looping = True
+
+    def _loop_found(self, upstream: Upstream) -> None:
+        if upstream.looping:
+            return
+        upstream.looping = self._looping = True
+        FORWARD_LOOPS.labels(upstream.label).inc()
+        log.error(
+            "forwarding_loop_detected",
+            to=upstream.label,
+            hint="this upstream sends dnsd's forwarded queries back to dnsd (a resolv.conf or "
+            "--upstream naming dnsd's own address?): dnsd no longer forwards to it",
+        )
+        if self.on_loop is not None:
+            self.on_loop(upstream.label)
 
     async def close(self) -> None:
         """Stop health probes and abandon exchanges still waiting for upstreams."""
@@ -434,6 +484,8 @@ class Forwarder:
         # CoreDNS forward policy.go: random is a uniform shuffle; for the k-th query of a route
         # (k from 1) round_robin puts upstream k mod n first and keeps the others in their
         # order; sequential keeps the configured order.
+        if self._looping:  # never to an upstream that sends it back (none left: SERVFAIL)
+            servers = [up for up in servers if not up.looping]
         if len(servers) == 1 and servers[0].healthy:
             return servers  # the common route: nothing to order (and no list per query)
         if self.policy == "random":

@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 QUERY = b"Q"
 READY = b"R"
 METRICS = b"M"
+LOOP = b"L"  # either way: the label of an upstream found looping (dnsd/forward_loop.py)
 MESSAGE_LIMIT = 8 * 1024  # bytes of queries in one message, about (a batch is 64 at most)
 
 # Gauges where the lowest of the processes' values is the truth (1 = healthy).

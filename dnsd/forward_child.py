@@ -71,7 +71,9 @@ class ForwardChild:
         sockets: list[int],
     ) -> None:
         self.link = link
-        self.forwarder = build_forwarder(forward)
+        self.forwarder = build_forwarder(
+            forward, on_loop=lambda label: self._send(channel.LOOP + label.encode())
+        )
         self.stats = DnsStats()
         self.handler = Handler(
             build_index(forward),  # never ready: the parent sends no name of a zone
@@ -129,6 +131,9 @@ class ForwardChild:
                 self.closed.set()
                 asyncio.get_running_loop().remove_reader(self.link.fileno())
                 return
+            if message[:1] == channel.LOOP:  # the parent found an upstream looping
+                self.forwarder.mark_looping(message[1:].decode("ascii", "replace"))
+                continue
             try:
                 number, queries = channel.read_queries(message)
                 answer = listeners[number].answer_slow

@@ -46,6 +46,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,10 +130,17 @@ class ForwardProcess:
     """Starts, watches and restarts the child; see the module docstring."""
 
     def __init__(
-        self, settings: DnsdSettings, forward_options: ForwardOptions, server: DnsServer
+        self,
+        settings: DnsdSettings,
+        forward_options: ForwardOptions,
+        server: DnsServer,
+        on_loop: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.forward_options = forward_options
+        self.on_loop = on_loop  # told the upstreams the child finds looping
+        self._up = asyncio.Event()  # set while a child answers forwarded names
+        self._link: ChildChannel | None = None  # the running child's channel
         self.server = server
         self.backoff = Backoff(initial=0.5, maximum=30.0)
         self.pid: int | None = None
@@ -150,6 +158,20 @@ class ForwardProcess:
 
     def metric_families(self) -> list[list[channel.Family]]:
         return [self._retired, self._families]
+
+    async def up(self, within: float) -> bool:
+        """Whether a child answers forwarded names, waiting up to `within` seconds for one."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._up.wait(), within)
+        return self._up.is_set()
+
+    def tell_loop(self, label: str) -> None:
+        """Tell the running child that `label`'s upstream loops (a child started later
+        reads it from the forward options)."""
+        link = self._link
+        if link is not None and not link.gone:
+            with contextlib.suppress(OSError):
+                link.sock.send(channel.LOOP + label.encode(), socket.MSG_DONTWAIT)
 
     def liveness(self) -> tuple[bool, str]:
         """Alive unless the child has been gone for longer than a restart takes."""
@@ -199,7 +221,7 @@ class ForwardProcess:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, option, size)
         ours.setblocking(False)
-        link = ChildChannel(ours)
+        link = self._link = ChildChannel(ours)
         ready = loop.create_future()
         ended = asyncio.Event()
         proc: subprocess.Popen[bytes] | None = None
@@ -221,6 +243,7 @@ class ForwardProcess:
                 self.server.forward_through(link)
                 self._failing_after = None
                 PROCESS_UP.set(1)
+                self._up.set()
                 while not ended.is_set() and proc.poll() is None:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(ended.wait(), 0.5)
@@ -228,7 +251,9 @@ class ForwardProcess:
         finally:
             self.server.forward_through(None)
             link.gone = True
+            self._link = None
             PROCESS_UP.set(0)
+            self._up.clear()
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(ours.fileno())
             ours.close()
@@ -275,6 +300,8 @@ class ForwardProcess:
             kind = message[:1]
             if kind == channel.READY and not ready.done():
                 ready.set_result(None)
+            elif kind == channel.LOOP and self.on_loop is not None:
+                self.on_loop(message[1:].decode("ascii", "replace"))
             elif kind == channel.METRICS:
                 try:
                     self._families = channel.read_metrics(message)

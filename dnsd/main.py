@@ -37,6 +37,8 @@ from kwatch.resources import ENDPOINTSLICES, NAMESPACES, PODS, SERVICEIMPORTS, S
 from kwatch.runtime import die_with_parent, release_free_memory, run, steady_heap, stop_event
 from kwatch.supervisor import Supervisor
 
+LOOP_PROBE_WAIT = 10.0  # seconds the loop probe waits for the forward child to be up
+
 log = structlog.get_logger("dnsd")
 
 USER_AGENT = "dnsd/0.1"
@@ -111,7 +113,7 @@ class Daemon:
             extra=extra,
             progress=self.supervisor.progress("zone-controller"),
         )
-        self.forwarder = build_forwarder(self.forward_options)
+        self.forwarder = build_forwarder(self.forward_options, on_loop=self._found_loop)
         lazy: list[LazyNames] = []
         if settings.endpoint_names:
             lazy.append(EndpointNames(*stores, options, exposed))
@@ -161,7 +163,9 @@ class Daemon:
         self.failed = asyncio.Event()  # set when the DNS ports could not be bound after all
         self._collector = DnsCollector(self.stats, self.controller.zone_info)
         self.forward_process = (
-            ForwardProcess(settings, self.forward_options, self.server)
+            ForwardProcess(
+                settings, self.forward_options, self.server, on_loop=self._child_found_loop
+            )
             if settings.forward_process
             else None
         )
@@ -186,9 +190,34 @@ class Daemon:
                 return False, child_text if alive else f"{text}; {child_text}"
         return alive, text
 
+    def _found_loop(self, label: str) -> None:
+        """This process's forwarder found `label`'s upstream looping (a probe can come back
+        over TCP, or as a type the UDP threads keep): the child must not use it either."""
+        self._remember_loop(label)
+        if self.forward_process is not None:
+            self.forward_process.tell_loop(label)
+
+    def _child_found_loop(self, label: str) -> None:
+        """The --forward-process child found it: this forwarder stops using it too."""
+        self.forwarder.mark_looping(label)
+        self._remember_loop(label)
+
+    def _remember_loop(self, label: str) -> None:
+        if label not in self.forward_options["looping"]:  # what a new child starts with
+            self.forward_options["looping"].append(label)
+
     def _start_forward_process(self) -> None:
         if self.forward_process is not None:
             self.supervisor.spawn("forward-process", self.forward_process.run)
+        if self.forwarder.loop_probes:
+            self.supervisor.spawn("loop-probe", self._probe_loops, forever=False)
+
+    async def _probe_loops(self) -> None:
+        """Probe the upstreams for loops once listening, with the child (if any) up to see
+        what comes back."""
+        if self.forward_process is not None:
+            await self.forward_process.up(LOOP_PROBE_WAIT)
+        await self.forwarder.probe_loops()
 
     async def start(self) -> None:
         # The first process binds at once when the port is free: a conflict with anything

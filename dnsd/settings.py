@@ -156,6 +156,11 @@ class DnsdSettings(AccessSettings):
         "needed): a core runs it only when nothing else wants it, and dnsd's threads "
         "preempt it at once; off: --forward-nice alone",
     )
+    loop_detect: bool = Field(
+        True,
+        description="send each upstream a probe name at start (CoreDNS loop): an upstream that "
+        "sends it back to dnsd is logged, counted and no longer forwarded to",
+    )
     gil_switch_interval: float = Field(
         0.0005,
         gt=0,

@@ -32,7 +32,9 @@ Z = "cluster.local"
 
 
 class DnsdProcess:
-    def __init__(self, args: list[str], log: Path, port: int | None = None) -> None:
+    def __init__(
+        self, args: list[str], log: Path, port: int | None = None, upstream: str | None = None
+    ) -> None:
         self.port = free_udp_tcp_port() if port is None else port
         self.log = log
         self._log_file = log.open("wb")
@@ -48,7 +50,7 @@ class DnsdProcess:
                 "--log-format",
                 "json",
                 "--upstream",
-                f"127.0.0.1:{free_udp_tcp_port()}",
+                upstream or f"127.0.0.1:{free_udp_tcp_port()}",
                 "--forward-timeout",
                 "0.2",
                 *args,
@@ -99,8 +101,8 @@ class DnsdProcess:
 def run_dnsd(tmp_path: Path) -> Iterator[Callable[..., DnsdProcess]]:
     started: list[DnsdProcess] = []
 
-    def run(*args: str, port: int | None = None) -> DnsdProcess:
-        process = DnsdProcess(list(args), tmp_path / f"dnsd{len(started)}.log", port)
+    def run(*args: str, port: int | None = None, upstream: str | None = None) -> DnsdProcess:
+        process = DnsdProcess(list(args), tmp_path / f"dnsd{len(started)}.log", port, upstream)
         started.append(process)
         return process
 
