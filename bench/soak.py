@@ -21,7 +21,8 @@ When the writes stop, bench/soak_check.py compares (retrying for up to `--settle
 every DNS answer and every kpx frontend with what the API holds, including NXDOMAIN for every
 name that existed during the run and no longer does. Zero differences is the pass mark. It
 also reports each daemon's RSS after `--warmup` and when the writes stop, before the checker's
-queries (growth in %; goal <= 5 %), open file descriptors (goal: no growth; for kpx beyond the
+queries (growth in %; goal <= 5 %; dnsd's with its forward child's private memory added, and
+its descriptors), open file descriptors (goal: no growth; for kpx beyond the
 one listening socket `--mode ports` holds per frontend), the kwatch relist / watch restart /
 task restart counters (the chaos reached both daemons) and `targets_missed`. Figures from a
 shared machine are noise: the lead runs the real one. `--quick`: 60 s (or a shorter
@@ -56,6 +57,7 @@ import dns.rcode
 
 from bench import soak_check
 from bench.jsonout import write_json
+from bench.procstat import forward_children, private_mb
 from bench.soak_check import Seen, Snapshot
 from tests.apiserver import FakeApiServer
 
@@ -442,6 +444,12 @@ def sample(daemons: Daemons, at: float) -> dict[str, dict[str, float]]:
         name: {"t": round(at, 1), "rss_mb": rss_kb(proc.pid) / 1024, "fds": fd_count(proc.pid)}
         for name, proc in (("dnsd", daemons.dnsd), ("kpx", daemons.kpx))
     }
+    # dnsd's --forward-process child (on by default) answers the forwarded names: its private
+    # memory and its descriptors are dnsd's too (bench.procstat.dnsd_footprint).
+    for child in forward_children(daemons.dnsd.pid):
+        out["dnsd"]["rss_mb"] += private_mb([child]) * 1e6 / 2**20
+        with contextlib.suppress(OSError):
+            out["dnsd"]["fds"] += fd_count(child)
     # --mode ports holds one listening socket per frontend: those fds follow the Services.
     code, text = http_get(f"http://127.0.0.1:{daemons.metrics_port}/debug/services")
     out["kpx"]["frontends"] = len(json.loads(text)) if code == 200 else 0
