@@ -7,11 +7,13 @@ import contextlib
 import gc
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
 import structlog
 from prometheus_client import REGISTRY
+from prometheus_client.registry import Collector
 
 from dnsd.autopath import AutoPath, read_resolv_search
 from dnsd.build import build_forwarder, build_index, forward_options
@@ -28,6 +30,8 @@ from dnsd.records import RecordOptions
 from dnsd.server import DnsServer
 from dnsd.settings import DnsdSettings, load
 from dnsd.transfer import ZoneTransfer, parse_networks
+from dnsd.worker_metrics import WorkerCounters, WorkerLinks
+from dnsd.worker_metrics import report as report_counters
 from dnsd.zonal import ZonalNames
 from kwatch.cluster import ClusterState
 from kwatch.health import HealthServer
@@ -47,9 +51,23 @@ USER_AGENT = "dnsd/0.1"
 class Daemon:
     """One dnsd process: stores, zone, forwarder, DNS listeners and (worker 0) health/metrics."""
 
-    def __init__(self, settings: DnsdSettings, *, worker: int = 0) -> None:
+    def __init__(
+        self,
+        settings: DnsdSettings,
+        *,
+        worker: int = 0,
+        links: WorkerLinks | None = None,
+    ) -> None:
         self.settings = settings
         self.worker = worker
+        # --workers: worker 0 adds the others' counters to its /metrics, which they send it.
+        self.worker_counters: WorkerCounters | None = None
+        self.worker_link: socket.socket | None = None
+        if links is not None:
+            if worker == 0:
+                self.worker_counters = WorkerCounters(links.first())
+            else:
+                self.worker_link = links.of_worker(worker)
         resources = [SERVICES, ENDPOINTSLICES, NAMESPACES]
         per_client = settings.autopath or settings.namespace_isolation
         # Verified mode watches every pod, as CoreDNS does; autopath and isolation need only
@@ -236,13 +254,14 @@ class Daemon:
         self.supervisor.spawn("zone-controller", self.controller.run)
         if join_later:
             self.supervisor.spawn("listen", self._listen_when_ready, forever=False)
+        REGISTRY.register(self._collector)
+        link = self.worker_link
+        if link is not None:
+            self.supervisor.spawn("worker-metrics", lambda: report_counters(link, self._metrics()))
+        if self.worker_counters is not None:
+            self.worker_counters.attach(asyncio.get_running_loop())
         if self.worker == 0:
-            REGISTRY.register(self._collector)
-            metrics = (
-                REGISTRY
-                if self.forward_process is None
-                else MergedRegistry(REGISTRY, self.forward_process.metric_families)
-            )
+            metrics = self._metrics()
             self.health = HealthServer(
                 self.settings.http_listen,
                 ready=self.readiness,
@@ -252,6 +271,20 @@ class Daemon:
             )
             await self.health.start()
             log.info("http_listening", address=self.health.host, port=self.health.port)
+
+    def _metrics(self) -> Collector:
+        """This process's registry, with its --forward-process child's and (worker 0) the
+        other workers' counters added."""
+        if self.forward_process is None and self.worker_counters is None:
+            return REGISTRY
+        forward, workers = self.forward_process, self.worker_counters
+        return MergedRegistry(
+            REGISTRY,
+            lambda: [
+                *(forward.metric_families() if forward is not None else []),
+                *(workers.metric_families() if workers is not None else []),
+            ],
+        )
 
     async def _zone_built(self) -> None:
         await self.state.wait_synced()
@@ -315,14 +348,15 @@ class Daemon:
         if self.health is not None:
             await self.health.stop()
             self.health = None
-        if self.worker == 0:
-            with contextlib.suppress(KeyError):
-                REGISTRY.unregister(self._collector)
+        if self.worker_counters is not None:
+            self.worker_counters.close(asyncio.get_running_loop())
+        with contextlib.suppress(KeyError):
+            REGISTRY.unregister(self._collector)
 
 
-async def serve(settings: DnsdSettings, worker: int) -> int:
+async def serve(settings: DnsdSettings, worker: int, links: WorkerLinks | None = None) -> int:
     stop = stop_event()
-    daemon = Daemon(settings, worker=worker)
+    daemon = Daemon(settings, worker=worker, links=links)
     try:
         await daemon.start()
     except OSError as err:
@@ -367,9 +401,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The UDP threads answer cluster names and the event loop the rest, under one GIL: a
     # thread that wants it waits until the holder blocks or this interval has passed.
     sys.setswitchinterval(settings.gil_switch_interval)
+    links = WorkerLinks(settings.workers) if settings.workers > 1 else None
     worker, children = _fork_workers(settings.workers)
     try:
-        status = run(serve(settings, worker))
+        status = run(serve(settings, worker, links))
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -134,6 +136,31 @@ def test_bad_settings_exit_with_status_2_naming_the_flag(tmp_path):
         timeout=30,
     )
     assert result.returncode == 2 and "--ttl" in result.stderr
+
+
+def test_every_workers_counters_are_on_the_first_workers_metrics(run_dnsd, tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", CLUSTER)
+    dnsd = run_dnsd("--manifests", str(manifest), "--workers", "2")
+    dnsd.wait_for(lambda: "worker_listening" in dnsd.log.read_text())
+    lines = [json.loads(line) for line in dnsd.log.read_text().splitlines() if "{" in line]
+    http = next(line["port"] for line in lines if line.get("event") == "http_listening")
+    sample = 'dnsd_dns_requests_total{proto="udp",type="A"}'
+
+    def counted() -> float:
+        url = f"http://127.0.0.1:{http}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            for line in reply.read().decode().splitlines():
+                if line.startswith(sample + " "):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    time.sleep(1.5)  # both workers' earlier queries (the waits above) reported
+    before = counted()
+    for _ in range(40):  # each from a fresh source port: the kernel spreads them over both
+        assert dnsd.answers(f"web.default.svc.{Z}") == ["10.96.0.5"]
+    # Worker 0 alone would see about half of them.
+    dnsd.wait_for(lambda: counted() - before == 40, timeout=5)
+    assert dnsd.stop() == 0
 
 
 def test_workers_share_the_port_and_stop_together(run_dnsd, tmp_path):
