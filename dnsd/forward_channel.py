@@ -1,4 +1,5 @@
-"""What dnsd and its --forward-process child say to each other, as bytes (no sockets here).
+"""What dnsd and its --forward-process child say to each other, as bytes, and the one loop that
+reads such packets off a socket (`read_packets`, used for the child and for `--workers`).
 
 One AF_UNIX SOCK_SEQPACKET socket pair joins them; every message is one packet, its first
 byte its kind:
@@ -23,7 +24,8 @@ the totals never go down when it is restarted.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import socket
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
@@ -40,6 +42,25 @@ LOWEST = frozenset({"dnsd_forward_upstream_healthy"})
 
 Sample = tuple[str, dict[str, str], float]
 Family = tuple[str, str, str, list[Sample]]  # name, type, documentation, samples
+
+
+def read_packets(
+    sock: socket.socket, handle: Callable[[bytes], None], *, size: int, burst: int
+) -> bool:
+    """Hands each packet waiting on the non-blocking `sock` to `handle`, at most `burst` of them
+    per call (a reader callback must not hold the loop). False once the peer has ended: an
+    empty read or an error."""
+    for _ in range(burst):
+        try:
+            message = sock.recv(size)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        if not message:
+            return False
+        handle(message)
+    return True
 
 
 def query_messages(

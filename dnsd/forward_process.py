@@ -47,6 +47,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -285,28 +286,22 @@ class ForwardProcess:
         self, ours: socket.socket, ready: asyncio.Future[None], ended: asyncio.Event
     ) -> None:
         """The child's messages: ready, metric snapshots; an empty read is its end."""
-        for _ in range(64):
+        if not channel.read_packets(ours, partial(self._message, ready), size=1 << 20, burst=64):
+            ended.set()
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(ours.fileno())
+
+    def _message(self, ready: asyncio.Future[None], message: bytes) -> None:
+        kind = message[:1]
+        if kind == channel.READY and not ready.done():
+            ready.set_result(None)
+        elif kind == channel.LOOP and self.on_loop is not None:
+            self.on_loop(message[1:].decode("ascii", "replace"))
+        elif kind == channel.METRICS:
             try:
-                message = ours.recv(1 << 20)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                message = b""
-            if not message:
-                ended.set()
-                with contextlib.suppress(ValueError, OSError):
-                    asyncio.get_running_loop().remove_reader(ours.fileno())
-                return
-            kind = message[:1]
-            if kind == channel.READY and not ready.done():
-                ready.set_result(None)
-            elif kind == channel.LOOP and self.on_loop is not None:
-                self.on_loop(message[1:].decode("ascii", "replace"))
-            elif kind == channel.METRICS:
-                try:
-                    self._families = channel.read_metrics(message)
-                except (ValueError, TypeError):
-                    log.warning("forward_process_bad_metrics", size=len(message))
+                self._families = channel.read_metrics(message)
+            except (ValueError, TypeError):
+                log.warning("forward_process_bad_metrics", size=len(message))
 
     async def _reap(self, proc: subprocess.Popen[bytes]) -> int | None:
         for _ in range(100):  # the socket closes a moment before the process is reapable

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from functools import partial
 
 import structlog
 from prometheus_client.registry import Collector
@@ -74,21 +75,18 @@ class WorkerCounters:
             sock.close()
 
     def _readable(self, loop: asyncio.AbstractEventLoop, number: int, sock: socket.socket) -> None:
-        for _ in range(16):
-            try:
-                message = sock.recv(MESSAGE_MAX)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                message = b""
-            if not message:  # the worker ended: its last snapshot keeps counting
-                with contextlib.suppress(ValueError, OSError):
-                    loop.remove_reader(sock.fileno())
-                return
-            try:
-                self.families[number] = channel.cumulative(channel.read_metrics(message))
-            except (ValueError, TypeError):
-                log.warning("worker_bad_metrics", worker=number, size=len(message))
+        # A worker that ended keeps counting with its last snapshot.
+        if not channel.read_packets(
+            sock, partial(self._snapshot, number), size=MESSAGE_MAX, burst=16
+        ):
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(sock.fileno())
+
+    def _snapshot(self, number: int, message: bytes) -> None:
+        try:
+            self.families[number] = channel.cumulative(channel.read_metrics(message))
+        except (ValueError, TypeError):
+            log.warning("worker_bad_metrics", worker=number, size=len(message))
 
 
 async def report(link: socket.socket, registry: Collector) -> None:
