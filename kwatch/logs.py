@@ -1,18 +1,18 @@
 """structlog set-up: JSON lines when not on a TTY (collected by the node), readable on a TTY.
 
-Every line leaves in one write(2) on the stderr descriptor. dnsd's workers, its forward child
-and kpx's workers share that descriptor, and Python's stderr writes a printed line and its
-newline in two calls: two processes logging at once then made one line of two JSON objects,
-which a node's log collector cannot parse.
+Every line leaves in one write(2) on stderr (`LineLogger`). dnsd's workers, its forward child
+and kpx's workers share that descriptor, and structlog's PrintLogger (print) wrote a line and
+its newline in two calls: two processes logging at once then made one line of two JSON
+objects, which a node's log collector cannot parse.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import sys
-import threading
-from typing import Literal, TextIO
+from collections.abc import Callable
+from typing import Literal
 
 import structlog
 
@@ -44,7 +44,7 @@ def configure_logging(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
-        logger_factory=LineLoggerFactory(sys.stderr),
+        logger_factory=_one_logger(LineLogger(sys.stderr)),
         cache_logger_on_first_use=True,
     )
 
@@ -59,46 +59,20 @@ def _add_daemon(name: str) -> structlog.typing.Processor:
     return add
 
 
-class LineLogger:
-    """Writes each rendered line with its newline in one os.write (looping only on a partial
-    write). A stream without a descriptor (a test's capture) gets the line in one write call.
-    A line that cannot be written (a closed or full descriptor) is dropped: logging never takes
-    a daemon down."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        try:
-            self._fd: int | None = stream.fileno()
-            stream.flush()  # whatever Python buffered so far goes out before our lines
-        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
-            self._fd = None
-        self._lock = threading.Lock()  # the UDP threads log too; a partial write must finish
+class LineLogger(structlog.WriteLogger):
+    """structlog's WriteLogger (each line with its newline in one write call, under a lock)
+    that drops a line it cannot write (a closed or broken stream): logging never takes a daemon
+    down."""
 
     def msg(self, message: str) -> None:
-        line = message + "\n"
-        with self._lock:
-            try:
-                if self._fd is None:
-                    self._stream.write(line)
-                    self._stream.flush()
-                    return
-                data = memoryview(line.encode("utf-8", "backslashreplace"))
-                while data:
-                    data = data[os.write(self._fd, data) :]
-            except (OSError, ValueError):
-                return
+        with contextlib.suppress(OSError, ValueError):
+            super().msg(message)
 
     log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
 
 
-class LineLoggerFactory:
-    """One LineLogger per stream, made on first use (structlog caches the bound loggers)."""
+def _one_logger(logger: LineLogger) -> Callable[..., LineLogger]:
+    def factory(*_args: object) -> LineLogger:
+        return logger
 
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._logger: LineLogger | None = None
-
-    def __call__(self, *_args: object) -> LineLogger:
-        if self._logger is None:
-            self._logger = LineLogger(self._stream)
-        return self._logger
+    return factory
